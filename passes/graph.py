@@ -1,0 +1,58 @@
+"""Small read-only helpers over onnx-ir graphs: constants behind values, readers of a value."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr"]
+
+
+def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    if "value" in node.attributes:
+        return node.attributes["value"].as_tensor()
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in node.attributes:
+            return ir.tensor(np.array(node.attributes[key].value, dtype=dtype))
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in node.attributes:
+            return ir.tensor(np.array(list(node.attributes[key].value), dtype=dtype))
+    return None
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor behind an initializer or a Constant node's output, else None.
+
+    An initializer that is also a graph input can be overridden at run time: not a constant.
+    """
+    if value is None:
+        return None
+    if value.const_value is not None and not value.is_graph_input():
+        return value.const_value
+    producer = value.producer()
+    return _constant_node_tensor(producer) if producer is not None else None
+
+
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    tensor = constant_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return constant_tensor(value) is not None
+
+
+def readers(value: ir.Value) -> list[tuple[ir.Node, int]]:
+    return [(use.node, use.idx) for use in value.uses()]
+
+
+def node_label(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({', '.join(v.name or '?' for v in node.outputs)})"
+
+
+def attr(node: ir.Node, name: str, default):
+    """An attribute's Python value, or `default` when it is not set."""
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
