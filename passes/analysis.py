@@ -317,7 +317,7 @@ def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | Non
         kind="heads",
         width=q_heads[0],
         params=_cut_params(nodes, cuts_p + cuts_c),
-        where=f"{node_label(q)} / {node_label(k)} / {node_label(v)}",
+        where=f"{node_label(q)} (+ k, v)",
         producers=cuts_p,
         consumers=cuts_c,
         ops=["Softmax"],
@@ -344,11 +344,12 @@ def analyse(model: ir.Model) -> list[Group]:
         if group.reason and first in in_attention:
             group.reason = f"attention projection (heads group); {group.reason}"
         groups.append(group)
-    counters: dict[str, int] = {}
-    for group in attention + groups:
-        counters[group.kind] = counters.get(group.kind, 0) + 1
-        group.name = f"{group.kind}.{counters[group.kind] - 1}"
     ordered = sorted(attention + groups, key=lambda g: (not g.ok, g.kind == "heads"))
+    counters: dict[str, int] = {}
+    for group in ordered:
+        key = group.kind if group.ok else "skip"
+        group.name = f"{key}.{counters.get(key, 0)}"
+        counters[key] = counters.get(key, 0) + 1
     logger.info("analysis: %d usable groups, %d rejected", sum(g.ok for g in ordered),
                 sum(not g.ok for g in ordered))
     return ordered

@@ -32,8 +32,13 @@ def select_units(activations: np.ndarray, out_weight: np.ndarray, k: int) -> np.
     if k == width:
         return np.arange(width)
     centred = activations - activations.mean(axis=0, keepdims=True)
-    scaled = centred * np.linalg.norm(out_weight, axis=1)[None, :]
-    _, _, pivots = scipy.linalg.qr(scaled, mode="economic", pivoting=True)
+    scaled = centred.astype(np.float64) * np.linalg.norm(out_weight, axis=1)[None, :]
+    # Pivoted QR of X picks the same columns as pivoted QR of any R with R^T R = X^T X, and the
+    # d x d factor is far cheaper to pivot than the n x d data (LAPACK's pivoting is level-2 BLAS).
+    gram = scaled.T @ scaled
+    jitter = 1e-10 * max(np.trace(gram) / width, 1e-30)
+    factor = scipy.linalg.cholesky(gram + jitter * np.eye(width), lower=False)
+    _, _, pivots = scipy.linalg.qr(factor, mode="economic", pivoting=True)
     return np.sort(pivots[:k])
 
 

@@ -1,0 +1,195 @@
+"""Command line: `symshrink zoo|inspect|compress|diff|eval`.
+
+Exit codes: 0 ok, 1 outside tolerance, 2 bad input, 3 internal error. Expected failures print one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
+
+__all__ = ["main"]
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from symshrink.models.registry import ZOO, cache_dir, get_model  # noqa: PLC0415
+
+    if args.action == "list":
+        print(f"{'name':<14} {'params':>8} {'needs':<8} {'task':<18} {'fp32 ref':>8}  source")
+        for m in ZOO.values():
+            print(f"{m.name:<14} {m.params:>8} {m.extra or 'core':<8} {m.task:<18} {m.reference_metric:>8.3f}  {m.source}")
+        return 0
+    if not args.name:
+        raise BadInput("zoo get needs a model name")
+    print(get_model(args.name).materialise(cache_dir()))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from symshrink.modelio import load_model  # noqa: PLC0415
+    from symshrink.passes.analysis import analyse  # noqa: PLC0415
+
+    model, path = load_model(args.model)
+    groups = analyse(model)
+    if args.json:
+        print(json.dumps({"model": str(path), "groups": [g.to_dict() for g in groups]}, indent=2))
+        return 0
+    print(f"{path}: {sum(g.ok for g in groups)} symmetric groups, {sum(not g.ok for g in groups)} rejected candidates")
+    print(f"{'group':<10} {'kind':<7} {'width':>6} {'params':>10}  {'status':<44} where")
+    for g in groups:
+        if g.ok or args.all:
+            extra = f" (kv heads {g.detail['kv_heads']}, dim {g.detail['head_dim']})" if g.kind == "heads" else ""
+            status = "ok" + extra if g.ok else "skip: " + g.reason
+            print(f"{g.name:<10} {g.kind:<7} {g.width:>6} {g.params:>10}  {status:<44} {g.where}")
+    if not args.all and any(not g.ok for g in groups):
+        print("(rejected candidates hidden: --all shows them with the reason)")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
+    from symshrink.runtime.diff import format_diffs  # noqa: PLC0415
+
+    if args.keep is None and args.width is None and args.plan is None:
+        raise BadInput("give --keep FRACTION, --width K or --plan plan.json")
+    options = CompressOptions(
+        method=args.method, keep=args.keep, width=args.width, calib=args.calib, calib_samples=args.calib_samples,
+        random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
+        min_cosine=args.min_cosine, ridge=args.ridge, threads=args.threads, progress=not args.quiet,
+    )
+    report = compress(args.model, args.output, options)
+    print(report.plan)
+    print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
+    print(format_diffs(report.diffs))
+    ratio = report.bytes_after / report.bytes_before
+    print(f"wrote {report.output}: {report.bytes_after / 1e6:.2f} MB ({ratio:.3f}x of {report.bytes_before / 1e6:.2f} MB)")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from symshrink.calib import load_feeds, random_feeds  # noqa: PLC0415
+    from symshrink.modelio import load_model  # noqa: PLC0415
+    from symshrink.pipeline import default_calib  # noqa: PLC0415
+    from symshrink.runtime.diff import compare_outputs, format_diffs, gate_failures  # noqa: PLC0415
+    from symshrink.runtime.ort import input_specs, make_session, run_all  # noqa: PLC0415
+
+    _, path_a = load_model(args.a)
+    _, path_b = load_model(args.b)
+    session_a, session_b = make_session(path_a, args.threads), make_session(path_b, args.threads)
+    inputs = input_specs(session_a)
+    if [i.name for i in inputs] != [i.name for i in input_specs(session_b)]:
+        raise BadInput("the two models have different inputs")
+    data = args.data or default_calib(args.a)
+    if data is None and not args.random:
+        raise BadInput("give --data (zoo data set, .npz or folder of .npy) or --random")
+    feeds = random_feeds(inputs, args.samples or 8) if data is None else load_feeds(data, inputs, "eval", args.samples)
+    names = [o.name for o in session_a.get_outputs()]
+    if names != [o.name for o in session_b.get_outputs()]:
+        raise BadInput("the two models have different outputs")
+    diffs = compare_outputs(run_all(session_a, feeds), run_all(session_b, feeds))
+    if args.json:
+        print(json.dumps([d.to_dict() for d in diffs], indent=2))
+    else:
+        print(format_diffs(diffs))
+    failures = gate_failures(diffs, args.max_error, args.min_cosine)
+    if failures:
+        raise OutsideTolerance("outside tolerance: " + "; ".join(failures))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from symshrink.modelio import load_model  # noqa: PLC0415
+    from symshrink.models.registry import ZOO, get_task  # noqa: PLC0415
+    from symshrink.runtime.ort import make_session  # noqa: PLC0415
+
+    _, path = load_model(args.model)
+    task_name = args.task or (ZOO[args.model].task if args.model in ZOO else None)
+    if task_name is None:
+        raise BadInput("give --task NAME")
+    task = get_task(task_name)
+    value = task.evaluate(make_session(path, args.threads))
+    print(json.dumps({"model": str(path), "task": task.name, "value": value}) if args.json else f"{task.name}: {value:.4f}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="symshrink", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="list or materialise real models")
+    zoo.add_argument("action", choices=["list", "get"])
+    zoo.add_argument("name", nargs="?")
+    zoo.set_defaults(run=_cmd_zoo)
+
+    inspect = sub.add_parser("inspect", help="show the permutation-symmetric groups of a model")
+    inspect.add_argument("model", help="zoo name or .onnx path")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--all", action="store_true", help="also list rejected candidates and why")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    comp = sub.add_parser("compress", help="rewrite a model smaller; verify; write atomically")
+    comp.add_argument("model")
+    comp.add_argument("-o", "--output", required=True)
+    comp.add_argument("--method", default="moment", choices=["moment"])
+    comp.add_argument("--keep", type=float, help="fraction of units kept in every group")
+    comp.add_argument("--width", type=int, help="units kept in every group")
+    comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
+    comp.add_argument("--calib-samples", type=int)
+    comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")
+    comp.add_argument("--plan", help="replay a plan written by --plan-out")
+    comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")
+    comp.add_argument("--max-error", type=float, help="max relative L2 error per output on held-out samples")
+    comp.add_argument("--min-cosine", type=float)
+    comp.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the consumer refit")
+    comp.add_argument("--threads", type=int)
+    comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(run=_cmd_compress)
+
+    diff = sub.add_parser("diff", help="compare two models' outputs; exit 1 outside tolerance")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
+    diff.add_argument("--samples", type=int)
+    diff.add_argument("--random", action="store_true", help="compare on random inputs")
+    diff.add_argument("--max-error", type=float)
+    diff.add_argument("--min-cosine", type=float)
+    diff.add_argument("--json", action="store_true")
+    diff.add_argument("--threads", type=int)
+    diff.set_defaults(run=_cmd_diff)
+
+    ev = sub.add_parser("eval", help="task metric of a model")
+    ev.add_argument("model")
+    ev.add_argument("--task")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--threads", type=int)
+    ev.set_defaults(run=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.run(args)
+    except SymshrinkError as err:
+        print(f"symshrink: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("symshrink: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (the contract: one line, never a traceback, unless --debug)
+        if args.debug:
+            raise
+        print(f"symshrink: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
