@@ -13,10 +13,10 @@ def mlp_model(hidden: int = 32, inputs: int = 8, outputs: int = 4, seed: int = 0
     """x[?, inputs] -> MatMul W1 -> Add b1 -> activation -> MatMul W2 -> Add b2 -> y."""
     rng = np.random.default_rng(seed)
     arrays = {
-        "W1": rng.standard_normal((inputs, hidden)).astype(np.float32) / np.sqrt(inputs),
-        "b1": rng.standard_normal(hidden).astype(np.float32) * 0.1,
-        "W2": rng.standard_normal((hidden, outputs)).astype(np.float32) / np.sqrt(hidden),
-        "b2": rng.standard_normal(outputs).astype(np.float32) * 0.1,
+        "W1": (rng.standard_normal((inputs, hidden)) / np.sqrt(inputs)).astype(np.float32),
+        "b1": (rng.standard_normal(hidden) * 0.1).astype(np.float32),
+        "W2": (rng.standard_normal((hidden, outputs)) / np.sqrt(hidden)).astype(np.float32),
+        "b2": (rng.standard_normal(outputs) * 0.1).astype(np.float32),
     }
     nodes = [
         helper.make_node("MatMul", ["x", "W1"], ["h0"], name="fc1"),
