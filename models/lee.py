@@ -21,9 +21,9 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from symshrink.models.types import cache_dir
 
 from symshrink.errors import BadInput
+from symshrink.models.types import cache_dir
 
 __all__ = ["GENSIM", "lee_files", "lee_documents", "lee_background", "lee_background_text",
            "lee_similarities"]

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from symshrink.models import lee
-from symshrink.models.types import Dataset, Feeds, InputSpec, Split, Task, ZooModel, cache_dir
 
 from symshrink.errors import BadInput
+from symshrink.models import lee
+from symshrink.models.types import Dataset, Feeds, InputSpec, Split, Task, ZooModel, cache_dir
 
 if TYPE_CHECKING:
     import onnxruntime

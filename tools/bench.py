@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from symshrink.models.registry import ZooModel, get_model, get_task
-from symshrink.runtime.diff import OutputDiff, compare_outputs
-from symshrink.runtime.ort import input_specs, make_session, run_all
 from tqdm import tqdm
 
 from symshrink.calib import load_feeds
 from symshrink.modelio import model_bytes_on_disk, resolve_model
+from symshrink.models.registry import ZooModel, get_model, get_task
+from symshrink.runtime.diff import OutputDiff, compare_outputs
+from symshrink.runtime.ort import input_specs, make_session, run_all
 
 log = logging.getLogger("bench")
 

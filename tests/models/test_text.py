@@ -12,10 +12,10 @@ import subprocess
 
 import numpy as np
 import pytest
-from symshrink.models import text
-from symshrink.models.types import InputSpec, cache_dir
 
 from symshrink.errors import BadInput
+from symshrink.models import text
+from symshrink.models.types import InputSpec, cache_dir
 
 ort = pytest.importorskip("onnxruntime")
 
