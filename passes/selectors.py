@@ -33,13 +33,28 @@ def select_units(activations: np.ndarray, out_weight: np.ndarray, k: int) -> np.
         return np.arange(width)
     centred = activations - activations.mean(axis=0, keepdims=True)
     scaled = centred.astype(np.float64) * np.linalg.norm(out_weight, axis=1)[None, :]
-    # Pivoted QR of X picks the same columns as pivoted QR of any R with R^T R = X^T X, and the
-    # d x d factor is far cheaper to pivot than the n x d data (LAPACK's pivoting is level-2 BLAS).
-    gram = scaled.T @ scaled
-    jitter = 1e-10 * max(np.trace(gram) / width, 1e-30)
-    factor = scipy.linalg.cholesky(gram + jitter * np.eye(width), lower=False)
-    _, _, pivots = scipy.linalg.qr(factor, mode="economic", pivoting=True)
-    return np.sort(pivots[:k])
+    return np.sort(_pivoted_cholesky_order(scaled.T @ scaled, k))
+
+
+def _pivoted_cholesky_order(gram: np.ndarray, k: int) -> np.ndarray:
+    """The first k pivots of greedy pivoted Cholesky of X^T X: the same columns that column-pivoted
+    QR of X picks (largest residual norm after projecting out the chosen ones), in O(d k^2) instead of
+    LAPACK's level-2 pivoted QR."""
+    residual = gram.diagonal().astype(np.float64).copy()
+    rows = np.zeros((k, gram.shape[0]))  # the Cholesky factor, one row per pivot
+    order = np.empty(k, dtype=np.int64)
+    for j in range(k):
+        i = int(np.argmax(residual))
+        order[j] = i
+        if residual[i] <= 0:  # the rest is in the span already: any remaining units will do
+            rest = np.setdiff1d(np.arange(gram.shape[0]), order[:j])
+            order[j:] = rest[: k - j]
+            break
+        row = (gram[i] - rows[:j, i] @ rows[:j]) / np.sqrt(residual[i])
+        rows[j] = row
+        residual -= row**2
+        residual[i] = -np.inf
+    return order
 
 
 def refit_consumer(

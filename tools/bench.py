@@ -14,7 +14,9 @@ A variant that fails to build or run becomes a row with its one-line error; the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import logging
 import os
@@ -190,7 +192,8 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, keeps: lis
         start = time.perf_counter()
         try:
             if name in builders:
-                builders[name](out)
+                with contextlib.redirect_stdout(io.StringIO()):  # k-quant prints a progress bar
+                    builders[name](out)
             else:
                 keep = float(name.removeprefix("symshrink-moment-keep"))
                 variant.note = f"symshrink moment reduction, keep {keep:g} of each group, calib {entry.calib}"
@@ -302,7 +305,8 @@ def bench_model(spec: str, keeps: list[float], wanted: list[str], args: argparse
         rows.append(row)
     # fp32 again at the end: the drift of the machine over the run
     drift = measure_latency(src, feed, args.threads, args.pause, args.min_runs, args.min_seconds)
-    return {"model": spec, "source": str(src), "task": entry.task, "calib": entry.calib,
+    return {"model": spec, "source": str(src), "package": entry.source, "override": spec in args.onnx,
+            "task": entry.task, "calib": entry.calib,
             "reference_metric": entry.reference_metric, "primary_output": output,
             "eval_samples": sum(next(iter(f.values())).shape[0] for f in eval_feeds),
             "latency_feed": {k: list(v.shape) for k, v in feed.items()},
@@ -367,7 +371,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             lines += [f"Failed: {model['error']}", ""]
             continue
         feed = ", ".join(f"{k} {'x'.join(map(str, s))}" for k, s in model["latency_feed"].items())
-        lines.append(f"Task `{model['task']}` (fp32 reference in shared/docs/models.md: "
+        source = f"`{model['package']}`" + (f", file `{model['source']}`" if model["override"] else "")
+        lines.append(f"Model from {source}. Task `{model['task']}` (fp32 reference in shared/docs/models.md: "
                      f"{model['reference_metric']}); error on output `{model['primary_output']}` over "
                      f"{model['eval_samples']} eval samples of `{model['calib']}`; latency feed {feed}; "
                      f"fp32 latency at the end of the run {model['fp32_latency_end_ms']:.2f} ms.")

@@ -1,0 +1,160 @@
+"""Tests of the vision zoo members: committed MLPs, their data sets, PP-OCR and MobileNetV2 export."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from symshrink.errors import BadInput
+from symshrink.models import fmnist, ocr, vision
+from symshrink.models.types import InputSpec
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _has_fmnist() -> bool:
+    try:
+        fmnist.fmnist_dir()
+    except BadInput:
+        return False
+    return True
+
+
+def _has_fonts() -> bool:
+    return (ocr.FONT_DIR / ocr.FONTS[0]).is_file()
+
+
+needs_fmnist = pytest.mark.skipif(not _has_fmnist(), reason="Debian package dataset-fashion-mnist not installed")
+needs_fonts = pytest.mark.skipif(not _has_fonts(), reason="Debian package fonts-dejavu-core not installed")
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _model(name: str):
+    return {m.name: m for m in vision.MODELS}[name]
+
+
+def test_lists_are_consistent():
+    names = {d.name for d in vision.DATASETS}
+    tasks = {t.name for t in vision.TASKS}
+    for m in vision.MODELS:
+        assert m.calib in names, m.name
+        assert m.task in tasks, m.name
+
+
+def test_fmnist_mlp_shape(tmp_path):
+    path = _model("fmnist-mlp").materialise(tmp_path)
+    assert path.is_file() and path.parent.parent == tmp_path
+    model = onnx.load(path)
+    assert model.opset_import[0].version == 17
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    shapes = sorted(tuple(t.dims) for t in model.graph.initializer)
+    assert shapes == sorted([(784, 512), (512,), (512, 256), (256,), (256, 10), (10,)])
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Relu"] * 2 + ["MatMul", "Add"]
+
+
+@needs_fmnist
+def test_fmnist_mlp_accuracy(tmp_path):
+    sess = _session(_model("fmnist-mlp").materialise(tmp_path))
+    assert vision.fmnist_accuracy(sess) >= 0.88
+
+
+def test_digits_mlp_accuracy(tmp_path):
+    sess = _session(_model("digits-mlp").materialise(tmp_path))
+    assert vision.digits_accuracy(sess) >= 0.9
+
+
+@needs_fmnist
+def test_fmnist_feeds_and_splits():
+    spec = [InputSpec("input", "float32", ("batch", 784))]
+    calib = vision.DATASETS[0].load(spec, "calib", 300)
+    assert [f["input"].shape for f in calib] == [(256, 784), (44, 784)]
+    assert calib[0]["input"].dtype == np.float32 and 0 <= calib[0]["input"].min() <= calib[0]["input"].max() <= 1
+    ev = vision.DATASETS[0].load(spec, "eval", 10)
+    # calib samples come from the train file, eval from the test file: check no image is in both
+    train_rows = {r.tobytes() for f in calib for r in f["input"]}
+    assert not any(r.tobytes() in train_rows for r in ev[0]["input"])
+    img = vision.DATASETS[0].load([InputSpec("x", "float32", (None, 3, 64, 64))], "calib", 2)
+    assert img[0]["x"].shape == (2, 3, 64, 64)
+
+
+def test_digits_splits_disjoint():
+    xc, _ = fmnist.load_digits_split("calib")
+    xe, _ = fmnist.load_digits_split("eval")
+    assert len(xc) + len(xe) == 1797
+    rows = {r.tobytes() for r in xc}
+    # digits holds a few duplicate images; the index split must still be disjoint and near-complete
+    assert sum(r.tobytes() in rows for r in xe) < 10
+
+
+def test_ocr_words_disjoint():
+    calib, ev = ocr.words("calib"), ocr.words("eval")
+    assert len(ev) == 200 and len(calib) >= 200
+    assert not set(calib) & set(ev)
+
+
+@pytest.mark.parametrize("inputs", [
+    [],
+    [InputSpec("a", "float32", ("b", 784)), InputSpec("b", "float32", ("b", 784))],
+    [InputSpec("input", "int64", ("b", 784))],
+    [InputSpec("input", "float32", ("b", 100))],
+])
+def test_bad_input_spec(inputs):
+    for name in ("fmnist", "digits"):
+        ds = {d.name: d for d in vision.DATASETS}[name]
+        with pytest.raises(BadInput):
+            ds.load(inputs, "calib", 4)
+
+
+def test_bad_input_spec_ocr():
+    ds = {d.name: d for d in vision.DATASETS}
+    with pytest.raises(BadInput):
+        ds["ocr-words"].load([InputSpec("x", "float32", ("b", 784))], "calib", 4)
+    with pytest.raises(BadInput):
+        ds["ocr-words"].load([InputSpec("x", "float32", ("b", 3, 32, "w"))], "calib", 4)
+    with pytest.raises(BadInput):
+        ds["fmnist"].load([InputSpec("x", "float32", ("b", 784))], "train", 4)
+
+
+@needs_fonts
+def test_ppocr_rec_exact_match(tmp_path):
+    path = _model("ppocr-rec").materialise(tmp_path)
+    sess = _session(path)
+    assert ocr.rec_exact_match(sess, n=64) >= 0.95
+    feeds = {d.name: d for d in vision.DATASETS}["ocr-words"].load(
+        [InputSpec("x", "float32", ("b", 3, 48, "w"))], "calib", 20)
+    assert sum(len(f["x"]) for f in feeds) == 20 and all(f["x"].shape[2] == 48 for f in feeds)
+
+
+@needs_fonts
+def test_ppocr_cls_accuracy(tmp_path):
+    sess = _session(_model("ppocr-cls").materialise(tmp_path))
+    assert ocr.cls_accuracy(sess, n=64) >= 0.95
+
+
+@needs_fonts
+def test_ppocr_det_f1(tmp_path):
+    sess = _session(_model("ppocr-det").materialise(tmp_path))
+    assert ocr.det_f1(sess, n=3) >= 0.6
+
+
+@pytest.mark.zoo
+@needs_fmnist
+def test_mobilenetv2_export(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        vision._mobilenet_weights()
+    except BadInput as e:
+        pytest.skip(str(e))
+    path = vision.mobilenet_onnx(tmp_path)
+    sess = _session(path)
+    assert [o.name for o in sess.get_outputs()] == ["logits", "features"]
+    x = vision.fmnist_images("test", np.arange(4), vision.MOBILENET_SIZE)
+    logits, feats = sess.run(None, {"input": x})
+    assert logits.shape == (4, 1000) and feats.shape == (4, 1280)
