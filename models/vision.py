@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import logging
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -247,7 +248,8 @@ def mobilenet_onnx(cache: Path) -> Path:
     model.load_state_dict(torch.load(_mobilenet_weights(), map_location="cpu", weights_only=True), strict=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is the one that fits
         torch.onnx.export(model, (torch.zeros(1, 3, MOBILENET_SIZE, MOBILENET_SIZE),), str(tmp),
                           input_names=["input"], output_names=["logits", "features"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},

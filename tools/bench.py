@@ -345,13 +345,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def render_markdown(result: dict[str, Any]) -> str:
     m, a = result["machine"], result["args"]
+    runs = list({model["run"]["command"]: model["run"] for model in result["models"]}.values())
     lines = [
         "# Benchmarks: symshrink vs onnxruntime's quantizers", "",
-        f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd'])}); load average "
-        f"{m['loadavg_start']:.2f} at start, {m['loadavg_end']:.2f} at end",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd'])})",
         f"- onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, python {m['python']}",
-        f"- commit {m['commit']}, {m['date']}, wall time {result['wall_s'] / 60:.1f} min",
-        f"- reproduce: `{result['command']}`", "",
+        *[f"- run: `{r['command']}` (commit {r['commit']}, {r['date']}, {r['wall_s'] / 60:.1f} min, load "
+          f"average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end)" for r in runs], "",
         "Sizes are bytes on disk including external data; MB = 10^6 bytes. **RSS** is the growth of peak "
         "resident memory (VmHWM) while creating the session, in a fresh subprocess (the JSON also has the "
         "growth after the first run). **Latency** is the median of at least "
@@ -364,6 +364,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{ACCURACY_LEVEL}. symshrink rows: `symshrink.pipeline.compress` with the zoo's default "
         "calibration data (moment reduction, keep = fraction of units kept in each group).", "",
     ]
+    if any(max(r["loadavg_start"], r["loadavg_end"]) > m["cores"] for r in runs):
+        lines += ["**Warning:** the load average exceeded the core count during a run (other jobs shared the "
+                  "machine): latencies are inflated and noisy; compare each model's first and final fp32 "
+                  "timing, and trust ratios more than absolute milliseconds.", ""]
     for model in result["models"]:
         lines.append(f"## {model['model']}")
         lines.append("")
@@ -411,6 +415,9 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each timing block")
     ap.add_argument("--min-runs", type=int, default=30)
     ap.add_argument("--min-seconds", type=float, default=3.0)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models already in the JSON file (rerun some models only)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite --out from the JSON file, measure nothing")
     ap.add_argument("--work", type=Path, help="keep built variants here (default: a temporary folder)")
     args = ap.parse_args()
     args.onnx = dict(item.split("=", 1) for item in args.onnx)
@@ -418,6 +425,10 @@ def main() -> None:
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)
     logging.getLogger("root").setLevel(logging.WARNING)
 
+    json_path = args.json or args.out.with_suffix(".json")
+    if args.render_only:
+        args.out.write_text(render_markdown(json.loads(json_path.read_text())))
+        return
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))
@@ -434,17 +445,22 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     machine["loadavg_end"] = os.getloadavg()[0]
-    command = "python " + " ".join(shlex.quote(a) for a in
-                                   [os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else
-                                    sys.argv[0], *sys.argv[1:]])
-    result = {"command": command, "machine": machine, "wall_s": time.perf_counter() - start,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    argv0 = os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0]
+    command = "python " + " ".join(shlex.quote(a) for a in [argv0, *sys.argv[1:]])
+    run = {"command": command, "commit": machine["commit"], "date": machine["date"],
+           "wall_s": time.perf_counter() - start, "loadavg_start": machine["loadavg_start"],
+           "loadavg_end": machine["loadavg_end"]}
+    for model in models:
+        model["run"] = run
+    if args.merge and json_path.is_file():  # keep the other models of an earlier run
+        done = {m["model"] for m in models}
+        models = [m for m in json.loads(json_path.read_text())["models"] if m["model"] not in done] + models
+    result = {"machine": machine, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "models": models}
-    json_path = args.json or args.out.with_suffix(".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     args.out.write_text(render_markdown(result))
-    log.info("wrote %s and %s in %.1f min", args.out, json_path, result["wall_s"] / 60)
+    log.info("wrote %s and %s in %.1f min", args.out, json_path, run["wall_s"] / 60)
 
 
 if __name__ == "__main__":
