@@ -37,6 +37,7 @@ class Group:
     consumers: list[Cut] = field(default_factory=list)
     ops: list[str] = field(default_factory=list)  # per-unit op types, in walk order
     probe: str = ""  # the value the consumers read: the unit activations
+    values: list[str] = field(default_factory=list)  # every tensor that carries the unit axis
     reason: str = ""  # empty when the group is usable
     detail: dict = field(default_factory=dict)  # kind-specific facts, e.g. head_dim, kv_heads
 
@@ -181,6 +182,7 @@ def _unit_group(walk: _Walk, nodes: dict[str, ir.Node]) -> Group:
         consumers=walk.cuts_consumers if not reason else [],
         ops=walk.ops,
         probe=next(iter(walk.consumer_inputs)).name if len(walk.consumer_inputs) == 1 else "",
+        values=sorted(v.name for v in walk.region),
         reason=reason,
     )
 

@@ -107,14 +107,11 @@ class MomentReductionPass(InPlacePass):
 
 
 def _clear_group_shapes(graph: ir.Graph, group: Group, width: int) -> None:
-    """Intermediate values of the group carry the old width in their recorded shapes: update them."""
-    producers = {c.node for c in group.producers + group.passthrough}
+    """Tensors of the group carry the old width in their recorded shapes: give them the new one."""
+    names = set(group.values)
     for node in graph:
-        if node.name in producers:
-            for out in node.outputs:
-                if out.shape is not None and len(out.shape) > 0 and out.shape[-1] == group.width:
-                    dims = list(out.shape)
-                    dims[-1] = width
-                    out.shape = ir.Shape(dims)
-
-
+        for out in node.outputs:
+            if out.name in names and out.shape is not None and len(out.shape) > 0:
+                dims = list(out.shape)
+                dims[-1] = width
+                out.shape = ir.Shape(dims)

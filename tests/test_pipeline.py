@@ -11,6 +11,7 @@ from symshrink.pipeline import CompressOptions, compress
 from symshrink.runtime.diff import compare_outputs
 from symshrink.runtime.ort import make_session, run_all
 from symshrink.testing import assert_outputs_close
+from tests.conftest import mlp_model
 
 
 def _feeds(n=64, seed=5):
@@ -92,3 +93,19 @@ def test_minilm_l3_keep_half_is_smaller_and_close(tmp_path):
     assert report.bytes_after < report.bytes_before - 3 * 2 * 768 * 384 * 4 * 0.99  # 3 layers x 2 matrices halved
     assert max(d.rel_l2 for d in report.diffs) < 0.5
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_recorded_shapes_of_every_group_tensor_follow_the_new_width(tmp_path, mlp_calib):
+    # regression (PP-OCR's mixer): a dropout Identity inside the group kept the old width in value_info
+    model = mlp_model(hidden=32, activation="Sigmoid")
+    act = next(n for n in model.graph.node if n.name == "act")
+    act.output[0] = "s"
+    model.graph.node.insert(3, onnx.helper.make_node("Identity", ["s"], ["h2"], name="dropout"))
+    model = onnx.shape_inference.infer_shapes(model)
+    assert any(v.name == "s" for v in model.graph.value_info)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    out = tmp_path / "small.onnx"
+    compress(str(path), out, CompressOptions(keep=0.5, calib=str(mlp_calib), progress=False))
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    make_session(out)
