@@ -64,7 +64,10 @@ def load_fmnist(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # noqa: PLC0415 (scikit-learn only when digits are used)
+    try:
+        from sklearn.datasets import load_digits  # noqa: PLC0415 (scikit-learn only when digits are used)
+    except ImportError as e:
+        raise BadInput("the digits data need scikit-learn (pip install scikit-learn)") from e
 
     d = load_digits()
     x = (d.data / 16.0).astype(np.float32)

@@ -30,7 +30,7 @@ from symshrink.models.types import Feeds, InputSpec
 __all__ = [
     "RAPIDOCR", "WORDS", "ocr_model_path", "words", "rec_dictionary", "render_text", "rec_batch",
     "cls_batch", "ctc_decode", "rec_feeds", "cls_feeds", "det_feeds", "rec_exact_match",
-    "cls_accuracy", "det_f1", "det_pages", "FONT_PACKAGE",
+    "cls_accuracy", "det_f1", "det_pages", "FONT_PACKAGE", "font_dir",
 ]
 
 RAPIDOCR = "rapidocr==3.10.0"
@@ -108,7 +108,8 @@ woman wonder word work worker world worry would write writer wrong yard yeah yea
 WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORD_TEXT.split()))
 
 
-def _font_dir() -> Path:
+def font_dir() -> Path:
+    """The DejaVu font folder; raises BadInput when the fonts are missing."""
     root = Path(os.environ.get("SYMSHRINK_FONT_DIR", FONT_DIR))
     if not (root / FONTS[0]).is_file():
         raise BadInput(f"DejaVu fonts not found in {root}: install the Debian package {FONT_PACKAGE} "
@@ -120,7 +121,7 @@ def _font_dir() -> Path:
 def _font(index: int, size: int):
     from PIL import ImageFont  # noqa: PLC0415
 
-    return ImageFont.truetype(str(_font_dir() / FONTS[index % len(FONTS)]), size)
+    return ImageFont.truetype(str(font_dir() / FONTS[index % len(FONTS)]), size)
 
 
 def ocr_model_path(kind: str) -> Path:
@@ -254,17 +255,15 @@ def rec_feeds(inputs: Sequence[InputSpec], split: str, n: int | None) -> list[Fe
 
 
 def _cls_items(split: str) -> list[tuple[int, np.ndarray]]:
-    """Two-word lines, each upright (label 0) and rotated 180 degrees (label 1)."""
-    ws = words(split)
+    """Each word rendered upright (label 0) and rotated 180 degrees (label 1)."""
     out = []
-    for i in range(0, len(ws) - 1, 2):
-        img = render_text(f"{ws[i]} {ws[i + 1]}", *_word_style(i // 2))
+    for _, img in _rec_items(split):
         out += [(0, img), (1, np.ascontiguousarray(img[::-1, ::-1]))]
     return out
 
 
 def cls_feeds(inputs: Sequence[InputSpec], split: str, n: int | None) -> list[Feeds]:
-    """Upright and 180-degree rotated text lines in orientation-classifier format [b, 3, 48, 192]."""
+    """Upright and 180-degree rotated words in orientation-classifier format [b, 3, 48, 192]."""
     spec = _float_image_input(inputs, "OCR orientation")
     items = _cls_items(split)[:n]
     return [{spec.name: cls_batch([img for _, img in b])} for b in _batches(items)]
@@ -337,7 +336,7 @@ def rec_exact_match(session, n: int | None = None) -> float:
 
 
 def cls_accuracy(session, n: int | None = None) -> float:
-    """Orientation accuracy (0 vs 180 degrees) on 200 upright + rotated evaluation lines."""
+    """Orientation accuracy (0 vs 180 degrees) on the 200 evaluation words, upright and rotated (400)."""
     items = _cls_items("eval")[:n]
     name, hits = _input_name(session), 0
     for b in _batches(items):

@@ -421,9 +421,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep built variants here (default: a temporary folder)")
     args = ap.parse_args()
     args.onnx = dict(item.split("=", 1) for item in args.onnx)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("onnxruntime").setLevel(logging.WARNING)
-    logging.getLogger("root").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
 
     json_path = args.json or args.out.with_suffix(".json")
     if args.render_only:

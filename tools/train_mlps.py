@@ -3,7 +3,8 @@
     python tools/train_mlps.py [--only fmnist|digits] [--out models/data]
 
 - `fmnist_mlp.onnx`: 784-512-256-10 ReLU MLP on the full Fashion-MNIST train set (Debian package
-  `dataset-fashion-mnist`), pixels scaled to [0, 1].
+  `dataset-fashion-mnist`), pixels scaled to [0, 1]; adam, 35 epochs with a step learning-rate
+  schedule (about 2 minutes on 2 cores; test accuracy about 0.899).
 - `digits_mlp.onnx`: 64-128-10 ReLU MLP on the calibration half of scikit-learn's `load_digits`.
 
 Graphs: input "input" float32 [batch, in], (MatMul + Add + Relu) per hidden layer, final
@@ -81,19 +82,41 @@ def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(1) == y).mean())
 
 
-def train_fmnist(out: Path, epochs: int) -> None:
+def _fit_stepped(hidden: tuple[int, ...], x: np.ndarray, y: np.ndarray,
+                 schedule: list[tuple[int, float]]):
+    """Adam with a step learning-rate schedule [(epochs, rate), ...], one partial_fit per epoch.
+
+    scikit-learn has no schedule for adam, so the rate of its live optimizer (`_optimizer`) is set
+    between epochs; the moments carry over."""
+    from sklearn.neural_network import MLPClassifier  # noqa: PLC0415
+
+    clf = MLPClassifier(hidden_layer_sizes=hidden, activation="relu", solver="adam", alpha=1e-4,
+                        batch_size=256, learning_rate_init=schedule[0][1], shuffle=True, random_state=SEED)
+    classes = np.unique(y)
+    for epochs, rate in schedule:
+        if hasattr(clf, "_optimizer"):
+            clf._optimizer.learning_rate_init = rate
+        for _ in range(epochs):
+            clf.partial_fit(x, y, classes=classes)
+    return clf
+
+
+FMNIST_SCHEDULE = [(20, 1e-3), (10, 3e-4), (5, 1e-4)]
+
+
+def train_fmnist(out: Path) -> None:
     xtr, ytr = load_fmnist("train")
     xte, yte = load_fmnist("test")
     xtr = xtr.reshape(len(xtr), -1).astype(np.float32) / 255.0
     xte = xte.reshape(len(xte), -1).astype(np.float32) / 255.0
     t = time.time()
-    clf = _fit((512, 256), xtr, ytr, epochs)
+    clf = _fit_stepped((512, 256), xtr, ytr, FMNIST_SCHEDULE)
     log.info("fmnist: trained %d epochs in %.0f s, sklearn test acc %.4f",
              clf.n_iter_, time.time() - t, clf.score(xte, yte))
     path = out / "fmnist_mlp.onnx"
     export_mlp(clf.coefs_, clf.intercepts_, path,
                f"784-512-256-10 ReLU MLP, Fashion-MNIST train 60k, sklearn MLPClassifier adam, "
-               f"{clf.n_iter_} epochs, seed {SEED}; input pixels/255")
+               f"(epochs, rate) {FMNIST_SCHEDULE}, seed {SEED}; input pixels/255")
     log.info("fmnist: wrote %s, onnxruntime test acc %.4f", path, _onnx_accuracy(path, xte, yte))
 
 
@@ -112,14 +135,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["fmnist", "digits"])
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--fmnist-epochs", type=int, default=30)
     ap.add_argument("--digits-epochs", type=int, default=200)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.only in (None, "digits"):
         train_digits(args.out, args.digits_epochs)
     if args.only in (None, "fmnist"):
-        train_fmnist(args.out, args.fmnist_epochs)
+        train_fmnist(args.out)
 
 
 if __name__ == "__main__":

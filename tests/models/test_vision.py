@@ -22,7 +22,11 @@ def _has_fmnist() -> bool:
 
 
 def _has_fonts() -> bool:
-    return (ocr.FONT_DIR / ocr.FONTS[0]).is_file()
+    try:
+        ocr.font_dir()
+    except BadInput:
+        return False
+    return True
 
 
 needs_fmnist = pytest.mark.skipif(not _has_fmnist(), reason="Debian package dataset-fashion-mnist not installed")
@@ -66,6 +70,7 @@ def test_fmnist_mlp_accuracy(tmp_path):
 
 
 def test_digits_mlp_accuracy(tmp_path):
+    pytest.importorskip("sklearn")
     sess = _session(_model("digits-mlp").materialise(tmp_path))
     assert vision.digits_accuracy(sess) >= 0.9
 
@@ -85,6 +90,7 @@ def test_fmnist_feeds_and_splits():
 
 
 def test_digits_splits_disjoint():
+    pytest.importorskip("sklearn")
     xc, _ = fmnist.load_digits_split("calib")
     xe, _ = fmnist.load_digits_split("eval")
     assert len(xc) + len(xe) == 1797
@@ -148,6 +154,7 @@ def test_ppocr_det_f1(tmp_path):
 @needs_fmnist
 def test_mobilenetv2_export(tmp_path):
     pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
     try:
         vision._mobilenet_weights()
     except BadInput as e:
