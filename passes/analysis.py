@@ -285,7 +285,7 @@ def _output_projection(value: ir.Value, limit: int = 8) -> ir.Node | None:
 
 
 def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | None:
-    scores_node, _ = None, None
+    scores_node = None
     frontier = [softmax.inputs[0]]
     while frontier:
         node = frontier.pop(0).producer()

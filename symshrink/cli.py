@@ -116,6 +116,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gate_args(parser: argparse.ArgumentParser) -> None:
+    """The tolerance flags shared by compress and diff (same meaning, same gate)."""
+    parser.add_argument("--max-error", type=float, help="max relative L2 error per output")
+    parser.add_argument("--min-cosine", type=float, help="min cosine per output")
+    parser.add_argument("--threads", type=int)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symshrink", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -143,10 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")
     comp.add_argument("--plan", help="replay a plan written by --plan-out")
     comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")
-    comp.add_argument("--max-error", type=float, help="max relative L2 error per output on held-out samples")
-    comp.add_argument("--min-cosine", type=float)
+    _add_gate_args(comp)
     comp.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the consumer refit")
-    comp.add_argument("--threads", type=int)
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(run=_cmd_compress)
 
@@ -156,10 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
     diff.add_argument("--samples", type=int)
     diff.add_argument("--random", action="store_true", help="compare on random inputs")
-    diff.add_argument("--max-error", type=float)
-    diff.add_argument("--min-cosine", type=float)
+    _add_gate_args(diff)
     diff.add_argument("--json", action="store_true")
-    diff.add_argument("--threads", type=int)
     diff.set_defaults(run=_cmd_diff)
 
     ev = sub.add_parser("eval", help="task metric of a model")
