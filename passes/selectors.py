@@ -1,85 +1,197 @@
-"""Subset selection and consumer refit for moment reduction (pure numpy, no graph code).
+"""Selectors: reduce a group of d units to k, as pure numpy functions behind one interface.
 
-Units' activations H[n, d] feed the consumer W[d, m]: y = H W. Keep k units S (greedy pivoted QR on
-H scaled by the norms of the units' outgoing rows), then refit the kept rows by ridge least squares
-towards their original values: W_S' = W_S + D, D = argmin ||H W - H_S (W_S + D) - 1 c||^2 + lam ||D||^2,
-with c an intercept that folds into the consumer's bias. At k = d the residual is zero and D = 0.
+A group feeds its consumer through y = sum_i h_i(x) W_i (h_i: unit i's t activation columns, W_i its
+t consumer rows). A selector returns k new units (a subset of the old ones, or merges of them) and
+their new consumer rows W'_j plus a bias change c such that sum_j h'_j W'_j + c stays close to y.
+`select` keeps the units chosen by greedy pivoted QR of H diag(||W_i||) and refits W' by ridge least
+squares from the activations' first two moments; `magnitude` keeps the largest units and refits
+nothing (the pruning baseline); `recombine` and `fold` live in their own modules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Refit", "select_units", "refit_consumer"]
+from symshrink.passes.stats import UnitStats
+
+__all__ = ["UnitProblem", "Reduction", "Curve", "error_curve", "refit", "select", "magnitude", "subset_error",
+           "unit_columns"]
 
 
 @dataclass(frozen=True)
-class Refit:
-    kept: np.ndarray  # sorted unit indices, shape [k]
-    weight: np.ndarray  # new consumer rows, shape [k, m]
-    bias_delta: np.ndarray  # to add to the consumer's output, shape [m]
-    relative_error: float  # ||H W - (H_S W' + c)|| / ||H W|| on the activations given
+class UnitProblem:
+    """What a selector may look at for one group. `out_weight` rows are unit-major: unit i owns rows
+    i*block .. (i+1)*block - 1."""
+
+    out_weight: np.ndarray  # [d * block, m]
+    block: int = 1
+    stats: UnitStats | None = None  # calibration moments of the unit activations (data-aware selectors)
+    unit_params: np.ndarray | None = None  # [d, p] each unit's producer-side parameters (data-free selectors)
+    intercept: bool = True  # the consumer has a bias that can absorb a constant shift
+    homogeneous: bool = False  # phi(c z) = c phi(z) for c > 0 (ReLU): norms can move into the consumer
+    ridge: float = 1e-3
+    seed: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.out_weight.shape[0] // self.block
+
+    @cached_property
+    def moments(self) -> np.ndarray:
+        """The matrix the least-squares problems use: covariance with an intercept, else E[h h^T]."""
+        if self.stats is None:
+            raise ValueError("this selector needs calibration activations")
+        return self.stats.covariance if self.intercept else self.stats.second_moment
+
+    @cached_property
+    def curve(self) -> Curve:
+        return error_curve(self)
 
 
-def select_units(activations: np.ndarray, out_weight: np.ndarray, k: int) -> np.ndarray:
-    """Indices of k units chosen by column-pivoted QR of H diag(||W_i||) (sorted ascending)."""
-    width = activations.shape[1]
-    if not 0 < k <= width:
-        raise ValueError(f"k={k} must be in 1..{width}")
-    if k == width:
-        return np.arange(width)
-    centred = activations - activations.mean(axis=0, keepdims=True)
-    scaled = centred.astype(np.float64) * np.linalg.norm(out_weight, axis=1)[None, :]
-    return np.sort(_pivoted_cholesky_order(scaled.T @ scaled, k))
+@dataclass(frozen=True)
+class Reduction:
+    """k new units. `merge` [k, d] gives each new unit's producer-side parameters as a combination of
+    the old units' (None: new unit j is old unit kept[j], unchanged)."""
+
+    kept: np.ndarray  # [k] old unit behind each new unit (for a merge: the cluster's first member)
+    weight: np.ndarray  # [k * block, m] new consumer rows
+    bias_delta: np.ndarray  # [m] added to the consumer's output
+    merge: np.ndarray | None = None
+    relative_error: float | None = None  # ||y - y'|| / ||y|| on the calibration moments, where computable
+
+    @property
+    def width(self) -> int:
+        return len(self.kept)
 
 
-def _pivoted_cholesky_order(gram: np.ndarray, k: int) -> np.ndarray:
-    """The first k pivots of greedy pivoted Cholesky of X^T X: the same columns that column-pivoted
-    QR of X picks (largest residual norm after projecting out the chosen ones), in O(d k^2) instead of
-    LAPACK's level-2 pivoted QR."""
-    residual = gram.diagonal().astype(np.float64).copy()
-    rows = np.zeros((k, gram.shape[0]))  # the Cholesky factor, one row per pivot
-    order = np.empty(k, dtype=np.int64)
-    for j in range(k):
-        i = int(np.argmax(residual))
-        order[j] = i
-        if residual[i] <= 0:  # the rest is in the span already: any remaining units will do
-            rest = np.setdiff1d(np.arange(gram.shape[0]), order[:j])
-            order[j:] = rest[: k - j]
-            break
-        row = (gram[i] - rows[:j, i] @ rows[:j]) / np.sqrt(residual[i])
-        rows[j] = row
-        residual -= row**2
-        residual[i] = -np.inf
-    return order
+@dataclass(frozen=True)
+class Curve:
+    """Greedy order of the units and the relative consumer-output error of keeping the first j of them
+    with an (unregularised) least-squares refit, for j = 0..d."""
+
+    order: np.ndarray  # [d]
+    relative_error: np.ndarray  # [d + 1], non-increasing
 
 
-def refit_consumer(
-    activations: np.ndarray, out_weight: np.ndarray, kept: np.ndarray, ridge: float = 1e-3, intercept: bool = True
-) -> Refit:
-    """Refit the kept rows of the consumer so H_S W_S' + c matches H W on the given activations.
+Selector = Callable[[UnitProblem, int], Reduction]
 
-    `ridge` is relative to the mean diagonal of H_S^T H_S, so it does not depend on the data's scale.
-    """
-    h = activations.astype(np.float64)
-    w = out_weight.astype(np.float64)
-    dropped = np.setdiff1d(np.arange(h.shape[1]), kept)
-    target = h[:, dropped] @ w[dropped]  # what the dropped units contributed
-    h_kept = h[:, kept]
-    h_mean = h_kept.mean(axis=0) if intercept else np.zeros(len(kept))
-    t_mean = target.mean(axis=0) if intercept else np.zeros(w.shape[1])
-    hc, tc = h_kept - h_mean, target - t_mean
-    gram = hc.T @ hc
-    lam = ridge * max(np.trace(gram) / max(len(kept), 1), 1e-12)
-    delta = scipy.linalg.solve(gram + lam * np.eye(len(kept)), hc.T @ tc, assume_a="pos") if dropped.size else (
-        np.zeros((len(kept), w.shape[1]))
-    )
-    bias_delta = t_mean - h_mean @ delta
-    new_weight = w[kept] + delta
-    full = h @ w
-    approx = h_kept @ new_weight + bias_delta
-    rel = float(np.linalg.norm(full - approx) / max(np.linalg.norm(full), 1e-30))
-    return Refit(np.asarray(kept), new_weight.astype(out_weight.dtype), bias_delta.astype(out_weight.dtype), rel)
+
+def unit_columns(units: np.ndarray, block: int) -> np.ndarray:
+    """Row/column indices of the given units in a unit-major layout with `block` entries per unit."""
+    return (np.asarray(units)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
+
+
+def _total_energy(problem: UnitProblem) -> float:
+    """E||y||^2 with y = h W (uncentred: the error is relative to the output itself)."""
+    w = problem.out_weight.astype(np.float64)
+    return float(np.einsum("ij,ij->", w, problem.stats.second_moment @ w))
+
+
+def error_curve(problem: UnitProblem, tolerance: float = 1e-12) -> Curve:
+    """Block pivoted Cholesky of the moment matrix A: at each step the unit whose columns keep the most
+    output energy sum_c residual_c ||W_c||^2 (column-pivoted QR of H diag(||W_c||), done on the Gram in
+    O(d^2 k) instead of LAPACK's level-2 geqp3). Each Cholesky row r gives ||r W||^2 of captured
+    output energy, so the least-squares error of every prefix comes out of the same sweep."""
+    a = problem.moments
+    w = problem.out_weight.astype(np.float64)
+    block, width = problem.block, problem.width
+    row_energy = np.einsum("ij,ij->i", w, w)
+    residual = a.diagonal().copy()
+    floor = tolerance * max(float(residual.max(initial=0.0)), 1e-300)
+    rows = np.zeros((a.shape[0], a.shape[0]))
+    n_rows = 0
+    order: list[int] = []
+    captured = [0.0]
+    taken = np.zeros(width, dtype=bool)
+    for _ in range(width):
+        score = (np.maximum(residual, 0) * row_energy).reshape(width, block).sum(axis=1)
+        score[taken] = -np.inf
+        unit = int(np.argmax(score))
+        gained = 0.0
+        for col in unit_columns(np.array([unit]), block):
+            if residual[col] <= floor:
+                continue  # in the span of the columns already taken
+            row = (a[col] - rows[:n_rows, col] @ rows[:n_rows]) / np.sqrt(residual[col])
+            rows[n_rows] = row
+            n_rows += 1
+            residual -= row**2
+            residual[col] = 0.0
+            gained += float(np.sum((row @ w) ** 2))
+        taken[unit] = True
+        order.append(unit)
+        captured.append(captured[-1] + gained)
+    total = _total_energy(problem)
+    centred_total = float(np.einsum("ij,ij->", w, a @ w))
+    remaining = np.maximum(centred_total - np.array(captured), 0.0)
+    relative = np.sqrt(remaining / max(total, 1e-300))
+    return Curve(np.array(order), np.minimum.accumulate(relative))
+
+
+def subset_error(problem: UnitProblem, kept: np.ndarray, weight: np.ndarray, bias_delta: np.ndarray) -> float:
+    """||h W - (h_S W' + c)|| / ||h W|| from the moments: the residual is h_D W_D - h_S (W' - W_S) - c."""
+    stats, w = problem.stats, problem.out_weight.astype(np.float64)
+    cols = unit_columns(kept, problem.block)
+    dropped = np.setdiff1d(np.arange(w.shape[0]), cols)
+    coeff = np.zeros_like(w)  # residual = h @ coeff - c
+    coeff[dropped] = w[dropped]
+    coeff[cols] = w[cols] - weight.astype(np.float64)
+    cov = stats.covariance
+    centred = float(np.einsum("ij,ij->", coeff, cov @ coeff))
+    mean_residual = stats.mean @ coeff - bias_delta.astype(np.float64)
+    return float(np.sqrt(max(centred + mean_residual @ mean_residual, 0.0) / max(_total_energy(problem), 1e-300)))
+
+
+def refit(problem: UnitProblem, kept: np.ndarray) -> Reduction:
+    """Ridge refit of the kept units' consumer rows towards their original values:
+    W'_S = W_S + D, D = argmin E||h_D W_D - h_S D - c||^2 + lam ||D||^2 (c: the intercept).
+    `ridge` is relative to the mean diagonal of A_SS, so it does not depend on the data's scale.
+    Keeping every unit gives D = 0 exactly."""
+    kept = np.sort(np.asarray(kept))
+    w = problem.out_weight
+    cols = unit_columns(kept, problem.block)
+    dropped = np.setdiff1d(np.arange(w.shape[0]), cols)
+    if dropped.size == 0:
+        return Reduction(kept, w.copy(), np.zeros(w.shape[1], w.dtype), relative_error=0.0)
+    a = problem.moments
+    w64 = w.astype(np.float64)
+    a_ss = a[np.ix_(cols, cols)]
+    lam = problem.ridge * max(np.trace(a_ss) / len(cols), 1e-300)
+    rhs = a[np.ix_(cols, dropped)] @ w64[dropped]
+    delta = scipy.linalg.solve(a_ss + lam * np.eye(len(cols)), rhs, assume_a="pos")
+    if problem.intercept:
+        mean = problem.stats.mean
+        bias_delta = mean[dropped] @ w64[dropped] - mean[cols] @ delta
+    else:
+        bias_delta = np.zeros(w.shape[1])
+    new = (w64[cols] + delta).astype(w.dtype)
+    bias = bias_delta.astype(w.dtype)
+    return Reduction(kept, new, bias, relative_error=subset_error(problem, kept, new, bias))
+
+
+def select(problem: UnitProblem, k: int) -> Reduction:
+    """The first k units of the greedy pivoted-QR order, consumer refit by ridge least squares."""
+    _check_k(problem, k)
+    return refit(problem, problem.curve.order[:k])
+
+
+def magnitude(problem: UnitProblem, k: int) -> Reduction:
+    """Pruning without refit: keep the k units with the largest ||producer params|| * ||consumer rows||."""
+    _check_k(problem, k)
+    w = problem.out_weight
+    out_norm = np.linalg.norm(w.reshape(problem.width, -1), axis=1)
+    in_norm = np.linalg.norm(problem.unit_params, axis=1) if problem.unit_params is not None else 1.0
+    kept = np.sort(np.argsort(-(out_norm * in_norm), kind="stable")[:k])
+    new = w[unit_columns(kept, problem.block)]
+    bias = np.zeros(w.shape[1], w.dtype)
+    error = subset_error(problem, kept, new, bias) if problem.stats is not None else None
+    return Reduction(kept, new, bias, relative_error=error)
+
+
+def _check_k(problem: UnitProblem, k: int) -> None:
+    if not 0 < k <= problem.width:
+        raise ValueError(f"k={k} must be in 1..{problem.width}")

@@ -1,0 +1,87 @@
+"""Streaming moments of a group's unit activations, and the unit rows they are taken over.
+
+A group's activations become rows of shape [d, t]: d units, t columns per unit (1 for an FFN unit or a
+1x1-consumed channel, head_dim for an attention head, kh*kw taps for a channel read by a kxk conv).
+Only the first two moments are kept (sum and Gram of the flattened rows, float64), so memory is
+O((d t)^2) per group whatever the calibration size: every selector and refit works from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["UnitStats", "unfold_channels", "subsample_rows"]
+
+
+@dataclass
+class UnitStats:
+    """Mean and second moments of rows [n, width, block], accumulated batch by batch.
+
+    Rows are shifted by the first batch's mean before the products so that the centred covariance
+    keeps its precision when the mean is large next to the spread."""
+
+    width: int
+    block: int = 1
+    count: int = 0
+    shift: np.ndarray | None = field(default=None, repr=False)
+    total: np.ndarray | None = field(default=None, repr=False)
+    cross: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def columns(self) -> int:
+        return self.width * self.block
+
+    def add(self, rows: np.ndarray) -> None:
+        flat = rows.reshape(rows.shape[0], -1)
+        if flat.shape[1] != self.columns:
+            raise ValueError(f"rows have {flat.shape[1]} columns, expected {self.columns}")
+        if flat.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = flat.mean(axis=0, dtype=np.float64)
+            self.total = np.zeros(self.columns)
+            self.cross = np.zeros((self.columns, self.columns))
+        # float32 activations take a float32 GEMM (twice as fast), accumulated in float64 across batches
+        centred = flat - self.shift.astype(flat.dtype)
+        self.total += centred.sum(axis=0, dtype=np.float64)
+        self.cross += centred.T @ centred
+        self.count += flat.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.shift + self.total / self.count
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """E[(x - mean)(x - mean)^T]."""
+        offset = self.total / self.count
+        return self.cross / self.count - np.outer(offset, offset)
+
+    @property
+    def second_moment(self) -> np.ndarray:
+        """E[x x^T]."""
+        mean = self.mean
+        return self.covariance + np.outer(mean, mean)
+
+
+def unfold_channels(maps: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0),
+                    dilations=(1, 1)) -> np.ndarray:
+    """im2col: NCHW maps -> rows [N * Ho * Wo, C, kh * kw], the patches a conv with these attributes
+    multiplies by its filter (pads are ONNX order: top, left, bottom, right)."""
+    kh, kw = kernel
+    top, left, bottom, right = pads
+    padded = np.pad(maps, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    span_h, span_w = (kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]
+    n, c, ho, wo = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c, kh * kw)
+
+
+def subsample_rows(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` rows, drawn without replacement (conv maps give many correlated rows per image)."""
+    if rows.shape[0] <= limit:
+        return rows
+    return rows[np.sort(rng.choice(rows.shape[0], limit, replace=False))]
