@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.passes.graph import constant_array, constant_tensor, is_constant, node_label
-from symshrink.passes.handlers import CONSUMERS, PASSTHROUGH, PRODUCERS, Cut, Fit
+from symshrink.passes.handlers import CONSUMERS, PASSTHROUGH, PRODUCERS, Cut, Fit, ShapeEntry
 
 __all__ = ["Group", "analyse", "find_unit_groups", "find_attention_groups"]
 
@@ -38,6 +38,7 @@ class Group:
     ops: list[str] = field(default_factory=list)  # per-unit op types, in walk order
     probe: str = ""  # the value the consumers read: the unit activations
     values: list[str] = field(default_factory=list)  # every tensor that carries the unit axis
+    shapes: list[ShapeEntry] = field(default_factory=list)  # shape constants that count the units
     reason: str = ""  # empty when the group is usable
     detail: dict = field(default_factory=dict)  # kind-specific facts, e.g. head_dim, kv_heads
 
@@ -264,6 +265,65 @@ def _heads_of(passed: list[ir.Node], out_width: int) -> tuple[int, int] | None:
     return None
 
 
+def _is_scalar(value: ir.Value) -> bool:
+    """Rank 0 by its recorded shape, or a Gather of one dimension out of a Shape (x.size(i) in torch)."""
+    if value.shape is not None:
+        return value.shape.rank() == 0
+    node = value.producer()
+    index = constant_array(node.inputs[1]) if node is not None and node.op_type == "Gather" else None
+    return index is not None and index.ndim == 0
+
+
+def _shape_entry(reshape: ir.Node, from_end: int, width: int) -> ShapeEntry | str | None:
+    """The constant behind entry `from_end` of a Reshape's target shape, as a ShapeEntry when it counts
+    `width` units; None when the entry is inferred at run time (-1) and needs no change."""
+    shape = reshape.inputs[1]
+    array = constant_array(shape)
+    if array is not None:
+        owner, index, position = reshape.name, 1, array.size + from_end
+    else:
+        node = shape.producer()
+        if node is None or node.op_type != "Concat":
+            return f"the shape of {node_label(reshape)} is not a constant or a Concat"
+        lengths = []
+        for part in node.inputs:
+            part_array = constant_array(part)
+            producer = part.producer()
+            if part_array is not None:
+                lengths.append(part_array.size)
+            elif producer is not None and producer.op_type == "Unsqueeze" and _is_scalar(producer.inputs[0]):
+                lengths.append(1)
+            else:
+                return f"the shape of {node_label(reshape)} has parts of unknown length"
+        position = sum(lengths) + from_end
+        for index, length in enumerate(lengths):  # noqa: B007 (index is used after the loop)
+            if position < length:
+                break
+            position -= length
+        owner, array = node.name, constant_array(node.inputs[index])
+        if array is None:
+            return None  # a run-time dimension: nothing to rewrite
+    value = int(array.reshape(-1)[position])
+    if value == -1:
+        return None
+    if value <= 0 or value % width:
+        return f"entry {value} of the shape of {node_label(reshape)} does not count the {width} heads"
+    return ShapeEntry(owner, index, position, value // width)
+
+
+def _forward_region(starts: list[ir.Node], stop: ir.Node, limit: int = 400) -> list[str]:
+    """Names of the values computed between the projections and the output projection."""
+    seen: set[str] = set()
+    frontier = [v for node in starts for v in node.outputs]
+    while frontier and len(seen) < limit:
+        value = frontier.pop()
+        if value.name in seen:
+            continue
+        seen.add(value.name)
+        frontier.extend(out for use in value.uses() if use.node is not stop for out in use.node.outputs)
+    return sorted(seen)
+
+
 def _out_width(node: ir.Node) -> int:
     w = constant_array(node.inputs[1])
     return int(w.shape[0] if node.op_type == "Gemm" and node.attributes.get("transB") else w.shape[1])
@@ -311,19 +371,43 @@ def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | Non
     kv_heads = _heads_of(v_path, _out_width(v))
     if q_heads is None or kv_heads is None:
         return Group("", "heads", 0, 0, where, reason="head count not readable from a constant Reshape")
+    heads = q_heads[0]
     cuts_p = [Cut(n.name, 1, 0 if n.op_type == "Gemm" and n.attributes.get("transB") else 1) for n in (q, k, v)]
     reason = "" if wo is not None else "the heads' context does not reach a constant output projection"
+    if not reason and kv_heads[0] != heads:
+        reason = "grouped-query attention: removing whole KV groups is not implemented"
     cuts_c = [Cut(wo.name, 1, 0)] if wo is not None else []
+    biases, shapes = [], []
+    for projection, path in ((q, q_path), (k, k_path), (v, v_path)):
+        for node in path:
+            if node.op_type == "Add":
+                for index, other in enumerate(node.inputs):
+                    array = constant_array(other)
+                    if array is not None and array.ndim == 1 and array.shape[0] == _out_width(projection):
+                        biases.append(Cut(node.name, index, 0))
+            if node.op_type == "Reshape":
+                shapes.append(_shape_entry(node, -2, heads))
+    if wo is not None:
+        value = context.outputs[0]
+        while value.uses() and (node := value.uses()[0].node) is not wo:
+            if node.op_type == "Reshape":
+                shapes.append(_shape_entry(node, -1, heads))
+            value = node.outputs[0]
+    problems = [entry for entry in shapes if isinstance(entry, str)]
+    reason = reason or (problems[0] if problems else "")
     return Group(
         name="",
         kind="heads",
-        width=q_heads[0],
-        params=_cut_params(nodes, cuts_p + cuts_c),
+        width=heads,
+        params=_cut_params(nodes, cuts_p + biases + cuts_c),
         where=f"{node_label(q)} (+ k, v)",
         producers=cuts_p,
+        passthrough=biases,
         consumers=cuts_c,
         ops=["Softmax"],
-        probe=context.outputs[0].name,
+        probe=wo.inputs[0].name if wo is not None else context.outputs[0].name,
+        values=_forward_region([q, k, v], wo) if wo is not None else [],
+        shapes=[entry for entry in shapes if isinstance(entry, ShapeEntry)],
         reason=reason,
         detail={"head_dim": q_heads[1], "kv_heads": kv_heads[0], "grouped_query": kv_heads[0] != q_heads[0]},
     )

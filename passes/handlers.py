@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from symshrink.passes.graph import attr, constant_array, is_constant
 
-__all__ = ["Cut", "Fit", "PRODUCERS", "PASSTHROUGH", "CONSUMERS", "ELEMENTWISE_UNARY", "ELEMENTWISE_BINARY"]
+__all__ = ["Cut", "ShapeEntry", "Fit", "PRODUCERS", "PASSTHROUGH", "CONSUMERS", "ELEMENTWISE_UNARY", "ELEMENTWISE_BINARY"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,17 @@ class Cut:
     node: str
     input_index: int
     axis: int
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """Entry `position` of the flattened constant input `input_index` of node `node` counts the units
+    (a head count in a Reshape shape): at width k it becomes `per_unit * k`."""
+
+    node: str
+    input_index: int
+    position: int
+    per_unit: int
 
 
 @dataclass(frozen=True)

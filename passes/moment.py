@@ -1,15 +1,16 @@
-"""Moment reduction of FFN width: keep k of d hidden units and refit the consumer on calibration data.
+"""Moment reduction: rewrite each planned group of d units to k and fold the new weights into its consumer.
 
-y = sum_i phi(x . w_i + b_i) a_i is a function of the units' empirical measure; a k-atom measure whose
-first moment of the consumer output matches on calibration data (ridge least squares, see
-`selectors`) replaces it. The rewrite slices producer columns and per-unit constants to the kept
-units and writes the refitted rows (plus an intercept folded into the consumer's bias) into the
-consumer: an ordinary smaller MatMul/Gemm with stock ops.
+y = sum_i phi_i(x) W_i depends on the units only through their empirical measure; a selector (see
+`selectors`, `recombine`, `fold`) picks a k-atom measure that keeps the consumer's output on the
+calibration moments. The rewrite slices (or merges) every per-unit constant of the group along its
+unit axis, writes the new consumer rows and the bias change, and fixes head counts in Reshape shapes:
+an ordinary smaller MatMul/Gemm/Conv with stock ops.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -17,101 +18,199 @@ from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from symshrink.passes.analysis import Group
-from symshrink.passes.graph import constant_array
+from symshrink.passes.fold import fold
+from symshrink.passes.graph import attr, constant_array
 from symshrink.passes.handlers import Cut
-from symshrink.passes.plan import Plan
-from symshrink.passes.selectors import refit_consumer, select_units
+from symshrink.passes.plan import GroupPlan, Plan
+from symshrink.passes.recombine import recombine
+from symshrink.passes.selectors import Reduction, Selector, UnitProblem, magnitude, refit, select
+from symshrink.passes.stats import UnitStats, unfold_channels
 
-__all__ = ["MomentReductionPass", "consumer_matrix"]
+__all__ = ["MomentReductionPass", "SELECTORS", "ConsumerLayout", "consumer_layout", "unit_problem"]
 
 logger = logging.getLogger(__name__)
+
+SELECTORS: dict[str, Selector] = {"select": select, "recombine": recombine, "fold": fold, "magnitude": magnitude}
+# ops through which phi(c z) = c phi(z) holds for c > 0, so fold may move unit norms into the consumer
+_HOMOGENEOUS_OPS = frozenset({"Relu", "Add", "Sub", "Identity"})
+
+
+@dataclass(frozen=True)
+class ConsumerLayout:
+    """How the consumer reads the units: `taps` input columns per unit (head_dim for a head, kh*kw for a
+    channel under a kxk Conv), and for a Conv the geometry of its patches."""
+
+    taps: int
+    conv: dict | None = None  # kernel, strides, pads, dilations
+
+    def rows(self, array: np.ndarray, width: int) -> np.ndarray:
+        """The consumer's input as rows [n, width, taps]."""
+        if self.conv is None:
+            return array.reshape(-1, width, self.taps)
+        if self.taps == 1 and self.conv["strides"] == (1, 1) and not any(self.conv["pads"]):
+            return np.moveaxis(array, 1, -1).reshape(-1, width, 1)
+        return unfold_channels(array, **self.conv)
+
+
+def consumer_layout(group: Group, nodes: dict[str, ir.Node]) -> ConsumerLayout | str:
+    """The consumer's layout, or why the group cannot be refitted."""
+    if len(group.consumers) != 1:
+        return f"{len(group.consumers)} consumers (one is supported)"
+    (cut,) = group.consumers
+    node = nodes[cut.node]
+    weight = constant_array(node.inputs[cut.input_index])
+    if node.op_type != "Conv":
+        return ConsumerLayout(taps=weight.shape[cut.axis] // group.width)
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return "consumer Conv uses auto_pad"
+    kernel = tuple(weight.shape[2:])
+    if len(kernel) != 2:
+        return "consumer Conv is not 2-D"
+    geometry = {"kernel": kernel, "strides": tuple(attr(node, "strides", (1, 1))),
+                "pads": tuple(attr(node, "pads", (0, 0, 0, 0))), "dilations": tuple(attr(node, "dilations", (1, 1)))}
+    return ConsumerLayout(taps=kernel[0] * kernel[1], conv=geometry)
+
+
+def _consumer_rows(weight: np.ndarray, cut: Cut) -> np.ndarray:
+    """Consumer weight as unit-major rows [units * taps, outputs]: Conv [O, C, kh, kw] -> [C, kh, kw, O]."""
+    moved = np.moveaxis(weight, cut.axis, 0)
+    if moved.ndim == 4:
+        moved = np.moveaxis(moved, 1, -1)
+    return moved.reshape(-1, moved.shape[-1])
+
+
+def _consumer_weight(rows: np.ndarray, original: np.ndarray, cut: Cut) -> np.ndarray:
+    """Inverse of `_consumer_rows`, for however many units `rows` holds."""
+    moved = np.moveaxis(original, cut.axis, 0)
+    if moved.ndim == 4:
+        moved = np.moveaxis(moved, 1, -1)
+    shaped = rows.reshape((-1,) + moved.shape[1:])
+    if original.ndim == 4:
+        shaped = np.moveaxis(shaped, -1, 1)
+    return np.ascontiguousarray(np.moveaxis(shaped, 0, cut.axis))
+
+
+def _unit_slices(array: np.ndarray, axis: int, width: int) -> np.ndarray:
+    """[width, block, ...rest]: the constant with its unit axis split into units of `block` entries."""
+    moved = np.moveaxis(array, axis, 0)
+    return moved.reshape((width, moved.shape[0] // width) + moved.shape[1:])
+
+
+def _reduce_constant(array: np.ndarray, axis: int, width: int, reduction: Reduction) -> np.ndarray:
+    units = _unit_slices(array, axis, width)
+    new = units[reduction.kept] if reduction.merge is None else np.tensordot(reduction.merge, units, axes=1)
+    moved_shape = (new.shape[0] * new.shape[1],) + new.shape[2:]
+    return np.ascontiguousarray(np.moveaxis(new.reshape(moved_shape), 0, axis)).astype(array.dtype)
+
+
+def _bias_input(node: ir.Node) -> tuple[ir.Node, int, float] | None:
+    """Where the consumer's per-output bias lives (node, input index, factor on a change of the output):
+    Gemm C (scaled by alpha / beta) and Conv B, present or to be added, or the Add right after a MatMul."""
+    if node.op_type in ("Gemm", "Conv"):
+        present = len(node.inputs) > 2 and node.inputs[2] is not None
+        if present and constant_array(node.inputs[2]) is None:
+            return None
+        factor = attr(node, "alpha", 1.0) / attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+        return node, 2, factor
+    uses = node.outputs[0].uses()
+    if len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add, other = uses[0].node, 1 - uses[0].idx
+    bias = constant_array(add.inputs[other])
+    return (add, other, 1.0) if bias is not None and bias.ndim == 1 else None
+
+
+def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | None, ridge: float,
+                 seed: int = 0) -> UnitProblem:
+    """Everything a selector may look at for this group, read off the graph's constants."""
+    (cut,) = group.consumers
+    consumer = nodes[cut.node]
+    out_weight = _consumer_rows(constant_array(consumer.inputs[cut.input_index]), cut)
+    params = [_unit_slices(constant_array(nodes[c.node].inputs[c.input_index]), c.axis, group.width)
+              for c in group.producers + group.passthrough]
+    unit_params = np.concatenate([p.reshape(group.width, -1).astype(np.float64) for p in params], axis=1)
+    homogeneous = group.kind in ("ffn", "conv") and set(group.ops) <= _HOMOGENEOUS_OPS and "Relu" in group.ops
+    return UnitProblem(out_weight, block=out_weight.shape[0] // group.width, stats=stats, unit_params=unit_params,
+                       intercept=_bias_input(consumer) is not None, homogeneous=homogeneous, ridge=ridge, seed=seed)
 
 
 def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, label: str) -> None:
     """Give `node` a new initializer as input `index` (other readers of the old value keep it)."""
-    old = node.inputs[index]
-    name = f"{old.name or label}.{label}"
+    old = node.inputs[index] if index < len(node.inputs) else None
+    name = f"{(old.name if old is not None else None) or node.name}.{label}"
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
+    if index >= len(node.inputs):
+        node.resize_inputs(index + 1)
     node.replace_input_with(index, value)
 
 
-def consumer_matrix(node: ir.Node, cut: Cut) -> np.ndarray:
-    """The consumer weight as [units, outputs]."""
-    w = constant_array(node.inputs[cut.input_index])
-    return np.moveaxis(w, cut.axis, 0).reshape(w.shape[cut.axis], -1)
-
-
-def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """The Add right after a consumer MatMul that adds a constant bias, with the bias's input index."""
-    if node.op_type == "Gemm":
-        return None
-    uses = node.outputs[0].uses()
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None
-    add = uses[0].node
-    other = 1 - uses[0].idx
-    bias = constant_array(add.inputs[other])
-    return (add, other) if bias is not None and bias.ndim == 1 else None
-
-
 class MomentReductionPass(InPlacePass):
-    """Rewrite each planned FFN group to its planned width. `activations[group]` holds the unit
-    activations [rows, d] on calibration data. Fills each group plan's `kept` and `relative_error`."""
+    """Rewrite each planned group to its planned width with the plan's selector. `problems[group]` holds
+    the group's `UnitProblem`. Fills each group plan's `kept` and `relative_error`."""
 
-    def __init__(self, plan: Plan, groups: list[Group], activations: dict[str, np.ndarray]):
+    def __init__(self, plan: Plan, groups: list[Group], problems: dict[str, UnitProblem]):
         super().__init__()
         self.plan = plan
         self.groups = {g.name: g for g in groups}
-        self.activations = activations
+        self.problems = problems
 
     def call(self, model: ir.Model) -> PassResult:
         nodes = {node.name: node for node in model.graph}
         modified = False
         for planned in self.plan.groups:
-            group = self.groups[planned.group]
-            if group.kind != "ffn":
-                logger.warning("moment reduction of %s groups is not implemented; %s kept", group.kind, group.name)
-                continue
-            modified |= self._rewrite(model.graph, nodes, group, planned)
+            modified |= self._rewrite(model.graph, nodes, self.groups[planned.group], planned)
         if modified:
             # the replaced full-width weights are now unread: drop them from the file
             RemoveUnusedNodesPass()(model)
         return PassResult(model, modified)
 
-    def _rewrite(self, graph: ir.Graph, nodes: dict[str, ir.Node], group: Group, planned) -> bool:
-        (cut,) = group.consumers  # analysis guarantees one consumer for ffn groups it accepts
-        consumer = nodes[cut.node]
-        weight = consumer_matrix(consumer, cut)
-        h = self.activations[group.name]
-        kept = np.asarray(planned.kept) if planned.kept is not None else select_units(h, weight, planned.keep_width)
-        bias = _bias_add(consumer)
-        refit = refit_consumer(h, weight, kept, ridge=self.plan.ridge, intercept=bias is not None)
-        planned.kept = [int(i) for i in refit.kept]
-        planned.relative_error = refit.relative_error
-        if len(kept) == group.width:
+    def _reduction(self, planned: GroupPlan) -> Reduction:
+        problem = self.problems[planned.group]
+        if planned.kept is not None and self.plan.selector in ("select", "magnitude"):
+            return refit(problem, np.asarray(planned.kept)) if self.plan.selector == "select" else \
+                magnitude(problem, len(planned.kept))
+        return SELECTORS[self.plan.selector](problem, planned.keep_width)
+
+    def _rewrite(self, graph: ir.Graph, nodes: dict[str, ir.Node], group: Group, planned: GroupPlan) -> bool:
+        reduction = self._reduction(planned)
+        planned.kept = [int(i) for i in reduction.kept]
+        planned.relative_error = reduction.relative_error
+        k = reduction.width
+        if k == group.width and reduction.merge is None:
             return False
-        for c in group.producers + group.passthrough:
-            node = nodes[c.node]
-            array = constant_array(node.inputs[c.input_index])
-            _set_constant(node, c.input_index, np.take(array, kept, axis=c.axis), graph, f"keep{len(kept)}")
+        label = f"{self.plan.selector}{k}"
+        for cut in group.producers + group.passthrough:
+            node = nodes[cut.node]
+            array = constant_array(node.inputs[cut.input_index])
+            _set_constant(node, cut.input_index, _reduce_constant(array, cut.axis, group.width, reduction), graph, label)
+        (cut,) = group.consumers
+        consumer = nodes[cut.node]
         original = constant_array(consumer.inputs[cut.input_index])
-        new = np.moveaxis(refit.weight.reshape((len(kept),) + tuple(np.delete(original.shape, cut.axis))), 0, cut.axis)
-        _set_constant(consumer, cut.input_index, np.ascontiguousarray(new), graph, f"keep{len(kept)}")
-        if bias is not None:
-            add, index = bias
-            _set_constant(add, index, constant_array(add.inputs[index]) + refit.bias_delta, graph, "refit")
-        _clear_group_shapes(graph, group, len(kept))
+        _set_constant(consumer, cut.input_index, _consumer_weight(reduction.weight, original, cut), graph, label)
+        bias = _bias_input(consumer)
+        if bias is not None and np.any(reduction.bias_delta):
+            node, index, factor = bias
+            delta = reduction.bias_delta * factor
+            old = constant_array(node.inputs[index]) if index < len(node.inputs) else None
+            new = delta if old is None else old + delta.reshape(old.shape)
+            _set_constant(node, index, new.astype(original.dtype), graph, label)
+        for entry in group.shapes:
+            node = nodes[entry.node]
+            shape = constant_array(node.inputs[entry.input_index]).copy()
+            shape.reshape(-1)[entry.position] = entry.per_unit * k
+            _set_constant(node, entry.input_index, shape, graph, label)
+        _forget_shapes(graph, group)
+        logger.info("%s: %d -> %d units", group.name, group.width, k)
         return True
 
 
-def _clear_group_shapes(graph: ir.Graph, group: Group, width: int) -> None:
-    """Tensors of the group carry the old width in their recorded shapes: give them the new one."""
+def _forget_shapes(graph: ir.Graph, group: Group) -> None:
+    """The group's tensors carry the old width in their recorded shapes: drop them; onnxruntime infers
+    the new ones at load time."""
     names = set(group.values)
     for node in graph:
         for out in node.outputs:
-            if out.name in names and out.shape is not None and len(out.shape) > 0:
-                dims = list(out.shape)
-                dims[-1] = width
-                out.shape = ir.Shape(dims)
+            if out.name in names:
+                out.shape = None

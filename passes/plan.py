@@ -7,16 +7,22 @@ kept), `--plan` replays it. The plan refers to groups by name and checks their p
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from symshrink.errors import BadInput
 from symshrink.passes.analysis import Group
 
-__all__ = ["GroupPlan", "Plan", "make_plan", "REWRITABLE_KINDS"]
+__all__ = ["GroupPlan", "Plan", "make_plan", "rewritable", "SELECTOR_KINDS"]
 
-REWRITABLE_KINDS = {"moment": {"ffn"}}
+# the group kinds each selector of the moment method rewrites (fold merges producer parameters, which
+# for heads would mix the softmax of different heads)
+SELECTOR_KINDS = {
+    "select": {"ffn", "swiglu", "conv", "heads"},
+    "recombine": {"ffn", "swiglu", "conv", "heads"},
+    "magnitude": {"ffn", "swiglu", "conv", "heads"},
+    "fold": {"ffn", "swiglu", "conv"},
+}
 
 
 @dataclass
@@ -27,7 +33,7 @@ class GroupPlan:
     width: int
     keep_width: int
     kept: list[int] | None = None  # unit indices, filled in by the rewrite
-    relative_error: float | None = None  # consumer-output error on calibration activations
+    relative_error: float | None = None  # consumer-output error on calibration moments
 
 
 @dataclass
@@ -57,10 +63,13 @@ class Plan:
             raise BadInput(f"cannot read plan {path}: {err.strerror}") from None
 
     def __str__(self) -> str:
-        lines = [f"plan: method={self.method} selector={self.selector} ridge={self.ridge}"]
+        lines = [f"plan: method={self.method} selector={self.selector} ridge={self.ridge}",
+                 f"  {'group':<10} {'kind':<6} {'width':>6}    {'new':<6} {'rel.err':>8}  where"]
         for g in self.groups:
-            err = "" if g.relative_error is None else f"  rel.err {g.relative_error:.2e}"
-            lines.append(f"  {g.group:<10} {g.kind:<6} {g.width:>6} -> {g.keep_width:<6}{err}  {g.where}")
+            err = "-" if g.relative_error is None else f"{g.relative_error:.2e}"
+            new = g.keep_width if g.kept is None else len(g.kept)
+            lines.append(f"  {g.group:<10} {g.kind:<6} {g.width:>6} -> {new:<6} {err:>8}  {g.where}")
+        lines.append("  rel.err: the consumer's relative output error on the calibration moments (- : not computable)")
         return "\n".join(lines)
 
     def check_against(self, groups: list[Group]) -> None:
@@ -73,21 +82,21 @@ class Plan:
                                "does not match this model")
 
 
-def make_plan(groups: list[Group], method: str, keep: float | None = None, width: int | None = None,
-              ridge: float = 1e-3) -> Plan:
-    """One width rule for every rewritable group: a kept fraction, or a fixed width (capped at d)."""
-    if (keep is None) == (width is None):
-        raise BadInput("give exactly one of --keep FRACTION or --width K")
-    if keep is not None and not 0 < keep <= 1:
-        raise BadInput(f"--keep must be in (0, 1], got {keep}")
-    if width is not None and width < 1:
-        raise BadInput(f"--width must be >= 1, got {width}")
-    kinds = REWRITABLE_KINDS.get(method)
+def rewritable(groups: list[Group], method: str, selector: str) -> list[Group]:
+    """The usable groups that this method and selector rewrite."""
+    if method != "moment":
+        raise BadInput(f"unknown method {method!r}; available: moment")
+    kinds = SELECTOR_KINDS.get(selector)
     if kinds is None:
-        raise BadInput(f"unknown method {method!r}; available: {', '.join(REWRITABLE_KINDS)}")
-    plan = Plan(method=method, ridge=ridge)
+        raise BadInput(f"unknown selector {selector!r}; available: {', '.join(SELECTOR_KINDS)}")
+    return [g for g in groups if g.ok and g.kind in kinds]
+
+
+def make_plan(groups: list[Group], widths: dict[str, int], method: str = "moment", selector: str = "select",
+              ridge: float = 1e-3) -> Plan:
+    """A plan that takes each named group to its width (groups not in `widths` are left alone)."""
+    plan = Plan(method=method, selector=selector, ridge=ridge)
     for g in groups:
-        if g.ok and g.kind in kinds:
-            k = max(1, math.ceil(keep * g.width)) if keep is not None else min(width, g.width)
-            plan.groups.append(GroupPlan(g.name, g.kind, g.where, g.width, k))
+        if g.name in widths:
+            plan.groups.append(GroupPlan(g.name, g.kind, g.where, g.width, widths[g.name]))
     return plan

@@ -16,10 +16,11 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.lapack
 
 from symshrink.passes.stats import UnitStats
 
-__all__ = ["UnitProblem", "Reduction", "Curve", "error_curve", "refit", "select", "magnitude", "subset_error",
+__all__ = ["UnitProblem", "Reduction", "Curve", "Selector", "error_curve", "refit", "select", "magnitude", "subset_error",
            "unit_columns"]
 
 
@@ -93,43 +94,65 @@ def _total_energy(problem: UnitProblem) -> float:
 
 
 def error_curve(problem: UnitProblem, tolerance: float = 1e-12) -> Curve:
-    """Block pivoted Cholesky of the moment matrix A: at each step the unit whose columns keep the most
-    output energy sum_c residual_c ||W_c||^2 (column-pivoted QR of H diag(||W_c||), done on the Gram in
-    O(d^2 k) instead of LAPACK's level-2 geqp3). Each Cholesky row r gives ||r W||^2 of captured
-    output energy, so the least-squares error of every prefix comes out of the same sweep."""
+    """Greedy pivoted Cholesky of the moment matrix A: at each step the unit whose columns keep the most
+    output energy sum_c residual_c ||W_c||^2. This is column-pivoted QR of H diag(||W_c||), done on
+    the Gram; each Cholesky row r captures ||r W||^2 of output energy, so the least-squares error of
+    every prefix comes out of the same sweep."""
     a = problem.moments
     w = problem.out_weight.astype(np.float64)
-    block, width = problem.block, problem.width
+    if problem.block == 1:
+        order, captured = _pivoted_cholesky_lapack(a, w)
+    else:
+        order, captured = _pivoted_cholesky_blocks(a, w, problem.block, tolerance)
+    total = _total_energy(problem)
+    centred_total = float(np.einsum("ij,ij->", w, a @ w))
+    remaining = np.maximum(centred_total - np.concatenate([[0.0], np.cumsum(captured)]), 0.0)
+    return Curve(order, np.minimum.accumulate(np.sqrt(remaining / max(total, 1e-300))))
+
+
+def _pivoted_cholesky_lapack(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One column per unit: LAPACK's blocked pivoted Cholesky (dpstrf) of S A S, S = diag(||W_c||), whose
+    diagonal pivoting is exactly the greedy rule above. Returns the order and the energy each step adds."""
+    scale = np.linalg.norm(w, axis=1)
+    factor, pivots, rank, info = scipy.linalg.lapack.dpstrf(a * np.outer(scale, scale), lower=1)
+    if info < 0:
+        raise ArithmeticError(f"dpstrf failed (info={info})")
+    order = pivots - 1
+    unit_rows = np.divide(w, scale[:, None], out=np.zeros_like(w), where=scale[:, None] > 0)
+    lower = np.tril(factor)[:, :rank]
+    captured = np.zeros(len(order))
+    captured[:rank] = np.sum((lower.T @ unit_rows[order]) ** 2, axis=1)
+    return order, captured
+
+
+def _pivoted_cholesky_blocks(a: np.ndarray, w: np.ndarray, block: int, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """Units of `block` columns (heads, taps of a kxk conv): pick the unit with the most residual output
+    energy, then add its columns one at a time (skipping those already in the span)."""
+    width = a.shape[0] // block
     row_energy = np.einsum("ij,ij->i", w, w)
     residual = a.diagonal().copy()
     floor = tolerance * max(float(residual.max(initial=0.0)), 1e-300)
     rows = np.zeros((a.shape[0], a.shape[0]))
     n_rows = 0
-    order: list[int] = []
-    captured = [0.0]
+    order = np.empty(width, dtype=np.int64)
+    captured = np.zeros(width)
     taken = np.zeros(width, dtype=bool)
-    for _ in range(width):
+    for step in range(width):
         score = (np.maximum(residual, 0) * row_energy).reshape(width, block).sum(axis=1)
         score[taken] = -np.inf
         unit = int(np.argmax(score))
-        gained = 0.0
         for col in unit_columns(np.array([unit]), block):
             if residual[col] <= floor:
-                continue  # in the span of the columns already taken
+                continue
             row = (a[col] - rows[:n_rows, col] @ rows[:n_rows]) / np.sqrt(residual[col])
             rows[n_rows] = row
             n_rows += 1
             residual -= row**2
             residual[col] = 0.0
-            gained += float(np.sum((row @ w) ** 2))
+            captured[step] += float(np.sum((row @ w) ** 2))
         taken[unit] = True
-        order.append(unit)
-        captured.append(captured[-1] + gained)
-    total = _total_energy(problem)
-    centred_total = float(np.einsum("ij,ij->", w, a @ w))
-    remaining = np.maximum(centred_total - np.array(captured), 0.0)
-    relative = np.sqrt(remaining / max(total, 1e-300))
-    return Curve(np.array(order), np.minimum.accumulate(relative))
+        order[step] = unit
+    return order, captured
 
 
 def subset_error(problem: UnitProblem, kept: np.ndarray, weight: np.ndarray, bias_delta: np.ndarray) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ import onnxruntime as ort
 from symshrink.errors import BadInput
 from symshrink.models.types import Feeds, InputSpec
 
-__all__ = ["make_session", "session_for_model", "run_all", "collect_probes", "input_specs"]
+__all__ = ["make_session", "session_for_model", "run_all", "stream_probes", "input_specs"]
 
 _DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
            "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bool)": "bool",
@@ -35,24 +35,21 @@ def make_session(path: str | os.PathLike, threads: int | None = None, optimize: 
 
 
 def session_for_model(model: ir.Model, threads: int | None = None, extra_outputs: Sequence[str] = ()):
-    """A session over an in-memory IR model (written to a temporary folder so external data works)."""
-    with tempfile.TemporaryDirectory(prefix="symshrink-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        if extra_outputs:
-            model = _with_outputs(model, extra_outputs)
-        big = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        ir.save(model, path, external_data="model.onnx.data" if big > 2**30 else None)
-        return make_session(path, threads)
-
-
-def _with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
-    copy = ir.from_proto(ir.to_proto(model))
-    values = {v.name: v for node in copy.graph for v in node.outputs}
-    present = {v.name for v in copy.graph.outputs}
-    for name in names:
-        if name not in present:
-            copy.graph.outputs.append(values[name])
-    return copy
+    """A session over an in-memory IR model (written to a temporary folder so external data works).
+    `extra_outputs` names intermediate values to expose as outputs (the model itself is left as it was)."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    present = {v.name for v in model.graph.outputs}
+    added = [values[name] for name in dict.fromkeys(extra_outputs) if name not in present]
+    model.graph.outputs.extend(added)
+    try:
+        with tempfile.TemporaryDirectory(prefix="symshrink-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            big = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+            ir.save(model, path, external_data="model.onnx.data" if big > 2**30 else None)
+            return make_session(path, threads)
+    finally:
+        for _ in added:
+            model.graph.outputs.pop()
 
 
 def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
@@ -65,20 +62,10 @@ def run_all(session: ort.InferenceSession, feeds: Iterable[Feeds], names: Sequen
     return [dict(zip(names, session.run(names, feed))) for feed in feeds]
 
 
-def collect_probes(model: ir.Model, probes: dict[str, int], feeds: Sequence[Feeds], threads: int | None = None,
-                   progress=None) -> dict[str, np.ndarray]:
-    """Activations of each probe value, flattened to [rows, units] with the unit axis last.
-
-    `probes` maps a value name to its unit axis (-1 for FFN hidden units, 1 for NCHW channels).
-    """
-    session = session_for_model(model, threads, extra_outputs=list(probes))
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in probes}
-    names = list(probes)
+def stream_probes(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds],
+                  threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """For each feed, the values of the named intermediate tensors (one batch in memory at a time)."""
+    session = session_for_model(model, threads, extra_outputs=names)
+    names = list(dict.fromkeys(names))
     for feed in feeds:
-        for name, array in zip(names, session.run(names, feed)):
-            axis = probes[name]
-            moved = np.moveaxis(array, axis, -1) if axis != -1 else array
-            chunks[name].append(moved.reshape(-1, moved.shape[-1]).astype(np.float32, copy=False))
-        if progress is not None:
-            progress.update(1)
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+        yield dict(zip(names, session.run(names, feed)))

@@ -57,7 +57,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     if args.keep is None and args.width is None and args.plan is None:
         raise BadInput("give --keep FRACTION, --width K or --plan plan.json")
     options = CompressOptions(
-        method=args.method, keep=args.keep, width=args.width, calib=args.calib, calib_samples=args.calib_samples,
+        method=args.method, selector=args.selector, keep=args.keep, width=args.width, width_rule=args.width_rule,
+        target_size=args.target_size, calib=args.calib, calib_samples=args.calib_samples,
         random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
         min_cosine=args.min_cosine, ridge=args.ridge, threads=args.threads, progress=not args.quiet,
     )
@@ -143,8 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("model")
     comp.add_argument("-o", "--output", required=True)
     comp.add_argument("--method", default="moment", choices=["moment"])
-    comp.add_argument("--keep", type=float, help="fraction of units kept in every group")
-    comp.add_argument("--width", type=int, help="units kept in every group")
+    comp.add_argument("--selector", default="select", choices=["select", "recombine", "fold", "magnitude"],
+                      help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
+                           "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")
+    widths = comp.add_argument_group("widths (one of these; --max-error alone is a budget too)")
+    widths.add_argument("--keep", type=float, help="fraction of units kept in every group")
+    widths.add_argument("--width", type=int, help="units kept in every group")
+    widths.add_argument("--width-rule", help="sqrt:C keeps ceil(C sqrt(d)) of d units")
+    widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); "
+                                              "widths allocated across groups by error per byte saved")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
     comp.add_argument("--calib-samples", type=int)
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")

@@ -1,25 +1,32 @@
-"""The compress pipeline: load -> analyse -> plan -> calibrate -> rewrite -> verify -> save.
+"""The compress pipeline: load -> analyse -> calibrate -> plan -> rewrite -> verify -> save.
 
-Each step calls the module that owns it; data flows one way. Nothing is written unless the verify
-gate passes.
+Each step calls the module that owns it; data flows one way. Calibration streams the activations of
+every planned group through onnxruntime batch by batch and keeps only their moments. Nothing is
+written unless the verify gate passes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import onnx_ir as ir
 from tqdm import tqdm
 
 from symshrink.calib import load_feeds, random_feeds, split_holdout
 from symshrink.errors import BadInput, OutsideTolerance
 from symshrink.modelio import load_model, model_bytes_on_disk, save_model
+from symshrink.passes import budget
 from symshrink.passes.analysis import Group, analyse
-from symshrink.passes.moment import MomentReductionPass
-from symshrink.passes.plan import Plan, make_plan
+from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, consumer_layout, unit_problem
+from symshrink.passes.plan import Plan, make_plan, rewritable
+from symshrink.passes.selectors import UnitProblem
+from symshrink.passes.stats import UnitStats, subsample_rows
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
-from symshrink.runtime.ort import collect_probes, input_specs, make_session, run_all, session_for_model
+from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "default_calib"]
 
@@ -29,18 +36,23 @@ logger = logging.getLogger(__name__)
 @dataclass
 class CompressOptions:
     method: str = "moment"
+    selector: str = "select"
     keep: float | None = None
     width: int | None = None
+    width_rule: str | None = None  # "sqrt:C": k = ceil(C sqrt(d))
+    target_size: str | None = None  # bytes ("30MB") or a fraction of the input's size
     calib: str | None = None  # zoo data set, .npz or folder; None: the zoo model's default
     calib_samples: int | None = None
     random_calib: bool = False
     plan: str | None = None  # replay this plan file
     plan_out: str | None = None
-    max_error: float | None = None  # relative L2 gate on held-out samples
+    max_error: float | None = None  # relative L2 on held-out samples: the gate, and the budget without a width rule
     min_cosine: float | None = None
     ridge: float = 1e-3
+    rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
     threads: int | None = None
     progress: bool = True
+    seed: int = 0
 
 
 @dataclass
@@ -72,33 +84,85 @@ def _calibration(options: CompressOptions, model_spec: str, inputs) -> list:
     return load_feeds(spec, inputs, "calib", options.calib_samples)
 
 
+def _calibrate(model: ir.Model, groups: list[Group], layouts: dict[str, ConsumerLayout], feeds: list,
+               options: CompressOptions) -> dict[str, UnitStats]:
+    """Moments of each group's consumer input, streamed batch by batch (no batch is kept)."""
+    stats = {g.name: UnitStats(g.width, layouts[g.name].taps) for g in groups}
+    rng = np.random.default_rng(options.seed)
+    probes = {g.probe for g in groups}
+    batches = tqdm(stream_probes(model, sorted(probes), feeds, options.threads), total=len(feeds), desc="calibrating",
+                   unit="batch", disable=not options.progress, leave=False)
+    for arrays in batches:
+        for g in groups:
+            rows = layouts[g.name].rows(arrays[g.probe], g.width)
+            stats[g.name].add(subsample_rows(rows, options.rows_per_batch, rng))
+    return stats
+
+
+def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, UnitProblem], before: int,
+          error_of: Callable[[dict[str, int]], float]) -> Plan:
+    """Widths from the rule or the budget the options name."""
+    full = {g.name: g.width for g in groups}
+    budgeted = options.target_size is not None or (
+        options.max_error is not None and options.keep is None and options.width is None and options.width_rule is None)
+    if not budgeted:
+        sqrt_c = budget.parse_width_rule(options.width_rule) if options.width_rule else None
+        widths = budget.rule_widths(full, keep=options.keep, width=options.width, sqrt_c=sqrt_c)
+    else:
+        if options.keep is not None or options.width is not None or options.width_rule is not None:
+            raise BadInput("--target-size is a budget of its own: give it without --keep, --width or --width-rule")
+        curves = {g.name: problems[g.name].curve.relative_error for g in groups}
+        unit_bytes = {g.name: g.params / g.width * problems[g.name].out_weight.dtype.itemsize for g in groups}
+        path = budget.allocation_path(curves, unit_bytes)
+        if options.target_size is not None:
+            moves = budget.path_to_size(path, before - budget.parse_size(options.target_size, before))
+        else:
+            moves = budget.widest_within(len(path), lambda m: error_of(budget.widths_after(full, path, m)),
+                                         options.max_error)
+        widths = budget.widths_after(full, path, moves)
+    return make_plan(groups, widths, options.method, options.selector, options.ridge)
+
+
 def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
     groups = analyse(model)
+    candidates = rewritable(groups, options.method, options.selector)
     if options.plan:
         plan = Plan.load(options.plan)
         plan.check_against(groups)
-    else:
-        plan = make_plan(groups, options.method, keep=options.keep, width=options.width, ridge=options.ridge)
+        candidates = [g for g in candidates if g.name in {p.group for p in plan.groups}]
+    nodes = {node.name: node for node in model.graph}
+    layouts = {g.name: consumer_layout(g, nodes) for g in candidates}
+    for g in candidates:
+        if isinstance(layouts[g.name], str):
+            logger.warning("%s is left as it is: %s", g.name, layouts[g.name])
+    candidates = [g for g in candidates if not isinstance(layouts[g.name], str)]
     feeds = _calibration(options, model_spec, input_specs(reference))
     fit_feeds, holdout = split_holdout(feeds)
-    by_name = {g.name: g for g in groups}
-    probes = {by_name[p.group].probe: -1 for p in plan.groups}
-    bar = tqdm(total=len(fit_feeds), desc="calibrating", unit="batch", disable=not options.progress, leave=False)
-    with bar:
-        acts = collect_probes(model, probes, fit_feeds, options.threads, progress=bar)
-    activations = {p.group: acts[by_name[p.group].probe] for p in plan.groups}
-    MomentReductionPass(plan, groups, activations)(model)
-    compressed = session_for_model(model, options.threads)
-    diffs = compare_outputs(run_all(reference, holdout), run_all(compressed, holdout))
+    stats = _calibrate(model, candidates, layouts, fit_feeds, options)
+    problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
+    expected = run_all(reference, holdout)
+
+    def rewrite(plan: Plan) -> tuple[ir.Model, list[OutputDiff]]:
+        target = ir.from_proto(ir.to_proto(model))  # the pass works in place: keep the loaded model intact
+        MomentReductionPass(plan, groups, problems)(target)
+        return target, compare_outputs(expected, run_all(session_for_model(target, options.threads), holdout))
+
+    def error_of(widths: dict[str, int]) -> float:
+        _, diffs = rewrite(make_plan(candidates, widths, options.method, options.selector, options.ridge))
+        return max(d.rel_l2 for d in diffs)
+
+    if not options.plan:
+        plan = _plan(options, candidates, problems, before, error_of)
+    compressed, diffs = rewrite(plan)
     report = CompressReport(str(path), str(output), plan, diffs, before, holdout_feeds=len(holdout),
                             skipped=[g for g in groups if not g.ok])
     failures = gate_failures(diffs, options.max_error, options.min_cosine)
     if failures:
         raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(failures))
-    out = save_model(model, output)
+    out = save_model(compressed, output)
     report.bytes_after = model_bytes_on_disk(out)
     if options.plan_out:
         Path(options.plan_out).write_text(plan.to_json())

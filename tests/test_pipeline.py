@@ -84,15 +84,21 @@ def test_minilm_l3_keep_one_within_1e4(tmp_path):
     out = tmp_path / "minilm.onnx"
     report = compress("minilm-l3", out, CompressOptions(keep=1.0, calib="lee", calib_samples=16, progress=False))
     assert all(d.rel_l2 <= 1e-4 for d in report.diffs)
-    assert len(report.plan.groups) == 3
+    assert len(report.plan.groups) == 6  # 3 FFN + 3 head groups
 
 
 def test_minilm_l3_keep_half_is_smaller_and_close(tmp_path):
     out = tmp_path / "minilm.onnx"
     report = compress("minilm-l3", out, CompressOptions(keep=0.5, calib="lee", calib_samples=24, progress=False))
-    assert report.bytes_after < report.bytes_before - 3 * 2 * 768 * 384 * 4 * 0.99  # 3 layers x 2 matrices halved
-    assert max(d.rel_l2 for d in report.diffs) < 0.5
+    # per layer: FFN in/out 768 x 384 each, Q/K/V/O 192 x 384 each (6 of 12 heads of 32)
+    assert report.bytes_after < report.bytes_before - 3 * (2 * 768 + 4 * 192) * 384 * 4 * 0.99
+    # halving every head group and FFN with 19 calibration sentences: measured rel. L2 0.55, cosine 0.87
+    assert max(d.rel_l2 for d in report.diffs) < 0.7
+    assert min(d.cosine for d in report.diffs) > 0.8
     onnx.checker.check_model(str(out), full_check=True)
+    shapes = {i.name: tuple(i.dims) for i in onnx.load(out).graph.initializer}
+    assert sum(shape == (384, 192) for shape in shapes.values()) == 3 * 3  # Q, K, V of each layer
+    assert sum(shape == (192, 384) for shape in shapes.values()) == 3  # the output projections
 
 
 def test_recorded_shapes_of_every_group_tensor_follow_the_new_width(tmp_path, mlp_calib):

@@ -6,7 +6,7 @@ import scipy.linalg
 
 from symshrink.passes.fold import fold
 from symshrink.passes.recombine import caratheodory, recombine
-from symshrink.passes.selectors import UnitProblem, error_curve, magnitude, refit, select, unit_columns
+from symshrink.passes.selectors import UnitProblem, error_curve, magnitude, select, unit_columns
 from symshrink.passes.stats import UnitStats, unfold_channels
 
 

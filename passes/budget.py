@@ -1,0 +1,137 @@
+"""Widths per group: a fixed rule, or one global budget allocated greedily across groups.
+
+Removing units from group g at width k costs e_g(k)^2, the squared relative error of its consumer's
+output after a least-squares refit (the selectors' error curve). The allocator repeatedly takes the
+removal with the smallest increase of sum_g e_g^2 per byte saved; its path of moves is cut where a
+size target is met, or searched for the widest cut whose verified output error stays in budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from symshrink.errors import BadInput
+
+__all__ = ["rule_widths", "parse_width_rule", "parse_size", "Move", "allocation_path", "widths_after",
+           "path_to_size", "widest_within"]
+
+_STEPS_PER_GROUP = 64  # granularity of the greedy path: about 1/64 of a group's width per move
+
+
+def parse_width_rule(text: str) -> float:
+    """'sqrt:C' -> C, for k = ceil(C sqrt(d))."""
+    match = re.fullmatch(r"sqrt:([0-9]*\.?[0-9]+)", text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise BadInput(f"--width-rule must look like sqrt:C with C > 0, got {text!r}")
+    return float(match.group(1))
+
+
+def parse_size(text: str, current_bytes: int) -> int:
+    """A target file size: a fraction of the current size (0 < f < 1) or bytes with an optional kB/MB/GB."""
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kMG]?B)?", text.strip())
+    if not match:
+        raise BadInput(f"--target-size must be bytes (e.g. 30MB) or a fraction (e.g. 0.5), got {text!r}")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit is None and 0 < number < 1:
+        return int(number * current_bytes)
+    target = int(number * {None: 1, "B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
+    if target <= 0 or target >= current_bytes:
+        raise BadInput(f"--target-size {text} is not below the model's {current_bytes} bytes")
+    return target
+
+
+def rule_widths(widths: dict[str, int], keep: float | None = None, width: int | None = None,
+                sqrt_c: float | None = None) -> dict[str, int]:
+    """One rule for every group (full width d given per group): a kept fraction, a fixed width, or
+    k = ceil(C sqrt(d)); capped at d, at least 1."""
+    if sum(rule is not None for rule in (keep, width, sqrt_c)) != 1:
+        raise BadInput("give exactly one of --keep, --width, --width-rule, --target-size, --max-error")
+    if keep is not None and not 0 < keep <= 1:
+        raise BadInput(f"--keep must be in (0, 1], got {keep}")
+    if width is not None and width < 1:
+        raise BadInput(f"--width must be >= 1, got {width}")
+    if keep is not None:
+        return {name: max(1, math.ceil(keep * d)) for name, d in widths.items()}
+    if width is not None:
+        return {name: min(width, d) for name, d in widths.items()}
+    return {name: min(d, math.ceil(sqrt_c * math.sqrt(d))) for name, d in widths.items()}
+
+
+@dataclass(frozen=True)
+class Move:
+    """Group `group` goes to `width`; totals after the move: bytes saved and sum of squared errors."""
+
+    group: str
+    width: int
+    saved: float
+    cost: float
+
+
+def allocation_path(curves: dict[str, np.ndarray], unit_bytes: dict[str, float]) -> list[Move]:
+    """The greedy sequence of removals from full width down to one unit per group. `curves[g][k]` is
+    group g's relative error at width k (k = 0..d), `unit_bytes[g]` the bytes one unit costs."""
+    width = {g: len(curve) - 1 for g, curve in curves.items()}
+    step = {g: max(1, d // _STEPS_PER_GROUP) for g, d in width.items()}
+
+    def candidate(g: str) -> tuple[float, str, int] | None:
+        k = width[g]
+        if k <= 1:
+            return None
+        new = max(1, k - step[g])
+        extra = float(curves[g][new] ** 2 - curves[g][k] ** 2)
+        return max(extra, 0.0) / ((k - new) * unit_bytes[g]), g, new
+
+    heap = [c for c in map(candidate, curves) if c is not None]
+    heapq.heapify(heap)
+    path: list[Move] = []
+    saved = cost = 0.0
+    while heap:
+        _, g, new = heapq.heappop(heap)
+        saved += (width[g] - new) * unit_bytes[g]
+        cost += float(curves[g][new] ** 2 - curves[g][width[g]] ** 2)
+        width[g] = new
+        path.append(Move(g, new, saved, cost))
+        nxt = candidate(g)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return path
+
+
+def widths_after(full: dict[str, int], path: list[Move], moves: int) -> dict[str, int]:
+    widths = dict(full)
+    for move in path[:moves]:
+        widths[move.group] = move.width
+    return widths
+
+
+def path_to_size(path: list[Move], bytes_to_save: float) -> int:
+    """The number of moves that first saves `bytes_to_save`."""
+    for index, move in enumerate(path):
+        if move.saved >= bytes_to_save:
+            return index + 1
+    most = path[-1].saved if path else 0.0
+    raise BadInput(f"the target size needs {bytes_to_save / 1e6:.2f} MB less, but removing all but one unit "
+                   f"of every group saves {most / 1e6:.2f} MB")
+
+
+def widest_within(moves: int, error_of: Callable[[int], float], max_error: float, evaluations: int = 9) -> int:
+    """The most moves (of `moves`) whose verified error stays <= max_error, by bisection on the path
+    (the error is taken to grow along it); at most `evaluations` verifications."""
+    low, high = 0, moves  # error_of(low) is within budget (no move: the original model)
+    if error_of(high) <= max_error:
+        return high
+    for _ in range(evaluations - 1):
+        if high - low <= 1:
+            break
+        mid = (low + high) // 2
+        if error_of(mid) <= max_error:
+            low = mid
+        else:
+            high = mid
+    return low
