@@ -137,7 +137,11 @@ def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | Non
 def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, label: str) -> None:
     """Give `node` a new initializer as input `index` (other readers of the old value keep it)."""
     old = node.inputs[index] if index < len(node.inputs) else None
-    name = f"{(old.name if old is not None else None) or node.name}.{label}"
+    base = name = f"{(old.name if old is not None else None) or node.name}.{label}"
+    copies = 0
+    while name in graph.initializers:  # a constant shared by several nodes gets one copy per node
+        copies += 1
+        name = f"{base}.{copies}"
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
@@ -183,8 +187,10 @@ class MomentReductionPass(InPlacePass):
         label = f"{self.plan.selector}{k}"
         for cut in group.producers + group.passthrough:
             node = nodes[cut.node]
-            array = constant_array(node.inputs[cut.input_index])
-            _set_constant(node, cut.input_index, _reduce_constant(array, cut.axis, group.width, reduction), graph, label)
+            array = _reduce_constant(constant_array(node.inputs[cut.input_index]), cut.axis, group.width, reduction)
+            _set_constant(node, cut.input_index, array, graph, label)
+            if node.op_type == "Conv" and cut in group.passthrough and cut.input_index == 1:
+                node.attributes["group"] = ir.AttrInt64("group", array.shape[0])  # depthwise: one group per channel
         (cut,) = group.consumers
         consumer = nodes[cut.node]
         original = constant_array(consumer.inputs[cut.input_index])

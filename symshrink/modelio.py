@@ -67,6 +67,8 @@ def load_model(spec: str | os.PathLike) -> tuple[ir.Model, Path]:
     del proto  # parsed only to validate; onnx-ir reads the file itself and resolves external data
     model = ir.load(path)
     _check_external_data(model, path.parent)
+    # rewrites and temporary sessions save copies elsewhere: external tensors must not point back here
+    ir.external_data.load_to_model(model)
     return model, path
 
 
