@@ -110,14 +110,20 @@ def widths_after(full: dict[str, int], path: list[Move], moves: int) -> dict[str
     return widths
 
 
-def path_to_size(path: list[Move], bytes_to_save: float) -> int:
-    """The number of moves that first saves `bytes_to_save`."""
-    for index, move in enumerate(path):
-        if move.saved >= bytes_to_save:
-            return index + 1
-    most = path[-1].saved if path else 0.0
-    raise BadInput(f"the target size needs {bytes_to_save / 1e6:.2f} MB less, but removing all but one unit "
-                   f"of every group saves {most / 1e6:.2f} MB")
+def path_to_size(path: list[Move], bytes_to_save: float, saved_after: Callable[[int], float]) -> int:
+    """The fewest moves whose exact saving `saved_after(moves)` reaches `bytes_to_save` (the moves' own
+    per-unit estimate double-counts a matrix cut by two groups, so only the ordering comes from it)."""
+    low, high = 0, len(path)
+    if saved_after(high) < bytes_to_save:
+        raise BadInput(f"the target size needs {bytes_to_save / 1e6:.3f} MB less, but removing all but one unit "
+                       f"of every group saves {saved_after(high) / 1e6:.3f} MB")
+    while high - low > 1:  # saved_after grows along the path
+        mid = (low + high) // 2
+        if saved_after(mid) >= bytes_to_save:
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def widest_within(moves: int, error_of: Callable[[int], float], max_error: float, evaluations: int = 9) -> int:

@@ -26,7 +26,7 @@ from symshrink.passes.recombine import recombine
 from symshrink.passes.selectors import Reduction, Selector, UnitProblem, magnitude, refit, select
 from symshrink.passes.stats import UnitStats, unfold_channels
 
-__all__ = ["MomentReductionPass", "SELECTORS", "ConsumerLayout", "consumer_layout", "unit_problem"]
+__all__ = ["MomentReductionPass", "SELECTORS", "ConsumerLayout", "consumer_layout", "unit_problem", "bytes_saved"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,21 @@ def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | Non
     homogeneous = group.kind in ("ffn", "conv") and set(group.ops) <= _HOMOGENEOUS_OPS and "Relu" in group.ops
     return UnitProblem(out_weight, block=out_weight.shape[0] // group.width, stats=stats, unit_params=unit_params,
                        intercept=_bias_input(consumer) is not None, homogeneous=homogeneous, ridge=ridge, seed=seed)
+
+
+def bytes_saved(groups: list[Group], widths: dict[str, int], nodes: dict[str, ir.Node]) -> float:
+    """Weight bytes that these widths remove. A tensor cut by two groups (the middle matrix of a
+    three-layer MLP) keeps the product of both kept fractions."""
+    kept_fraction: dict[tuple[str, int], float] = {}
+    for group in groups:
+        for cut in group.producers + group.passthrough + group.consumers:
+            key = (cut.node, cut.input_index)
+            kept_fraction[key] = kept_fraction.get(key, 1.0) * widths.get(group.name, group.width) / group.width
+    saved = 0.0
+    for (node, index), fraction in kept_fraction.items():
+        tensor = constant_array(nodes[node].inputs[index])
+        saved += tensor.nbytes * (1.0 - fraction)
+    return saved
 
 
 def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, label: str) -> None:

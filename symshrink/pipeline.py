@@ -21,7 +21,7 @@ from symshrink.errors import BadInput, OutsideTolerance
 from symshrink.modelio import load_model, model_bytes_on_disk, save_model
 from symshrink.passes import budget
 from symshrink.passes.analysis import Group, analyse
-from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, consumer_layout, unit_problem
+from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
 from symshrink.passes.plan import Plan, make_plan, rewritable
 from symshrink.passes.selectors import UnitProblem
 from symshrink.passes.stats import UnitStats, subsample_rows
@@ -99,8 +99,8 @@ def _calibrate(model: ir.Model, groups: list[Group], layouts: dict[str, Consumer
     return stats
 
 
-def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, UnitProblem], before: int,
-          error_of: Callable[[dict[str, int]], float]) -> Plan:
+def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, UnitProblem], nodes: dict[str, ir.Node],
+          before: int, error_of: Callable[[dict[str, int]], float]) -> Plan:
     """Widths from the rule or the budget the options name."""
     full = {g.name: g.width for g in groups}
     budgeted = options.target_size is not None or (
@@ -115,7 +115,8 @@ def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, Uni
         unit_bytes = {g.name: g.params / g.width * problems[g.name].out_weight.dtype.itemsize for g in groups}
         path = budget.allocation_path(curves, unit_bytes)
         if options.target_size is not None:
-            moves = budget.path_to_size(path, before - budget.parse_size(options.target_size, before))
+            moves = budget.path_to_size(path, before - budget.parse_size(options.target_size, before),
+                                        lambda m: bytes_saved(groups, budget.widths_after(full, path, m), nodes))
         else:
             moves = budget.widest_within(len(path), lambda m: error_of(budget.widths_after(full, path, m)),
                                          options.max_error)
@@ -155,7 +156,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
         return max(d.rel_l2 for d in diffs)
 
     if not options.plan:
-        plan = _plan(options, candidates, problems, before, error_of)
+        plan = _plan(options, candidates, problems, nodes, before, error_of)
     compressed, diffs = rewrite(plan)
     report = CompressReport(str(path), str(output), plan, diffs, before, holdout_feeds=len(holdout),
                             skipped=[g for g in groups if not g.ok])

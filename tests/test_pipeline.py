@@ -115,3 +115,49 @@ def test_recorded_shapes_of_every_group_tensor_follow_the_new_width(tmp_path, ml
     compress(str(path), out, CompressOptions(keep=0.5, calib=str(mlp_calib), progress=False))
     onnx.checker.check_model(onnx.load(out), full_check=True)
     make_session(out)
+
+
+def _two_layer(tmp_path):
+    """x -> 256 ReLU units -> 256 ReLU units -> 4 outputs: two FFN groups of 256."""
+    rng = np.random.default_rng(0)
+    arrays = {"W1": rng.standard_normal((8, 256)) / 3, "b1": rng.standard_normal(256) * 0.1,
+              "W2": rng.standard_normal((256, 256)) / 16, "b2": rng.standard_normal(256) * 0.1,
+              "W3": rng.standard_normal((256, 4)) / 16, "b3": rng.standard_normal(4)}
+    nodes = [onnx.helper.make_node("MatMul", ["x", "W1"], ["a"]), onnx.helper.make_node("Add", ["a", "b1"], ["a1"]),
+             onnx.helper.make_node("Relu", ["a1"], ["h1"]), onnx.helper.make_node("MatMul", ["h1", "W2"], ["c"]),
+             onnx.helper.make_node("Add", ["c", "b2"], ["c1"]), onnx.helper.make_node("Relu", ["c1"], ["h2"]),
+             onnx.helper.make_node("MatMul", ["h2", "W3"], ["e"]), onnx.helper.make_node("Add", ["e", "b3"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "mlp2", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4])],
+                                   [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()])
+    path = tmp_path / "mlp2.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_target_size_is_reached_by_a_global_allocation(tmp_path, mlp_calib):
+    path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
+    report = compress(str(path), out, CompressOptions(target_size="0.5", calib=str(mlp_calib), progress=False))
+    assert report.bytes_after <= 0.5 * report.bytes_before * 1.01  # protobuf framing is not counted by the planner
+    widths = [len(g.kept) for g in report.plan.groups]
+    assert widths != [widths[0]] * len(widths) or widths[0] < 256  # the allocator chose the widths
+
+
+def test_max_error_alone_is_a_budget_and_a_gate(tmp_path, mlp_calib):
+    path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
+    report = compress(str(path), out, CompressOptions(max_error=0.05, calib=str(mlp_calib), progress=False))
+    assert max(d.rel_l2 for d in report.diffs) <= 0.05
+    assert report.bytes_after < 0.9 * report.bytes_before  # the budget buys a real reduction
+    assert any(len(g.kept) < g.width for g in report.plan.groups)
+
+
+def test_width_rule_sqrt(tmp_path, mlp_calib):
+    path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
+    report = compress(str(path), out, CompressOptions(width_rule="sqrt:2", calib=str(mlp_calib), progress=False))
+    assert [g.keep_width for g in report.plan.groups] == [32, 32]  # ceil(2 sqrt 256)
+
+
+def test_unreachable_target_size_is_bad_input_and_writes_nothing(tmp_path, mlp_calib):
+    path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
+    code = main(["compress", str(path), "-o", str(out), "--target-size", "0.01", "--calib", str(mlp_calib), "-q"])
+    assert code == 2 and not out.exists()

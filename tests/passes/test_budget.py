@@ -1,0 +1,73 @@
+"""The width rules and the greedy global allocator (pure functions, no graphs)."""
+
+import numpy as np
+import pytest
+
+from symshrink.errors import BadInput
+from symshrink.passes.budget import (
+    allocation_path,
+    parse_size,
+    parse_width_rule,
+    path_to_size,
+    rule_widths,
+    widest_within,
+    widths_after,
+)
+
+
+def test_width_rules():
+    full = {"a": 1536, "b": 12}
+    assert rule_widths(full, keep=0.5) == {"a": 768, "b": 6}
+    assert rule_widths(full, width=64) == {"a": 64, "b": 12}
+    assert rule_widths(full, sqrt_c=parse_width_rule("sqrt:16")) == {"a": 628, "b": 12}  # ceil(16 sqrt 1536) = 628
+    with pytest.raises(BadInput):
+        rule_widths(full, keep=0.5, width=3)
+    with pytest.raises(BadInput):
+        parse_width_rule("log:2")
+
+
+def test_sizes_parse_as_bytes_or_fractions():
+    assert parse_size("0.6", 1000) == 600
+    assert parse_size("30MB", 10**8) == 30_000_000
+    assert parse_size("512kB", 10**6) == 512_000
+    with pytest.raises(BadInput):
+        parse_size("2GB", 10**6)  # not a reduction
+    with pytest.raises(BadInput):
+        parse_size("half", 10**6)
+
+
+def _curve(width, decay):
+    """Relative error at widths 0..width: exp(-decay * k), zero at full width."""
+    k = np.arange(width + 1)
+    return np.where(k == width, 0.0, np.exp(-decay * k))
+
+
+def test_allocator_takes_cheap_units_first():
+    # group "easy" loses little error per unit removed, group "hard" a lot: "easy" shrinks first
+    curves = {"easy": _curve(128, 0.2), "hard": _curve(128, 0.01)}
+    path = allocation_path(curves, {"easy": 4.0, "hard": 4.0})
+    first = widths_after({"easy": 128, "hard": 128}, path, len(path) // 4)
+    assert first["easy"] < first["hard"] == 128
+    assert [m.saved for m in path] == sorted(m.saved for m in path)
+    assert widths_after({"easy": 128, "hard": 128}, path, len(path)) == {"easy": 1, "hard": 1}
+
+
+def test_allocator_weighs_bytes_saved():
+    # same error curves, but a unit of "big" is worth 10x the bytes: "big" shrinks first
+    curves = {"big": _curve(64, 0.05), "small": _curve(64, 0.05)}
+    path = allocation_path(curves, {"big": 40.0, "small": 4.0})
+    assert path[0].group == "big"
+
+
+def test_path_cut_at_a_size_and_at_an_error():
+    curves = {"a": _curve(64, 0.05), "b": _curve(64, 0.1)}
+    path = allocation_path(curves, {"a": 8.0, "b": 8.0})
+    saved = [0.0] + [m.saved for m in path]
+    moves = path_to_size(path, 200.0, lambda m: saved[m])
+    assert saved[moves] >= 200.0 > saved[moves - 1]
+    with pytest.raises(BadInput, match="saves"):
+        path_to_size(path, 10_000.0, lambda m: saved[m])
+    # a verified error that grows with the number of moves: bisection finds the last one within budget
+    assert widest_within(100, lambda m: m / 100, 0.37) == 37
+    assert widest_within(100, lambda m: m / 100, 2.0) == 100
+    assert widest_within(100, lambda m: 1.0 if m else 0.0, 0.5) == 0
