@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+from tqdm import tqdm
 
 from symshrink.passes.analysis import Group
 from symshrink.passes.fold import fold
@@ -169,16 +170,18 @@ class MomentReductionPass(InPlacePass):
     """Rewrite each planned group to its planned width with the plan's selector. `problems[group]` holds
     the group's `UnitProblem`. Fills each group plan's `kept` and `relative_error`."""
 
-    def __init__(self, plan: Plan, groups: list[Group], problems: dict[str, UnitProblem]):
+    def __init__(self, plan: Plan, groups: list[Group], problems: dict[str, UnitProblem], progress: bool = False):
         super().__init__()
         self.plan = plan
         self.groups = {g.name: g for g in groups}
         self.problems = problems
+        self.progress = progress
 
     def call(self, model: ir.Model) -> PassResult:
         nodes = {node.name: node for node in model.graph}
         modified = False
-        for planned in self.plan.groups:
+        for planned in tqdm(self.plan.groups, desc=f"rewriting ({self.plan.selector})", unit="group",
+                            disable=not self.progress, leave=False):
             modified |= self._rewrite(model.graph, nodes, self.groups[planned.group], planned)
         if modified:
             # the replaced full-width weights are now unread: drop them from the file

@@ -111,7 +111,8 @@ def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, Uni
     else:
         if options.keep is not None or options.width is not None or options.width_rule is not None:
             raise BadInput("--target-size is a budget of its own: give it without --keep, --width or --width-rule")
-        curves = {g.name: problems[g.name].curve.relative_error for g in groups}
+        curves = {g.name: problems[g.name].curve.relative_error
+                  for g in tqdm(groups, desc="error curves", unit="group", disable=not options.progress, leave=False)}
         unit_bytes = {g.name: g.params / g.width * problems[g.name].out_weight.dtype.itemsize for g in groups}
         path = budget.allocation_path(curves, unit_bytes)
         if options.target_size is not None:
@@ -146,14 +147,17 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
     problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
     expected = run_all(reference, holdout)
 
-    def rewrite(plan: Plan) -> tuple[ir.Model, list[OutputDiff]]:
+    def rewrite(plan: Plan, progress: bool = options.progress) -> tuple[ir.Model, list[OutputDiff]]:
         target = ir.from_proto(ir.to_proto(model))  # the pass works in place: keep the loaded model intact
-        MomentReductionPass(plan, groups, problems)(target)
+        MomentReductionPass(plan, groups, problems, progress)(target)
         return target, compare_outputs(expected, run_all(session_for_model(target, options.threads), holdout))
 
     def error_of(widths: dict[str, int]) -> float:
-        _, diffs = rewrite(make_plan(candidates, widths, options.method, options.selector, options.ridge))
-        return max(d.rel_l2 for d in diffs)
+        _, diffs = rewrite(make_plan(candidates, widths, options.method, options.selector, options.ridge), progress=False)
+        error = max(d.rel_l2 for d in diffs)
+        if options.progress:
+            tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
+        return error
 
     if not options.plan:
         plan = _plan(options, candidates, problems, nodes, before, error_of)
