@@ -159,5 +159,5 @@ def test_width_rule_sqrt(tmp_path, mlp_calib):
 
 def test_unreachable_target_size_is_bad_input_and_writes_nothing(tmp_path, mlp_calib):
     path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
-    code = main(["compress", str(path), "-o", str(out), "--target-size", "0.01", "--calib", str(mlp_calib), "-q"])
+    code = main(["compress", str(path), "-o", str(out), "--target-size", "100B", "--calib", str(mlp_calib), "-q"])
     assert code == 2 and not out.exists()
