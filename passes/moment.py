@@ -105,20 +105,23 @@ def _reduce_constant(array: np.ndarray, axis: int, width: int, reduction: Reduct
 
 
 def _bias_input(node: ir.Node) -> tuple[ir.Node, int, float] | None:
-    """Where the consumer's per-output bias lives (node, input index, factor on a change of the output):
-    Gemm C (scaled by alpha / beta) and Conv B, present or to be added, or the Add right after a MatMul."""
-    if node.op_type in ("Gemm", "Conv"):
-        present = len(node.inputs) > 2 and node.inputs[2] is not None
-        if present and constant_array(node.inputs[2]) is None:
-            return None
+    """Where a shift of the consumer's output can go (node, input index, factor on the shift): Gemm C
+    (times alpha / beta), Conv B, the running mean of a BatchNormalization right after a bias-free Conv
+    (x + c - mean = x - (mean - c)), or the constant of the Add right after a MatMul. A new bias is never
+    added: the consumer may be the producer of another group, whose cuts would not know it."""
+    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
         factor = attr(node, "alpha", 1.0) / attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
-        return node, 2, factor
+        return (node, 2, factor) if constant_array(node.inputs[2]) is not None else None
     uses = node.outputs[0].uses()
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
+    if len(uses) != 1:
         return None
-    add, other = uses[0].node, 1 - uses[0].idx
-    bias = constant_array(add.inputs[other])
-    return (add, other, 1.0) if bias is not None and bias.ndim == 1 else None
+    reader, index = uses[0].node, uses[0].idx
+    if node.op_type == "Conv" and reader.op_type == "BatchNormalization" and index == 0:
+        return (reader, 3, -1.0) if constant_array(reader.inputs[3]) is not None else None
+    if node.op_type == "MatMul" and reader.op_type == "Add":
+        bias = constant_array(reader.inputs[1 - index])
+        return (reader, 1 - index, 1.0) if bias is not None and bias.ndim == 1 else None
+    return None
 
 
 def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | None, ridge: float,
@@ -152,8 +155,7 @@ def bytes_saved(groups: list[Group], widths: dict[str, int], nodes: dict[str, ir
 
 def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, label: str) -> None:
     """Give `node` a new initializer as input `index` (other readers of the old value keep it)."""
-    old = node.inputs[index] if index < len(node.inputs) else None
-    base = name = f"{(old.name if old is not None else None) or node.name}.{label}"
+    base = name = f"{node.inputs[index].name or node.name}.{label}"
     copies = 0
     while name in graph.initializers:  # a constant shared by several nodes gets one copy per node
         copies += 1
@@ -161,8 +163,6 @@ def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph,
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
-    if index >= len(node.inputs):
-        node.resize_inputs(index + 1)
     node.replace_input_with(index, value)
 
 
@@ -179,8 +179,12 @@ class MomentReductionPass(InPlacePass):
 
     def call(self, model: ir.Model) -> PassResult:
         nodes = {node.name: node for node in model.graph}
+        position = {name: index for index, name in enumerate(nodes)}
+        # upstream first: a consumer's refit (rows of its weight, computed from the original) must come
+        # before a downstream group slices the same weight's outputs
+        ordered = sorted(self.plan.groups, key=lambda p: position[self.groups[p.group].producers[0].node])
         modified = False
-        for planned in tqdm(self.plan.groups, desc=f"rewriting ({self.plan.selector})", unit="group",
+        for planned in tqdm(ordered, desc=f"rewriting ({self.plan.selector})", unit="group",
                             disable=not self.progress, leave=False):
             modified |= self._rewrite(model.graph, nodes, self.groups[planned.group], planned)
         if modified:
@@ -217,9 +221,8 @@ class MomentReductionPass(InPlacePass):
         if bias is not None and np.any(reduction.bias_delta):
             node, index, factor = bias
             delta = reduction.bias_delta * factor
-            old = constant_array(node.inputs[index]) if index < len(node.inputs) else None
-            new = delta if old is None else old + delta.reshape(old.shape)
-            _set_constant(node, index, new.astype(original.dtype), graph, label)
+            old = constant_array(node.inputs[index])
+            _set_constant(node, index, (old + delta.reshape(old.shape)).astype(old.dtype), graph, label)
         for entry in group.shapes:
             node = nodes[entry.node]
             shape = constant_array(node.inputs[entry.input_index]).copy()

@@ -170,3 +170,27 @@ def test_heads_under_every_data_aware_selector_stay_close(tmp_path, selector):
     out, report, _ = _compress(tmp_path, path, calib, keep=0.75, selector=selector)
     feeds = [{"x": np.random.default_rng(2).standard_normal((8, 5, 16)).astype(np.float32)}]
     assert_outputs_close(path, out, feeds, max_rel_error={"select": 1e-4, "recombine": 0.3, "magnitude": 0.6}[selector])
+
+
+def test_a_weight_that_is_one_group_s_consumer_and_the_next_one_s_producer(tmp_path):
+    # conv1 -> BN -> Relu -> conv2 (no bias; the shift of its refit goes into the next BN's mean) -> BN
+    # -> Relu -> conv3: conv2's rows are refitted for group 1 and its outputs sliced for group 2
+    rng = np.random.default_rng(0)
+    arrays = {"W1": _dup(rng.standard_normal((8, 3, 1, 1)), 0, 8),
+              "W2": _dup(_dup(rng.standard_normal((12, 8, 1, 1)), 0, 12), 1, 8), "W3": rng.standard_normal((4, 12, 1, 1))}
+    for name, width in (("1", 8), ("2", 12)):
+        arrays |= {f"g{name}": _dup(rng.uniform(0.5, 2, width), 0, width), f"s{name}": _dup(rng.standard_normal(width), 0, width),
+                   f"m{name}": _dup(rng.standard_normal(width), 0, width), f"v{name}": _dup(rng.uniform(0.5, 2, width), 0, width)}
+    nodes = []
+    for name, source in (("1", "x"), ("2", "r1")):
+        nodes += [helper.make_node("Conv", [source, f"W{name}"], [f"c{name}"], name=f"conv{name}"),
+                  helper.make_node("BatchNormalization", [f"c{name}", f"g{name}", f"s{name}", f"m{name}", f"v{name}"],
+                                   [f"b{name}"], name=f"bn{name}"),
+                  helper.make_node("Relu", [f"b{name}"], [f"r{name}"], name=f"act{name}")]
+    nodes.append(helper.make_node("Conv", ["r2", "W3"], ["y"], name="conv3"))
+    path, calib = _save(tmp_path, nodes, arrays, [3, 6, 6], [4, 6, 6], 64)
+    out, report, shapes = _compress(tmp_path, path, calib, keep=0.5)
+    assert [len(g.kept) for g in report.plan.groups] == [4, 6]
+    assert (6, 4, 1, 1) in shapes.values()  # conv2: 6 of 12 outputs, 4 of 8 inputs
+    assert_outputs_close(path, out, [{"x": np.random.default_rng(2).standard_normal((4, 3, 6, 6)).astype(np.float32)}],
+                         max_rel_error=1e-4)
