@@ -161,3 +161,13 @@ def test_unreachable_target_size_is_bad_input_and_writes_nothing(tmp_path, mlp_c
     path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
     code = main(["compress", str(path), "-o", str(out), "--target-size", "100B", "--calib", str(mlp_calib), "-q"])
     assert code == 2 and not out.exists()
+
+
+def test_ppocr_cls_conv_groups_are_rewritten(tmp_path):
+    # a real conv net (PP-OCR's direction classifier): conv -> BatchNorm -> hard-swish / depthwise chains
+    out = tmp_path / "cls.onnx"
+    report = compress("ppocr-cls", out, CompressOptions(keep=0.75, progress=False))
+    assert [(g.kind, len(g.kept) < g.width) for g in report.plan.groups] == [("conv", True)] * 4
+    # measured: rel. L2 0.073, cosine 0.997 on the 14 held-out feeds
+    assert max(d.rel_l2 for d in report.diffs) < 0.15
+    onnx.checker.check_model(str(out), full_check=True)
