@@ -53,6 +53,12 @@ class UnitProblem:
     def curve(self) -> Curve:
         return error_curve(self)
 
+    @cached_property
+    def output_energy(self) -> float:
+        """E||y||^2 per row, y = h W (uncentred: errors are relative to the output itself)."""
+        w = self.out_weight.astype(np.float64)
+        return float(np.einsum("ij,ij->", w, self.stats.second_moment @ w))
+
 
 @dataclass(frozen=True)
 class Reduction:
@@ -87,12 +93,6 @@ def unit_columns(units: np.ndarray, block: int) -> np.ndarray:
     return (np.asarray(units)[:, None] * block + np.arange(block)[None, :]).reshape(-1)
 
 
-def _total_energy(problem: UnitProblem) -> float:
-    """E||y||^2 with y = h W (uncentred: the error is relative to the output itself)."""
-    w = problem.out_weight.astype(np.float64)
-    return float(np.einsum("ij,ij->", w, problem.stats.second_moment @ w))
-
-
 def error_curve(problem: UnitProblem, tolerance: float = 1e-12) -> Curve:
     """Greedy pivoted Cholesky of the moment matrix A: at each step the unit whose columns keep the most
     output energy sum_c residual_c ||W_c||^2. This is column-pivoted QR of H diag(||W_c||), done on
@@ -104,7 +104,7 @@ def error_curve(problem: UnitProblem, tolerance: float = 1e-12) -> Curve:
         order, captured = _pivoted_cholesky_lapack(a, w)
     else:
         order, captured = _pivoted_cholesky_blocks(a, w, problem.block, tolerance)
-    total = _total_energy(problem)
+    total = problem.output_energy
     centred_total = float(np.einsum("ij,ij->", w, a @ w))
     remaining = np.maximum(centred_total - np.concatenate([[0.0], np.cumsum(captured)]), 0.0)
     return Curve(order, np.minimum.accumulate(np.sqrt(remaining / max(total, 1e-300))))
@@ -166,7 +166,7 @@ def subset_error(problem: UnitProblem, kept: np.ndarray, weight: np.ndarray, bia
     cov = stats.covariance
     centred = float(np.einsum("ij,ij->", coeff, cov @ coeff))
     mean_residual = stats.mean @ coeff - bias_delta.astype(np.float64)
-    return float(np.sqrt(max(centred + mean_residual @ mean_residual, 0.0) / max(_total_energy(problem), 1e-300)))
+    return float(np.sqrt(max(centred + mean_residual @ mean_residual, 0.0) / max(problem.output_energy, 1e-300)))
 
 
 def refit(problem: UnitProblem, kept: np.ndarray) -> Reduction:
