@@ -41,6 +41,18 @@ def mlp_model(hidden: int = 32, inputs: int = 8, outputs: int = 4, seed: int = 0
     return model
 
 
+def swiglu_nodes(out: str = "y") -> list[onnx.NodeProto]:
+    """x -> gate (MatMul Wg) -> SiLU (x * sigmoid x) -> * up (MatMul Wu) -> down (MatMul Wd) -> out."""
+    return [
+        helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"),
+        helper.make_node("Sigmoid", ["g"], ["s"], name="sig"),
+        helper.make_node("Mul", ["g", "s"], ["silu"], name="silu"),
+        helper.make_node("MatMul", ["x", "Wu"], ["u"], name="up"),
+        helper.make_node("Mul", ["silu", "u"], ["gu"], name="glu"),
+        helper.make_node("MatMul", ["gu", "Wd"], [out], name="down"),
+    ]
+
+
 @pytest.fixture
 def mlp_path(tmp_path):
     path = tmp_path / "mlp.onnx"

@@ -5,7 +5,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.modelio import load_model
 from symshrink.passes.analysis import analyse
-from tests.conftest import mlp_model
+from tests.conftest import mlp_model, swiglu_nodes
 
 
 def _groups(proto):
@@ -48,15 +48,7 @@ def test_swiglu_and_silu_form_one_group_with_two_producers():
     rng = np.random.default_rng(0)
     arrays = {"Wg": rng.standard_normal((8, 24)).astype(np.float32), "Wu": rng.standard_normal((8, 24)).astype(np.float32),
               "Wd": rng.standard_normal((24, 8)).astype(np.float32)}
-    nodes = [
-        helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"),
-        helper.make_node("Sigmoid", ["g"], ["s"], name="sig"),
-        helper.make_node("Mul", ["g", "s"], ["silu"], name="silu"),
-        helper.make_node("MatMul", ["x", "Wu"], ["u"], name="up"),
-        helper.make_node("Mul", ["silu", "u"], ["gu"], name="glu"),
-        helper.make_node("MatMul", ["gu", "Wd"], ["y"], name="down"),
-    ]
-    (group,) = _usable(_groups(_graph(nodes, arrays, outputs=8)))
+    (group,) = _usable(_groups(_graph(swiglu_nodes(), arrays, outputs=8)))
     assert group.kind == "swiglu" and group.width == 24
     assert {c.node for c in group.producers} == {"gate", "up"}
 

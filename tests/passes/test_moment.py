@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.pipeline import CompressOptions, compress
 from symshrink.testing import assert_outputs_close
+from tests.conftest import swiglu_nodes
 
 SELECTORS_EXACT_ON_DUPLICATES = ["select", "fold"]
 
@@ -46,15 +47,7 @@ def _swiglu(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"Wg": _dup(rng.standard_normal((8, 24)), 1, 24), "Wu": _dup(rng.standard_normal((8, 24)), 1, 24),
               "Wd": rng.standard_normal((24, 8)) / 5, "bd": rng.standard_normal(8)}
-    nodes = [
-        helper.make_node("MatMul", ["x", "Wg"], ["g"], name="gate"),
-        helper.make_node("Sigmoid", ["g"], ["s"], name="sig"),
-        helper.make_node("Mul", ["g", "s"], ["silu"], name="silu"),
-        helper.make_node("MatMul", ["x", "Wu"], ["u"], name="up"),
-        helper.make_node("Mul", ["silu", "u"], ["gu"], name="glu"),
-        helper.make_node("MatMul", ["gu", "Wd"], ["d"], name="down"),
-        helper.make_node("Add", ["d", "bd"], ["y"], name="down_bias"),
-    ]
+    nodes = [*swiglu_nodes(out="d"), helper.make_node("Add", ["d", "bd"], ["y"], name="down_bias")]
     return _save(tmp_path, nodes, arrays, [8], [8], 512)
 
 
