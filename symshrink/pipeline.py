@@ -143,12 +143,14 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
     candidates = [g for g in candidates if not isinstance(layouts[g.name], str)]
     feeds = _calibration(options, model_spec, input_specs(reference))
     fit_feeds, holdout = split_holdout(feeds)
+    expected = run_all(reference, holdout)
+    del reference  # its weights and arenas are not needed again: keep peak memory down
     stats = _calibrate(model, candidates, layouts, fit_feeds, options)
     problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
-    expected = run_all(reference, holdout)
 
-    def rewrite(plan: Plan, progress: bool = options.progress) -> tuple[ir.Model, list[OutputDiff]]:
-        target = ir.from_proto(ir.to_proto(model))  # the pass works in place: keep the loaded model intact
+    def rewrite(plan: Plan, progress: bool = options.progress, last: bool = False) -> tuple[ir.Model, list[OutputDiff]]:
+        # the pass works in place: trial rewrites of the budget search work on copies of the loaded model
+        target = model if last else ir.from_proto(ir.to_proto(model))
         MomentReductionPass(plan, groups, problems, progress)(target)
         return target, compare_outputs(expected, run_all(session_for_model(target, options.threads), holdout))
 
@@ -161,7 +163,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
 
     if not options.plan:
         plan = _plan(options, candidates, problems, nodes, before, error_of)
-    compressed, diffs = rewrite(plan)
+    compressed, diffs = rewrite(plan, last=True)
     report = CompressReport(str(path), str(output), plan, diffs, before, holdout_feeds=len(holdout),
                             skipped=[g for g in groups if not g.ok])
     failures = gate_failures(diffs, options.max_error, options.min_cosine)
