@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.graph import constant_array, constant_tensor, is_constant, node_label
+from symshrink.passes.graph import attr, constant_array, constant_tensor, is_constant, node_label
 from symshrink.passes.handlers import CONSUMERS, PASSTHROUGH, PRODUCERS, Cut, Fit, ShapeEntry
 
 __all__ = ["Group", "analyse", "find_unit_groups", "find_attention_groups"]
@@ -274,41 +274,64 @@ def _is_scalar(value: ir.Value) -> bool:
     return index is not None and index.ndim == 0
 
 
-def _shape_entry(reshape: ir.Node, from_end: int, width: int) -> ShapeEntry | str | None:
-    """The constant behind entry `from_end` of a Reshape's target shape, as a ShapeEntry when it counts
-    `width` units; None when the entry is inferred at run time (-1) and needs no change."""
+def _shape_parts(reshape: ir.Node) -> list[tuple[str, int, int, int | None]] | str:
+    """Each entry of a Reshape's target shape as (node, input index, flat position, constant value or
+    None for a run-time dimension), for a constant shape or a Concat of constants and scalar dims."""
     shape = reshape.inputs[1]
     array = constant_array(shape)
     if array is not None:
-        owner, index, position = reshape.name, 1, array.size + from_end
-    else:
-        node = shape.producer()
-        if node is None or node.op_type != "Concat":
-            return f"the shape of {node_label(reshape)} is not a constant or a Concat"
-        lengths = []
-        for part in node.inputs:
-            part_array = constant_array(part)
-            producer = part.producer()
-            if part_array is not None:
-                lengths.append(part_array.size)
-            elif producer is not None and producer.op_type == "Unsqueeze" and _is_scalar(producer.inputs[0]):
-                lengths.append(1)
-            else:
-                return f"the shape of {node_label(reshape)} has parts of unknown length"
-        position = sum(lengths) + from_end
-        for index, length in enumerate(lengths):  # noqa: B007 (index is used after the loop)
-            if position < length:
-                break
-            position -= length
-        owner, array = node.name, constant_array(node.inputs[index])
-        if array is None:
-            return None  # a run-time dimension: nothing to rewrite
-    value = int(array.reshape(-1)[position])
-    if value == -1:
+        return [(reshape.name, 1, i, int(v)) for i, v in enumerate(array.reshape(-1))]
+    node = shape.producer()
+    if node is None or node.op_type != "Concat":
+        return f"the shape of {node_label(reshape)} is not a constant or a Concat"
+    parts = []
+    for index, part in enumerate(node.inputs):
+        part_array = constant_array(part)
+        producer = part.producer()
+        if part_array is not None:
+            parts += [(node.name, index, i, int(v)) for i, v in enumerate(part_array.reshape(-1))]
+        elif producer is not None and producer.op_type == "Unsqueeze" and _is_scalar(producer.inputs[0]):
+            parts.append((node.name, index, 0, None))
+        else:
+            return f"the shape of {node_label(reshape)} has parts of unknown length"
+    return parts
+
+
+def _shape_entry(reshape: ir.Node, axis: int, width: int, parts=None) -> ShapeEntry | str | None:
+    """The constant behind entry `axis` of a Reshape's target shape, as a ShapeEntry when it counts
+    `width` units; None when the entry is a run-time dimension or -1 and needs no change."""
+    parts = _shape_parts(reshape) if parts is None else parts
+    if isinstance(parts, str):
+        return parts
+    owner, index, position, value = parts[axis]
+    if value is None or value == -1:
         return None
     if value <= 0 or value % width:
         return f"entry {value} of the shape of {node_label(reshape)} does not count the {width} heads"
     return ShapeEntry(owner, index, position, value // width)
+
+
+def _merge_shapes(context: ir.Node, wo: ir.Node, heads: int) -> list[ShapeEntry | str | None]:
+    """Shape entries on the way from the per-head context [.., heads, seq, head_dim] to the output
+    projection. The head axis is followed through Transposes; a Reshape that keeps the rank keeps it
+    where it was, one that merges puts heads * head_dim last."""
+    entries: list[ShapeEntry | str | None] = []
+    value, axis, rank = context.outputs[0], -3, 4
+    while (node := next(u.node for u in value.uses() if u.node.op_type != "Shape")) is not wo:
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm", None)
+            perm = list(perm) if perm is not None else list(range(rank))[::-1]  # ONNX default: reverse the axes
+            axis = perm.index(axis % rank) - rank
+        elif node.op_type == "Reshape":
+            parts = _shape_parts(node)
+            if isinstance(parts, str):
+                return [parts]
+            merged = len(parts) < rank
+            rank = len(parts)
+            axis = -1 if merged else axis
+            entries.append(_shape_entry(node, axis, heads, parts))
+        value = node.outputs[0]
+    return entries
 
 
 def _forward_region(starts: list[ir.Node], stop: ir.Node, limit: int = 400) -> list[str]:
@@ -344,6 +367,21 @@ def _output_projection(value: ir.Value, limit: int = 8) -> ir.Node | None:
     return None
 
 
+def _context_matmul(softmax: ir.Node, limit: int = 4) -> ir.Node | None:
+    """The MatMul of the attention weights with V, past a NaN guard (IsNaN/Where) or a Cast."""
+    value = softmax.outputs[0]
+    for _ in range(limit):
+        uses = value.uses()
+        matmul = next((u.node for u in uses if u.node.op_type == "MatMul" and u.idx == 0), None)
+        if matmul is not None:
+            return matmul
+        passing = [u.node for u in uses if u.node.op_type in ("Where", "Cast", "Identity", "Dropout")]
+        if len(passing) != 1:
+            return None
+        value = passing[0].outputs[0]
+    return None
+
+
 def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | None:
     scores_node = None
     frontier = [softmax.inputs[0]]
@@ -356,8 +394,7 @@ def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | Non
             break
         if node.op_type in ("Add", "Mul", "Div", "Sub", "Where", "Cast"):
             frontier.extend(v for v in node.inputs if v is not None and not is_constant(v))
-    uses = softmax.outputs[0].uses()
-    context = next((u.node for u in uses if u.node.op_type == "MatMul" and u.idx == 0), None)
+    context = _context_matmul(softmax)
     if scores_node is None or context is None:
         return None
     q, q_path = _projection_behind(scores_node.inputs[0])
@@ -388,11 +425,7 @@ def _attention_group(softmax: ir.Node, nodes: dict[str, ir.Node]) -> Group | Non
             if node.op_type == "Reshape":
                 shapes.append(_shape_entry(node, -2, heads))
     if wo is not None:
-        value = context.outputs[0]
-        while value.uses() and (node := value.uses()[0].node) is not wo:
-            if node.op_type == "Reshape":
-                shapes.append(_shape_entry(node, -1, heads))
-            value = node.outputs[0]
+        shapes += _merge_shapes(context, wo, heads)
     problems = [entry for entry in shapes if isinstance(entry, str)]
     reason = reason or (problems[0] if problems else "")
     return Group(

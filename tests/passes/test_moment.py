@@ -93,9 +93,11 @@ def test_conv_channels_through_batchnorm_and_depthwise_into_a_kxk_consumer(tmp_p
                          max_rel_error=1e-4)
 
 
-def _attention(tmp_path, heads=4, head_dim=4, seq=5):
+def _attention(tmp_path, heads=4, head_dim=4, seq=5, sdpa=False):
     """Multi-head self-attention as torch exports it: Q/K/V projections with biases, a constant head split,
-    scaled scores, softmax, context, head merge and the output projection. Head 3 copies head 1."""
+    scaled scores, softmax, context, head merge and the output projection. Head 3 copies head 1.
+    `sdpa`: as newer torch exports scaled_dot_product_attention: a NaN guard after the softmax and a
+    rank-keeping Reshape of the context (with the head count) before the merge."""
     rng = np.random.default_rng(0)
     width = heads * head_dim
 
@@ -122,7 +124,20 @@ def _attention(tmp_path, heads=4, head_dim=4, seq=5):
         helper.make_node("MatMul", ["q", "k"], ["s0"], name="scores"),
         helper.make_node("Div", ["s0", "scale"], ["s1"], name="scaled"),
         helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["c0"], name="context"),
+    ]
+    if sdpa:
+        view = numpy_helper.from_array(np.array([0, heads, -1, head_dim], np.int64), "view")
+        nodes += [
+            helper.make_node("IsNaN", ["p"], ["nan"], name="isnan"),
+            helper.make_node("Where", ["nan", "zero", "p"], ["pg"], name="guard"),
+            helper.make_node("MatMul", ["pg", "v"], ["cv"], name="context"),
+            helper.make_node("Constant", [], ["view"], value=view),
+            helper.make_node("Reshape", ["cv", "view"], ["c0"], name="c_view"),
+        ]
+        arrays["zero"] = np.zeros(1)
+    else:
+        nodes.append(helper.make_node("MatMul", ["p", "v"], ["c0"], name="context"))
+    nodes += [
         helper.make_node("Transpose", ["c0"], ["c1"], name="c_t", perm=[0, 2, 1, 3]),
         helper.make_node("Reshape", ["c1", "merge"], ["c2"], name="c_merge"),
         helper.make_node("MatMul", ["c2", "Wo"], ["o0"], name="o_proj"),
@@ -131,8 +146,9 @@ def _attention(tmp_path, heads=4, head_dim=4, seq=5):
     return _save(tmp_path, nodes, arrays, [seq, width], [seq, width], 128)
 
 
-def test_attention_heads_are_removed_with_their_projections_and_head_count(tmp_path):
-    path, calib = _attention(tmp_path)
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_attention_heads_are_removed_with_their_projections_and_head_count(tmp_path, sdpa):
+    path, calib = _attention(tmp_path, sdpa=sdpa)
     out, report, shapes = _compress(tmp_path, path, calib, keep=0.75)
     (planned,) = report.plan.groups
     assert planned.kind == "heads" and len(planned.kept) == 3
@@ -143,6 +159,9 @@ def test_attention_heads_are_removed_with_their_projections_and_head_count(tmp_p
     assert shapes["split.select3"] == (4,) and shapes["merge.select3"] == (3,)
     split = next(i for i in onnx.load(out).graph.initializer if i.name == "split.select3")
     assert numpy_helper.to_array(split).tolist() == [0, 0, 3, 4]
+    if sdpa:
+        view = next(i for i in onnx.load(out).graph.initializer if i.name == "view.select3")
+        assert numpy_helper.to_array(view).tolist() == [0, 3, -1, 4]
     assert_outputs_close(path, out, [{"x": np.random.default_rng(2).standard_normal((8, 5, 16)).astype(np.float32)}],
                          max_rel_error=1e-4)
 
