@@ -28,6 +28,7 @@ class UnitStats:
     shift: np.ndarray | None = field(default=None, repr=False)
     total: np.ndarray | None = field(default=None, repr=False)
     cross: np.ndarray | None = field(default=None, repr=False)
+    _covariance: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def columns(self) -> int:
@@ -35,6 +36,8 @@ class UnitStats:
 
     def add(self, rows: np.ndarray) -> None:
         flat = rows.reshape(rows.shape[0], -1)
+        if self._covariance is not None:
+            raise ValueError("these moments are final: the covariance has been read")
         if flat.shape[1] != self.columns:
             raise ValueError(f"rows have {flat.shape[1]} columns, expected {self.columns}")
         if flat.shape[0] == 0:
@@ -55,9 +58,14 @@ class UnitStats:
 
     @property
     def covariance(self) -> np.ndarray:
-        """E[(x - mean)(x - mean)^T]."""
-        offset = self.total / self.count
-        return self.cross / self.count - np.outer(offset, offset)
+        """E[(x - mean)(x - mean)^T]. Reading it ends the accumulation: the sum of products is turned into
+        the covariance in place, so a group holds one d*t x d*t matrix, not two."""
+        if self._covariance is None:
+            offset = self.total / self.count
+            self.cross /= self.count
+            self.cross -= np.outer(offset, offset)
+            self._covariance, self.cross = self.cross, None
+        return self._covariance
 
     @property
     def second_moment(self) -> np.ndarray:
