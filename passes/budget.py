@@ -46,6 +46,13 @@ def parse_size(text: str, current_bytes: int) -> int:
     return target
 
 
+def _step(width: int) -> int:
+    """Units per move: about 1/64 of the group, in multiples of 8 for wide groups so that the widths the
+    allocator picks stay multiples of 8 (vectorised GEMM and conv kernels run best on those)."""
+    step = max(1, width // _STEPS_PER_GROUP)
+    return max(8, step // 8 * 8) if width % 8 == 0 and width >= 8 * _STEPS_PER_GROUP else step
+
+
 def rule_widths(widths: dict[str, int], keep: float | None = None, width: int | None = None,
                 sqrt_c: float | None = None) -> dict[str, int]:
     """One rule for every group (full width d given per group): a kept fraction, a fixed width, or
@@ -77,7 +84,7 @@ def allocation_path(curves: dict[str, np.ndarray], unit_bytes: dict[str, float])
     """The greedy sequence of removals from full width down to one unit per group. `curves[g][k]` is
     group g's relative error at width k (k = 0..d), `unit_bytes[g]` the bytes one unit costs."""
     width = {g: len(curve) - 1 for g, curve in curves.items()}
-    step = {g: max(1, d // _STEPS_PER_GROUP) for g, d in width.items()}
+    step = {g: _step(d) for g, d in width.items()}
 
     def candidate(g: str) -> tuple[float, str, int] | None:
         k = width[g]

@@ -71,3 +71,8 @@ def test_path_cut_at_a_size_and_at_an_error():
     assert widest_within(100, lambda m: m / 100, 0.37) == 37
     assert widest_within(100, lambda m: m / 100, 2.0) == 100
     assert widest_within(100, lambda m: 1.0 if m else 0.0, 0.5) == 0
+
+
+def test_wide_groups_move_in_multiples_of_8():
+    path = allocation_path({"wide": _curve(1536, 0.01), "narrow": _curve(24, 0.2)}, {"wide": 4.0, "narrow": 4.0})
+    assert all(m.width % 8 == 0 for m in path if m.group == "wide" and m.width > 1)
