@@ -1,14 +1,21 @@
 """Benchmark symshrink against onnxruntime's own quantizers on zoo models.
 
-    python tools/bench.py --models minilm-l3 fmnist-mlp ppocr-rec --keeps 0.75 0.5 --out docs/benchmarks.md
+    python tools/bench.py --models fmnist-mlp ppocr-rec --selectors select magnitude \
+        --budgets keep0.75 keep0.5 --moment moment-select-size@keep0.5 --merge --out docs/benchmarks.md
 
 For each model, in one process: build every variant into a work folder (fp32, int8 dynamic,
-MatMulNBits 2/4/8-bit, k-quant, symshrink moment reduction per keep), then measure each variant on
-its own: bytes on disk, peak RSS growth of creating a session (fresh subprocess, VmHWM), median
-latency of one representative feed (each variant in its own block after a pause, fp32 in the same
-process), output error vs fp32 on the zoo data set's eval split, and the zoo task metric.
-Writes a markdown report and a JSON file with all raw numbers (same name, .json).
+MatMulNBits 2/4/8-bit, k-quant, symshrink moment reduction per selector and budget), then measure
+each variant on its own: bytes on disk, peak RSS growth of creating a session (fresh subprocess,
+VmHWM), median latency of one representative feed (each variant in its own block after a pause, fp32
+in the same process), output error vs fp32 on the zoo data set's eval split, and the zoo task metric.
+Writes a markdown report, a JSON file with all raw numbers (same name, .json) and one
+rate-distortion plot per model (img/rd-<model>.png beside the report).
 A variant that fails to build or run becomes a row with its one-line error; the run goes on.
+
+symshrink variants are named moment-<selector>-<budget>; the budget is keep<F> (keep the fraction F
+of every group), size<F> (--target-size F: the global allocator picks each group's width for a file of
+F times the input's size) or size@<budget> (a size target equal to the bytes on disk of the same
+selector's <budget> variant, built first in the same run: global vs uniform allocation at equal size).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,6 +47,8 @@ from tqdm import tqdm
 from symshrink.calib import load_feeds
 from symshrink.modelio import model_bytes_on_disk, resolve_model
 from symshrink.models.registry import ZooModel, get_model, get_task
+from symshrink.passes.budget import parse_size
+from symshrink.passes.plan import SELECTOR_KINDS
 from symshrink.runtime.diff import OutputDiff, compare_outputs
 from symshrink.runtime.ort import input_specs, make_session, run_all
 
@@ -51,6 +61,9 @@ BLOCK = 32  # MatMulNBits block size
 ACCURACY_LEVEL = 4  # int8 compute for MatMulNBits (2- and 8-bit are very slow without it)
 ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbits2", "nbits8"]
 OPTIONAL_VARIANTS = ["int8-dynamic-all"]  # quantize_dynamic's defaults (Gather and Conv too)
+MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
+DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
+LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
 NOTES = {
     "fp32": "original",
     "int8-dynamic": "quantize_dynamic, MatMul only, per-channel, reduce_range",
@@ -96,6 +109,21 @@ class Variant:
     error: str | None = None
     build_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def moment_name(text: str) -> str:
+    """Check a symshrink variant name moment-<selector>-<budget> (argparse type); returns it unchanged."""
+    match = MOMENT_NAME.fullmatch(text)
+    if not match or match["selector"] not in SELECTOR_KINDS or not 0 < float(match["f"]) <= 1:
+        raise argparse.ArgumentTypeError(f"not moment-<{'|'.join(SELECTOR_KINDS)}>-<keepF|sizeF|size@keepF>, "
+                                         f"0 < F <= 1: {text!r}")
+    return text
+
+
+def budget_name(text: str) -> str:
+    """Check a budget (keep<F>, size<F> or size@<budget>) by the variant name it makes (argparse type)."""
+    moment_name(f"moment-select-{text}")
+    return text
 
 
 def one_line(err: BaseException) -> str:
@@ -156,16 +184,50 @@ def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False) -> N
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def compress_symshrink(spec: str, entry: ZooModel, out: Path, keep: float, threads: int) -> dict[str, Any]:
+def compress_symshrink(spec: str, entry: ZooModel, out: Path, selector: str, keep: float | None,
+                       target_size: str | None, threads: int) -> dict[str, Any]:
+    """Moment reduction with one selector, to a uniform keep or a global size target; the plan's widths."""
     from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
 
-    options = CompressOptions(keep=keep, calib=entry.calib, progress=False, threads=threads)
+    options = CompressOptions(selector=selector, keep=keep, target_size=target_size, calib=entry.calib,
+                              progress=False, threads=threads)
     report = compress(spec, out, options)
+    widths = [{"group": g.group, "kind": g.kind, "width": g.width,
+               "kept": g.keep_width if g.kept is None else len(g.kept)} for g in report.plan.groups]
+    kept = [w["kept"] / w["width"] for w in widths] or [1.0]
     return {"groups": len(report.plan.groups), "skipped_groups": len(report.skipped),
-            "holdout_feeds": report.holdout_feeds, "holdout_diffs": [d.to_dict() for d in report.diffs]}
+            "kept_fraction": {"min": min(kept), "max": max(kept), "mean": float(np.mean(kept)),
+                              "units": sum(w["kept"] for w in widths) / max(1, sum(w["width"] for w in widths))},
+            "widths": widths, "holdout_feeds": report.holdout_feeds,
+            "holdout_diffs": [d.to_dict() for d in report.diffs]}
 
 
-def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, keeps: list[float],
+def build_moment(spec: str, entry: ZooModel, variant: Variant, built: dict[str, Variant], threads: int) -> None:
+    """Compress `variant` (moment-<selector>-<budget>) into its path; size@ budgets read `built`."""
+    match = MOMENT_NAME.fullmatch(variant.name)
+    assert match and variant.path is not None
+    selector, budget = match["selector"], match["budget"]
+    keep, target, what = None, None, ""
+    if budget.startswith("size@"):
+        ref = built.get(f"moment-{selector}-{budget.removeprefix('size@')}")
+        if ref is None or ref.path is None:
+            raise RuntimeError(f"size@ needs moment-{selector}-{budget.removeprefix('size@')} built in the same run")
+        target = str(model_bytes_on_disk(ref.path))
+        what = f"global allocation to the size of {ref.name} ({int(target) / MB:.2f} MB)"
+    elif budget.startswith("size"):
+        target = budget.removeprefix("size")
+        what = f"global allocation to {float(target):g} of the input's size"
+    else:
+        keep = float(budget.removeprefix("keep"))
+        what = f"keep {keep:g} of each group"
+    variant.note = f"symshrink moment reduction, selector {selector}, {what}, calib {entry.calib}"
+    before = model_bytes_on_disk(built["fp32"].path)
+    variant.extra = {"selector": selector, "budget": budget,
+                     "target_bytes": None if target is None else parse_size(target, before)}
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, selector, keep, target, threads))
+
+
+def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: list[str],
                    wanted: list[str], threads: int) -> list[Variant]:
     """Build every variant into `work`; a failure is recorded on its Variant, never raised."""
     work.mkdir(parents=True, exist_ok=True)
@@ -178,14 +240,14 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, keeps: lis
         "nbits2": lambda out: quantize_nbits(named, out, 2),
         "nbits8": lambda out: quantize_nbits(named, out, 8),
     }
-    variants = [Variant("fp32", src, NOTES["fp32"])]
     try:
         name_nodes(src, named)
     except Exception as err:  # noqa: BLE001 (any failure becomes a row)
         log.warning("%s: naming nodes failed: %s", spec, one_line(err))
         named = src
-    todo = [v for v in wanted if v in builders]
-    todo += [f"symshrink-moment-keep{k:g}" for k in keeps]
+    order = [v for v in wanted if v in builders] + moments
+    todo = sorted(order, key=lambda m: "size@" in m)  # size@ variants read the size of another one
+    built = {"fp32": Variant("fp32", src, NOTES["fp32"])}
     for name in tqdm(todo, desc=f"{spec}: build", unit="variant", leave=False):
         out = work / f"{name}.onnx"
         variant = Variant(name, out, NOTES.get(name, ""))
@@ -195,15 +257,14 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, keeps: lis
                 with contextlib.redirect_stdout(io.StringIO()):  # k-quant prints a progress bar
                     builders[name](out)
             else:
-                keep = float(name.removeprefix("symshrink-moment-keep"))
-                variant.note = f"symshrink moment reduction, keep {keep:g} of each group, calib {entry.calib}"
-                variant.extra = compress_symshrink(spec, entry, out, keep, threads)
+                build_moment(spec, entry, variant, built, threads)
         except Exception as err:  # noqa: BLE001 (any failure becomes a row)
             variant.error, variant.path = one_line(err), None
             log.warning("%s %s: %s", spec, name, variant.error)
         variant.build_s = time.perf_counter() - start
-        variants.append(variant)
-    return variants
+        log.info("%s %-26s built in %.1f s%s", spec, name, variant.build_s, " (failed)" if variant.error else "")
+        built[name] = variant
+    return [built[name] for name in ["fp32", *order]]
 
 
 # ---------------------------------------------------------------- measurements
@@ -264,7 +325,7 @@ def measure_quality(session: ort.InferenceSession, feeds: list[dict], reference:
             "diffs": [d.to_dict() for d in diffs]}
 
 
-def bench_model(spec: str, keeps: list[float], wanted: list[str], args: argparse.Namespace,
+def bench_model(spec: str, moments: list[str], wanted: list[str], args: argparse.Namespace,
                 work: Path) -> dict[str, Any]:
     entry = get_model(spec)
     src = Path(args.onnx[spec]) if spec in args.onnx else resolve_model(spec)
@@ -281,7 +342,7 @@ def bench_model(spec: str, keeps: list[float], wanted: list[str], args: argparse
     del reference
 
     start = time.perf_counter()
-    variants = build_variants(model_spec, entry, src, work / spec, keeps, wanted, args.threads)
+    variants = build_variants(model_spec, entry, src, work / spec, moments, wanted, args.threads)
     build_wall = time.perf_counter() - start
     rows = []
     for v in tqdm(variants, desc=f"{spec}: measure", unit="variant", leave=False):
@@ -343,7 +404,128 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def family(variant: str) -> str:
+    """fp32, onnxruntime (its quantizers) or symshrink (everything else)."""
+    if variant == "fp32":
+        return "fp32"
+    return "onnxruntime" if variant in ORT_VARIANTS + OPTIONAL_VARIANTS else "symshrink"
+
+
+def kept_range(row: dict[str, Any]) -> str:
+    """min-max over the rewritten groups of kept width / width (blank for rows without a plan)."""
+    kept = row.get("kept_fraction")
+    if not kept:
+        return ""
+    return f"{kept['min']:.2f}" if kept["max"] - kept["min"] < 5e-3 else f"{kept['min']:.2f}-{kept['max']:.2f}"
+
+
+def drifted(model: dict[str, Any], fp32: dict[str, Any]) -> bool:
+    """fp32's first and end-of-run latencies differ by more than DRIFT: the machine's load changed."""
+    first, end = fp32["latency_ms"], model["fp32_latency_end_ms"]
+    return max(first, end) > DRIFT * min(first, end)
+
+
+def near_lossless(model: dict[str, Any]) -> str:
+    """The smallest row of each family whose task metric is within LOSS (relative) of fp32's."""
+    rows = [r for r in model["rows"] if not r.get("error")]
+    fp32 = next((r for r in rows if r["variant"] == "fp32"), None)
+    if fp32 is None:
+        return ""
+    higher = get_task(model["task"]).higher_is_better
+    bound = fp32["metric"] * (1 - LOSS if higher else 1 + LOSS)
+    parts = []
+    for fam in ("symshrink", "onnxruntime"):
+        ok = [r for r in rows if family(r["variant"]) == fam and (r["metric"] >= bound if higher else r["metric"] <= bound)]
+        if not ok:
+            tried = sum(family(r["variant"]) == fam for r in rows)
+            parts.append(f"{fam}: none of its {tried} measured rows")
+            continue
+        best = min(ok, key=lambda r: r["bytes"])
+        end = (f" ({best['latency_ms'] / model['fp32_latency_end_ms']:.2f}x vs fp32's end-of-run timing)"
+               if drifted(model, fp32) else "")
+        parts.append(f"{fam}: `{best['variant']}`, {best['bytes'] / MB:.2f} MB = {best['bytes'] / fp32['bytes']:.2f}x "
+                     f"size, {best['latency_ms'] / fp32['latency_ms']:.2f}x batch-1 latency{end}, metric {best['metric']:.4f}")
+    sign = ">=" if higher else "<="
+    return (f"**Smallest within {LOSS:.0%} of fp32's task metric** ({'higher' if higher else 'lower'} is better: "
+            f"metric {sign} {bound:.4f}): " + "; ".join(parts) + ".")
+
+
+def plot_rd(model: dict[str, Any], path: Path) -> None:
+    """Rate-distortion plot: size on disk vs task metric, one line per selector across its uniform budgets."""
+    import matplotlib  # noqa: PLC0415 (only the report needs it)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    rows = [r for r in model["rows"] if not r.get("error")]
+    fp32 = next(r for r in rows if r["variant"] == "fp32")
+    higher = get_task(model["task"]).higher_is_better
+    fig, ax = plt.subplots(figsize=(8, 5))
+    base = fp32["metric"]
+    low, high = (base * (1 - LOSS), base) if higher else (base, base * (1 + LOSS))
+    ax.axhspan(low, high, color="0.9", label=f"within {LOSS:.0%} of fp32")
+    ax.plot(fp32["bytes"] / MB, base, "k*", markersize=14, label="fp32", zorder=3)
+    ort_rows = [r for r in rows if family(r["variant"]) == "onnxruntime"]
+    for r, marker in zip(ort_rows, "sDv^<>ph", strict=False):
+        ax.plot(r["bytes"] / MB, r["metric"], marker, color="0.35", markersize=7, linestyle="none",
+                label=f"ort {r['variant']}", zorder=3)
+    styles = dict(zip(SELECTOR_KINDS, zip(plt.get_cmap("tab10").colors, ["o-", "s--", "^-.", "v:"]), strict=False))
+    for selector, (color, style) in styles.items():
+        uniform = sorted((r for r in rows if r.get("selector") == selector and r["budget"].startswith("keep")),
+                         key=lambda r: r["bytes"])
+        if uniform:
+            ax.plot([r["bytes"] / MB for r in uniform], [r["metric"] for r in uniform], style, color=color,
+                    fillstyle="none", markersize=8, label=f"{selector} (keep)", zorder=4)
+            for r in uniform:
+                ax.annotate(r["budget"].removeprefix("keep"), (r["bytes"] / MB, r["metric"]), fontsize=7,
+                            color=color, xytext=(4, 4), textcoords="offset points")
+        for r in (r for r in rows if r.get("selector") == selector and r["budget"].startswith("size")):
+            ax.plot(r["bytes"] / MB, r["metric"], "P", color=color, markersize=11, markeredgecolor="k",
+                    label=f"{selector} {r['budget']}", zorder=5)
+    for r in (r for r in rows if family(r["variant"]) == "symshrink" and "selector" not in r):
+        ax.plot(r["bytes"] / MB, r["metric"], "x", markersize=8, label=r["variant"], zorder=4)
+    if not higher:
+        ax.set_yscale("log")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel(f"{model['task']} ({'higher' if higher else 'lower'} is better)")
+    ax.set_title(f"{model['model']}: size vs task metric")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def moment_section(result: dict[str, Any]) -> list[str]:
+    """Machine, commands and conventions of the runs that built moment-<selector>-<budget> variants."""
+    models = [m for m in result["models"] if any("selector" in r for r in m.get("rows", []))]
+    if not models:
+        return []
+    m = result["machine"]
+    runs = list({model["run"]["command"]: model["run"] for model in models}.values())
+    return [
+        "## Moment reduction: selectors and budgets", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['simd'])}), onnxruntime {m['onnxruntime']}. Commands:",
+        "", *[f"- `{r['command']}` ({r['date']}, {r['wall_s'] / 60:.1f} min)" for r in runs], "",
+        "symshrink rows are `moment-<selector>-<budget>`. Selectors: `select` (pivoted QR on the calibration "
+        "moments + ridge refit of the consumer, the default), `recombine` (Caratheodory moment matching), `fold` "
+        "(data-free k-means merge of units; does not rewrite attention heads), `magnitude` (keep the largest units, "
+        "no refit: the pruning baseline). Budgets: `keepF` keeps the fraction F of every group (uniform); `sizeF` "
+        "is `--target-size F` (the global allocator picks each group's width by marginal error per byte for a "
+        "file of F times fp32's size); `size@keepF` is a size target equal to the bytes of the same selector's "
+        "`keepF` row, i.e. global vs uniform allocation at equal size. Groups rewritten: FFN, SwiGLU, conv "
+        "channels, attention heads (multi-head only: smollm2's grouped-query heads are left as they are). "
+        "**kept/group**: min-max over the rewritten groups of kept width / width; **build s**: wall time to "
+        "build the variant (for symshrink rows the whole compress: calibration, fit, verify, save). Each "
+        "model's plot: x = size on disk, y = task metric, one line per selector across its `keep` budgets, "
+        f"plus symbols for size targets, onnxruntime's quantizers and fp32; the grey band is within {LOSS:.0%} "
+        "of fp32's metric.", "",
+    ]
+
+
+def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
+    """The report; `images` maps a model to its plot's path relative to the report."""
     m, a = result["machine"], result["args"]
     runs = list({model["run"]["command"]: model["run"] for model in result["models"]}.values())
     lines = [
@@ -354,23 +536,27 @@ def render_markdown(result: dict[str, Any]) -> str:
           f"average {r['loadavg_start']:.1f} at start, {r['loadavg_end']:.1f} at end)" for r in runs], "",
         "Sizes are bytes on disk including external data; MB = 10^6 bytes. **RSS** is the growth of peak "
         "resident memory (VmHWM) while creating the session, in a fresh subprocess (the JSON also has the "
-        "growth after the first run). **Latency** is the median of at least "
-        f"{a['min_runs']} runs (and {a['min_seconds']:g} s) of one feed with intra_op_num_threads="
+        "growth after the first run). **Latency** is the median of at least --min-runs runs lasting at least "
+        "--min-seconds (30 and 3 s unless the model's command says otherwise) of one feed with intra_op_num_threads="
         f"{a['threads']}, each variant in its own block after a {a['pause']:g} s pause; fp32 is timed in "
         "the same process, first and again at the end (drift check). **rel L2 / cosine** compare the "
         "primary output with fp32's on the zoo data set's eval split. int8-dynamic quantizes MatMul only "
         "(per-channel, reduce_range=True: the defaults also turn Gather/Conv into slow integer ops, see "
         f"shared/docs/baselines.md). MatMulNBits variants: block {BLOCK}, symmetric, accuracy_level "
         f"{ACCURACY_LEVEL}. symshrink rows: `symshrink.pipeline.compress` with the zoo's default "
-        "calibration data (moment reduction, keep = fraction of units kept in each group).", "",
+        "calibration data (moment reduction; rows named symshrink-moment-keepF come from an earlier version of "
+        "this script, keep F of each group with the default selector).", "",
     ]
     if any(max(r["loadavg_start"], r["loadavg_end"]) > m["cores"] for r in runs):
         lines += ["**Warning:** the load average exceeded the core count during a run (other jobs shared the "
                   "machine): latencies are inflated and noisy; compare each model's first and final fp32 "
                   "timing, and trust ratios more than absolute milliseconds.", ""]
+    lines += moment_section(result)
     for model in result["models"]:
         lines.append(f"## {model['model']}")
         lines.append("")
+        if model.get("note"):
+            lines += [f"**Note:** {model['note']}", ""]
         if "error" in model:
             lines += [f"Failed: {model['error']}", ""]
             continue
@@ -380,30 +566,56 @@ def render_markdown(result: dict[str, Any]) -> str:
                      f"{model['reference_metric']}); error on output `{model['primary_output']}` over "
                      f"{model['eval_samples']} eval samples of `{model['calib']}`; latency feed {feed}; "
                      f"fp32 latency at the end of the run {model['fp32_latency_end_ms']:.2f} ms.")
-        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | latency ms | latency vs fp32 | rel L2 "
-                  "| cosine | task metric |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         fp32 = next((r for r in model["rows"] if r["variant"] == "fp32" and not r.get("error")), {})
+        if fp32 and drifted(model, fp32):
+            lines += ["", f"**Latency drift:** fp32 took {fp32['latency_ms']:.2f} ms when timed first and "
+                      f"{model['fp32_latency_end_ms']:.2f} ms at the end of the run (the machine's load changed during "
+                      "the run): this model's latencies and latency ratios are unreliable."]
+        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | latency ms | latency vs fp32 | rel L2 "
+                  "| cosine | task metric | kept/group | build s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         notes = []
         for r in model["rows"]:
             if r.get("error"):
                 notes.append(f"- {r['variant']}: {r['error']}")
-                lines.append(f"| {r['variant']} | n/a | | | | | | | |")
+                lines.append(f"| {r['variant']} | n/a | | | | | | | | | {r['build_s']:.1f} |")
                 continue
             size = r["bytes"] / fp32["bytes"] if fp32 else None
             speed = r["latency_ms"] / fp32["latency_ms"] if fp32 else None
             lines.append(f"| {r['variant']} | {r['bytes'] / MB:.2f} | {_fmt(size, '.2f')}x "
                          f"| {r['rss_mb']:.1f} | {r['latency_ms']:.2f} | {_fmt(speed, '.2f')}x "
-                         f"| {r['rel_l2']:.4f} | {r['cosine']:.4f} | {r['metric']:.4f} |")
+                         f"| {r['rel_l2']:.4f} | {r['cosine']:.4f} | {r['metric']:.4f} | {kept_range(r)} "
+                         f"| {r['build_s']:.1f} |")
         if notes:
             lines += ["", "Not available:", *notes]
+        lines += ["", near_lossless(model)]
+        if model["model"] in images:
+            lines += ["", f"![{model['model']}: size on disk vs task metric]({images[model['model']]})"]
         lines.append("")
     return "\n".join(lines)
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """The markdown report at `out` and each model's plot at img/rd-<model>.png beside it."""
+    images = {}
+    for model in result["models"]:
+        if "error" in model or not any(r["variant"] == "fp32" and not r.get("error") for r in model["rows"]):
+            continue
+        image = Path("img") / f"rd-{model['model']}.png"
+        plot_rd(model, out.parent / image)
+        images[model["model"]] = image.as_posix()
+    out.write_text(render_markdown(result, images))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["fmnist-mlp", "minilm-l3", "ppocr-rec"])
-    ap.add_argument("--keeps", nargs="*", type=float, default=[0.75, 0.5])
+    ap.add_argument("--selectors", nargs="*", default=["select"], choices=list(SELECTOR_KINDS),
+                    help="moment-reduction selectors, each built at every --budgets entry")
+    ap.add_argument("--budgets", nargs="*", type=budget_name, default=["keep0.75", "keep0.5"],
+                    help="keep<F> (uniform), size<F> (global, F of fp32's size) or size@<budget> (global, to the "
+                         "size of the same selector's <budget> variant)")
+    ap.add_argument("--moment", nargs="*", type=moment_name, default=[], metavar="moment-SELECTOR-BUDGET",
+                    help="more symshrink variants, e.g. moment-select-size@keep0.5")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,
                     help="onnxruntime variants to build (fp32 is always measured)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -415,6 +627,7 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each timing block")
     ap.add_argument("--min-runs", type=int, default=30)
     ap.add_argument("--min-seconds", type=float, default=3.0)
+    ap.add_argument("--note", help="a remark printed under the heading of each model of this run")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models already in the JSON file (rerun some models only)")
     ap.add_argument("--render-only", action="store_true", help="rewrite --out from the JSON file, measure nothing")
@@ -426,8 +639,9 @@ def main() -> None:
 
     json_path = args.json or args.out.with_suffix(".json")
     if args.render_only:
-        args.out.write_text(render_markdown(json.loads(json_path.read_text())))
+        write_report(json.loads(json_path.read_text()), args.out)
         return
+    moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment))
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))
@@ -436,7 +650,7 @@ def main() -> None:
         for spec in args.models:
             log.info("model %s", spec)
             try:
-                models.append(bench_model(spec, args.keeps, args.variants, args, work))
+                models.append(bench_model(spec, moments, args.variants, args, work))
             except Exception as err:  # noqa: BLE001 (a broken zoo entry is reported, not fatal)
                 log.error("%s: %s", spec, one_line(err))
                 models.append({"model": spec, "error": one_line(err)})
@@ -451,6 +665,8 @@ def main() -> None:
            "loadavg_end": machine["loadavg_end"]}
     for model in models:
         model["run"] = run
+        if args.note:
+            model["note"] = args.note
     if args.merge and json_path.is_file():  # keep the other models of an earlier run
         done = {m["model"] for m in models}
         models = [m for m in json.loads(json_path.read_text())["models"] if m["model"] not in done] + models
@@ -458,7 +674,7 @@ def main() -> None:
               "models": models}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    args.out.write_text(render_markdown(result))
+    write_report(result, args.out)
     log.info("wrote %s and %s in %.1f min", args.out, json_path, run["wall_s"] / 60)
 
 
