@@ -10,6 +10,7 @@ consumer rows are scaled by w'_j / w_j. The directions beyond the M-th are where
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from symshrink.passes.selectors import Reduction, UnitProblem, subset_error, unit_columns
 
@@ -78,9 +79,9 @@ def recombine(problem: UnitProblem, k: int) -> Reduction:
     if len(alive) <= k:
         survivors, scale = alive, np.ones(len(alive))
     else:
-        eigval, eigvec = np.linalg.eigh(gram[np.ix_(alive, alive)])
-        top = np.argsort(eigval)[::-1][: k - 1]
-        features = eigvec[:, top] * np.sqrt(np.maximum(eigval[top], 0.0))  # coordinates of h_i W_i
+        n = len(alive)  # only the top k - 1 eigenpairs are needed (LAPACK's syevr on a subset)
+        eigval, eigvec = scipy.linalg.eigh(gram[np.ix_(alive, alive)], subset_by_index=[n - (k - 1), n - 1])
+        features = eigvec * np.sqrt(np.maximum(eigval, 0.0))  # coordinates of h_i W_i
         new_masses = caratheodory(features / masses[alive, None], masses[alive])
         kept_local = np.flatnonzero(new_masses > 0)
         survivors = alive[kept_local]
