@@ -1,0 +1,75 @@
+"""Ternary weights: w ~ alpha * t with t in {-1, 0, +1}, per output unit and block of input rows.
+
+For a vector w and support S, the best scale is alpha = mean_S |w_i| and the error is
+||w||^2 - (sum_S |w_i|)^2 / |S|, so the optimal support is the k largest |w_i| for the k that maximises
+(sum of the k largest)^2 / k: exact in O(n log n). Codes are stored as t + 1 in 2 bits, 4 per byte,
+element 0 in the low bits (ONNX's packing of uint2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Ternary", "ternarize", "pack_2bit", "unpack_2bit", "CODES_PER_BYTE"]
+
+CODES_PER_BYTE = 4
+
+
+@dataclass(frozen=True)
+class Ternary:
+    """codes [K, N] in {-1, 0, 1} (int8) and scales [ceil(K / block), N] for a weight [K, N] (x @ W)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        return self.codes * np.repeat(self.scales, self.block, axis=0)[: self.codes.shape[0]]
+
+
+def _ternarize_columns(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Optimal ternary fit of each column of blocks [g, M]: (codes [g, M], scales [M])."""
+    magnitude = np.abs(blocks)
+    order = np.argsort(-magnitude, axis=0, kind="stable")
+    sorted_mag = np.take_along_axis(magnitude, order, axis=0)
+    prefix = np.cumsum(sorted_mag, axis=0)
+    counts = np.arange(1, blocks.shape[0] + 1)[:, None]
+    best = np.argmax(prefix**2 / counts, axis=0)  # support size - 1 per column
+    columns = np.arange(blocks.shape[1])
+    scales = prefix[best, columns] / (best + 1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(blocks.shape[0])[:, None].repeat(blocks.shape[1], axis=1), axis=0)
+    codes = np.where(rank <= best[None, :], np.sign(blocks), 0).astype(np.int8)
+    scales = np.where(magnitude.max(axis=0) > 0, scales, 0.0)
+    return codes, scales
+
+
+def ternarize(weight: np.ndarray, block: int | None = None) -> Ternary:
+    """Ternary codes of weight [K, N] with one scale per output column and block of `block` input rows
+    (None: one block per column, i.e. per channel)."""
+    rows, cols = weight.shape
+    block = rows if block is None else block
+    padded_rows = -(-rows // block) * block
+    padded = np.zeros((padded_rows, cols), dtype=np.float64)
+    padded[:rows] = weight
+    blocks = padded.reshape(padded_rows // block, block, cols).transpose(1, 0, 2).reshape(block, -1)
+    codes, scales = _ternarize_columns(blocks)
+    codes = codes.reshape(block, padded_rows // block, cols).transpose(1, 0, 2).reshape(padded_rows, cols)[:rows]
+    return Ternary(codes, scales.reshape(padded_rows // block, cols).astype(weight.dtype), block)
+
+
+def pack_2bit(codes: np.ndarray) -> np.ndarray:
+    """Flattened codes in {-1, 0, 1} -> bytes holding t + 1, four per byte, element 0 in the low bits."""
+    values = (codes.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    values = np.concatenate([values, np.zeros(-len(values) % CODES_PER_BYTE, np.uint8)])
+    quads = values.reshape(-1, CODES_PER_BYTE)
+    return (quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6).astype(np.uint8)
+
+
+def unpack_2bit(packed: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of `pack_2bit`: the first `count` codes, as int8 in {-1, 0, 1}."""
+    shifts = np.array([0, 2, 4, 6], np.uint8)
+    values = (packed[:, None] >> shifts[None, :]) & 0b11
+    return values.reshape(-1)[:count].astype(np.int8) - 1

@@ -1,0 +1,58 @@
+"""Ternary numerics: the threshold is optimal (against brute force) and the 2-bit packing round-trips."""
+
+import itertools
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from symshrink.passes.ternary_codec import pack_2bit, ternarize, unpack_2bit
+
+
+def _brute_force_error(w: np.ndarray) -> float:
+    best = float(np.sum(w**2))
+    for pattern in itertools.product((-1, 0, 1), repeat=len(w)):
+        t = np.array(pattern, dtype=np.float64)
+        if not t.any():
+            continue
+        alpha = max(float(t @ w) / float(t @ t), 0.0)  # the best scale for this pattern
+        best = min(best, float(np.sum((w - alpha * t) ** 2)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_threshold_and_scale_are_optimal(seed):
+    w = np.random.default_rng(seed).standard_normal((7, 1)) * np.random.default_rng(seed + 10).uniform(0.1, 3.0)
+    fit = ternarize(w)
+    error = float(np.sum((w - fit.dequantize()) ** 2))
+    assert error == pytest.approx(_brute_force_error(w[:, 0]), rel=1e-12, abs=1e-15)
+
+
+def test_blocks_have_their_own_scales():
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.standard_normal((32, 5)), 100 * rng.standard_normal((32, 5))])
+    per_channel, blocked = ternarize(w), ternarize(w, block=32)
+    assert blocked.scales.shape == (2, 5) and per_channel.scales.shape == (1, 5)
+    assert np.all(blocked.scales[1] > 10 * blocked.scales[0])
+    assert np.sum((w - blocked.dequantize()) ** 2) < np.sum((w - per_channel.dequantize()) ** 2)
+    ragged = ternarize(w[:50], block=32)  # a last block shorter than the others
+    assert ragged.codes.shape == (50, 5) and ragged.scales.shape == (2, 5)
+
+
+def test_zero_columns_stay_zero():
+    fit = ternarize(np.zeros((8, 3)))
+    assert not fit.codes.any() and not fit.scales.any()
+
+
+@pytest.mark.parametrize("count", [1, 3, 4, 5, 64, 1001])
+def test_packing_round_trips_and_matches_onnx_uint2_order(count):
+    codes = np.random.default_rng(count).integers(-1, 2, count).astype(np.int8)
+    packed = pack_2bit(codes)
+    assert packed.dtype == np.uint8 and len(packed) == -(-count // 4)
+    np.testing.assert_array_equal(unpack_2bit(packed, count), codes)
+    # the same bytes as onnx's own packing of a UINT2 tensor (what DequantizeLinear reads)
+    reference = numpy_helper.from_array((codes + 1).astype(ml_dtypes.uint2))
+    assert reference.data_type == onnx.TensorProto.UINT2
+    assert bytes(packed) == reference.raw_data
