@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from symshrink.passes.selectors import Reduction, UnitProblem
+from symshrink.passes.selectors import Reduction, UnitProblem, check_width
 
 __all__ = ["fold", "cluster_units"]
 
@@ -35,12 +35,10 @@ def fold(problem: UnitProblem, k: int) -> Reduction:
     if problem.unit_params is None:
         raise ValueError("fold needs the units' producer parameters")
     params = problem.unit_params.astype(np.float64)
+    if (full := check_width(problem, k)) is not None:
+        return full
     width, block = problem.width, problem.block
     w = problem.out_weight
-    if not 0 < k <= width:
-        raise ValueError(f"k={k} must be in 1..{width}")
-    if k == width:
-        return Reduction(np.arange(width), w.copy(), np.zeros(w.shape[1], w.dtype))
     norms = np.linalg.norm(params, axis=1)
     safe = np.where(norms > 0, norms, 1.0)
     points = params / safe[:, None] if problem.homogeneous else params

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from symshrink.passes.analysis import Group
 from symshrink.passes.fold import fold
-from symshrink.passes.graph import attr, constant_array
+from symshrink.passes.graph import attr, constant_array, constant_tensor
 from symshrink.passes.handlers import Cut
 from symshrink.passes.plan import GroupPlan, Plan
 from symshrink.passes.recombine import recombine
@@ -148,8 +148,7 @@ def bytes_saved(groups: list[Group], widths: dict[str, int], nodes: dict[str, ir
             kept_fraction[key] = kept_fraction.get(key, 1.0) * widths.get(group.name, group.width) / group.width
     saved = 0.0
     for (node, index), fraction in kept_fraction.items():
-        tensor = constant_array(nodes[node].inputs[index])
-        saved += tensor.nbytes * (1.0 - fraction)
+        saved += constant_tensor(nodes[node].inputs[index]).nbytes * (1.0 - fraction)
     return saved
 
 
@@ -194,9 +193,8 @@ class MomentReductionPass(InPlacePass):
 
     def _reduction(self, planned: GroupPlan) -> Reduction:
         problem = self.problems[planned.group]
-        if planned.kept is not None and self.plan.selector in ("select", "magnitude"):
-            return refit(problem, np.asarray(planned.kept)) if self.plan.selector == "select" else \
-                magnitude(problem, len(planned.kept))
+        if planned.kept is not None and self.plan.selector == "select":  # a replayed plan keeps its units
+            return refit(problem, np.asarray(planned.kept))
         return SELECTORS[self.plan.selector](problem, planned.keep_width)
 
     def _rewrite(self, graph: ir.Graph, nodes: dict[str, ir.Node], group: Group, planned: GroupPlan) -> bool:

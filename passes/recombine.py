@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from symshrink.passes.selectors import Reduction, UnitProblem, subset_error, unit_columns
+from symshrink.passes.selectors import Reduction, UnitProblem, check_width, subset_error, unit_columns
 
 __all__ = ["caratheodory", "recombine"]
 
@@ -65,12 +65,10 @@ def caratheodory(points: np.ndarray, masses: np.ndarray) -> np.ndarray:
 def recombine(problem: UnitProblem, k: int) -> Reduction:
     """At most k units whose scaled consumer rows reproduce the top k - 1 principal moments of the
     group's output contributions exactly (centred when the consumer has a bias), plus the mean."""
+    if (full := check_width(problem, k)) is not None:
+        return full
     width, block = problem.width, problem.block
-    if not 0 < k <= width:
-        raise ValueError(f"k={k} must be in 1..{width}")
     w = problem.out_weight
-    if k == width:
-        return Reduction(np.arange(width), w.copy(), np.zeros(w.shape[1], w.dtype), relative_error=0.0)
     w64 = w.astype(np.float64)
     # contribution Gram: K_ij = E<h_i W_i, h_j W_j> = sum over the units' columns of A_ab (W W^T)_ab
     gram = (problem.moments * (w64 @ w64.T)).reshape(width, block, width, block).sum(axis=(1, 3))

@@ -21,7 +21,7 @@ import scipy.linalg.lapack
 from symshrink.passes.stats import UnitStats
 
 __all__ = ["UnitProblem", "Reduction", "Curve", "Selector", "error_curve", "refit", "select", "magnitude", "subset_error",
-           "unit_columns"]
+           "unit_columns", "check_width"]
 
 
 @dataclass(frozen=True)
@@ -198,13 +198,13 @@ def refit(problem: UnitProblem, kept: np.ndarray) -> Reduction:
 
 def select(problem: UnitProblem, k: int) -> Reduction:
     """The first k units of the greedy pivoted-QR order, consumer refit by ridge least squares."""
-    _check_k(problem, k)
-    return refit(problem, problem.curve.order[:k])
+    return check_width(problem, k) or refit(problem, problem.curve.order[:k])
 
 
 def magnitude(problem: UnitProblem, k: int) -> Reduction:
     """Pruning without refit: keep the k units with the largest ||producer params|| * ||consumer rows||."""
-    _check_k(problem, k)
+    if (full := check_width(problem, k)) is not None:
+        return full
     w = problem.out_weight
     out_norm = np.linalg.norm(w.reshape(problem.width, -1), axis=1)
     in_norm = np.linalg.norm(problem.unit_params, axis=1) if problem.unit_params is not None else 1.0
@@ -215,6 +215,11 @@ def magnitude(problem: UnitProblem, k: int) -> Reduction:
     return Reduction(kept, new, bias, relative_error=error)
 
 
-def _check_k(problem: UnitProblem, k: int) -> None:
+def check_width(problem: UnitProblem, k: int) -> Reduction | None:
+    """Refuse k outside 1..d; at k = d every selector keeps the group as it is (returned here)."""
     if not 0 < k <= problem.width:
         raise ValueError(f"k={k} must be in 1..{problem.width}")
+    if k < problem.width:
+        return None
+    w = problem.out_weight
+    return Reduction(np.arange(problem.width), w.copy(), np.zeros(w.shape[1], w.dtype), relative_error=0.0)
