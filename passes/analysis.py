@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.graph import attr, constant_array, constant_tensor, is_constant, node_label
+from symshrink.passes.graph import attr, constant_array, constant_tensor, ensure_names, is_constant, node_label
 from symshrink.passes.handlers import CONSUMERS, PASSTHROUGH, PRODUCERS, Cut, Fit, ShapeEntry
 
 __all__ = ["Group", "analyse", "find_unit_groups", "find_attention_groups"]
@@ -56,16 +56,6 @@ def _node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
 
 def _cut_params(nodes: dict[str, ir.Node], cuts: Iterable[Cut]) -> int:
     return sum(int(np.prod(constant_tensor(nodes[c.node].inputs[c.input_index]).shape)) for c in cuts)
-
-
-def _ensure_names(graph: ir.Graph) -> None:
-    # Cuts refer to nodes by name; unnamed nodes would make them ambiguous. Names are set only where
-    # absent, which does not change the function.
-    seen: set[str] = set()
-    for index, node in enumerate(graph):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{index}"
-        seen.add(node.name)
 
 
 class _Walk:
@@ -454,7 +444,7 @@ def find_attention_groups(graph: ir.Graph) -> list[Group]:
 
 def analyse(model: ir.Model) -> list[Group]:
     """All symmetric groups of the main graph, usable ones first, each with a stable name."""
-    _ensure_names(model.graph)
+    ensure_names(model.graph)
     attention = find_attention_groups(model.graph)
     in_attention = {c.node for g in attention for c in g.producers + g.consumers}
     groups = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr"]
+__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr", "bias_input", "ensure_names"]
 
 
 def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
@@ -56,3 +56,33 @@ def attr(node: ir.Node, name: str, default):
     """An attribute's Python value, or `default` when it is not set."""
     attribute = node.attributes.get(name)
     return default if attribute is None else attribute.value
+
+
+def bias_input(node: ir.Node) -> tuple[ir.Node, int, float] | None:
+    """Where a shift of a node's output can go (node, input index, factor on the shift): Gemm C
+    (times alpha / beta), Conv B, the running mean of a BatchNormalization right after a bias-free Conv
+    (x + c - mean = x - (mean - c)), or the constant of the Add right after a MatMul. None: nowhere
+    without a new node."""
+    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
+        factor = attr(node, "alpha", 1.0) / attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
+        return (node, 2, factor) if constant_array(node.inputs[2]) is not None else None
+    uses = node.outputs[0].uses()
+    if len(uses) != 1:
+        return None
+    reader, index = uses[0].node, uses[0].idx
+    if node.op_type == "Conv" and reader.op_type == "BatchNormalization" and index == 0:
+        return (reader, 3, -1.0) if constant_array(reader.inputs[3]) is not None else None
+    if node.op_type == "MatMul" and reader.op_type == "Add":
+        bias = constant_array(reader.inputs[1 - index])
+        return (reader, 1 - index, 1.0) if bias is not None and bias.ndim == 1 else None
+    return None
+
+
+def ensure_names(graph: ir.Graph) -> None:
+    """Name unnamed or duplicate-named nodes `<op>_<index>`: cuts, sites and plans refer to nodes by name
+    (names are set only where absent or repeated, which does not change the function)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from symshrink.passes.analysis import Group
 from symshrink.passes.fold import fold
-from symshrink.passes.graph import attr, constant_array, constant_tensor
+from symshrink.passes.graph import attr, bias_input, constant_array, constant_tensor
 from symshrink.passes.handlers import Cut
 from symshrink.passes.plan import GroupPlan, Plan
 from symshrink.passes.recombine import recombine
@@ -104,26 +104,6 @@ def _reduce_constant(array: np.ndarray, axis: int, width: int, reduction: Reduct
     return np.ascontiguousarray(np.moveaxis(new.reshape(moved_shape), 0, axis)).astype(array.dtype)
 
 
-def _bias_input(node: ir.Node) -> tuple[ir.Node, int, float] | None:
-    """Where a shift of the consumer's output can go (node, input index, factor on the shift): Gemm C
-    (times alpha / beta), Conv B, the running mean of a BatchNormalization right after a bias-free Conv
-    (x + c - mean = x - (mean - c)), or the constant of the Add right after a MatMul. A new bias is never
-    added: the consumer may be the producer of another group, whose cuts would not know it."""
-    if node.op_type in ("Gemm", "Conv") and len(node.inputs) > 2 and node.inputs[2] is not None:
-        factor = attr(node, "alpha", 1.0) / attr(node, "beta", 1.0) if node.op_type == "Gemm" else 1.0
-        return (node, 2, factor) if constant_array(node.inputs[2]) is not None else None
-    uses = node.outputs[0].uses()
-    if len(uses) != 1:
-        return None
-    reader, index = uses[0].node, uses[0].idx
-    if node.op_type == "Conv" and reader.op_type == "BatchNormalization" and index == 0:
-        return (reader, 3, -1.0) if constant_array(reader.inputs[3]) is not None else None
-    if node.op_type == "MatMul" and reader.op_type == "Add":
-        bias = constant_array(reader.inputs[1 - index])
-        return (reader, 1 - index, 1.0) if bias is not None and bias.ndim == 1 else None
-    return None
-
-
 def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | None, ridge: float,
                  seed: int = 0) -> UnitProblem:
     """Everything a selector may look at for this group, read off the graph's constants."""
@@ -135,7 +115,7 @@ def unit_problem(group: Group, nodes: dict[str, ir.Node], stats: UnitStats | Non
     unit_params = np.concatenate([p.reshape(group.width, -1).astype(np.float64) for p in params], axis=1)
     homogeneous = group.kind in ("ffn", "conv") and set(group.ops) <= _HOMOGENEOUS_OPS and "Relu" in group.ops
     return UnitProblem(out_weight, block=out_weight.shape[0] // group.width, stats=stats, unit_params=unit_params,
-                       intercept=_bias_input(consumer) is not None, homogeneous=homogeneous, ridge=ridge, seed=seed)
+                       intercept=bias_input(consumer) is not None, homogeneous=homogeneous, ridge=ridge, seed=seed)
 
 
 def bytes_saved(groups: list[Group], widths: dict[str, int], nodes: dict[str, ir.Node]) -> float:
@@ -215,7 +195,7 @@ class MomentReductionPass(InPlacePass):
         consumer = nodes[cut.node]
         original = constant_array(consumer.inputs[cut.input_index])
         _set_constant(consumer, cut.input_index, _consumer_weight(reduction.weight, original, cut), graph, label)
-        bias = _bias_input(consumer)
+        bias = bias_input(consumer)
         if bias is not None and np.any(reduction.bias_delta):
             node, index, factor = bias
             delta = reduction.bias_delta * factor

@@ -50,6 +50,7 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
+            data = data.get("moment", data)  # the file --plan-out writes for --method moment,ternary
             groups = [GroupPlan(**g) for g in data.pop("groups")]
             return cls(groups=groups, **data)
         except (ValueError, TypeError, KeyError) as err:

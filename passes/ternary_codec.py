@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from symshrink.passes.blocks import expand_scales, split_blocks
+
 __all__ = ["Ternary", "ternarize", "pack_2bit", "unpack_2bit", "CODES_PER_BYTE"]
 
 CODES_PER_BYTE = 4
@@ -23,10 +25,10 @@ class Ternary:
 
     codes: np.ndarray
     scales: np.ndarray
-    block: int
+    block: int | None  # None: one scale per column
 
     def dequantize(self) -> np.ndarray:
-        return self.codes * np.repeat(self.scales, self.block, axis=0)[: self.codes.shape[0]]
+        return self.codes * expand_scales(self.scales, self.codes.shape[0], self.block)
 
 
 def _ternarize_columns(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -49,15 +51,11 @@ def _ternarize_columns(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def ternarize(weight: np.ndarray, block: int | None = None) -> Ternary:
     """Ternary codes of weight [K, N] with one scale per output column and block of `block` input rows
     (None: one block per column, i.e. per channel)."""
-    rows, cols = weight.shape
-    block = rows if block is None else block
-    padded_rows = -(-rows // block) * block
-    padded = np.zeros((padded_rows, cols), dtype=np.float64)
-    padded[:rows] = weight
-    blocks = padded.reshape(padded_rows // block, block, cols).transpose(1, 0, 2).reshape(block, -1)
-    codes, scales = _ternarize_columns(blocks)
-    codes = codes.reshape(block, padded_rows // block, cols).transpose(1, 0, 2).reshape(padded_rows, cols)[:rows]
-    return Ternary(codes, scales.reshape(padded_rows // block, cols).astype(weight.dtype), block)
+    blocks = split_blocks(weight, block)  # [blocks, size, N]
+    count, size, cols = blocks.shape
+    codes, scales = _ternarize_columns(blocks.transpose(1, 0, 2).reshape(size, count * cols))
+    codes = codes.reshape(size, count, cols).transpose(1, 0, 2).reshape(count * size, cols)[: weight.shape[0]]
+    return Ternary(codes, scales.reshape(count, cols).astype(weight.dtype), block)
 
 
 def pack_2bit(codes: np.ndarray) -> np.ndarray:

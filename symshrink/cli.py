@@ -51,20 +51,24 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
+    from symshrink.pipeline import CompressOptions, compress, parse_methods  # noqa: PLC0415
     from symshrink.runtime.diff import format_diffs  # noqa: PLC0415
 
-    if all(v is None for v in (args.keep, args.width, args.width_rule, args.target_size, args.max_error, args.plan)):
+    widths = (args.keep, args.width, args.width_rule, args.target_size, args.max_error, args.plan)
+    if "moment" in parse_methods(args.method) and all(v is None for v in widths):
         raise BadInput("give the widths: --keep F, --width K, --width-rule sqrt:C, --target-size S, --max-error E "
                        "or --plan plan.json")
     options = CompressOptions(
         method=args.method, selector=args.selector, keep=args.keep, width=args.width, width_rule=args.width_rule,
         target_size=args.target_size, calib=args.calib, calib_samples=args.calib_samples,
         random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
-        min_cosine=args.min_cosine, ridge=args.ridge, threads=args.threads, progress=not args.quiet,
+        min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
+        layer_error=args.layer_error, exclude=args.exclude, threads=args.threads, progress=not args.quiet,
     )
     report = compress(args.model, args.output, options)
-    print(report.plan)
+    for plan in (report.plan, report.ternary):
+        if plan is not None:
+            print(plan)
     print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
     print(format_diffs(report.diffs))
     ratio = report.bytes_after / report.bytes_before
@@ -144,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compress", help="rewrite a model smaller; verify; write atomically")
     comp.add_argument("model")
     comp.add_argument("-o", "--output", required=True)
-    comp.add_argument("--method", default="moment", choices=["moment"])
+    comp.add_argument("--method", default="moment",
+                      help="moment (width reduction), ternary (2-bit weights) or moment,ternary (both, in that order)")
     comp.add_argument("--selector", default="select", choices=["select", "recombine", "fold", "magnitude"],
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
                            "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")
@@ -154,6 +159,15 @@ def _parser() -> argparse.ArgumentParser:
     widths.add_argument("--width-rule", help="sqrt:C keeps ceil(C sqrt(d)) of d units")
     widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); "
                                               "widths allocated across groups by error per byte saved")
+    ternary = comp.add_argument_group("ternary")
+    ternary.add_argument("--block-size", default="64", help="input rows per scale: 32, 64, 128, 256 or channel (default 64)")
+    ternary.add_argument("--correction", default="lstsq", choices=["none", "moments", "lstsq"],
+                         help="per-unit scale and bias fitted on calibration data: least squares (default), "
+                              "mean and variance match, or none")
+    ternary.add_argument("--layer-error", type=float,
+                         help="per-layer budget on the relative output error: layers over it get 8 bits, then stay fp32")
+    ternary.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                         help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
     comp.add_argument("--calib-samples", type=int)
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")

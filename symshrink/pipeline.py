@@ -7,6 +7,7 @@ written unless the verify gate passes.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_s
 from symshrink.passes.plan import Plan, make_plan, rewritable
 from symshrink.passes.selectors import UnitProblem
 from symshrink.passes.stats import UnitStats, subsample_rows
+from symshrink.passes.ternary import CORRECTIONS, TernaryPass, TernaryPlan, encode_ternary, encode_uint8, parse_block, plan_layer
+from symshrink.passes.weights import WeightSite, find_weight_sites, weight_matrix
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
@@ -35,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CompressOptions:
-    method: str = "moment"
+    method: str = "moment"  # "moment", "ternary" or "moment,ternary"
     selector: str = "select"
     keep: float | None = None
     width: int | None = None
@@ -49,6 +52,10 @@ class CompressOptions:
     max_error: float | None = None  # relative L2 on held-out samples: the gate, and the budget without a width rule
     min_cosine: float | None = None
     ridge: float = 1e-3
+    block_size: str | None = "64"  # ternary: input rows per scale (32, 64, 128, 256) or "channel"
+    correction: str = "lstsq"  # ternary: per-unit scale and bias fit ("none", "moments", "lstsq")
+    layer_error: float | None = None  # ternary: per-layer relative output error budget (over: 8 bits, then fp32)
+    exclude: list[str] = field(default_factory=list)  # ternary: fnmatch patterns of node / weight names kept fp32
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
     threads: int | None = None
     progress: bool = True
@@ -59,12 +66,21 @@ class CompressOptions:
 class CompressReport:
     source: str
     output: str
-    plan: Plan
-    diffs: list[OutputDiff]
     bytes_before: int
-    bytes_after: int = 0
     holdout_feeds: int = 0
+    plan: Plan | None = None  # moment reduction's
+    ternary: TernaryPlan | None = None
+    diffs: list[OutputDiff] = field(default_factory=list)
+    bytes_after: int = 0
     skipped: list[Group] = field(default_factory=list)
+
+    def plan_json(self) -> str:
+        """The plans as JSON: the moment plan alone (replayable with --plan), the ternary plan alone,
+        or both under their method's name."""
+        plans = {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary)) if plan is not None}
+        if len(plans) == 1:
+            return next(iter(plans.values())).to_json()
+        return json.dumps({name: json.loads(plan.to_json()) for name, plan in plans.items()}, indent=2)
 
 
 def default_calib(model_spec: str) -> str | None:
@@ -125,12 +141,25 @@ def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, Uni
     return make_plan(groups, widths, options.method, options.selector, options.ridge)
 
 
-def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
-    model, path = load_model(model_spec)
-    before = model_bytes_on_disk(path)
-    reference = make_session(path, options.threads)
+METHODS = ("moment", "ternary")
+
+
+def parse_methods(text: str) -> list[str]:
+    """--method: one method or several, comma-separated, run in this order (moment before ternary)."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise BadInput(f"unknown method {', '.join(unknown) or repr(text)}; available: {', '.join(METHODS)} "
+                       "(or moment,ternary)")
+    return sorted(set(methods), key=METHODS.index)
+
+
+def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, fit_feeds: list, holdout: list,
+                  expected: list) -> tuple[Plan, list[Group]]:
+    """Analyse, calibrate, plan and rewrite the symmetric groups in place; the plan it wrote and the
+    candidate groups analysis rejected."""
     groups = analyse(model)
-    candidates = rewritable(groups, options.method, options.selector)
+    candidates = rewritable(groups, "moment", options.selector)
     if options.plan:
         plan = Plan.load(options.plan)
         plan.check_against(groups)
@@ -141,36 +170,82 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
         if isinstance(layouts[g.name], str):
             logger.warning("%s is left as it is: %s", g.name, layouts[g.name])
     candidates = [g for g in candidates if not isinstance(layouts[g.name], str)]
-    feeds = _calibration(options, model_spec, input_specs(reference))
-    fit_feeds, holdout = split_holdout(feeds)
-    expected = run_all(reference, holdout)
-    del reference  # its weights and arenas are not needed again: keep peak memory down
     stats = _calibrate(model, candidates, layouts, fit_feeds, options)
     problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
 
-    def rewrite(plan: Plan, progress: bool = options.progress, last: bool = False) -> tuple[ir.Model, list[OutputDiff]]:
-        # the pass works in place: trial rewrites of the budget search work on copies of the loaded model
-        target = model if last else ir.from_proto(ir.to_proto(model))
-        MomentReductionPass(plan, groups, problems, progress)(target)
-        return target, compare_outputs(expected, run_all(session_for_model(target, options.threads), holdout))
-
     def error_of(widths: dict[str, int]) -> float:
-        _, diffs = rewrite(make_plan(candidates, widths, options.method, options.selector, options.ridge), progress=False)
-        error = max(d.rel_l2 for d in diffs)
+        # trial rewrites of the budget search work on copies of the loaded model
+        trial = ir.from_proto(ir.to_proto(model))
+        MomentReductionPass(make_plan(candidates, widths, "moment", options.selector, options.ridge), groups, problems)(trial)
+        error = max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(trial, options.threads), holdout)))
         if options.progress:
             tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
         return error
 
     if not options.plan:
-        plan = _plan(options, candidates, problems, nodes, before, error_of)
-    compressed, diffs = rewrite(plan, last=True)
-    report = CompressReport(str(path), str(output), plan, diffs, before, holdout_feeds=len(holdout),
-                            skipped=[g for g in groups if not g.ok])
-    failures = gate_failures(diffs, options.max_error, options.min_cosine)
+        plan = _plan(options, candidates, problems, nodes, model_bytes, error_of)
+    MomentReductionPass(plan, groups, problems, options.progress)(model)
+    return plan, [g for g in groups if not g.ok]
+
+
+def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> TernaryPlan:
+    """Encode every weight site in place (ternary, or the fallback its error budget asks for); the plan."""
+    block = parse_block(options.block_size)
+    if options.correction not in CORRECTIONS:
+        raise BadInput(f"unknown correction {options.correction!r}; available: {', '.join(CORRECTIONS)}")
+    sites, passed = find_weight_sites(model, options.exclude)
+    stats = _input_moments(model, sites, fit_feeds, options) if options.correction != "none" or options.layer_error else {}
+    nodes = {node.name: node for node in model.graph}
+    plan = TernaryPlan(block, options.correction, options.layer_error, passed_over=passed)
+    encodings = {}
+    for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not options.progress, leave=False):
+        weight = weight_matrix(site, nodes)
+        site_stats = stats.get(site.activation)
+        ternary = encode_ternary(weight, site_stats, block, options.correction)
+        layer, encoded = plan_layer(site, ternary, lambda w=weight, s=site_stats: encode_uint8(w, s, block or 32),
+                                    options.layer_error)
+        plan.layers.append(layer)
+        if encoded is not None:
+            encodings[site.node] = encoded
+    TernaryPass(plan, sites, encodings, options.progress)(model)
+    return plan
+
+
+def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, options: CompressOptions) -> dict[str, UnitStats]:
+    """Mean and covariance of each site's input rows [.., K], streamed batch by batch."""
+    width = {s.activation: s.rows for s in sites}
+    stats = {name: UnitStats(rows) for name, rows in width.items()}
+    rng = np.random.default_rng(options.seed)
+    batches = tqdm(stream_probes(model, sorted(width), feeds, options.threads), total=len(feeds),
+                   desc="calibrating weights", unit="batch", disable=not options.progress, leave=False)
+    for arrays in batches:
+        for name, rows in width.items():
+            stats[name].add(subsample_rows(arrays[name].reshape(-1, rows), options.rows_per_batch, rng))
+    return stats
+
+
+def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
+    methods = parse_methods(options.method)
+    if options.plan and "moment" not in methods:
+        raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
+    model, path = load_model(model_spec)
+    before = model_bytes_on_disk(path)
+    reference = make_session(path, options.threads)
+    feeds = _calibration(options, model_spec, input_specs(reference))
+    fit_feeds, holdout = split_holdout(feeds)
+    expected = run_all(reference, holdout)
+    del reference  # its weights and arenas are not needed again: keep peak memory down
+    report = CompressReport(str(path), str(output), before, holdout_feeds=len(holdout))
+    if "moment" in methods:
+        report.plan, report.skipped = _moment_stage(model, options, before, fit_feeds, holdout, expected)
+    if "ternary" in methods:
+        report.ternary = _ternary_stage(model, options, fit_feeds)
+    report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
+    failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
     if failures:
         raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(failures))
-    out = save_model(compressed, output)
+    out = save_model(model, output)
     report.bytes_after = model_bytes_on_disk(out)
     if options.plan_out:
-        Path(options.plan_out).write_text(plan.to_json())
+        Path(options.plan_out).write_text(report.plan_json())
     return report

@@ -1,0 +1,190 @@
+"""Ternary pass: each planned weight W [K, N] of a MatMul/Gemm becomes 2-bit codes behind DequantizeLinear.
+
+Per output unit j and block b of input rows, W_kj ~ a_j alpha_bj t_kj with t in {-1, 0, 1} and alpha
+the optimal ternary fit (`ternary_codec`); a_j and a shift c_j of the unit's bias (`moment_correction`)
+keep its pre-activation mean and variance, or its least-squares fit, on calibration data. A layer's
+error is ||x (W - W') - c|| / ||x W|| on the calibration moments; over budget the layer falls back to
+8 bits, then stays fp32, and the plan says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from tqdm import tqdm
+
+from symshrink.errors import BadInput
+from symshrink.passes.blocks import QuantizedWeight
+from symshrink.passes.moment_correction import Correction, least_squares, match_moments
+from symshrink.passes.qdq import ensure_opset, replace_weight
+from symshrink.passes.rtn_codec import quantize_uint8
+from symshrink.passes.stats import UnitStats
+from symshrink.passes.ternary_codec import ternarize
+from symshrink.passes.weights import WeightSite
+
+__all__ = ["CORRECTIONS", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
+           "output_error", "plan_layer", "parse_block"]
+
+CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
+BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A weight in a codec, the shift to add to its output, and its relative output error."""
+
+    weight: QuantizedWeight
+    shift: np.ndarray | None
+    relative_error: float
+
+    @property
+    def codec(self) -> str:
+        return {2: "ternary", 8: "uint8"}[self.weight.bits]
+
+
+def parse_block(text: str | int | None) -> int | None:
+    """--block-size: 32, 64, 128, 256 or 'channel' (one scale per output column)."""
+    if text in (None, "channel"):
+        return None
+    try:
+        block = int(text)
+    except ValueError:
+        block = 0
+    if block not in BLOCK_SIZES:
+        raise BadInput(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} or 'channel', not {text!r}")
+    return block
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None, shift: np.ndarray | None) -> float:
+    """||x (W - W') - shift|| / ||x W|| in expectation over the calibration moments (without them: the
+    relative Frobenius error of the weight). A mean-matching shift leaves only the centred part."""
+    diff = weight.astype(np.float64) - approx.astype(np.float64)
+    if stats is None:
+        return float(np.linalg.norm(diff) / max(np.linalg.norm(weight), 1e-30))
+    mean, covariance = stats.mean, stats.covariance
+    residual_mean = mean @ diff - (0.0 if shift is None else shift)
+    error = np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
+    signal = np.einsum("kn,kn->", weight, covariance @ weight) + np.sum((mean @ weight) ** 2)
+    return float(np.sqrt(max(error, 0.0) / max(signal, 1e-30)))
+
+
+def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | None, correction: str) -> Encoded:
+    """Optimal ternary codes, with the per-unit correction fitted on the calibration moments."""
+    ternary = ternarize(weight, block)
+    scales = ternary.scales.astype(np.float64)
+    approx = ternary.dequantize().astype(np.float64)
+    shift = None
+    fit = CORRECTIONS[correction]
+    if fit is not None and stats is not None:
+        corrected = fit(weight, approx, stats.mean, stats.covariance)
+        scales, approx, shift = scales * corrected.scale, approx * corrected.scale, corrected.bias
+    codes = (ternary.codes + 1).astype(np.uint8)
+    quantized = QuantizedWeight(codes, scales.astype(weight.dtype), np.ones(scales.shape, np.uint8), block, bits=2)
+    return Encoded(quantized, None if shift is None else shift.astype(weight.dtype), output_error(weight, approx, stats, shift))
+
+
+def encode_uint8(weight: np.ndarray, stats: UnitStats | None, block: int | None) -> Encoded:
+    quantized = quantize_uint8(weight, block)
+    return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
+
+
+@dataclass
+class LayerPlan:
+    node: str
+    weight: str
+    rows: int
+    cols: int
+    codec: str  # "ternary", "uint8" or "fp32"
+    relative_error: float | None = None  # of the chosen codec; fp32: None
+    ternary_error: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class TernaryPlan:
+    block: int | None
+    correction: str
+    layer_error: float | None  # the per-layer budget on the relative output error
+    layers: list[LayerPlan] = field(default_factory=list)
+    passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TernaryPlan:
+        try:
+            data = json.loads(text)
+            return cls(layers=[LayerPlan(**layer) for layer in data.pop("layers")], **data)
+        except (ValueError, TypeError, KeyError) as err:
+            raise BadInput(f"not a symshrink ternary plan: {err}") from None
+
+    def counts(self) -> dict[str, int]:
+        counts = {"ternary": 0, "uint8": 0, "fp32": 0}
+        for layer in self.layers:
+            counts[layer.codec] += layer.rows * layer.cols
+        return counts
+
+    def __str__(self) -> str:
+        block = "channel" if self.block is None else self.block
+        budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
+        lines = [f"plan: method=ternary block={block} correction={self.correction} layer error budget={budget}",
+                 f"  {'node':<40} {'shape':>11} {'codec':<8} {'rel.err':>8} {'ternary':>8}  reason"]
+        for layer in self.layers:
+            err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
+            ternary = "-" if layer.ternary_error is None else f"{layer.ternary_error:.2e}"
+            shape = f"{layer.rows}x{layer.cols}"
+            lines.append(f"  {layer.node[-40:]:<40} {shape:>11} {layer.codec:<8} {err:>8} {ternary:>8}  {layer.reason}")
+        total = sum(self.counts().values()) or 1
+        lines.append("  weights: " + ", ".join(f"{name} {count / total:.1%}" for name, count in self.counts().items()))
+        if self.passed_over:
+            lines.append(f"  {len(self.passed_over)} MatMul/Gemm nodes passed over (--json-style detail in --plan-out)")
+        lines.append("  rel.err: the layer's relative output error on the calibration moments")
+        return "\n".join(lines)
+
+
+def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded],
+               budget: float | None) -> tuple[LayerPlan, Encoded | None]:
+    """The layer's codec: ternary within the budget, else 8 bits within it, else fp32 (pure: swappable)."""
+    layer = LayerPlan(site.node, site.weight, site.rows, site.cols, "ternary", ternary.relative_error,
+                      ternary.relative_error)
+    if budget is None or ternary.relative_error <= budget:
+        return layer, ternary
+    uint8 = fallback()
+    if uint8.relative_error <= budget:
+        layer.codec, layer.relative_error = "uint8", uint8.relative_error
+        layer.reason = f"ternary error {ternary.relative_error:.3f} > budget {budget:g}"
+        return layer, uint8
+    layer.codec, layer.relative_error = "fp32", None
+    layer.reason = f"ternary {ternary.relative_error:.3f} and 8-bit {uint8.relative_error:.3f} errors > budget {budget:g}"
+    return layer, None
+
+
+class TernaryPass(InPlacePass):
+    """Write each planned layer's encoding (`encodings[node]`) into the graph; upgrades the opset to 25."""
+
+    def __init__(self, plan: TernaryPlan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
+        super().__init__()
+        self.plan = plan
+        self.sites = {s.node: s for s in sites}
+        self.encodings = encodings
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> PassResult:
+        planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
+        if not planned:
+            return PassResult(model, False)
+        ensure_opset(model)
+        nodes = {node.name: node for node in model.graph}
+        for layer in tqdm(planned, desc="writing codes", unit="layer", disable=not self.progress, leave=False):
+            encoded = self.encodings[layer.node]
+            replace_weight(model.graph, nodes[layer.node], self.sites[layer.node], encoded.weight, encoded.shift,
+                           layer.codec)
+        RemoveUnusedNodesPass()(model)  # the fp32 weights are now unread
+        return PassResult(model, True)
