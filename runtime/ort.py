@@ -64,8 +64,11 @@ def run_all(session: ort.InferenceSession, feeds: Iterable[Feeds], names: Sequen
 
 def stream_probes(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds],
                   threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """For each feed, the values of the named intermediate tensors (one batch in memory at a time)."""
-    session = session_for_model(model, threads, extra_outputs=names)
-    names = list(dict.fromkeys(names))
+    """For each feed, the values of the named intermediate tensors or graph inputs (one batch in memory at
+    a time)."""
+    inputs = {v.name for v in model.graph.inputs}
+    computed = [name for name in dict.fromkeys(names) if name not in inputs]
+    session = session_for_model(model, threads, extra_outputs=computed)
     for feed in feeds:
-        yield dict(zip(names, session.run(names, feed)))
+        values = dict(zip(computed, session.run(computed, feed))) if computed else {}
+        yield values | {name: np.asarray(feed[name]) for name in names if name in inputs}
