@@ -62,6 +62,9 @@ ACCURACY_LEVEL = 4  # int8 compute for MatMulNBits (2- and 8-bit are very slow w
 ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbits2", "nbits8"]
 OPTIONAL_VARIANTS = ["int8-dynamic-all"]  # quantize_dynamic's defaults (Gather and Conv too)
 MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
+TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
+                          r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)")
+BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
 NOTES = {
@@ -117,6 +120,15 @@ def moment_name(text: str) -> str:
     if not match or match["selector"] not in SELECTOR_KINDS or not 0 < float(match["f"]) <= 1:
         raise argparse.ArgumentTypeError(f"not moment-<{'|'.join(SELECTOR_KINDS)}>-<keepF|sizeF|size@keepF>, "
                                          f"0 < F <= 1: {text!r}")
+    return text
+
+
+def ternary_name(text: str) -> str:
+    """Check a ternary variant name [moment-<selector>-keep<F>+]ternary-<b32|b64|b128|b256|channel>-<none|moments|lstsq>."""
+    match = TERNARY_NAME.fullmatch(text)
+    if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]ternary-<b32|b64|b128|b256|channel>-"
+                                         f"<none|moments|lstsq>: {text!r}")
     return text
 
 
@@ -184,22 +196,24 @@ def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False) -> N
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def compress_symshrink(spec: str, entry: ZooModel, out: Path, selector: str, keep: float | None,
-                       target_size: str | None, threads: int) -> dict[str, Any]:
-    """Moment reduction with one selector, to a uniform keep or a global size target; the plan's widths."""
+def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **settings: Any) -> dict[str, Any]:
+    """symshrink.pipeline.compress with these CompressOptions settings; the plans' widths and codecs."""
     from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
 
-    options = CompressOptions(selector=selector, keep=keep, target_size=target_size, calib=entry.calib,
-                              progress=False, threads=threads)
-    report = compress(spec, out, options)
+    report = compress(spec, out, CompressOptions(calib=entry.calib, progress=False, threads=threads, **settings))
+    result = {"holdout_feeds": report.holdout_feeds, "holdout_diffs": [d.to_dict() for d in report.diffs]}
+    if report.ternary is not None:
+        result["codecs"] = report.ternary.counts()
+        result["fp32_layers"] = {layer.node: layer.reason for layer in report.ternary.layers if layer.codec != "ternary"}
+    if report.plan is None:
+        return result
     widths = [{"group": g.group, "kind": g.kind, "width": g.width,
                "kept": g.keep_width if g.kept is None else len(g.kept)} for g in report.plan.groups]
     kept = [w["kept"] / w["width"] for w in widths] or [1.0]
     return {"groups": len(report.plan.groups), "skipped_groups": len(report.skipped),
             "kept_fraction": {"min": min(kept), "max": max(kept), "mean": float(np.mean(kept)),
                               "units": sum(w["kept"] for w in widths) / max(1, sum(w["width"] for w in widths))},
-            "widths": widths, "holdout_feeds": report.holdout_feeds,
-            "holdout_diffs": [d.to_dict() for d in report.diffs]}
+            "widths": widths, **result}
 
 
 def build_moment(spec: str, entry: ZooModel, variant: Variant, built: dict[str, Variant], threads: int) -> None:
@@ -224,7 +238,25 @@ def build_moment(spec: str, entry: ZooModel, variant: Variant, built: dict[str, 
     before = model_bytes_on_disk(built["fp32"].path)
     variant.extra = {"selector": selector, "budget": budget,
                      "target_bytes": None if target is None else parse_size(target, before)}
-    variant.extra.update(compress_symshrink(spec, entry, variant.path, selector, keep, target, threads))
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, selector=selector, keep=keep,
+                                            target_size=target))
+
+
+def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
+    """Compress `variant` ([moment-<selector>-keep<F>+]ternary-<block>-<correction>) into its path."""
+    match = TERNARY_NAME.fullmatch(variant.name)
+    assert match and variant.path is not None
+    block = match["block"].removeprefix("b")
+    settings: dict[str, Any] = {"method": "ternary", "block_size": block, "correction": match["correction"]}
+    what = f"symshrink ternary, block {block}, correction {match['correction']}"
+    if match["moment"]:
+        moment = MOMENT_NAME.fullmatch(match["moment"])
+        settings.update(method="moment,ternary", selector=moment["selector"], keep=float(moment["f"]))
+        what = f"symshrink moment reduction ({moment['selector']}, keep {moment['f']}) then ternary, block {block}, " \
+               f"correction {match['correction']}"
+    variant.note = f"{what}, calib {entry.calib}"
+    variant.extra = {"ternary": match["block"] + "-" + match["correction"]}
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
 def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: list[str],
@@ -256,6 +288,8 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
             if name in builders:
                 with contextlib.redirect_stdout(io.StringIO()):  # k-quant prints a progress bar
                     builders[name](out)
+            elif TERNARY_NAME.fullmatch(name):
+                build_ternary(spec, entry, variant, threads)
             else:
                 build_moment(spec, entry, variant, built, threads)
         except Exception as err:  # noqa: BLE001 (any failure becomes a row)
@@ -337,6 +371,7 @@ def bench_model(spec: str, moments: list[str], wanted: list[str], args: argparse
     feed_file = work / spec / "latency_feed.npz"
     feed_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(feed_file, **feed)
+    batch_feed = {k: np.repeat(v[:1], BATCH, axis=0) for k, v in feed.items()} if args.batch32 else None
     output = primary_output(reference)
     ref_outputs = run_all(reference, eval_feeds)
     del reference
@@ -354,6 +389,10 @@ def bench_model(spec: str, moments: list[str], wanted: list[str], args: argparse
                 row.update(measure_rss(v.path, feed_file, args.threads))
                 row.update(measure_latency(v.path, feed, args.threads, args.pause, args.min_runs,
                                            args.min_seconds))
+                if batch_feed is not None:
+                    timing = measure_latency(v.path, batch_feed, args.threads, args.pause, args.min_runs // 3,
+                                             args.min_seconds)
+                    row["latency_b32_ms"] = timing["latency_ms"]
                 session = make_session(v.path, args.threads)
                 row.update(measure_quality(session, eval_feeds, ref_outputs, output))
                 row["metric"] = get_task(entry.task).evaluate(session)
@@ -371,6 +410,7 @@ def bench_model(spec: str, moments: list[str], wanted: list[str], args: argparse
             "reference_metric": entry.reference_metric, "primary_output": output,
             "eval_samples": sum(next(iter(f.values())).shape[0] for f in eval_feeds),
             "latency_feed": {k: list(v.shape) for k, v in feed.items()},
+            "batch_feed": None if batch_feed is None else {k: list(v.shape) for k, v in batch_feed.items()},
             "fp32_latency_end_ms": drift["latency_ms"], "build_wall_s": build_wall, "rows": rows}
 
 
@@ -571,18 +611,25 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
             lines += ["", f"**Latency drift:** fp32 took {fp32['latency_ms']:.2f} ms when timed first and "
                       f"{model['fp32_latency_end_ms']:.2f} ms at the end of the run (the machine's load changed during "
                       "the run): this model's latencies and latency ratios are unreliable."]
-        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | latency ms | latency vs fp32 | rel L2 "
-                  "| cosine | task metric | kept/group | build s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        batch = "latency_b32_ms" in fp32
+        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | latency ms | latency vs fp32 "
+                  + ("| batch-32 ms | batch-32 vs fp32 " if batch else "") + "| rel L2 "
+                  "| cosine | task metric | kept/group | build s |",
+                  "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if batch else "") + "---:|---:|---:|---:|---:|"]
         notes = []
         for r in model["rows"]:
             if r.get("error"):
                 notes.append(f"- {r['variant']}: {r['error']}")
-                lines.append(f"| {r['variant']} | n/a | | | | | | | | | {r['build_s']:.1f} |")
+                lines.append(f"| {r['variant']} | n/a | | | | | " + ("| | " if batch else "") + f"| | | | | {r['build_s']:.1f} |")
                 continue
             size = r["bytes"] / fp32["bytes"] if fp32 else None
             speed = r["latency_ms"] / fp32["latency_ms"] if fp32 else None
+            batch_cells = ""
+            if batch:
+                ratio = r["latency_b32_ms"] / fp32["latency_b32_ms"]
+                batch_cells = f"| {r['latency_b32_ms']:.2f} | {ratio:.2f}x "
             lines.append(f"| {r['variant']} | {r['bytes'] / MB:.2f} | {_fmt(size, '.2f')}x "
-                         f"| {r['rss_mb']:.1f} | {r['latency_ms']:.2f} | {_fmt(speed, '.2f')}x "
+                         f"| {r['rss_mb']:.1f} | {r['latency_ms']:.2f} | {_fmt(speed, '.2f')}x {batch_cells}"
                          f"| {r['rel_l2']:.4f} | {r['cosine']:.4f} | {r['metric']:.4f} | {kept_range(r)} "
                          f"| {r['build_s']:.1f} |")
         if notes:
@@ -616,6 +663,11 @@ def main() -> None:
                          "size of the same selector's <budget> variant)")
     ap.add_argument("--moment", nargs="*", type=moment_name, default=[], metavar="moment-SELECTOR-BUDGET",
                     help="more symshrink variants, e.g. moment-select-size@keep0.5")
+    ap.add_argument("--ternary", nargs="*", type=ternary_name, default=[],
+                    metavar="[moment-SELECTOR-keepF+]ternary-BLOCK-CORRECTION",
+                    help="symshrink ternary variants, e.g. ternary-b64-lstsq, moment-select-keep0.5+ternary-channel-moments")
+    ap.add_argument("--batch32", action="store_true",
+                    help=f"also time a batch of {BATCH} (the latency feed's first row repeated)")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,
                     help="onnxruntime variants to build (fp32 is always measured)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -641,7 +693,8 @@ def main() -> None:
     if args.render_only:
         write_report(json.loads(json_path.read_text()), args.out)
         return
-    moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment))
+    moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment
+                                 + args.ternary))
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))
