@@ -1,11 +1,12 @@
-"""Small read-only helpers over onnx-ir graphs: constants behind values, readers of a value."""
+"""Small helpers over onnx-ir graphs: constants behind values, readers of a value, node names, new initializers."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr", "bias_input", "ensure_names"]
+__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr", "bias_input",
+           "ensure_names", "add_initializer"]
 
 
 def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
@@ -86,3 +87,15 @@ def ensure_names(graph: ir.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a new initializer named `base` (`base.1`, `base.2`... when taken)."""
+    name, copies = base, 0
+    while name in graph.initializers:
+        copies += 1
+        name = f"{base}.{copies}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value

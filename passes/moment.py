@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from symshrink.passes.analysis import Group
 from symshrink.passes.fold import fold
-from symshrink.passes.graph import attr, bias_input, constant_array, constant_tensor
+from symshrink.passes.graph import add_initializer, attr, bias_input, constant_array, constant_tensor
 from symshrink.passes.handlers import Cut
 from symshrink.passes.plan import GroupPlan, Plan
 from symshrink.passes.recombine import recombine
@@ -134,15 +134,7 @@ def bytes_saved(groups: list[Group], widths: dict[str, int], nodes: dict[str, ir
 
 def _set_constant(node: ir.Node, index: int, array: np.ndarray, graph: ir.Graph, label: str) -> None:
     """Give `node` a new initializer as input `index` (other readers of the old value keep it)."""
-    base = name = f"{node.inputs[index].name or node.name}.{label}"
-    copies = 0
-    while name in graph.initializers:  # a constant shared by several nodes gets one copy per node
-        copies += 1
-        name = f"{base}.{copies}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    node.replace_input_with(index, value)
+    node.replace_input_with(index, add_initializer(graph, f"{node.inputs[index].name or node.name}.{label}", array))
 
 
 class MomentReductionPass(InPlacePass):

@@ -17,27 +17,13 @@ import onnxscript.version_converter
 
 from symshrink.errors import BadInput
 from symshrink.passes.blocks import QuantizedWeight
-from symshrink.passes.graph import bias_input, constant_array
-from symshrink.passes.weights import WeightSite
+from symshrink.passes.graph import add_initializer
+from symshrink.passes.products import Product
 
-__all__ = ["ensure_opset", "replace_weight", "STORAGE_DTYPES", "DEQUANTIZE_OPSET"]
+__all__ = ["ensure_opset", "dequantize_product", "STORAGE_DTYPES", "DEQUANTIZE_OPSET"]
 
 DEQUANTIZE_OPSET = 25  # the first opset whose DequantizeLinear takes uint2
 STORAGE_DTYPES = {2: ml_dtypes.uint2, 8: np.uint8}  # code bits -> storage type
-
-
-def _dequantize_inputs(weight: QuantizedWeight, prefix: str) -> tuple[list[ir.Value], dict[str, int]]:
-    """(q, scale, zero_point) initializers and DequantizeLinear's attributes."""
-    dtype = STORAGE_DTYPES[weight.bits]
-    if weight.block is None:  # per column: 1-D scales along the output axis
-        scales, zero_points, attributes = weight.scales.reshape(-1), weight.zero_points.reshape(-1), {"axis": 1}
-    else:
-        scales, zero_points, attributes = weight.scales, weight.zero_points, {"axis": 0, "block_size": weight.block}
-    arrays = {"q": weight.codes.astype(dtype), "scale": scales, "zero_point": zero_points.astype(dtype)}
-    values = [ir.Value(name=f"{prefix}.{key}", shape=ir.Shape(array.shape),
-                       type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                       const_value=ir.tensor(array, name=f"{prefix}.{key}")) for key, array in arrays.items()]
-    return values, attributes
 
 
 def ensure_opset(model: ir.Model, version: int = DEQUANTIZE_OPSET) -> bool:
@@ -57,52 +43,19 @@ def ensure_opset(model: ir.Model, version: int = DEQUANTIZE_OPSET) -> bool:
     return True
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
+def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
+    """x @ DequantizeLinear(weight); the codes, scales and zero points become initializers `prefix.*`."""
+    if weight.block is None:  # per column: 1-D scales along the output axis
+        scales, zero_points, attributes = weight.scales.reshape(-1), weight.zero_points.reshape(-1), {"axis": 1}
+    else:
+        scales, zero_points, attributes = weight.scales, weight.zero_points, {"axis": 0, "block_size": weight.block}
+    dtype = STORAGE_DTYPES[weight.bits]
+    arrays = {"q": weight.codes.astype(dtype), "scale": scales, "zero_point": zero_points.astype(dtype)}
+    values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in arrays.items()]
 
+    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        dequantized, result = ir.Value(name=f"{values[0].name}.dequantized"), ir.Value(name=f"{name}.product")
+        return [ir.node("DequantizeLinear", values, attributes, outputs=[dequantized], name=f"{name}.DequantizeLinear"),
+                ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result
 
-def _unique(graph: ir.Graph, base: str) -> str:
-    name, copies = base, 0
-    while name in graph.initializers:
-        copies += 1
-        name = f"{base}.{copies}"
-    return name
-
-
-def replace_weight(graph: ir.Graph, node: ir.Node, site: WeightSite, weight: QuantizedWeight,
-                   shift: np.ndarray | None, label: str) -> None:
-    """Make `node` compute x @ dequantize(weight) (+ shift per output column). A MatMul keeps its node
-    (its bias Add takes the shift, or a new Add does); a Gemm becomes MatMul (+ Add of beta C + shift)."""
-    prefix = _unique(graph, f"{site.weight}.{label}")
-    values, attributes = _dequantize_inputs(weight, prefix)
-    for value in values:
-        graph.register_initializer(value)
-    dequantized = ir.Value(name=f"{prefix}.dequantized")
-    dequantize = ir.node("DequantizeLinear", values, attributes, outputs=[dequantized], name=f"{prefix}.DequantizeLinear")
-    dtype = weight.scales.dtype
-    bias = None
-    if site.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
-        bias = constant_array(node.inputs[2]).reshape(-1) * dtype.type(node.attributes.get_float("beta", 1.0))
-    if site.op == "MatMul" and shift is not None and bias_input(node) is not None:
-        reader, index, _ = bias_input(node)
-        old = constant_array(reader.inputs[index])
-        reader.replace_input_with(index, _constant(graph, _unique(graph, f"{reader.inputs[index].name}.{label}"),
-                                                   (old + shift).astype(old.dtype)))
-        shift = None
-    if shift is not None:
-        bias = shift.astype(dtype) if bias is None else (bias + shift).astype(dtype)
-    if site.op == "MatMul" and bias is None:
-        graph.insert_before(node, dequantize)
-        node.replace_input_with(1, dequantized)
-        return
-    product = ir.Value(name=f"{node.name}.{label}.product")
-    new_nodes = [dequantize, ir.node("MatMul", [node.inputs[0], dequantized], outputs=[product], name=f"{node.name}.{label}")]
-    result = product
-    if bias is not None:
-        result = ir.Value(name=f"{node.name}.{label}.biased")
-        new_nodes.append(ir.node("Add", [product, _constant(graph, _unique(graph, f"{prefix}.bias"), bias)],
-                                 outputs=[result], name=f"{node.name}.{label}.bias"))
-    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
+    return product

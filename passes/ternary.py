@@ -22,17 +22,22 @@ from tqdm import tqdm
 from symshrink.errors import BadInput
 from symshrink.passes.blocks import QuantizedWeight
 from symshrink.passes.moment_correction import Correction, least_squares, match_moments
-from symshrink.passes.qdq import ensure_opset, replace_weight
+from symshrink.passes.products import replace_product
+from symshrink.passes.qdq import dequantize_product, ensure_opset
 from symshrink.passes.rtn_codec import quantize_uint8
 from symshrink.passes.stats import UnitStats
 from symshrink.passes.ternary_codec import ternarize
+from symshrink.passes.ternary_function import add_function, function_product
 from symshrink.passes.weights import WeightSite
 
-__all__ = ["CORRECTIONS", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
+__all__ = ["CORRECTIONS", "STORAGES", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
            "output_error", "plan_layer", "parse_block"]
 
 CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
 BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
+# how codes are written: 2-bit DequantizeLinear (opset 25, fused by onnxruntime into MatMulNBits), or the
+# TernaryMatMul function with 2-bit or base-3 bytes (opset 10; onnxruntime folds it to dense fp32)
+STORAGES = {"dequantize": None, "function": 4, "function-base3": 3}
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class LayerPlan:
 class TernaryPlan:
     block: int | None
     correction: str
+    storage: str  # a key of STORAGES
     layer_error: float | None  # the per-layer budget on the relative output error
     layers: list[LayerPlan] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
@@ -134,7 +140,8 @@ class TernaryPlan:
     def __str__(self) -> str:
         block = "channel" if self.block is None else self.block
         budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
-        lines = [f"plan: method=ternary block={block} correction={self.correction} layer error budget={budget}",
+        lines = [f"plan: method=ternary block={block} correction={self.correction} storage={self.storage} "
+                 f"layer error budget={budget}",
                  f"  {'node':<40} {'shape':>11} {'codec':<8} {'rel.err':>8} {'ternary':>8}  reason"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
@@ -149,13 +156,18 @@ class TernaryPlan:
         return "\n".join(lines)
 
 
-def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded],
+def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded] | None,
                budget: float | None) -> tuple[LayerPlan, Encoded | None]:
-    """The layer's codec: ternary within the budget, else 8 bits within it, else fp32 (pure: swappable)."""
+    """The layer's codec: ternary within the budget, else 8 bits within it (when there is a `fallback`),
+    else fp32 (pure: swappable)."""
     layer = LayerPlan(site.node, site.weight, site.rows, site.cols, "ternary", ternary.relative_error,
                       ternary.relative_error)
     if budget is None or ternary.relative_error <= budget:
         return layer, ternary
+    if fallback is None:
+        layer.codec, layer.relative_error = "fp32", None
+        layer.reason = f"ternary error {ternary.relative_error:.3f} > budget {budget:g} (8 bits needs --storage dequantize)"
+        return layer, None
     uint8 = fallback()
     if uint8.relative_error <= budget:
         layer.codec, layer.relative_error = "uint8", uint8.relative_error
@@ -180,11 +192,21 @@ class TernaryPass(InPlacePass):
         planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
         if not planned:
             return PassResult(model, False)
-        ensure_opset(model)
+        radix = STORAGES[self.plan.storage]
+        if radix is None:
+            ensure_opset(model)
+        else:
+            add_function(model, radix)
         nodes = {node.name: node for node in model.graph}
         for layer in tqdm(planned, desc="writing codes", unit="layer", disable=not self.progress, leave=False):
             encoded = self.encodings[layer.node]
-            replace_weight(model.graph, nodes[layer.node], self.sites[layer.node], encoded.weight, encoded.shift,
-                           layer.codec)
+            site = self.sites[layer.node]
+            prefix = f"{site.weight}.{layer.codec}"
+            if radix is None or layer.codec != "ternary":
+                product = dequantize_product(model.graph, encoded.weight, prefix)
+            else:
+                product = function_product(model.graph, encoded.weight, radix, prefix)
+            replace_product(model.graph, nodes[layer.node], site, product, encoded.shift, encoded.weight.scales.dtype,
+                            layer.codec)
         RemoveUnusedNodesPass()(model)  # the fp32 weights are now unread
         return PassResult(model, True)

@@ -2,8 +2,8 @@
 
 For a vector w and support S, the best scale is alpha = mean_S |w_i| and the error is
 ||w||^2 - (sum_S |w_i|)^2 / |S|, so the optimal support is the k largest |w_i| for the k that maximises
-(sum of the k largest)^2 / k: exact in O(n log n). Codes are stored as t + 1 in 2 bits, 4 per byte,
-element 0 in the low bits (ONNX's packing of uint2).
+(sum of the k largest)^2 / k: exact in O(n log n). Codes are stored as digits t + 1: in 2 bits, 4 per
+byte, element 0 in the low bits (ONNX's packing of uint2), or in base 3, 5 per byte (1.6 bits).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 
 from symshrink.passes.blocks import expand_scales, split_blocks
 
-__all__ = ["Ternary", "ternarize", "pack_2bit", "unpack_2bit", "CODES_PER_BYTE"]
+__all__ = ["Ternary", "ternarize", "pack_codes", "unpack_codes", "DIGITS_PER_BYTE"]
 
-CODES_PER_BYTE = 4
+DIGITS_PER_BYTE = {4: 4, 3: 5}  # radix -> codes per byte (3**5 = 243 <= 256)
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,17 @@ def ternarize(weight: np.ndarray, block: int | None = None) -> Ternary:
     return Ternary(codes, scales.reshape(count, cols).astype(weight.dtype), block)
 
 
-def pack_2bit(codes: np.ndarray) -> np.ndarray:
-    """Flattened codes in {-1, 0, 1} -> bytes holding t + 1, four per byte, element 0 in the low bits."""
-    values = (codes.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
-    values = np.concatenate([values, np.zeros(-len(values) % CODES_PER_BYTE, np.uint8)])
-    quads = values.reshape(-1, CODES_PER_BYTE)
-    return (quads[:, 0] | quads[:, 1] << 2 | quads[:, 2] << 4 | quads[:, 3] << 6).astype(np.uint8)
+def pack_codes(codes: np.ndarray, radix: int = 4) -> np.ndarray:
+    """Flattened codes in {-1, 0, 1} -> bytes holding the digits t + 1 in base `radix`, element 0 lowest:
+    radix 4 puts 4 codes in a byte (2 bits each, ONNX's uint2 packing), radix 3 puts 5 (1.6 bits)."""
+    per_byte = DIGITS_PER_BYTE[radix]
+    digits = (codes.reshape(-1).astype(np.int16) + 1).astype(np.uint16)
+    digits = np.concatenate([digits, np.zeros(-len(digits) % per_byte, np.uint16)]).reshape(-1, per_byte)
+    return (digits @ (radix ** np.arange(per_byte, dtype=np.uint16))).astype(np.uint8)
 
 
-def unpack_2bit(packed: np.ndarray, count: int) -> np.ndarray:
-    """Inverse of `pack_2bit`: the first `count` codes, as int8 in {-1, 0, 1}."""
-    shifts = np.array([0, 2, 4, 6], np.uint8)
-    values = (packed[:, None] >> shifts[None, :]) & 0b11
-    return values.reshape(-1)[:count].astype(np.int8) - 1
+def unpack_codes(packed: np.ndarray, count: int, radix: int = 4) -> np.ndarray:
+    """Inverse of `pack_codes`: the first `count` codes, as int8 in {-1, 0, 1}."""
+    powers = radix ** np.arange(DIGITS_PER_BYTE[radix], dtype=np.int32)
+    digits = (packed.astype(np.int32)[:, None] // powers[None, :]) % radix
+    return digits.reshape(-1)[:count].astype(np.int8) - 1

@@ -26,7 +26,16 @@ from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_s
 from symshrink.passes.plan import Plan, make_plan, rewritable
 from symshrink.passes.selectors import UnitProblem
 from symshrink.passes.stats import UnitStats, subsample_rows
-from symshrink.passes.ternary import CORRECTIONS, TernaryPass, TernaryPlan, encode_ternary, encode_uint8, parse_block, plan_layer
+from symshrink.passes.ternary import (
+    CORRECTIONS,
+    STORAGES,
+    TernaryPass,
+    TernaryPlan,
+    encode_ternary,
+    encode_uint8,
+    parse_block,
+    plan_layer,
+)
 from symshrink.passes.weights import WeightSite, find_weight_sites, weight_matrix
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
@@ -55,6 +64,7 @@ class CompressOptions:
     block_size: str | None = "64"  # ternary: input rows per scale (32, 64, 128, 256) or "channel"
     correction: str = "lstsq"  # ternary: per-unit scale and bias fit ("none", "moments", "lstsq")
     layer_error: float | None = None  # ternary: per-layer relative output error budget (over: 8 bits, then fp32)
+    storage: str = "dequantize"  # ternary: "dequantize" (2-bit DequantizeLinear), "function" or "function-base3"
     exclude: list[str] = field(default_factory=list)  # ternary: fnmatch patterns of node / weight names kept fp32
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
     threads: int | None = None
@@ -193,17 +203,23 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -
     block = parse_block(options.block_size)
     if options.correction not in CORRECTIONS:
         raise BadInput(f"unknown correction {options.correction!r}; available: {', '.join(CORRECTIONS)}")
+    if options.storage not in STORAGES:
+        raise BadInput(f"unknown storage {options.storage!r}; available: {', '.join(STORAGES)}")
     sites, passed = find_weight_sites(model, options.exclude)
     stats = _input_moments(model, sites, fit_feeds, options) if options.correction != "none" or options.layer_error else {}
     nodes = {node.name: node for node in model.graph}
-    plan = TernaryPlan(block, options.correction, options.layer_error, passed_over=passed)
+    plan = TernaryPlan(block, options.correction, options.storage, options.layer_error, passed_over=passed)
+    fallback_block = block or 32  # 8-bit layers of a per-channel plan take blocks of 32
     encodings = {}
     for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not options.progress, leave=False):
         weight = weight_matrix(site, nodes)
         site_stats = stats.get(site.activation)
         ternary = encode_ternary(weight, site_stats, block, options.correction)
-        layer, encoded = plan_layer(site, ternary, lambda w=weight, s=site_stats: encode_uint8(w, s, block or 32),
-                                    options.layer_error)
+        # 8 bits is DequantizeLinear: only where that is the storage (the function storage stays at opset 10)
+        fallback = None
+        if options.storage == "dequantize":
+            fallback = lambda w=weight, s=site_stats: encode_uint8(w, s, fallback_block)  # noqa: E731
+        layer, encoded = plan_layer(site, ternary, fallback, options.layer_error)
         plan.layers.append(layer)
         if encoded is not None:
             encodings[site.node] = encoded

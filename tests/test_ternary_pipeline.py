@@ -10,6 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.cli import main
 from symshrink.passes.blocks import QuantizedWeight
+from symshrink.passes.ternary_codec import unpack_codes
+from symshrink.passes.ternary_function import function_name
 from symshrink.pipeline import CompressOptions, compress
 from symshrink.runtime.ort import make_session
 from tests.conftest import mlp_model
@@ -200,3 +202,36 @@ def test_resident_memory_of_a_4096x4096_ternary_layer_is_a_fraction_of_fp32(tmp_
     # 5 MiB) plus MatMulNBits' buffers; measured 65 MiB vs 7.5 MiB (8.7x, where the bits alone give 12.8x)
     assert fp32 > 60 * 1024
     assert ternary < fp32 / 6
+
+
+def _function_weight(model: onnx.ModelProto, node: onnx.NodeProto, radix: int) -> np.ndarray:
+    """numpy reference of one TernaryMatMul's weight: unpack the digits, scale each block, cut the padding."""
+    arrays = _arrays(model)
+    packed, scales, blocks_shape, _, count, rows = (arrays[name] for name in node.input[1:])
+    codes = unpack_codes(packed, int(count[0]), radix).reshape(blocks_shape)
+    return (codes * scales).reshape(-1, blocks_shape[2])[: int(rows[0])]
+
+
+@pytest.mark.parametrize(("storage", "radix"), [("function", 4), ("function-base3", 3)])
+def test_function_storage_keeps_the_opset_and_decodes_to_the_ternary_weights(tmp_path, storage, radix):
+    path, out = tmp_path / "mlp.onnx", tmp_path / f"{storage}.onnx"
+    onnx.save(mlp_model(hidden=128, inputs=64, outputs=64, opset=17), path)
+    compress(str(path), out, CompressOptions(method="ternary", calib=str(_calib(tmp_path)), storage=storage,
+                                             progress=False))
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    assert {o.domain: o.version for o in written.opset_import} == {"": 17, "ai.symshrink": 1}
+    assert [(f.domain, f.name) for f in written.functions] == [("ai.symshrink", function_name(radix))]
+    calls = [n for n in written.graph.node if n.domain == "ai.symshrink"]
+    assert [n.name for n in calls] == ["fc1", "fc2"]
+    packed = _arrays(written)[calls[0].input[1]]
+    assert packed.dtype == np.uint8 and len(packed) == -(-64 * 128 // (4 if radix == 4 else 5))
+    arrays = _arrays(written)
+    bias1 = arrays[next(n for n in written.graph.node if n.name == "fc1_bias").input[1]]
+    bias2 = arrays[next(n for n in written.graph.node if n.name == "fc2_bias").input[1]]
+    x = _x()
+    hidden = np.maximum(x @ _function_weight(written, calls[0], radix) + bias1, 0)
+    expected = hidden @ _function_weight(written, calls[1], radix) + bias2
+    (got,) = make_session(out).run(None, {"x": x})
+    # onnxruntime folds the function to a dense fp32 weight: float32 rounding only
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from symshrink.passes.ternary_codec import pack_2bit, ternarize, unpack_2bit
+from symshrink.passes.ternary_codec import pack_codes, ternarize, unpack_codes
 
 
 def _brute_force_error(w: np.ndarray) -> float:
@@ -49,13 +49,21 @@ def test_zero_columns_stay_zero():
 @pytest.mark.parametrize("count", [1, 3, 4, 5, 64, 1001])
 def test_packing_round_trips_and_matches_onnx_uint2_order(count):
     codes = np.random.default_rng(count).integers(-1, 2, count).astype(np.int8)
-    packed = pack_2bit(codes)
+    packed = pack_codes(codes)
     assert packed.dtype == np.uint8 and len(packed) == -(-count // 4)
-    np.testing.assert_array_equal(unpack_2bit(packed, count), codes)
+    np.testing.assert_array_equal(unpack_codes(packed, count), codes)
     # the same bytes as onnx's own packing of a UINT2 tensor (what DequantizeLinear reads)
     reference = numpy_helper.from_array((codes + 1).astype(ml_dtypes.uint2))
     assert reference.data_type == onnx.TensorProto.UINT2
     assert bytes(packed) == reference.raw_data
+
+
+@pytest.mark.parametrize("count", [1, 4, 5, 6, 999, 1000, 1001])
+def test_base3_packing_holds_five_codes_per_byte_and_round_trips(count):
+    codes = np.random.default_rng(count).integers(-1, 2, count).astype(np.int8)
+    packed = pack_codes(codes, radix=3)
+    assert packed.dtype == np.uint8 and len(packed) == -(-count // 5) and packed.max() <= 242
+    np.testing.assert_array_equal(unpack_codes(packed, count, radix=3), codes)
 
 
 def test_uint2_dequantize_linear_becomes_a_2bit_matmul_in_onnxruntime(tmp_path):
