@@ -1,8 +1,8 @@
 """Rewriting a weight site y = x W (+ b): new nodes compute the product, then the site's bias and any
 per-output shift are added, and the result takes over the site's output (its name included).
 
-A MatMul's shift goes into the constant of its bias Add when it has one; a Gemm becomes product + Add of
-beta C (alpha is already in the site's W); otherwise a new Add carries the shift.
+A MatMul's bias Add is rewritten with it (its constant plus the shift); a Gemm becomes product + beta C
+(alpha is already in the site's W); otherwise a new node adds the shift.
 """
 
 from __future__ import annotations
@@ -21,23 +21,31 @@ __all__ = ["Product", "replace_product"]
 Product = Callable[[ir.Value, str], tuple[list[ir.Node], ir.Value]]
 
 
+def _bias_op(x: ir.Value) -> str:
+    """Add where the activation has rank >= 3, else Sum: over a 2-D input, onnxruntime (1.32) fuses MatMul + Add
+    into Gemm before it fuses DequantizeLinear + MatMul into MatMulNBits, which would dequantize the weight on
+    every run. Sum is the same sum and is not fused."""
+    rank = x.shape.rank() if x.shape is not None else None
+    return "Add" if rank is not None and rank >= 3 else "Sum"
+
+
 def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: Product, shift: np.ndarray | None,
                     dtype: np.dtype, label: str) -> None:
-    bias = None
+    old_nodes, bias = [node], None
     if site.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = constant_array(node.inputs[2]).reshape(-1) * dtype.type(node.attributes.get_float("beta", 1.0))
-    if site.op == "MatMul" and shift is not None and bias_input(node) is not None:
+    elif site.op == "MatMul" and bias_input(node) is not None:  # the bias Add is rewritten with the product
         reader, index, _ = bias_input(node)
-        old = constant_array(reader.inputs[index])
-        new = add_initializer(graph, f"{reader.inputs[index].name}.{label}", (old + shift).astype(old.dtype))
-        reader.replace_input_with(index, new)
-        shift = None
+        bias = constant_array(reader.inputs[index])
+        old_nodes.append(reader)
     if shift is not None:
         bias = shift if bias is None else bias + shift
-    new_nodes, result = product(node.inputs[0], node.name)  # the new MatMul keeps the site's name
+    x = node.inputs[0]
+    new_nodes, result = product(x, node.name)  # the new MatMul keeps the site's name
     if bias is not None:
         biased = ir.Value(name=f"{node.name}.{label}.biased")
         constant = add_initializer(graph, f"{site.weight}.{label}.bias", np.asarray(bias, dtype))
-        new_nodes.append(ir.node("Add", [result, constant], outputs=[biased], name=f"{node.name}.bias"))
+        name = old_nodes[1].name if len(old_nodes) > 1 else f"{node.name}.bias"
+        new_nodes.append(ir.node(_bias_op(x), [result, constant], outputs=[biased], name=name))
         result = biased
-    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
+    ir.convenience.replace_nodes_and_values(graph, old_nodes[-1], old_nodes, new_nodes, [old_nodes[-1].outputs[0]], [result])

@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -55,6 +56,15 @@ def _matmul_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
     return _dequantized(model, dequantize) if dequantize is not None else _arrays(model)[node.input[1]]
 
 
+def _optimized_ops(path, tmp_path) -> list[str]:
+    """The op types of the graph onnxruntime runs after its optimisations."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+
+
 def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_network(tmp_path):
     path, out = tmp_path / "mlp.onnx", tmp_path / "ternary.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
@@ -69,6 +79,8 @@ def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_networ
         assert codes.data_type == TensorProto.UINT2
     assert [layer.codec for layer in report.ternary.layers] == ["ternary", "ternary"]
     assert not any(i.name in ("W1", "W2") for i in written.graph.initializer)  # the fp32 weights are gone
+    # onnxruntime runs both layers as 2-bit MatMulNBits (a bias Add over a 2-D input would be fused into Gemm first)
+    assert _optimized_ops(out, tmp_path) == ["MatMulNBits", "Sum", "Relu", "MatMulNBits", "Sum"]
     # numpy reference: the written codes, scales and (shifted) biases, in float64
     arrays = _arrays(written)
     fc1, fc2 = (next(n for n in written.graph.node if n.name == name) for name in ("fc1", "fc2"))
@@ -106,7 +118,8 @@ def test_gemm_with_transb_alpha_beta_becomes_matmul_plus_bias_and_keeps_its_outp
                                              progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
-    assert [n.op_type for n in written.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert [n.op_type for n in written.graph.node] == ["DequantizeLinear", "MatMul", "Sum"]
+    assert _optimized_ops(out, tmp_path) == ["MatMulNBits", "Sum"]
     assert written.graph.output[0].name == "y"
     matmul, add = written.graph.node[1], written.graph.node[2]
     x = _x()
