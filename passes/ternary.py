@@ -31,7 +31,7 @@ from symshrink.passes.ternary_function import add_function, function_product
 from symshrink.passes.weights import WeightSite
 
 __all__ = ["CORRECTIONS", "STORAGES", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
-           "output_error", "plan_layer", "parse_block"]
+           "output_error", "plan_layer", "parse_block", "ternary_order"]
 
 CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
 BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
@@ -156,22 +156,29 @@ class TernaryPlan:
         return "\n".join(lines)
 
 
-def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded] | None,
-               budget: float | None) -> tuple[LayerPlan, Encoded | None]:
-    """The layer's codec: ternary within the budget, else 8 bits within it (when there is a `fallback`),
-    else fp32 (pure: swappable)."""
+def ternary_order(errors: dict[str, float]) -> list[str]:
+    """The order in which the --max-error search makes layers ternary: smallest calibrated error first
+    (pure: swappable)."""
+    return sorted(errors, key=errors.__getitem__)
+
+
+def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded] | None, budget: float | None,
+               allowed: bool = True) -> tuple[LayerPlan, Encoded | None]:
+    """The layer's codec: ternary where `allowed` and within the per-layer budget, else 8 bits within it
+    (when there is a `fallback`), else fp32 (pure: swappable)."""
     layer = LayerPlan(site.node, site.weight, site.rows, site.cols, "ternary", ternary.relative_error,
                       ternary.relative_error)
-    if budget is None or ternary.relative_error <= budget:
+    if allowed and (budget is None or ternary.relative_error <= budget):
         return layer, ternary
+    why = f"ternary error {ternary.relative_error:.3f} > budget {budget:g}" if allowed else \
+        "the --max-error search kept it in higher precision"
     if fallback is None:
         layer.codec, layer.relative_error = "fp32", None
-        layer.reason = f"ternary error {ternary.relative_error:.3f} > budget {budget:g} (8 bits needs --storage dequantize)"
+        layer.reason = f"{why} (8 bits needs --storage dequantize)"
         return layer, None
     uint8 = fallback()
-    if uint8.relative_error <= budget:
-        layer.codec, layer.relative_error = "uint8", uint8.relative_error
-        layer.reason = f"ternary error {ternary.relative_error:.3f} > budget {budget:g}"
+    if budget is None or uint8.relative_error <= budget:
+        layer.codec, layer.relative_error, layer.reason = "uint8", uint8.relative_error, why
         return layer, uint8
     layer.codec, layer.relative_error = "fp32", None
     layer.reason = f"ternary {ternary.relative_error:.3f} and 8-bit {uint8.relative_error:.3f} errors > budget {budget:g}"

@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,14 @@ from symshrink.passes.stats import UnitStats, subsample_rows
 from symshrink.passes.ternary import (
     CORRECTIONS,
     STORAGES,
+    Encoded,
     TernaryPass,
     TernaryPlan,
     encode_ternary,
     encode_uint8,
     parse_block,
     plan_layer,
+    ternary_order,
 )
 from symshrink.passes.weights import WeightSite, find_weight_sites, weight_matrix
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
@@ -187,7 +190,7 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
         # trial rewrites of the budget search work on copies of the loaded model
         trial = ir.from_proto(ir.to_proto(model))
         MomentReductionPass(make_plan(candidates, widths, "moment", options.selector, options.ridge), groups, problems)(trial)
-        error = max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(trial, options.threads), holdout)))
+        error = _heldout_error(trial, holdout, expected, options.threads)
         if options.progress:
             tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
         return error
@@ -198,33 +201,60 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     return plan, [g for g in groups if not g.ok]
 
 
-def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> TernaryPlan:
-    """Encode every weight site in place (ternary, or the fallback its error budget asks for); the plan."""
+def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
+                   expected: list) -> TernaryPlan:
+    """Encode every weight site in place: ternary, or the fallback that the per-layer budget (--layer-error)
+    or the held-out error budget (--max-error alone) asks for. The plan it wrote."""
     block = parse_block(options.block_size)
     if options.correction not in CORRECTIONS:
         raise BadInput(f"unknown correction {options.correction!r}; available: {', '.join(CORRECTIONS)}")
     if options.storage not in STORAGES:
         raise BadInput(f"unknown storage {options.storage!r}; available: {', '.join(STORAGES)}")
     sites, passed = find_weight_sites(model, options.exclude)
-    stats = _input_moments(model, sites, fit_feeds, options) if options.correction != "none" or options.layer_error else {}
+    stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
-    plan = TernaryPlan(block, options.correction, options.storage, options.layer_error, passed_over=passed)
-    fallback_block = block or 32  # 8-bit layers of a per-channel plan take blocks of 32
-    encodings = {}
+    ternary, fallbacks = {}, {}
     for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not options.progress, leave=False):
-        weight = weight_matrix(site, nodes)
-        site_stats = stats.get(site.activation)
-        ternary = encode_ternary(weight, site_stats, block, options.correction)
-        # 8 bits is DequantizeLinear: only where that is the storage (the function storage stays at opset 10)
-        fallback = None
-        if options.storage == "dequantize":
-            fallback = lambda w=weight, s=site_stats: encode_uint8(w, s, fallback_block)  # noqa: E731
-        layer, encoded = plan_layer(site, ternary, fallback, options.layer_error)
-        plan.layers.append(layer)
-        if encoded is not None:
-            encodings[site.node] = encoded
+        weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
+        ternary[site.node] = encode_ternary(weight, site_stats, block, options.correction)
+        # 8 bits is DequantizeLinear: only where that is the storage (the function storage stays at opset 10);
+        # 8-bit layers of a per-channel plan take blocks of 32
+        fallbacks[site.node] = cache(partial(encode_uint8, weight, site_stats, block or 32)) \
+            if options.storage == "dequantize" else None
+
+    def make(allowed: set[str] | None, budget: float | None) -> tuple[TernaryPlan, dict[str, Encoded]]:
+        plan = TernaryPlan(block, options.correction, options.storage, budget, passed_over=passed)
+        encodings = {}
+        for site in sites:
+            layer, encoded = plan_layer(site, ternary[site.node], fallbacks[site.node], budget,
+                                        allowed is None or site.node in allowed)
+            plan.layers.append(layer)
+            if encoded is not None:
+                encodings[site.node] = encoded
+        return plan, encodings
+
+    if options.max_error is not None and options.layer_error is None:
+        order = ternary_order({s.node: ternary[s.node].relative_error for s in sites})
+
+        def error_of(count: int) -> float:
+            trial = ir.from_proto(ir.to_proto(model))
+            trial_plan, trial_encodings = make(set(order[:count]), None)
+            TernaryPass(trial_plan, sites, trial_encodings)(trial)
+            error = _heldout_error(trial, holdout, expected, options.threads)
+            if options.progress:
+                tqdm.write(f"budget search: {count} of {len(order)} layers ternary, held-out rel. error {error:.4f}")
+            return error
+
+        plan, encodings = make(set(order[: budget.widest_within(len(order), error_of, options.max_error)]), None)
+    else:
+        plan, encodings = make(None, options.layer_error)
     TernaryPass(plan, sites, encodings, options.progress)(model)
     return plan
+
+
+def _heldout_error(model: ir.Model, holdout: list, expected: list, threads: int | None) -> float:
+    """The largest relative L2 error over the outputs on the held-out feeds."""
+    return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(model, threads), holdout)))
 
 
 def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, options: CompressOptions) -> dict[str, UnitStats]:
@@ -242,6 +272,10 @@ def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, option
 
 def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
     methods = parse_methods(options.method)
+    widths = (options.keep, options.width, options.width_rule, options.target_size, options.plan)
+    if methods == ["moment", "ternary"] and all(w is None for w in widths):
+        raise BadInput("with --method moment,ternary give the moment widths (--keep, --width, --width-rule, "
+                       "--target-size or --plan): --max-error is the ternary budget and the gate")
     if options.plan and "moment" not in methods:
         raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
     model, path = load_model(model_spec)
@@ -255,7 +289,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
     if "moment" in methods:
         report.plan, report.skipped = _moment_stage(model, options, before, fit_feeds, holdout, expected)
     if "ternary" in methods:
-        report.ternary = _ternary_stage(model, options, fit_feeds)
+        report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
     report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
     failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
     if failures:

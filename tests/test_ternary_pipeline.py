@@ -161,7 +161,8 @@ def test_moment_then_ternary_codes_the_reduced_weights(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["--method", "binary"], ["--method", "ternary", "--plan", "plan.json"],
-                                  ["--method", "ternary", "--block-size", "48"]])
+                                  ["--method", "ternary", "--block-size", "48"],
+                                  ["--method", "moment,ternary", "--max-error", "0.5"]])
 def test_bad_ternary_options_exit_2_and_write_nothing(tmp_path, argv, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
@@ -248,3 +249,21 @@ def test_function_storage_keeps_the_opset_and_decodes_to_the_ternary_weights(tmp
     (got,) = make_session(out).run(None, {"x": x})
     # onnxruntime folds the function to a dense fp32 weight: float32 rounding only
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_max_error_alone_makes_the_easiest_layers_ternary_and_keeps_the_rest_at_8_bits(tmp_path):
+    path, calib = tmp_path / "mlp.onnx", _calib(tmp_path)
+    onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
+    # all ternary: held-out error about 0.5; all 8-bit: about 0.005; one ternary layer lands in between
+    report = compress(str(path), tmp_path / "mixed.onnx",
+                      CompressOptions(method="ternary", calib=str(calib), max_error=0.4, progress=False))
+    codecs = sorted(layer.codec for layer in report.ternary.layers)
+    assert codecs == ["ternary", "uint8"]
+    kept = next(layer for layer in report.ternary.layers if layer.codec == "uint8")
+    assert kept.reason == "the --max-error search kept it in higher precision"
+    ternary = next(layer for layer in report.ternary.layers if layer.codec == "ternary")
+    assert ternary.ternary_error < kept.ternary_error  # the easier layer went first
+    assert max(d.rel_l2 for d in report.diffs) <= 0.4
+    report = compress(str(path), tmp_path / "all.onnx",
+                      CompressOptions(method="ternary", calib=str(calib), max_error=0.9, progress=False))
+    assert [layer.codec for layer in report.ternary.layers] == ["ternary", "ternary"]

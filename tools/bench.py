@@ -63,7 +63,8 @@ ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbit
 OPTIONAL_VARIANTS = ["int8-dynamic-all"]  # quantize_dynamic's defaults (Gather and Conv too)
 MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
 TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
-                          r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)")
+                          r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)"
+                          r"(?:-max(?P<max>[0-9]*\.?[0-9]+))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -124,11 +125,12 @@ def moment_name(text: str) -> str:
 
 
 def ternary_name(text: str) -> str:
-    """Check a ternary variant name [moment-<selector>-keep<F>+]ternary-<b32|b64|b128|b256|channel>-<none|moments|lstsq>."""
+    """Check a ternary variant name [moment-<selector>-keep<F>+]ternary-<b32|b64|b128|b256|channel>-<none|moments|lstsq>
+    [-max<E>] (-max<E>: --max-error E, the held-out error budget that picks which layers are ternary)."""
     match = TERNARY_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]ternary-<b32|b64|b128|b256|channel>-"
-                                         f"<none|moments|lstsq>: {text!r}")
+                                         f"<none|moments|lstsq>[-maxE]: {text!r}")
     return text
 
 
@@ -254,6 +256,9 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
         settings.update(method="moment,ternary", selector=moment["selector"], keep=float(moment["f"]))
         what = f"symshrink moment reduction ({moment['selector']}, keep {moment['f']}) then ternary, block {block}, " \
                f"correction {match['correction']}"
+    if match["max"]:
+        settings["max_error"] = float(match["max"])
+        what += f", layers ternary as long as the held-out error stays <= {match['max']} (others 8-bit)"
     variant.note = f"{what}, calib {entry.calib}"
     variant.extra = {"ternary": match["block"] + "-" + match["correction"]}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
