@@ -569,6 +569,26 @@ def moment_section(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def ternary_section(result: dict[str, Any]) -> list[str]:
+    """What the ternary rows are, for runs that built [moment-...+]ternary-<block>-<correction>[-max<E>] variants."""
+    if not any("ternary" in r for model in result["models"] for r in model.get("rows", [])):
+        return []
+    return [
+        "## Ternary rows", "",
+        "`ternary-<block>-<correction>` rows: every MatMul/Gemm weight of at least 4096 elements becomes 2-bit "
+        "codes t+1 (t in {-1, 0, 1}) behind `DequantizeLinear(uint2, zero point 1)` at opset 25, which onnxruntime "
+        "fuses into its 2-bit `MatMulNBits` (accuracy_level 4: int8 activations). `<block>`: input rows per scale "
+        "(b32, b64, b128, b256) or one scale per output column (`channel`, which onnxruntime expands to blocks of 32 "
+        "in memory). `<correction>`: the per-unit scale and bias fitted on the calibration moments: `lstsq` (least "
+        "squares of the original pre-activation), `moments` (keep its mean and variance), `none` (the optimal ternary "
+        "threshold and scale only). `-max<E>`: `--max-error E`: layers, smallest calibrated ternary error first, "
+        "become ternary as long as the held-out error stays within E; the others get 8 bits. "
+        "`moment-<selector>-keep<F>+ternary-...`: `--method moment,ternary`, moment reduction first. Weights that "
+        "are not MatMul/Gemm constants (embedding tables, convolutions) stay fp32. **batch-32** timings repeat the "
+        "latency feed's first row 32 times.", "",
+    ]
+
+
 def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
     """The report; `images` maps a model to its plot's path relative to the report."""
     m, a = result["machine"], result["args"]
@@ -597,6 +617,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                   "machine): latencies are inflated and noisy; compare each model's first and final fp32 "
                   "timing, and trust ratios more than absolute milliseconds.", ""]
     lines += moment_section(result)
+    lines += ternary_section(result)
     for model in result["models"]:
         lines.append(f"## {model['model']}")
         lines.append("")
@@ -646,13 +667,18 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def plot_prefix(out: Path) -> str:
+    """Plot names: img/rd-<model>.png beside docs/benchmarks.md, img/<report name>-<model>.png beside others."""
+    return "rd" if out.stem == "benchmarks" else out.stem
+
+
 def write_report(result: dict[str, Any], out: Path) -> None:
-    """The markdown report at `out` and each model's plot at img/rd-<model>.png beside it."""
+    """The markdown report at `out` and each model's plot at img/<plot_prefix>-<model>.png beside it."""
     images = {}
     for model in result["models"]:
         if "error" in model or not any(r["variant"] == "fp32" and not r.get("error") for r in model["rows"]):
             continue
-        image = Path("img") / f"rd-{model['model']}.png"
+        image = Path("img") / f"{plot_prefix(out)}-{model['model']}.png"
         plot_rd(model, out.parent / image)
         images[model["model"]] = image.as_posix()
     out.write_text(render_markdown(result, images))
