@@ -57,7 +57,7 @@ def _residual(params: np.ndarray, target: Scalars, tau: float) -> np.ndarray:
     return np.array([got.alpha1 - target.alpha1, got.alpha2 - target.alpha2, got.alpha3 - target.alpha3])
 
 
-def solve_two_level(target: Scalars, tau: float, starts: int = 64, seed: int = 0) -> TwoLevel:
+def solve_two_level(target: Scalars, tau: float, starts: int = 24, seed: int = 0) -> TwoLevel:
     """(low, high, level) whose alpha1, alpha2, alpha3 equal the target's: least squares from `starts` random
     starts (the system has several solutions and flat regions); the best one. The kernels depend on alpha1^2,
     alpha2^2 and alpha3 only; for ReLU the signed system has exact solutions too (a negative level)."""

@@ -119,6 +119,7 @@ class TernaryPlan:
     layer_error: float | None  # the per-layer budget on the relative output error
     layers: list[LayerPlan] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
+    activations: dict[str, str] = field(default_factory=dict)  # --activations two-level: what became of each ReLU
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -150,6 +151,7 @@ class TernaryPlan:
             lines.append(f"  {layer.node[-40:]:<40} {shape:>11} {layer.codec:<8} {err:>8} {ternary:>8}  {layer.reason}")
         total = sum(self.counts().values()) or 1
         lines.append("  weights: " + ", ".join(f"{name} {count / total:.1%}" for name, count in self.counts().items()))
+        lines += [f"  activation {name}: {what}" for name, what in self.activations.items()]
         if self.passed_over:
             lines.append(f"  {len(self.passed_over)} MatMul/Gemm nodes passed over (--json-style detail in --plan-out)")
         lines.append("  rel.err: the layer's relative output error on the calibration moments")

@@ -63,7 +63,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         target_size=args.target_size, calib=args.calib, calib_samples=args.calib_samples,
         random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
         min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
-        layer_error=args.layer_error, storage=args.storage, exclude=args.exclude, threads=args.threads, progress=not args.quiet,
+        layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
+        threads=args.threads, progress=not args.quiet,
     )
     report = compress(args.model, args.output, options)
     for plan in (report.plan, report.ternary):
@@ -170,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="dequantize: 2-bit DequantizeLinear at opset 25, kept 2-bit in memory by onnxruntime "
                               "(default); function / function-base3: the ai.symshrink.TernaryMatMul function over "
                               "2-bit / base-3 (1.6-bit) bytes at any opset >= 10 (onnxruntime unpacks it to fp32 at load)")
+    ternary.add_argument("--activations", default="relu", choices=["relu", "two-level"],
+                         help="two-level: try the NTK-LC paper's quantized activation (ReLU's alpha1, alpha2, alpha3 at "
+                              "the input's scale) on each ReLU after a weight, kept only within --max-error")
     ternary.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")

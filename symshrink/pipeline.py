@@ -22,6 +22,8 @@ from symshrink.calib import load_feeds, random_feeds, split_holdout
 from symshrink.errors import BadInput, OutsideTolerance
 from symshrink.modelio import load_model, model_bytes_on_disk, save_model
 from symshrink.passes import budget
+from symshrink.passes.activation_match import relu_scalars, solve_two_level
+from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.analysis import Group, analyse
 from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
 from symshrink.passes.plan import Plan, make_plan, rewritable
@@ -67,6 +69,7 @@ class CompressOptions:
     block_size: str | None = "64"  # ternary: input rows per scale (32, 64, 128, 256) or "channel"
     correction: str = "lstsq"  # ternary: per-unit scale and bias fit ("none", "moments", "lstsq")
     layer_error: float | None = None  # ternary: per-layer relative output error budget (over: 8 bits, then fp32)
+    activations: str = "relu"  # ternary: "two-level" tries the paper's quantized activation after each ReLU layer
     storage: str = "dequantize"  # ternary: "dequantize" (2-bit DequantizeLinear), "function" or "function-base3"
     exclude: list[str] = field(default_factory=list)  # ternary: fnmatch patterns of node / weight names kept fp32
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
@@ -252,6 +255,36 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
     return plan
 
 
+def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
+                      expected: list) -> dict[str, str]:
+    """--activations two-level: try the two-level activation on each ReLU after a weight site, one at a time in
+    graph order, and keep it where the held-out error stays within --max-error. What happened to each ReLU."""
+    relus = quantizable_relus(model)
+    nodes = {node.name: node for node in model.graph}
+    inputs = {name: nodes[name].inputs[0].name for name in relus}
+    squares, counts = dict.fromkeys(relus, 0.0), dict.fromkeys(relus, 0)
+    for arrays in stream_probes(model, sorted(set(inputs.values())), fit_feeds, options.threads):
+        for name in relus:
+            values = arrays[inputs[name]].astype(np.float64)
+            squares[name] += float(np.sum(values**2))
+            counts[name] += values.size
+    outcome, kept = {}, {}
+    for name in tqdm(relus, desc="two-level activations", unit="ReLU", disable=not options.progress, leave=False):
+        tau = float(np.sqrt(squares[name] / counts[name]))
+        fit = solve_two_level(relu_scalars(tau), tau, seed=options.seed)
+        trial = ir.from_proto(ir.to_proto(model))
+        TwoLevelActivationPass(kept | {name: fit})(trial)
+        error = _heldout_error(trial, holdout, expected, options.threads)
+        described = f"tau {tau:.3g}: level {fit.level:.3g} outside [{fit.low:.3g}, {fit.high:.3g}]"
+        if error <= options.max_error:
+            kept[name] = fit
+            outcome[name] = f"two-level ({described}), held-out error {error:.4f}"
+        else:
+            outcome[name] = f"ReLU kept: two-level ({described}) gives held-out error {error:.4f} > {options.max_error:g}"
+    TwoLevelActivationPass(kept)(model)
+    return outcome
+
+
 def _heldout_error(model: ir.Model, holdout: list, expected: list, threads: int | None) -> float:
     """The largest relative L2 error over the outputs on the held-out feeds."""
     return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(model, threads), holdout)))
@@ -276,6 +309,11 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
     if methods == ["moment", "ternary"] and all(w is None for w in widths):
         raise BadInput("with --method moment,ternary give the moment widths (--keep, --width, --width-rule, "
                        "--target-size or --plan): --max-error is the ternary budget and the gate")
+    if options.activations not in ("relu", "two-level"):
+        raise BadInput(f"unknown activations {options.activations!r}; available: relu, two-level")
+    if options.activations == "two-level" and ("ternary" not in methods or options.max_error is None):
+        raise BadInput("--activations two-level comes with --method ternary and --max-error: each ReLU is quantized "
+                       "only where the held-out error stays within it")
     if options.plan and "moment" not in methods:
         raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
     model, path = load_model(model_spec)
@@ -290,6 +328,8 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
         report.plan, report.skipped = _moment_stage(model, options, before, fit_feeds, holdout, expected)
     if "ternary" in methods:
         report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
+        if options.activations == "two-level":
+            report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
     failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
     if failures:

@@ -51,6 +51,11 @@ def _producer(model: onnx.ModelProto, value: str) -> onnx.NodeProto | None:
     return next((n for n in model.graph.node if value in n.output), None)
 
 
+def _bias(model: onnx.ModelProto, node_name: str) -> np.ndarray:
+    """The constant that the named bias node adds."""
+    return _arrays(model)[next(n for n in model.graph.node if n.name == node_name).input[1]]
+
+
 def _matmul_weight(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
     dequantize = _producer(model, node.input[1])
     return _dequantized(model, dequantize) if dequantize is not None else _arrays(model)[node.input[1]]
@@ -82,10 +87,9 @@ def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_networ
     # onnxruntime runs both layers as 2-bit MatMulNBits (a bias Add over a 2-D input would be fused into Gemm first)
     assert _optimized_ops(out, tmp_path) == ["MatMulNBits", "Sum", "Relu", "MatMulNBits", "Sum"]
     # numpy reference: the written codes, scales and (shifted) biases, in float64
-    arrays = _arrays(written)
     fc1, fc2 = (next(n for n in written.graph.node if n.name == name) for name in ("fc1", "fc2"))
-    bias1 = arrays[next(n for n in written.graph.node if n.name == "fc1_bias").input[1]]
-    bias2 = arrays[next(n for n in written.graph.node if n.name == "fc2_bias").input[1]]
+    bias1 = _bias(written, "fc1_bias")
+    bias2 = _bias(written, "fc2_bias")
     x = _x()
     hidden = np.maximum(x @ _matmul_weight(written, fc1) + bias1, 0)
     expected = hidden @ _matmul_weight(written, fc2) + bias2
@@ -162,7 +166,8 @@ def test_moment_then_ternary_codes_the_reduced_weights(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--method", "binary"], ["--method", "ternary", "--plan", "plan.json"],
                                   ["--method", "ternary", "--block-size", "48"],
-                                  ["--method", "moment,ternary", "--max-error", "0.5"]])
+                                  ["--method", "moment,ternary", "--max-error", "0.5"],
+                                  ["--method", "ternary", "--activations", "two-level"]])
 def test_bad_ternary_options_exit_2_and_write_nothing(tmp_path, argv, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
@@ -240,9 +245,8 @@ def test_function_storage_keeps_the_opset_and_decodes_to_the_ternary_weights(tmp
     assert [n.name for n in calls] == ["fc1", "fc2"]
     packed = _arrays(written)[calls[0].input[1]]
     assert packed.dtype == np.uint8 and len(packed) == -(-64 * 128 // (4 if radix == 4 else 5))
-    arrays = _arrays(written)
-    bias1 = arrays[next(n for n in written.graph.node if n.name == "fc1_bias").input[1]]
-    bias2 = arrays[next(n for n in written.graph.node if n.name == "fc2_bias").input[1]]
+    bias1 = _bias(written, "fc1_bias")
+    bias2 = _bias(written, "fc2_bias")
     x = _x()
     hidden = np.maximum(x @ _function_weight(written, calls[0], radix) + bias1, 0)
     expected = hidden @ _function_weight(written, calls[1], radix) + bias2
@@ -267,3 +271,34 @@ def test_max_error_alone_makes_the_easiest_layers_ternary_and_keeps_the_rest_at_
     report = compress(str(path), tmp_path / "all.onnx",
                       CompressOptions(method="ternary", calib=str(calib), max_error=0.9, progress=False))
     assert [layer.codec for layer in report.ternary.layers] == ["ternary", "ternary"]
+
+
+def test_two_level_activations_are_kept_only_within_the_error_budget(tmp_path):
+    path, calib = tmp_path / "mlp.onnx", _calib(tmp_path)
+    onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
+    report = compress(str(path), tmp_path / "strict.onnx", CompressOptions(
+        method="ternary", calib=str(calib), max_error=0.9, activations="two-level", progress=False))
+    assert list(report.ternary.activations) == ["act"]
+    assert report.ternary.activations["act"].startswith("ReLU kept")  # a step function is far from a trained ReLU
+    assert [n.op_type for n in onnx.load(tmp_path / "strict.onnx").graph.node].count("Relu") == 1
+    out = tmp_path / "loose.onnx"
+    report = compress(str(path), out, CompressOptions(method="ternary", calib=str(calib), max_error=100.0,
+                                                      activations="two-level", progress=False))
+    assert report.ternary.activations["act"].startswith("two-level")
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    ops = [n.op_type for n in written.graph.node]
+    assert "Relu" not in ops and ops.count("Where") == 1
+    # numpy reference of the written network: ternary fc1, the two-level activation, ternary fc2
+    arrays = _arrays(written)
+    fc1, fc2 = (next(n for n in written.graph.node if n.name == name) for name in ("fc1", "fc2"))
+    where = next(n for n in written.graph.node if n.op_type == "Where")
+    low, high, level = (float(arrays[f"act.{key}"]) for key in ("low", "high", "level"))
+    x = _x()
+    pre = x @ _matmul_weight(written, fc1) + _bias(written, "fc1_bias")
+    hidden = np.where((pre < low) | (pre > high), level, 0.0)
+    expected = hidden @ _matmul_weight(written, fc2) + _bias(written, "fc2_bias")
+    (got,) = make_session(out).run(None, {"x": x})
+    assert where.name == "act"
+    # pre-activations within int8-activation noise of a threshold may flip: compare by the L2 norm
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.05
