@@ -9,6 +9,8 @@ opset 25: `ensure_opset` upgrades a model or refuses with the converter's reason
 
 from __future__ import annotations
 
+import logging
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -32,11 +34,16 @@ def ensure_opset(model: ir.Model, version: int = DEQUANTIZE_OPSET) -> bool:
     current = model.opset_imports.get("", 1)
     if current >= version:
         return False
+    converter_log = logging.getLogger("onnxscript.version_converter")
+    level = converter_log.level
+    converter_log.setLevel(logging.ERROR)  # it warns whenever it hands over to onnx's converter, the usual case
     try:
         onnxscript.version_converter.convert_version(model, version, fallback=True)
     except Exception as err:  # the converters raise their own exception types for unsupported ops
         raise BadInput(f"cannot upgrade the model from opset {current} to {version}, which 2-bit "
                        f"DequantizeLinear needs: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    finally:
+        converter_log.setLevel(level)
     if model.opset_imports.get("", 1) < version:
         raise BadInput(f"cannot upgrade the model from opset {current} to {version}, which 2-bit DequantizeLinear needs")
     model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", version)]))

@@ -302,3 +302,12 @@ def test_two_level_activations_are_kept_only_within_the_error_budget(tmp_path):
     assert where.name == "act"
     # pre-activations within int8-activation noise of a threshold may flip: compare by the L2 norm
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.05
+
+
+def test_function_storage_refuses_models_below_opset_10(tmp_path, capsys):
+    path, out = tmp_path / "old.onnx", tmp_path / "out.onnx"
+    onnx.save(mlp_model(hidden=128, inputs=64, outputs=64, opset=9), path)
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path)), "-q", "--method", "ternary",
+                 "--storage", "function"])
+    assert code == 2 and not out.exists()
+    assert "opset >= 10" in capsys.readouterr().err
