@@ -1,5 +1,5 @@
-"""Quantized activations: a ReLU after a weight site becomes the two-level s(z) = level * 1{z < low or z > high}
-whose scalars alpha1, alpha2, alpha3 equal ReLU's at the ReLU input's scale tau (its RMS on calibration data),
+"""Quantized activations: a ReLU after a weight site becomes the two-level s(z) = b 1{z < s1 or z > s2}
+whose scalars alpha1^2, alpha2^2, alpha3 equal ReLU's at the ReLU input's scale tau (its RMS on calibration data),
 the NTK-LC paper's construction (`activation_match`). It keeps kernel spectra of random-feature networks;
 for trained ones the pipeline keeps it only where the held-out error stays within budget.
 """
@@ -34,7 +34,7 @@ def quantizable_relus(model: ir.Model) -> list[str]:
 
 
 class TwoLevelActivationPass(InPlacePass):
-    """Replace each named ReLU by Where(Or(z < low, z > high), level, 0)."""
+    """Replace each named ReLU by Where(Or(z < s1, z > s2), b, 0)."""
 
     def __init__(self, fits: dict[str, TwoLevel]):
         super().__init__()
@@ -45,7 +45,7 @@ class TwoLevelActivationPass(InPlacePass):
         for node in [n for n in graph if n.name in self.fits]:
             fit, z, name = self.fits[node.name], node.inputs[0], node.name
             constants = {key: add_initializer(graph, f"{name}.{key}", np.array(value, np.float32))
-                         for key, value in (("low", fit.low), ("high", fit.high), ("level", fit.level), ("zero", 0.0))}
+                         for key, value in (("low", fit.s1), ("high", fit.s2), ("level", fit.b), ("zero", 0.0))}
             below, above, outside, out = (ir.Value(name=f"{name}.{key}") for key in ("below", "above", "outside", "two_level"))
             new_nodes = [ir.node("Less", [z, constants["low"]], outputs=[below], name=f"{name}.below"),
                          ir.node("Greater", [z, constants["high"]], outputs=[above], name=f"{name}.above"),

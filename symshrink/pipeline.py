@@ -271,11 +271,11 @@ def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list
     outcome, kept = {}, {}
     for name in tqdm(relus, desc="two-level activations", unit="ReLU", disable=not options.progress, leave=False):
         tau = float(np.sqrt(squares[name] / counts[name]))
-        fit = solve_two_level(relu_scalars(tau), tau, seed=options.seed)
+        fit = solve_two_level(relu_scalars(tau), tau, starts=24, seed=options.seed)
         trial = ir.from_proto(ir.to_proto(model))
         TwoLevelActivationPass(kept | {name: fit})(trial)
         error = _heldout_error(trial, holdout, expected, options.threads)
-        described = f"tau {tau:.3g}: level {fit.level:.3g} outside [{fit.low:.3g}, {fit.high:.3g}]"
+        described = f"tau {tau:.3g}: level {fit.b:.3g} outside [{fit.s1:.3g}, {fit.s2:.3g}]"
         if error <= options.max_error:
             kept[name] = fit
             outcome[name] = f"two-level ({described}), held-out error {error:.4f}"

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from symshrink.passes.activation_match import TwoLevel, relu_scalars, solve_two_level, step_scalars, two_level_scalars
+
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "experiments" / "ntk_lc.py"
 
 
@@ -30,7 +32,7 @@ def alphas(s) -> np.ndarray:
 
 
 def test_relu_alphas_at_tau_1():
-    assert alphas(lc.relu_scalars(1.0)) == pytest.approx(RELU_AT_1, abs=1e-12)
+    assert alphas(relu_scalars(1.0)) == pytest.approx(RELU_AT_1, abs=1e-12)
     # quadrature that knows the kink is exact; plain Gauss-Hermite converges slowly (O(1/nodes)) on it
     assert alphas(lc.activation_scalars(lc.relu, 1.0, breaks=(0.0,))) == pytest.approx(RELU_AT_1, abs=1e-9)
     assert alphas(lc.activation_scalars(lc.relu, 1.0)) == pytest.approx(RELU_AT_1, abs=1e-3)
@@ -38,7 +40,7 @@ def test_relu_alphas_at_tau_1():
 
 @pytest.mark.parametrize("tau", [0.37, 1.0, 2.5])
 def test_relu_closed_form_matches_quadrature(tau):
-    closed = lc.relu_scalars(tau)
+    closed = relu_scalars(tau)
     quad = lc.activation_scalars(lc.relu, tau, breaks=(0.0,))
     for name in ("d0", "alpha1", "alpha2", "alpha3", "tau_out"):
         assert getattr(quad, name) == pytest.approx(getattr(closed, name), abs=1e-9)
@@ -46,8 +48,8 @@ def test_relu_closed_form_matches_quadrature(tau):
 
 @pytest.mark.parametrize("s1, s2, b, tau", [(-2.21, -1.0, 2.41, 1.0), (-0.3, 0.8, -1.5, 0.6), (0.2, 0.25, 3.0, 2.0)])
 def test_two_level_closed_form_matches_quadrature_and_monte_carlo(s1, s2, b, tau):
-    closed = lc.two_level_scalars(s1, s2, b, tau)
-    sigma = lc.TwoLevel(s1, s2, b, tau, 0.0)
+    closed = two_level_scalars(s1, s2, b, tau)
+    sigma = TwoLevel(s1, s2, b, tau, 0.0)
     quad = lc.activation_scalars(sigma, tau, breaks=(s1, s2))
     for name in ("d0", "alpha1", "alpha2", "alpha3", "tau_out"):
         assert getattr(quad, name) == pytest.approx(getattr(closed, name), abs=1e-9)
@@ -61,12 +63,12 @@ def test_two_level_closed_form_matches_quadrature_and_monte_carlo(s1, s2, b, tau
 
 def test_step_scalars_need_sorted_breaks():
     with pytest.raises(ValueError):
-        lc.step_scalars((1.0, 0.0), (1.0, 0.0, 1.0), 1.0)
+        step_scalars((1.0, 0.0), (1.0, 0.0, 1.0), 1.0)
 
 
 def test_solver_matches_relu_at_tau_1():
-    target = lc.relu_scalars(1.0)
-    sol = lc.solve_two_level(target, 1.0, starts=30)
+    target = relu_scalars(1.0)
+    sol = solve_two_level(target, 1.0, starts=30)
     assert sol.s1 <= sol.s2
     assert sol.residual < 1e-10
     assert sol.scalars.matched == pytest.approx(target.matched, abs=1e-9)
@@ -110,8 +112,8 @@ def test_infinite_width_kernel_matches_wide_monte_carlo(activation):
     if activation == "relu":
         net = lc.relu_net(tau, 1, None, "relu")
     else:
-        sol = lc.solve_two_level(lc.relu_scalars(tau), tau, starts=10)
-        net = lc.two_level_net(lc.Design((lc.relu_scalars(tau),), (sol,), (tau,), (tau,)), None, "two-level")
+        sol = solve_two_level(relu_scalars(tau), tau, starts=10)
+        net = lc.two_level_net(lc.Design((relu_scalars(tau),), (sol,), (tau,), (tau,)), None, "two-level")
     exact = lc.infinite_width_kernel(x, net)
     h = lc.features(x, net, [200_000], np.random.default_rng(7)).astype(np.float64)
     for i in range(4):

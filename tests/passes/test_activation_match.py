@@ -30,8 +30,8 @@ def test_relu_scalars_match_monte_carlo_and_the_paper(tau):
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 3.0])
-def test_the_solved_two_level_activation_has_relus_scalars(tau):
+def test_the_solved_two_level_activation_has_relus_matched_scalars(tau):
     fit = solve_two_level(relu_scalars(tau), tau, starts=16)
-    got, want = two_level_scalars(fit.low, fit.high, fit.level, tau), relu_scalars(tau)
-    assert fit.residual < 1e-8 and fit.low < fit.high
-    np.testing.assert_allclose((got.alpha1, got.alpha2, got.alpha3), (want.alpha1, want.alpha2, want.alpha3), atol=1e-8)
+    got, want = two_level_scalars(fit.s1, fit.s2, fit.b, tau), relu_scalars(tau)
+    assert fit.residual < 1e-8 and fit.s1 < fit.s2
+    np.testing.assert_allclose(got.matched, want.matched, atol=1e-8)  # alpha1^2, alpha2^2, alpha3
