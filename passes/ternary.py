@@ -153,7 +153,7 @@ class TernaryPlan:
         lines.append("  weights: " + ", ".join(f"{name} {count / total:.1%}" for name, count in self.counts().items()))
         lines += [f"  activation {name}: {what}" for name, what in self.activations.items()]
         if self.passed_over:
-            lines.append(f"  {len(self.passed_over)} MatMul/Gemm nodes passed over (--json-style detail in --plan-out)")
+            lines.append(f"  {len(self.passed_over)} MatMul/Gemm nodes are not weight sites (--plan-out says why)")
         lines.append("  rel.err: the layer's relative output error on the calibration moments")
         return "\n".join(lines)
 
