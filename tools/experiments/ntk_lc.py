@@ -50,8 +50,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 from numpy.polynomial.hermite_e import hermegauss
 from numpy.polynomial.legendre import leggauss
@@ -634,6 +632,11 @@ def plot_spectra(rows: list[dict], info: dict, path: Path) -> None:
     ref = rows[0]
     controls = [r for r in rows if "control" in r["label"] or "noise floor" in r["label"]]
     two = [r for r in rows if r["two_level"]]
+    import matplotlib  # noqa: PLC0415 (only the plot needs it; the test install has no matplotlib)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     limit = [("two-level + shift, infinite width", info["two_limit_eig"] + info["two_shift"])]
     panels = [(axes[0], ("ReLU, infinite width", info["limit_eig"]), limit, "infinite width (no weight noise)"),
@@ -665,7 +668,6 @@ def main() -> None:
     parser.add_argument("--draws", type=int, help="experiment A: weight draws averaged per kernel (override)")
     parser.add_argument("--skip-fmnist", action="store_true", help="skip experiment B")
     args = parser.parse_args()
-    matplotlib.use("Agg")
     cfg = QUICK if args.quick else FULL
     if args.draws is not None:
         cfg = replace(cfg, draws=args.draws)
