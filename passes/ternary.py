@@ -48,10 +48,6 @@ class Encoded:
     shift: np.ndarray | None
     relative_error: float
 
-    @property
-    def codec(self) -> str:
-        return {2: "ternary", 8: "uint8"}[self.weight.bits]
-
 
 def parse_block(text: str | int | None) -> int | None:
     """--block-size: 32, 64, 128, 256 or 'channel' (one scale per output column)."""
@@ -123,14 +119,6 @@ class TernaryPlan:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> TernaryPlan:
-        try:
-            data = json.loads(text)
-            return cls(layers=[LayerPlan(**layer) for layer in data.pop("layers")], **data)
-        except (ValueError, TypeError, KeyError) as err:
-            raise BadInput(f"not a symshrink ternary plan: {err}") from None
 
     def counts(self) -> dict[str, int]:
         counts = {"ternary": 0, "uint8": 0, "fp32": 0}

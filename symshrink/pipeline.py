@@ -27,6 +27,7 @@ from symshrink.passes.activations import TwoLevelActivationPass, quantizable_rel
 from symshrink.passes.analysis import Group, analyse
 from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
 from symshrink.passes.plan import Plan, make_plan, rewritable
+from symshrink.passes.qdq import ensure_opset
 from symshrink.passes.selectors import UnitProblem
 from symshrink.passes.stats import UnitStats, subsample_rows
 from symshrink.passes.ternary import (
@@ -190,10 +191,8 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
 
     def error_of(widths: dict[str, int]) -> float:
-        # trial rewrites of the budget search work on copies of the loaded model
-        trial = ir.from_proto(ir.to_proto(model))
-        MomentReductionPass(make_plan(candidates, widths, "moment", options.selector, options.ridge), groups, problems)(trial)
-        error = _heldout_error(trial, holdout, expected, options.threads)
+        plan = make_plan(candidates, widths, "moment", options.selector, options.ridge)
+        error = _trial_error(model, MomentReductionPass(plan, groups, problems), holdout, expected, options.threads)
         if options.progress:
             tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
         return error
@@ -238,12 +237,12 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
 
     if options.max_error is not None and options.layer_error is None:
         order = ternary_order({s.node: ternary[s.node].relative_error for s in sites})
+        if options.storage == "dequantize":
+            ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
 
         def error_of(count: int) -> float:
-            trial = ir.from_proto(ir.to_proto(model))
             trial_plan, trial_encodings = make(set(order[:count]), None)
-            TernaryPass(trial_plan, sites, trial_encodings)(trial)
-            error = _heldout_error(trial, holdout, expected, options.threads)
+            error = _trial_error(model, TernaryPass(trial_plan, sites, trial_encodings), holdout, expected, options.threads)
             if options.progress:
                 tqdm.write(f"budget search: {count} of {len(order)} layers ternary, held-out rel. error {error:.4f}")
             return error
@@ -272,9 +271,7 @@ def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list
     for name in tqdm(relus, desc="two-level activations", unit="ReLU", disable=not options.progress, leave=False):
         tau = float(np.sqrt(squares[name] / counts[name]))
         fit = solve_two_level(relu_scalars(tau), tau, starts=24, seed=options.seed)
-        trial = ir.from_proto(ir.to_proto(model))
-        TwoLevelActivationPass(kept | {name: fit})(trial)
-        error = _heldout_error(trial, holdout, expected, options.threads)
+        error = _trial_error(model, TwoLevelActivationPass(kept | {name: fit}), holdout, expected, options.threads)
         described = f"tau {tau:.3g}: level {fit.b:.3g} outside [{fit.s1:.3g}, {fit.s2:.3g}]"
         if error <= options.max_error:
             kept[name] = fit
@@ -285,9 +282,13 @@ def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list
     return outcome
 
 
-def _heldout_error(model: ir.Model, holdout: list, expected: list, threads: int | None) -> float:
-    """The largest relative L2 error over the outputs on the held-out feeds."""
-    return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(model, threads), holdout)))
+def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
+                 threads: int | None) -> float:
+    """The largest relative L2 error over the outputs on the held-out feeds after `rewrite` (an in-place pass)
+    on a copy of the model: the budget searches try rewrites without touching the model itself."""
+    trial = ir.from_proto(ir.to_proto(model))
+    rewrite(trial)
+    return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(trial, threads), holdout)))
 
 
 def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, options: CompressOptions) -> dict[str, UnitStats]:
