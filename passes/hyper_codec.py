@@ -1,23 +1,36 @@
-"""Hyperfunction codes (issue 6, first part): index packing and the v1 winding codebook, in exact arithmetic.
+"""Hyperfunction codes (Hyper-Compression, Fan et al.): groups of `dims` weights coded as one index into a
+fixed codebook, in one arithmetic shared by the encoder, onnxruntime and the GPU kernel.
 
-Groups of `dims` weights, scaled into [0, 1)^dims, are coded as the index theta of the nearest point of
-frac(theta * a), theta = 0..n-1, with a_j = 1 / ((pi + j) R) (a Kronecker sequence). frac(theta * a_j)
-is computed in 32-bit fixed point, ((theta * A_j) mod 2^32) / 2^32 with A_j = floor(a_j 2^32) in int64,
-so numpy, onnxruntime and a GPU kernel build bit-identical codebooks (float32 theta * a is off by up to
-1e-2 for large theta). Indices are packed `bits` per index into a little-endian bit stream.
+A tensor is flattened into pairs p (dims = 2; the winding also takes 3), cut into groups with a centre c_g
+and a span L_g. Codeword j of a fixed table of offsets u_j (in units of L) and band k of K radial bands
+decode to  p' = c_g + L_g * (u_j * s_k),  all in float32, in that order. Codebooks:
+- lattice (v3, the official code): u_0 = 0 (the centre) and the sheared lattice of a rational winding of
+  slope m = ceil(sqrt(n)), u_{1+t} = (t / m^2, (t mod m) / m) - 1/2 for t < n; outside the square
+  |z|_inf <= 1/2 a pair is in band k >= 1 when |z|_2 <= r_k = 1/2 + k (R - 1/2) / K (R the farthest
+  pair), shrunk by s_k = 2 r_k into the disc, coded, expanded back. Index j + (n + 1) k.
+- winding (v1, the paper): u_t = frac(t a) - 1/2, a_j = 1 / ((pi + j) R), frac in 32-bit fixed point.
+- grid: round-to-nearest with M levels per weight (M^dims codewords): RTN at exactly the same bits.
+A pair costs ceil(log2(codes * (K + 1))) bits; indices are packed little-endian into a bit stream.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["FIXED_POINT_BITS", "winding_steps", "winding_codebook", "nearest_codeword", "pack_indices", "unpack_indices"]
+__all__ = ["FIXED_POINT_BITS", "CODEBOOKS", "HyperSetting", "HyperCode", "winding_steps", "winding_codebook",
+           "lattice_offsets", "winding_offsets", "grid_offsets", "codebook_offsets", "nearest_codeword",
+           "pack_indices", "unpack_indices", "index_bits", "encode", "decode_values", "relative_error", "choose_setting",
+           "evaluate_settings", "setting_grid"]
 
 FIXED_POINT_BITS = 32
 _MASK = (1 << FIXED_POINT_BITS) - 1
+CODEBOOKS = ("lattice", "winding", "grid")
+WINDING_RADIUS = 10.0  # R of the paper's direction a_j = 1 / ((pi + j) R)
 
 
 def winding_steps(dims: int, radius: float) -> np.ndarray:
@@ -36,10 +49,87 @@ def winding_codebook(size: int, dims: int, radius: float) -> np.ndarray:
     return ((low + high) & _MASK).astype(np.float64) / (1 << FIXED_POINT_BITS)
 
 
+def lattice_offsets(size: int) -> np.ndarray:
+    """The v3 inner codebook in units of the square's side: the centre, then `size` points of the sheared
+    lattice (t / m^2, (t mod m) / m) - 1/2, m = ceil(sqrt(size)). [size + 1, 2] float32."""
+    slope = math.isqrt(size - 1) + 1 if size > 1 else 1  # ceil(sqrt(size)) in exact integers
+    t = np.arange(size, dtype=np.int64)
+    lattice = np.stack([t / slope**2, (t % slope) / slope], axis=1) - 0.5
+    return np.concatenate([np.zeros((1, 2)), lattice]).astype(np.float32)
+
+
+def winding_offsets(size: int, dims: int = 2, radius: float = WINDING_RADIUS) -> np.ndarray:
+    """The v1 codebook frac(t a) - 1/2: [size, dims] float32."""
+    return (winding_codebook(size, dims, radius) - 0.5).astype(np.float32)
+
+
+def grid_offsets(levels: int, dims: int = 2) -> np.ndarray:
+    """Round-to-nearest: `levels` evenly spaced values on [-1/2, 1/2] per weight, all combinations
+    (the first weight of a pair varies slowest). [levels ** dims, dims] float32."""
+    axis = np.linspace(-0.5, 0.5, levels)
+    return np.stack(np.meshgrid(*[axis] * dims, indexing="ij"), axis=-1).reshape(-1, dims).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class HyperSetting:
+    """One codec setting. codes: n of the lattice or winding, levels per weight of the grid. bands: K (lattice
+    only). side: the lattice square's side, absolute (`absolute_side`, the paper's L) or in units of each
+    group's RMS deviation from its centre. group: weights per group (centre and span), None: the tensor."""
+
+    codebook: str = "lattice"
+    codes: int = 225
+    bands: int = 3
+    side: float = 4.0
+    absolute_side: bool = False
+    group: int | None = None
+    dims: int = 2
+
+    def __post_init__(self) -> None:
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {', '.join(CODEBOOKS)}, not {self.codebook!r}")
+        if self.dims != 2 and self.codebook != "winding":
+            raise ValueError("groups of 3 weights need the winding codebook")
+        if self.codes < 2 or self.bands < 0 or self.side <= 0:
+            raise ValueError("codes must be >= 2, bands >= 0 and side > 0")
+        if self.group is not None and (self.group < self.dims or self.group % self.dims):
+            raise ValueError(f"group must be a multiple of {self.dims} weights")
+
+    def offsets(self) -> np.ndarray:
+        return codebook_offsets(self)
+
+    def table_key(self) -> tuple[str, int, int]:
+        """What the codebook table depends on: tensors with the same key share one table."""
+        return self.codebook, self.codes, self.dims
+
+    def label(self) -> str:
+        group = "tensor" if self.group is None else f"g{self.group}"
+        if self.codebook == "grid":
+            return f"grid-{self.codes}-{group}"
+        side = f"L{self.side:g}" if self.absolute_side else f"{self.side:g}sd"
+        bands = f"-K{self.bands}" if self.codebook == "lattice" else ""
+        return f"{self.codebook}-n{self.codes}{bands}-{side}-{group}" + (f"-d{self.dims}" if self.dims != 2 else "")
+
+
+def codebook_offsets(setting: HyperSetting) -> np.ndarray:
+    if setting.codebook == "lattice":
+        return lattice_offsets(setting.codes)
+    if setting.codebook == "winding":
+        return winding_offsets(setting.codes, setting.dims)
+    return grid_offsets(setting.codes, setting.dims)
+
+
+def index_bits(codes: int, bands: int) -> int:
+    """Bits per stored index j + codes k: ceil(log2(codes (bands + 1)))."""
+    return max(1, (codes * (bands + 1) - 1).bit_length())
+
+
 def nearest_codeword(codebook: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Index of the nearest codeword (Euclidean) of each point [m, dims]: int64 [m]."""
     _, index = cKDTree(codebook).query(points)
     return index.astype(np.int64)
+
+
+_PACK_CHUNK = 1 << 20  # indices per chunk: the bit matrix of a chunk is `bits` bytes per index
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
@@ -49,11 +139,180 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     values = np.asarray(indices, dtype=np.int64).reshape(-1)
     if values.size and (values.min() < 0 or values.max() >= 1 << bits):
         raise ValueError(f"indices must lie in [0, 2**{bits})")
-    stream = ((values[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
-    return np.packbits(stream, bitorder="little")
+    # chunks of a multiple of 8 indices fill whole bytes, so the chunks' bytes concatenate
+    chunks = [np.packbits(((values[i:i + _PACK_CHUNK, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1),
+                          bitorder="little") for i in range(0, values.size, _PACK_CHUNK)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.uint8)
 
 
 def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of `pack_indices`: the first `count` indices, int64."""
     stream = np.unpackbits(packed, bitorder="little")[: count * bits].reshape(count, bits).astype(np.int64)
     return stream @ (1 << np.arange(bits, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class HyperCode:
+    """A tensor in hyperfunction codes: `indices` [pairs] (j + codes k), the codebook `offsets` [codes, dims],
+    `band_scales` [K + 1] (s_0 = 1), per group `centres` [G, dims] and `spans` [G], all float32."""
+
+    setting: HyperSetting
+    shape: tuple[int, ...]
+    indices: np.ndarray
+    offsets: np.ndarray
+    band_scales: np.ndarray
+    centres: np.ndarray
+    spans: np.ndarray
+
+    @property
+    def bits(self) -> int:
+        return index_bits(len(self.offsets), len(self.band_scales) - 1)
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    def side_bits(self) -> int:
+        """Bits of the band scales, centres and spans (float32). The codebook table depends only on the
+        codebook, n and dims: one copy serves every tensor that shares them (`table_bits`)."""
+        return 32 * (self.band_scales.size + self.centres.size + self.spans.size)
+
+    def table_bits(self) -> int:
+        return 32 * self.offsets.size
+
+    def bits_per_weight(self) -> float:
+        return (self.bits * len(self.indices) + self.side_bits()) / max(self.count, 1)
+
+    def packed(self) -> np.ndarray:
+        return pack_indices(self.indices, self.bits)
+
+
+def _groups(flat: np.ndarray, dims: int, group: int | None) -> np.ndarray:
+    """Weights [count] -> pairs [G, pairs per group, dims]; padding repeats the last weight, a value the
+    group already holds, so that it moves neither the range nor (much) the centre."""
+    per_group = flat.size if group is None else group
+    per_group = -(-per_group // dims) * dims
+    total = -(-flat.size // per_group) * per_group
+    padded = np.concatenate([flat, np.full(total - flat.size, flat[-1] if flat.size else 0.0)])
+    return padded.reshape(-1, per_group // dims, dims)
+
+
+def _centres_and_spans(pairs: np.ndarray, setting: HyperSetting) -> tuple[np.ndarray, np.ndarray]:
+    if setting.codebook == "lattice":
+        centres = pairs.mean(axis=1)
+        if setting.absolute_side:
+            spans = np.full(len(pairs), setting.side)
+        else:
+            spans = setting.side * np.sqrt(((pairs - centres[:, None, :]) ** 2).mean(axis=(1, 2)))
+        return centres, spans
+    # winding and grid cover the group's range [min, max] in every coordinate, as the paper's v1 scaling
+    low, high = pairs.min(axis=(1, 2)), pairs.max(axis=(1, 2))
+    return np.repeat(((low + high) / 2)[:, None], pairs.shape[2], axis=1), high - low
+
+
+def encode(weight: np.ndarray, setting: HyperSetting) -> HyperCode:
+    """Nearest codeword of every pair (with its radial band on the lattice)."""
+    pairs = _groups(np.asarray(weight, np.float64).reshape(-1), setting.dims, setting.group)
+    centres, spans = _centres_and_spans(pairs, setting)
+    centres, spans = centres.astype(np.float32), spans.astype(np.float32)
+    safe = np.where(spans > 0, spans, 1.0).astype(np.float64)  # a constant group decodes to its centre
+    normalised = ((pairs - centres[:, None, :]) / safe[:, None, None]).reshape(-1, setting.dims)
+    bands, band_scales = _bands(normalised, setting)
+    offsets = setting.offsets()
+    codes = nearest_codeword(offsets.astype(np.float64), normalised / band_scales[bands].astype(np.float64)[:, None])
+    return HyperCode(setting, tuple(np.shape(weight)), codes + len(offsets) * bands, offsets, band_scales, centres, spans)
+
+
+def _bands(normalised: np.ndarray, setting: HyperSetting) -> tuple[np.ndarray, np.ndarray]:
+    """Band of each normalised pair and the band scales s_k = 2 r_k (s_0 = 1): band 0 inside the square
+    |z|_inf <= 1/2, band k the first ring with |z|_2 <= r_k, r_K the farthest pair."""
+    bands = np.zeros(len(normalised), np.int64)
+    outside = np.abs(normalised).max(axis=1) > 0.5
+    if setting.codebook != "lattice" or setting.bands == 0 or not outside.any():
+        return bands, np.ones(1, np.float32)
+    radius = np.linalg.norm(normalised, axis=1)
+    farthest = radius.max()
+    rings = 0.5 + np.arange(1, setting.bands + 1) * (farthest - 0.5) / setting.bands
+    rings[-1] = farthest
+    bands[outside] = 1 + np.minimum(np.searchsorted(rings, radius[outside]), setting.bands - 1)
+    return bands, np.concatenate([[1.0], 2.0 * rings]).astype(np.float32)
+
+
+def decode_values(code: HyperCode) -> np.ndarray:
+    """The numpy reference of the decode: c_g + L_g * (u_j * s_k) in float32, the order of the ONNX body."""
+    codes = np.int64(len(code.offsets))
+    index = np.asarray(code.indices, np.int64)
+    scaled = code.offsets[index % codes] * code.band_scales[index // codes][:, None]
+    groups = len(code.spans)
+    pairs = scaled.reshape(groups, -1, code.setting.dims)
+    values = code.centres[:, None, :] + pairs * code.spans[:, None, None]
+    return values.reshape(-1)[: code.count].reshape(code.shape)
+
+
+def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
+    """||W - W'|| / ||W|| (its square is the normalised MSE)."""
+    weight = np.asarray(weight, np.float64)
+    return float(np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30))
+
+
+def setting_grid(base: HyperSetting, bits: Sequence[int] = range(4, 14), bands: Sequence[int] = (0,),
+                 sides: Sequence[float] = (), codes: Sequence[int] = ()) -> list[HyperSetting]:
+    """Candidate settings for the per-tensor choice. Without explicit `codes`, each index width b in `bits`
+    is filled: the lattice takes n = 2^b / (K + 1) - 1 (plus its centre codeword), the winding n = 2^b, the
+    grid M = floor(2^(b / dims)) levels per weight. Sides apply to the relative lattice only."""
+    bands = bands if base.codebook == "lattice" else (0,)
+    sides = sides if base.codebook == "lattice" and not base.absolute_side and sides else (base.side,)
+
+    def sizes(k: int) -> list[int]:
+        if codes:
+            return list(codes)
+        if base.codebook == "lattice":
+            return [(1 << b) // (k + 1) - 1 for b in bits if (1 << b) // (k + 1) - 1 >= 2]
+        if base.codebook == "winding":
+            return [1 << b for b in bits]
+        return [math.floor(2 ** (b / base.dims) + 1e-9) for b in bits]
+
+    settings = [HyperSetting(base.codebook, n, k, s, base.absolute_side, base.group, base.dims)
+                for k in bands for n in sizes(k) for s in sides]
+    return list(dict.fromkeys(settings))
+
+
+def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], sample: int = 1 << 16,
+                      seed: int = 0) -> list[tuple[HyperSetting, float, float]]:
+    """(setting, relative error, bits per weight) of each candidate, the error measured on a fixed random
+    sample of whole groups (at most `sample` weights) so that choosing stays fast on large tensors."""
+    flat = np.asarray(weight, np.float32).reshape(-1)
+    results = []
+    for setting in settings:
+        part = flat
+        if flat.size > sample:
+            per_group = flat.size if setting.group is None else setting.group
+            if setting.group is None:
+                part = flat[np.sort(np.random.default_rng(seed).choice(flat.size, sample, replace=False))]
+            else:
+                groups = flat[: flat.size // per_group * per_group].reshape(-1, per_group)
+                pick = np.random.default_rng(seed).choice(len(groups), max(1, sample // per_group), replace=False)
+                part = groups[np.sort(pick)].reshape(-1)
+        code = encode(part, setting)
+        full_bits = _bits_per_weight(setting, code, flat.size)
+        results.append((setting, relative_error(part, decode_values(code)), full_bits))
+    return results
+
+
+def _bits_per_weight(setting: HyperSetting, code: HyperCode, count: int) -> float:
+    """Bits per weight of the whole tensor under `setting`, from a code of a sample of it."""
+    groups = 1 if setting.group is None else -(-count // setting.group)
+    pairs = -(-count // setting.dims) if setting.group is None else groups * (setting.group // setting.dims)
+    side = 32 * (code.band_scales.size + groups * (setting.dims + 1))
+    return (code.bits * pairs + side) / count
+
+
+def choose_setting(results: list[tuple[HyperSetting, float, float]], target: float | None
+                   ) -> tuple[HyperSetting, float, float]:
+    """The fewest bits per weight within the relative error `target` (without one, or when none is within
+    it: the smallest error). Pure: swappable."""
+    within = [r for r in results if target is not None and r[1] <= target]
+    return min(within, key=lambda r: (r[2], r[1])) if within else min(results, key=lambda r: (r[1], r[2]))
+
+
+ChooseSetting = Callable[[list[tuple[HyperSetting, float, float]], float | None], tuple[HyperSetting, float, float]]

@@ -64,10 +64,11 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
         min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
         layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
-        threads=args.threads, progress=not args.quiet,
+        codebook=args.codebook, codes=args.codes, bands=args.bands, side=args.side, group_size=args.group_size,
+        tensor_error=args.tensor_error, threads=args.threads, progress=not args.quiet,
     )
     report = compress(args.model, args.output, options)
-    for plan in (report.plan, report.ternary):
+    for plan in (report.plan, report.ternary, report.hyper):
         if plan is not None:
             print(plan)
     print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
@@ -150,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("model")
     comp.add_argument("-o", "--output", required=True)
     comp.add_argument("--method", default="moment",
-                      help="moment (width reduction), ternary (2-bit weights) or moment,ternary (both, in that order)")
+                      help="moment (width reduction), ternary (2-bit weights), hyper (hyperfunction codes), or "
+                           "several comma-separated, run in that order (moment,ternary; moment,hyper)")
     comp.add_argument("--selector", default="select", choices=["select", "recombine", "fold", "magnitude"],
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
                            "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")
@@ -176,6 +178,19 @@ def _parser() -> argparse.ArgumentParser:
                               "the input's scale) on each ReLU after a weight, kept only within --max-error")
     ternary.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
+    hyper = comp.add_argument_group("hyper (hyperfunction codes)")
+    hyper.add_argument("--codebook", default="lattice", choices=["lattice", "winding", "grid"],
+                       help="lattice: the official v3 sheared lattice with radial bands (default); winding: the paper's "
+                            "v1 irrational winding; grid: round-to-nearest at the same bits (the comparison)")
+    hyper.add_argument("--tensor-error", type=float, default=0.05,
+                       help="per tensor: the fewest bits whose relative error ||W - W'|| / ||W|| is within this (0.05)")
+    hyper.add_argument("--codes", help="codebook sizes n to choose from, comma-separated (grid: levels per weight); "
+                                       "default: each index width from 4 to 13 bits filled")
+    hyper.add_argument("--bands", default="0,1,2,3", help="radial band counts K to choose from (lattice; default 0,1,2,3)")
+    hyper.add_argument("--side", type=float, help="absolute side L of the lattice's square (the paper's setting); "
+                                                  "default: 3, 4 or 6 RMS deviations of each tensor, whichever is best")
+    hyper.add_argument("--group-size", default="tensor",
+                       help="weights per centre and span: an even number, or tensor (default)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
     comp.add_argument("--calib-samples", type=int)
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")

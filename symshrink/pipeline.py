@@ -25,6 +25,8 @@ from symshrink.passes import budget
 from symshrink.passes.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.analysis import Group, analyse
+from symshrink.passes.hyper import HyperPass, HyperPlan, plan_tensors
+from symshrink.passes.hyper_codec import HyperSetting, setting_grid
 from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
 from symshrink.passes.plan import Plan, make_plan, rewritable
 from symshrink.passes.qdq import ensure_opset
@@ -73,6 +75,12 @@ class CompressOptions:
     activations: str = "relu"  # ternary: "two-level" tries the paper's quantized activation after each ReLU layer
     storage: str = "dequantize"  # ternary: "dequantize" (2-bit DequantizeLinear), "function" or "function-base3"
     exclude: list[str] = field(default_factory=list)  # ternary: fnmatch patterns of node / weight names kept fp32
+    codebook: str = "lattice"  # hyper: "lattice" (v3), "winding" (v1) or "grid" (round-to-nearest at the same bits)
+    codes: str | None = None  # hyper: comma-separated codebook sizes n (grid: levels per weight); None: fill 4..13 bits
+    bands: str = "0,1,2,3"  # hyper: radial band counts K tried (lattice)
+    side: float | None = None  # hyper: the lattice square's absolute side L (the paper's); None: 3, 4 or 6 RMS deviations
+    group_size: str = "tensor"  # hyper: weights per centre and span, or "tensor"
+    tensor_error: float | None = 0.05  # hyper: relative error target per tensor (fewest bits within it)
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
     threads: int | None = None
     progress: bool = True
@@ -87,6 +95,7 @@ class CompressReport:
     holdout_feeds: int = 0
     plan: Plan | None = None  # moment reduction's
     ternary: TernaryPlan | None = None
+    hyper: HyperPlan | None = None
     diffs: list[OutputDiff] = field(default_factory=list)
     bytes_after: int = 0
     skipped: list[Group] = field(default_factory=list)
@@ -94,7 +103,8 @@ class CompressReport:
     def plan_json(self) -> str:
         """The plans as JSON: the moment plan alone (replayable with --plan), the ternary plan alone,
         or both under their method's name."""
-        plans = {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary)) if plan is not None}
+        plans = {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary), ("hyper", self.hyper))
+                 if plan is not None}
         if len(plans) == 1:
             return next(iter(plans.values())).to_json()
         return json.dumps({name: json.loads(plan.to_json()) for name, plan in plans.items()}, indent=2)
@@ -158,16 +168,16 @@ def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, Uni
     return make_plan(groups, widths, options.method, options.selector, options.ridge)
 
 
-METHODS = ("moment", "ternary")
+METHODS = ("moment", "ternary", "hyper")
 
 
 def parse_methods(text: str) -> list[str]:
-    """--method: one method or several, comma-separated, run in this order (moment before ternary)."""
+    """--method: one method or several, comma-separated, run in this order (moment, ternary, hyper)."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
         raise BadInput(f"unknown method {', '.join(unknown) or repr(text)}; available: {', '.join(METHODS)} "
-                       "(or moment,ternary)")
+                       "(or several, comma-separated: moment,ternary, moment,hyper)")
     return sorted(set(methods), key=METHODS.index)
 
 
@@ -282,6 +292,37 @@ def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list
     return outcome
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise BadInput(f"{flag} takes comma-separated integers, not {text!r}")
+    return values
+
+
+def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
+    """The settings the per-tensor choice picks from, as the options name them."""
+    group = None
+    if options.group_size != "tensor":
+        group = _int_list(options.group_size, "--group-size")[0]
+    try:
+        base = HyperSetting(options.codebook, 2, 0, options.side or 4.0, options.side is not None, group)
+        return setting_grid(base, bands=_int_list(options.bands, "--bands"), sides=() if options.side else (3.0, 4.0, 6.0),
+                            codes=_int_list(options.codes, "--codes") if options.codes else ())
+    except ValueError as err:
+        raise BadInput(f"hyperfunction codes: {err}") from None
+
+
+def _hyper_stage(model: ir.Model, options: CompressOptions) -> HyperPlan:
+    """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote."""
+    candidates = hyper_candidates(options)
+    plan, codes = plan_tensors(model, candidates, options.tensor_error, progress=options.progress)
+    HyperPass(plan, codes, options.progress)(model)
+    return plan
+
+
 def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
                  threads: int | None) -> float:
     """The largest relative L2 error over the outputs on the held-out feeds after `rewrite` (an in-place pass)
@@ -307,9 +348,9 @@ def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, option
 def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
     methods = parse_methods(options.method)
     widths = (options.keep, options.width, options.width_rule, options.target_size, options.plan)
-    if methods == ["moment", "ternary"] and all(w is None for w in widths):
-        raise BadInput("with --method moment,ternary give the moment widths (--keep, --width, --width-rule, "
-                       "--target-size or --plan): --max-error is the ternary budget and the gate")
+    if "moment" in methods and len(methods) > 1 and all(w is None for w in widths):
+        raise BadInput(f"with --method {','.join(methods)} give the moment widths (--keep, --width, --width-rule, "
+                       "--target-size or --plan): --max-error is the gate of the whole model")
     if options.activations not in ("relu", "two-level"):
         raise BadInput(f"unknown activations {options.activations!r}; available: relu, two-level")
     if options.activations == "two-level" and ("ternary" not in methods or options.max_error is None):
@@ -331,6 +372,8 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
         report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
         if options.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
+    if "hyper" in methods:
+        report.hyper = _hyper_stage(model, options)
     report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
     failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
     if failures:

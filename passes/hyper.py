@@ -1,0 +1,175 @@
+"""Hyperfunction pass: every large constant weight the graph reads becomes `ai.symshrink.HyperDecode(codes)`.
+
+A weight is a float32 initializer whose every reader reads it as a weight (MatMul/Gemm B, Conv and
+ConvTranspose W, Gather data, through a Transpose): tied weights, such as an embedding that is also the
+LM head, are coded once. Per tensor the setting (n, K, side) is the fewest bits per weight whose relative
+error ||W - W'|| / ||W|| is within the target (`hyper_codec.choose_setting`). Tensors under the size
+threshold, biases and norms stay float, and the plan says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+from tqdm import tqdm
+
+from symshrink.passes.hyper_codec import (
+    ChooseSetting,
+    HyperCode,
+    HyperSetting,
+    choose_setting,
+    decode_values,
+    encode,
+    evaluate_settings,
+    relative_error,
+)
+from symshrink.passes.hyper_function import add_function, decode_node
+
+__all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "plan_tensors", "HyperPass"]
+
+MIN_ELEMENTS = 4096  # smaller tensors stay float (as in the ternary pass): little to gain, and all of it side information
+# op -> the input slots that read a weight
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "ConvTranspose": (1,),
+                                             "Gather": (0,)}
+# ops whose output is still the weight (rearranged): a weight is read through them
+PASS_THROUGH = ("Transpose",)
+
+
+def _weight_reader(node: ir.Node, index: int) -> str | None:
+    """None when the node reads its input `index` as a weight, else why not."""
+    if node.domain not in ("", "ai.onnx"):
+        return f"read by {node.op_type} ({node.domain})"
+    if index in WEIGHT_INPUTS.get(node.op_type, ()):
+        return None
+    if node.op_type in PASS_THROUGH and index == 0:
+        return next((why for use in node.outputs[0].uses() if (why := _weight_reader(use.node, use.idx))), None)
+    return f"read by {node.op_type} as input {index}"
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: list[int]
+    readers: list[str]  # op types
+    codec: str = "fp32"  # "hyper" or "fp32"
+    setting: str = ""  # HyperSetting.label()
+    bits_per_weight: float | None = None  # side information included
+    relative_error: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class HyperPlan:
+    codebook: str
+    target: float | None  # relative error per tensor
+    tensors: list[TensorPlan] = field(default_factory=list)
+    table_bytes: int = 0  # the codebook tables, one per codebook size, shared by the tensors that use it
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def coded(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.codec == "hyper"]
+
+    def __str__(self) -> str:
+        target = "none" if self.target is None else f"{self.target:g}"
+        lines = [f"plan: method=hyper codebook={self.codebook} tensor error target={target}",
+                 f"  {'tensor':<40} {'shape':>16} {'codec':<6} {'bits/w':>6} {'rel.err':>8}  setting / reason"]
+        for t in self.tensors:
+            bits = "-" if t.bits_per_weight is None else f"{t.bits_per_weight:.2f}"
+            err = "-" if t.relative_error is None else f"{t.relative_error:.2e}"
+            shape = "x".join(map(str, t.shape)) or "scalar"
+            lines.append(f"  {t.name[-40:]:<40} {shape:>16} {t.codec:<6} {bits:>6} {err:>8}  {t.setting or t.reason}")
+        coded = sum(int(np.prod(t.shape)) for t in self.coded())
+        total = sum(int(np.prod(t.shape)) for t in self.tensors) or 1
+        bits = sum(int(np.prod(t.shape)) * t.bits_per_weight for t in self.coded()) / max(coded, 1)
+        lines.append(f"  {len(self.coded())} of {len(self.tensors)} float tensors coded ({coded / total:.1%} of the "
+                     f"float weights), {bits:.2f} bits per coded weight, plus {self.table_bytes / 1e3:.1f} kB of "
+                     "shared codebook tables")
+        lines.append("  rel.err: ||W - W'|| / ||W|| of the whole tensor; bits/w: indices, band scales, centres, spans")
+        return "\n".join(lines)
+
+
+def find_weight_tensors(model: ir.Model, min_elements: int = MIN_ELEMENTS) -> tuple[list[ir.Value], list[TensorPlan]]:
+    """The float initializers to code, and a plan row (fp32, with the reason) for every other float one."""
+    chosen, kept = [], []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+            continue
+        shape = [int(d) for d in tensor.shape]
+        readers = [use.node.op_type for use in value.uses()]
+        row = TensorPlan(value.name, shape, readers)
+        reasons = [why for use in value.uses() if (why := _weight_reader(use.node, use.idx))]
+        if value.is_graph_input() or value.is_graph_output():
+            row.reason = "a graph input or output"
+        elif tensor.dtype != ir.DataType.FLOAT:
+            row.reason = f"{tensor.dtype.name.lower()}, not float32"
+        elif not readers:
+            row.reason = "not read"
+        elif reasons:
+            row.reason = reasons[0] + (" (bias or norm)" if len(shape) <= 1 else "")
+        elif int(np.prod(shape)) < min_elements:
+            row.reason = f"{int(np.prod(shape))} elements, below {min_elements}"
+        else:
+            chosen.append(value)
+            continue
+        kept.append(row)
+    return chosen, kept
+
+
+def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: float | None,
+                 min_elements: int = MIN_ELEMENTS, choose: ChooseSetting = choose_setting,
+                 progress: bool = False) -> tuple[HyperPlan, dict[str, HyperCode]]:
+    """Choose each weight tensor's setting among the candidates (`hyper_codec.setting_grid`) on a sample of
+    it, then encode it whole."""
+    chosen, kept = find_weight_tensors(model, min_elements)
+    plan = HyperPlan(candidates[0].codebook, target)
+    encoded: dict[str, HyperCode] = {}
+    for value in tqdm(chosen, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
+        weight = value.const_value.numpy()
+        setting = candidates[0] if len(candidates) == 1 else choose(evaluate_settings(weight, candidates), target)[0]
+        code = encode(weight, setting)
+        row = TensorPlan(value.name, list(weight.shape), [use.node.op_type for use in value.uses()], "hyper",
+                         setting.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))
+        plan.tensors.append(row)
+        encoded[value.name] = code
+    plan.tensors += kept
+    tables = {code.setting.table_key(): code.table_bits() for code in encoded.values()}
+    plan.table_bytes = sum(tables.values()) // 8
+    return plan, encoded
+
+
+class HyperPass(InPlacePass):
+    """Replace each coded initializer by a HyperDecode node over its codes; every reader reads the node."""
+
+    def __init__(self, plan: HyperPlan, codes: dict[str, HyperCode], progress: bool = False):
+        super().__init__()
+        self.plan = plan
+        self.codes = codes
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> PassResult:
+        coded = self.plan.coded()
+        if not coded:
+            return PassResult(model, False)
+        add_function(model)
+        graph = model.graph
+        first = next(iter(graph), None)
+        tables: dict[tuple, ir.Value] = {}
+        for row in tqdm(coded, desc="writing codes", unit="tensor", disable=not self.progress, leave=False):
+            value = graph.initializers[row.name]
+            node = decode_node(graph, self.codes[row.name], row.name, tables)
+            if first is None:
+                graph.append(node)
+            else:
+                graph.insert_before(first, node)
+            ir.convenience.replace_all_uses_with(value, node.outputs[0])
+            graph.initializers.pop(row.name)
+        return PassResult(model, True)
+
