@@ -304,6 +304,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
     """The settings the per-tensor choice picks from, as the options name them."""
+    if options.tensor_error is not None and options.tensor_error <= 0:
+        raise BadInput(f"--tensor-error must be positive, not {options.tensor_error:g}")
     group = None
     if options.group_size != "tensor":
         group = _int_list(options.group_size, "--group-size")[0]
