@@ -133,7 +133,10 @@ def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: fl
     encoded: dict[str, HyperCode] = {}
     for value in tqdm(chosen, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
         weight = value.const_value.numpy()
-        setting = candidates[0] if len(candidates) == 1 else choose(evaluate_settings(weight, candidates), target)[0]
+        # choose_setting takes the narrowest index width within the target: wider ones need not be tried
+        stop = target if choose is choose_setting else None
+        setting = candidates[0] if len(candidates) == 1 else \
+            choose(evaluate_settings(weight, candidates, stop_within=stop), target)[0]
         code = encode(weight, setting)
         row = TensorPlan(value.name, list(weight.shape), [use.node.op_type for use in value.uses()], "hyper",
                          setting.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))

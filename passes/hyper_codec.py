@@ -97,6 +97,11 @@ class HyperSetting:
     def offsets(self) -> np.ndarray:
         return codebook_offsets(self)
 
+    def index_bits(self) -> int:
+        """Bits per stored index: the table's size times the bands."""
+        size = {"lattice": self.codes + 1, "winding": self.codes, "grid": self.codes**self.dims}[self.codebook]
+        return index_bits(size, self.bands if self.codebook == "lattice" else 0)
+
     def table_key(self) -> tuple[str, int, int]:
         """What the codebook table depends on: tensors with the same key share one table."""
         return self.codebook, self.codes, self.dims
@@ -263,6 +268,9 @@ def setting_grid(base: HyperSetting, bits: Sequence[int] = range(4, 14), bands: 
     bands = bands if base.codebook == "lattice" else (0,)
     sides = sides if base.codebook == "lattice" and not base.absolute_side and sides else (base.side,)
 
+    if any(not 1 <= b <= 16 for b in bits):
+        raise ValueError(f"index widths must be 1..16 bits, not {list(bits)}")
+
     def sizes(k: int) -> list[int]:
         if codes:
             return list(codes)
@@ -277,26 +285,37 @@ def setting_grid(base: HyperSetting, bits: Sequence[int] = range(4, 14), bands: 
     return list(dict.fromkeys(settings))
 
 
-def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], sample: int = 1 << 16,
-                      seed: int = 0) -> list[tuple[HyperSetting, float, float]]:
+def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], sample: int = 1 << 16, seed: int = 0,
+                      stop_within: float | None = None) -> list[tuple[HyperSetting, float, float]]:
     """(setting, relative error, bits per weight) of each candidate, the error measured on a fixed random
-    sample of whole groups (at most `sample` weights) so that choosing stays fast on large tensors."""
+    sample of whole groups (at most `sample` weights) so that choosing stays fast on large tensors.
+    `stop_within`: candidates go in order of index width, and the widths after the first one with an
+    error within this are not tried (what `choose_setting` would pick is among those tried)."""
     flat = np.asarray(weight, np.float32).reshape(-1)
     results = []
-    for setting in settings:
-        part = flat
-        if flat.size > sample:
-            per_group = flat.size if setting.group is None else setting.group
-            if setting.group is None:
-                part = flat[np.sort(np.random.default_rng(seed).choice(flat.size, sample, replace=False))]
-            else:
-                groups = flat[: flat.size // per_group * per_group].reshape(-1, per_group)
-                pick = np.random.default_rng(seed).choice(len(groups), max(1, sample // per_group), replace=False)
-                part = groups[np.sort(pick)].reshape(-1)
+    done_at = None
+    for setting in sorted(settings, key=HyperSetting.index_bits):
+        width = setting.index_bits()
+        if done_at is not None and width > done_at:
+            break
+        part = _sample(flat, setting.group, sample, seed)
         code = encode(part, setting)
-        full_bits = _bits_per_weight(setting, code, flat.size)
-        results.append((setting, relative_error(part, decode_values(code)), full_bits))
+        error = relative_error(part, decode_values(code))
+        results.append((setting, error, _bits_per_weight(setting, code, flat.size)))
+        if stop_within is not None and error <= stop_within and done_at is None:
+            done_at = width
     return results
+
+
+def _sample(flat: np.ndarray, group: int | None, sample: int, seed: int) -> np.ndarray:
+    """At most `sample` weights: random single weights, or random whole groups, in their order."""
+    if flat.size <= sample:
+        return flat
+    rng = np.random.default_rng(seed)
+    if group is None:
+        return flat[np.sort(rng.choice(flat.size, sample, replace=False))]
+    groups = flat[: flat.size // group * group].reshape(-1, group)
+    return groups[np.sort(rng.choice(len(groups), max(1, sample // group), replace=False))].reshape(-1)
 
 
 def _bits_per_weight(setting: HyperSetting, code: HyperCode, count: int) -> float:

@@ -64,8 +64,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
         min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
         layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
-        codebook=args.codebook, codes=args.codes, bands=args.bands, side=args.side, group_size=args.group_size,
-        tensor_error=args.tensor_error, threads=args.threads, progress=not args.quiet,
+        codebook=args.codebook, codes=args.codes, index_bits=args.index_bits, bands=args.bands,
+        side=args.side, group_size=args.group_size, tensor_error=args.tensor_error, threads=args.threads, progress=not args.quiet,
     )
     report = compress(args.model, args.output, options)
     for plan in (report.plan, report.ternary, report.hyper):
@@ -184,8 +184,10 @@ def _parser() -> argparse.ArgumentParser:
                             "v1 irrational winding; grid: round-to-nearest at the same bits (the comparison)")
     hyper.add_argument("--tensor-error", type=float, default=0.05,
                        help="per tensor: the fewest bits whose relative error ||W - W'|| / ||W|| is within this (0.05)")
-    hyper.add_argument("--codes", help="codebook sizes n to choose from, comma-separated (grid: levels per weight); "
-                                       "default: each index width from 4 to 13 bits filled")
+    hyper.add_argument("--index-bits", default="4,5,6,7,8,9,10,11,12,13",
+                       help="index widths (bits per pair of weights) to choose from, comma-separated; each is filled "
+                            "with the largest codebook that fits (default 4 to 13: 2 to 6.5 bits per weight)")
+    hyper.add_argument("--codes", help="codebook sizes n to choose from instead, comma-separated (grid: levels per weight)")
     hyper.add_argument("--bands", default="0,1,2,3", help="radial band counts K to choose from (lattice; default 0,1,2,3)")
     hyper.add_argument("--side", type=float, help="absolute side L of the lattice's square (the paper's setting); "
                                                   "default: 3, 4 or 6 RMS deviations of each tensor, whichever is best")

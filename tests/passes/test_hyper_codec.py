@@ -185,3 +185,14 @@ def test_evaluate_settings_samples_large_tensors_and_counts_bits_of_the_whole_te
     full = encode(w, setting)
     assert bits == pytest.approx(full.bits_per_weight(), rel=1e-6)
     assert error == pytest.approx(relative_error(w, decode_values(full)), rel=0.1)
+
+
+def test_stopping_at_the_first_width_within_the_target_chooses_what_the_full_search_chooses():
+    w = _weights(shape=(256, 128), tail=True)
+    candidates = setting_grid(HyperSetting("lattice"), bits=range(4, 14), bands=(0, 1, 3), sides=(3.0, 6.0))
+    full = evaluate_settings(w, candidates)
+    for target in (0.03, 0.08, 0.2, 1e-6):
+        early = evaluate_settings(w, candidates, stop_within=target)
+        assert choose_setting(early, target)[0] == choose_setting(full, target)[0]
+        if target > 1e-6:
+            assert len(early) < len(full)
