@@ -194,5 +194,5 @@ def test_stopping_at_the_first_width_within_the_target_chooses_what_the_full_sea
     for target in (0.03, 0.08, 0.2, 1e-6):
         early = evaluate_settings(w, candidates, stop_within=target)
         assert choose_setting(early, target)[0] == choose_setting(full, target)[0]
-        if target > 1e-6:
+        if target >= 0.08:  # reached below 13 bits: the wider widths are skipped
             assert len(early) < len(full)
