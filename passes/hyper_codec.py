@@ -244,10 +244,10 @@ def _bands(normalised: np.ndarray, setting: HyperSetting) -> tuple[np.ndarray, n
 
 
 def decode_values(code: HyperCode) -> np.ndarray:
-    """The numpy reference of the decode: c_g + L_g * (u_j * s_k) in float32, the order of the ONNX body."""
-    codes = np.int64(len(code.offsets))
-    index = np.asarray(code.indices, np.int64)
-    scaled = code.offsets[index % codes] * code.band_scales[index // codes][:, None]
+    """The numpy reference of the decode: the table T[j + codes k] = u_j s_k, then c_g + L_g * T[index], in
+    float32, the order of the ONNX body."""
+    table = (code.band_scales[:, None, None] * code.offsets[None, :, :]).reshape(-1, code.setting.dims)
+    scaled = table[np.asarray(code.indices, np.int64)]
     groups = len(code.spans)
     pairs = scaled.reshape(groups, -1, code.setting.dims)
     values = code.centres[:, None, :] + pairs * code.spans[:, None, None]

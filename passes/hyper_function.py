@@ -2,9 +2,9 @@
 
 Index i of `bits` bits starts at bit i * bits of the packed stream (two zero bytes appended), so it is read
 from a 24-bit window of three bytes: ((b[q] + 256 b[q+1] + 65536 b[q+2]) / 2^r) mod 2^bits, q = i bits / 8,
-r = i bits mod 8 (int32; bits <= 16). Then j = index mod codes, k = index / codes and
-W = c_g + L_g * (offsets[j] * band_scales[k]) in float32, the order of `hyper_codec.decode_values`, so numpy
-and onnxruntime decode bit-identically. onnxruntime constant-folds the body at session creation: the codes
+r = i bits mod 8 (int32; bits <= 16). The decoded table T[j + codes k] = offsets[j] * band_scales[k] is
+built once, then W = c_g + L_g * T[index] in float32, the order of `hyper_codec.decode_values`, so numpy and
+onnxruntime decode bit-identically. onnxruntime constant-folds the body at session creation: the codes
 are compressed on disk and dense fp32 in memory. Needs opset 11 (Range).
 """
 
@@ -59,10 +59,11 @@ def hyper_decode_function(opset: int) -> ir.Function:
     window = op("Add", op("Add", byte(0, 1), byte(1, 256)), byte(2, 65536))
     shifted = op("Div", window, op("Gather", powers, op("Mod", position, eight)))
     index = op("Mod", shifted, op("Gather", powers, inputs["bits"]))
-    codeword = op("Gather", inputs["offsets"], op("Mod", index, inputs["codes"]))
-    band = op("Reshape", op("Gather", inputs["band_scales"], op("Div", index, inputs["codes"])),
-              const(np.array([-1, 1], np.int64)))
-    scaled = op("Reshape", op("Mul", codeword, band), inputs["layout"])
+    # the decoded table, row j + codes k = offsets[j] * band_scales[k]: [(K + 1) codes, dims], built once
+    dims = op("Slice", inputs["layout"], const(np.array([2], np.int64)), const(np.array([3], np.int64)))
+    bands = op("Reshape", inputs["band_scales"], const(np.array([-1, 1, 1], np.int64)))
+    table = op("Reshape", op("Mul", bands, inputs["offsets"]), op("Concat", const(np.array([-1], np.int64)), dims, axis=0))
+    scaled = op("Reshape", op("Gather", table, index), inputs["layout"])
     values = op("Add", inputs["centres"], op("Mul", scaled, inputs["spans"]))
     flat = op("Slice", op("Reshape", values, const(np.array([-1], np.int64))), const(np.array([0], np.int64)),
               inputs["count"])

@@ -65,6 +65,9 @@ MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:k
 TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                           r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)"
                           r"(?:-max(?P<max>[0-9]*\.?[0-9]+))?")
+HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
+                        r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
+                        r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -80,7 +83,7 @@ NOTES = {
 
 # Runs in a fresh interpreter so that the parent's peak RSS does not carry over.
 RSS_CHILD = r"""
-import json, sys
+import json, sys, time
 import numpy as np
 import onnxruntime as ort
 
@@ -97,11 +100,13 @@ options = ort.SessionOptions()
 options.intra_op_num_threads = threads
 options.log_severity_level = 3
 before = hwm()
+start = time.perf_counter()
 session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+seconds = time.perf_counter() - start
 created = hwm()
 session.run(None, feed)
 ran = hwm()
-print(json.dumps({"before": before, "session": created - before, "first_run": ran - before}))
+print(json.dumps({"before": before, "session": created - before, "first_run": ran - before, "seconds": seconds}))
 """
 
 
@@ -131,6 +136,16 @@ def ternary_name(text: str) -> str:
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]ternary-<b32|b64|b128|b256|channel>-"
                                          f"<none|moments|lstsq>[-maxE]: {text!r}")
+    return text
+
+
+def hyper_name(text: str) -> str:
+    """Check a hyperfunction variant name [moment-<selector>-keep<F>+]hyper-<lattice|winding|grid>[-g<G>]-<b<B>|e<E>>:
+    b<B>: every tensor at B bits per pair of weights, the setting of least error; e<E>: per tensor the fewest bits
+    (4 to 13 per pair) within relative error E. grid is round-to-nearest in the same format; g<G>: per group of G."""
+    match = HYPER_NAME.fullmatch(text)
+    if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]hyper-<lattice|winding|grid>[-gG]-<bB|eE>: {text!r}")
     return text
 
 
@@ -204,6 +219,14 @@ def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **se
 
     report = compress(spec, out, CompressOptions(calib=entry.calib, progress=False, threads=threads, **settings))
     result = {"holdout_feeds": report.holdout_feeds, "holdout_diffs": [d.to_dict() for d in report.diffs]}
+    if report.hyper is not None:
+        coded = report.hyper.coded()
+        weights = sum(int(np.prod(t.shape)) for t in coded)
+        result["hyper"] = {"tensors": len(coded), "kept_float": len(report.hyper.tensors) - len(coded),
+                           "bits_per_weight": sum(int(np.prod(t.shape)) * t.bits_per_weight for t in coded) / max(weights, 1),
+                           "table_bytes": report.hyper.table_bytes,
+                           "max_tensor_error": max((t.relative_error for t in coded), default=None),
+                           "settings": {t.name: t.setting for t in coded}}
     if report.ternary is not None:
         result["codecs"] = report.ternary.counts()
         result["fp32_layers"] = {layer.node: layer.reason for layer in report.ternary.layers if layer.codec != "ternary"}
@@ -264,6 +287,30 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
+def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
+    """Compress `variant` ([moment-<selector>-keep<F>+]hyper-<codebook>[-g<G>]-<b<B>|e<E>>) into its path."""
+    match = HYPER_NAME.fullmatch(variant.name)
+    assert match and variant.path is not None
+    settings: dict[str, Any] = {"method": "hyper", "codebook": match["codebook"],
+                                "group_size": match["group"] or "tensor"}
+    group = f"per group of {match['group']}" if match["group"] else "per tensor"
+    codec = {"lattice": "HC v3 lattice (K 0-3, side 3/4/6 RMS)", "winding": "HC v1 winding",
+             "grid": "round-to-nearest"}[match["codebook"]] + f", {group}"
+    if match["bits"]:
+        settings.update(index_bits=match["bits"], tensor_error=None)
+        what = f"{codec}, {match['bits']} bits per pair, least error"
+    else:
+        settings["tensor_error"] = float(match["error"])
+        what = f"{codec}, per tensor the fewest bits within relative error {match['error']}"
+    if match["moment"]:
+        moment = MOMENT_NAME.fullmatch(match["moment"])
+        settings.update(method="moment,hyper", selector=moment["selector"], keep=float(moment["f"]))
+        what = f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
+    variant.note = f"symshrink {what}"
+    variant.extra = {"hyper_variant": match["codebook"] + (f"-g{match['group']}" if match["group"] else "")}
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
+
+
 def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: list[str],
                    wanted: list[str], threads: int) -> list[Variant]:
     """Build every variant into `work`; a failure is recorded on its Variant, never raised."""
@@ -295,6 +342,8 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
                     builders[name](out)
             elif TERNARY_NAME.fullmatch(name):
                 build_ternary(spec, entry, variant, threads)
+            elif HYPER_NAME.fullmatch(name):
+                build_hyper(spec, entry, variant, threads)
             else:
                 build_moment(spec, entry, variant, built, threads)
         except Exception as err:  # noqa: BLE001 (any failure becomes a row)
@@ -320,14 +369,15 @@ def representative_feed(entry: ZooModel, spec: str, specs: list, eval_feeds: lis
 
 
 def measure_rss(path: Path, feed_file: Path, threads: int) -> dict[str, float]:
-    """Peak RSS growth (MB) of creating a session, and after its first run, in a fresh process."""
+    """Peak RSS growth (MB) of creating a session, and after its first run, and the session's creation time
+    (s), in a fresh process."""
     proc = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(threads), str(feed_file)],
                           capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError((proc.stderr.strip().splitlines() or ["rss child failed"])[-1])
     raw = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"rss_mb": raw["session"] / MB, "rss_first_run_mb": raw["first_run"] / MB,
-            "rss_before_mb": raw["before"] / MB}
+            "rss_before_mb": raw["before"] / MB, "session_s": raw["seconds"]}
 
 
 def measure_latency(path: Path, feed: dict, threads: int, pause: float, min_runs: int,
@@ -589,6 +639,42 @@ def ternary_section(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def hyper_section(result: dict[str, Any]) -> list[str]:
+    """What the hyperfunction rows are, for runs that built hyper-... variants."""
+    if not any("hyper_variant" in r for model in result["models"] for r in model.get("rows", [])):
+        return []
+    return [
+        "## Hyperfunction rows", "",
+        "`hyper-<codebook>[-g<G>]-b<B>` rows: every float32 weight tensor of at least 4096 elements that the graph "
+        "reads as a weight (MatMul/Gemm B, Conv W, Gather tables, tied or not) becomes indices of B bits per pair of "
+        "weights into a fixed codebook, decoded by the `ai.symshrink.HyperDecode` function (stock ops; onnxruntime "
+        "constant-folds it at session creation, so the file is small and the memory and speed are fp32's). "
+        "`lattice`: the Hyper-Compression v3 codebook (sheared lattice, radial bands; per tensor the band count "
+        "K in 0-3 and square side of 3, 4 or 6 RMS deviations of least error at B bits). `grid`: round-to-nearest "
+        "in the same format at the same B bits per pair (floor(2^(B/2)) levels per weight), the baseline at equal "
+        "bits; `-g64`: one centre and span per group of 64 weights (1.5 more bits per weight of side "
+        "information, counted). `-e<E>`: per tensor the fewest bits (4-13 per pair) whose relative weight error is "
+        "within E. `moment-...+hyper-...`: `--method moment,hyper`. **bits/w**: bits per coded weight, index and "
+        "per-tensor side information included; the codebook tables, shared by every tensor of the same size, are "
+        "in the file size. **load s**: session creation time (where the decode is folded).", "",
+    ]
+
+
+def hyper_comparison(model: dict[str, Any]) -> list[str]:
+    """HC against round-to-nearest at equal bits per pair: one table per model."""
+    rows = [r for r in model["rows"] if "hyper_variant" in r and not r.get("error")]
+    fp32 = next((r for r in model["rows"] if r["variant"] == "fp32" and not r.get("error")), None)
+    if not rows or fp32 is None:
+        return []
+    lines = ["", "HC vs round-to-nearest (per tensor, per group of 64) at equal bits per pair:", "",
+             "| variant | bits/w | size vs fp32 | max tensor error | rel L2 | task metric |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["hyper"]["bits_per_weight"], r["variant"])):
+        h = r["hyper"]
+        lines.append(f"| {r['variant']} | {h['bits_per_weight']:.2f} | {r['bytes'] / fp32['bytes']:.3f}x "
+                     f"| {_fmt(h['max_tensor_error'], '.4f')} | {r['rel_l2']:.4f} | {r['metric']:.4f} |")
+    return lines
+
+
 def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
     """The report; `images` maps a model to its plot's path relative to the report."""
     m, a = result["machine"], result["args"]
@@ -618,6 +704,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                   "timing, and trust ratios more than absolute milliseconds.", ""]
     lines += moment_section(result)
     lines += ternary_section(result)
+    lines += hyper_section(result)
     for model in result["models"]:
         lines.append(f"## {model['model']}")
         lines.append("")
@@ -638,15 +725,16 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                       f"{model['fp32_latency_end_ms']:.2f} ms at the end of the run (the machine's load changed during "
                       "the run): this model's latencies and latency ratios are unreliable."]
         batch = "latency_b32_ms" in fp32
-        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | latency ms | latency vs fp32 "
+        lines += ["", "| variant | size MB | size vs fp32 | RSS MB | load s | latency ms | latency vs fp32 "
                   + ("| batch-32 ms | batch-32 vs fp32 " if batch else "") + "| rel L2 "
                   "| cosine | task metric | kept/group | build s |",
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if batch else "") + "---:|---:|---:|---:|---:|"]
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if batch else "") + "---:|---:|---:|---:|---:|"]
         notes = []
         for r in model["rows"]:
             if r.get("error"):
                 notes.append(f"- {r['variant']}: {r['error']}")
-                lines.append(f"| {r['variant']} | n/a | | | | | " + ("| | " if batch else "") + f"| | | | | {r['build_s']:.1f} |")
+                empty = "| | " if batch else ""
+                lines.append(f"| {r['variant']} | n/a | | | | | | {empty}| | | | | {r['build_s']:.1f} |")
                 continue
             size = r["bytes"] / fp32["bytes"] if fp32 else None
             speed = r["latency_ms"] / fp32["latency_ms"] if fp32 else None
@@ -655,11 +743,13 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                 ratio = r["latency_b32_ms"] / fp32["latency_b32_ms"]
                 batch_cells = f"| {r['latency_b32_ms']:.2f} | {ratio:.2f}x "
             lines.append(f"| {r['variant']} | {r['bytes'] / MB:.2f} | {_fmt(size, '.2f')}x "
-                         f"| {r['rss_mb']:.1f} | {r['latency_ms']:.2f} | {_fmt(speed, '.2f')}x {batch_cells}"
+                         f"| {r['rss_mb']:.1f} | {_fmt(r.get('session_s'), '.2f')} | {r['latency_ms']:.2f} "
+                         f"| {_fmt(speed, '.2f')}x {batch_cells}"
                          f"| {r['rel_l2']:.4f} | {r['cosine']:.4f} | {r['metric']:.4f} | {kept_range(r)} "
                          f"| {r['build_s']:.1f} |")
         if notes:
             lines += ["", "Not available:", *notes]
+        lines += hyper_comparison(model)
         lines += ["", near_lossless(model)]
         if model["model"] in images:
             lines += ["", f"![{model['model']}: size on disk vs task metric]({images[model['model']]})"]
@@ -697,6 +787,10 @@ def main() -> None:
     ap.add_argument("--ternary", nargs="*", type=ternary_name, default=[],
                     metavar="[moment-SELECTOR-keepF+]ternary-BLOCK-CORRECTION",
                     help="symshrink ternary variants, e.g. ternary-b64-lstsq, moment-select-keep0.5+ternary-channel-moments")
+    ap.add_argument("--hyper", nargs="*", type=hyper_name, default=[],
+                    metavar="[moment-SELECTOR-keepF+]hyper-CODEBOOK[-gG]-<bB|eE>",
+                    help="symshrink hyperfunction variants, e.g. hyper-lattice-b10 hyper-grid-b10 hyper-grid-g64-b10 "
+                         "hyper-lattice-e0.05 moment-select-keep0.5+hyper-lattice-b10")
     ap.add_argument("--batch32", action="store_true",
                     help=f"also time a batch of {BATCH} (the latency feed's first row repeated)")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,
@@ -725,7 +819,7 @@ def main() -> None:
         write_report(json.loads(json_path.read_text()), args.out)
         return
     moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment
-                                 + args.ternary))
+                                 + args.ternary + args.hyper))
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))

@@ -236,7 +236,8 @@ def aggregate(rows: list[dict]) -> dict[tuple[str, str, int], dict]:
     for key, rs in groups.items():
         size = np.array([r["size"] for r in rs], float)
         total = size.sum()
-        agg = {"nmse": float(np.dot(size, [r["nmse"] for r in rs]) / total), "bpw": float(np.dot(size, [r["bpw"] for r in rs]) / total),
+        agg = {"nmse": float(np.dot(size, [r["nmse"] for r in rs]) / total),
+               "bpw": float(np.dot(size, [r["bpw"] for r in rs]) / total),
                "tables": table_bits({r["setting"] for r in rs}) / total, "weights": total}
         if all("nmse_full" in r for r in rs):
             agg["nmse_full"] = float(np.dot(size, [r["nmse_full"] for r in rs]) / total)
@@ -274,8 +275,9 @@ def machine_lines(argv: list[str]) -> list[str]:
         mpl = matplotlib.__version__
     except ImportError:
         mpl = "absent"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
 
     def git(*args: str) -> str:
@@ -288,11 +290,11 @@ def machine_lines(argv: list[str]) -> list[str]:
     return [f"Machine: {os.cpu_count()}-core {cpu}, {ram:.0f} GB RAM, onnxruntime providers "
             f"{', '.join(onnxruntime.get_available_providers())} (CPU run, no GPU used).",
             f"Command: `.venv/bin/python tools/experiments/hyper_compression.py {' '.join(argv)}`.",
-            f"Commit: {git('rev-parse', '--short', 'HEAD')}" + (f" with {len(dirty)} tracked files modified in the working tree "
-                                                               "(passes/, symshrink/ were being edited concurrently)" if dirty else "")
-            + ".",
-            f"Versions: Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, onnx {onnx.__version__}, "
-            f"onnx-ir {onnx_ir.__version__}, onnxruntime {onnxruntime.__version__}, matplotlib {mpl}."]
+            f"Commit: {git('rev-parse', '--short', 'HEAD')}"
+            + (f" with {len(dirty)} tracked file(s) modified in the working tree (being edited concurrently: "
+               f"{', '.join(sorted({line[3:].split('/')[0] for line in dirty}))})" if dirty else "") + ".",
+            f"Versions: Python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+            f"onnx {onnx.__version__}, onnx-ir {onnx_ir.__version__}, onnxruntime {onnxruntime.__version__}, matplotlib {mpl}."]
 
 
 def scale_table(rows: list[dict]) -> str:
@@ -303,14 +305,16 @@ def scale_table(rows: list[dict]) -> str:
         if not r["tensors"]:
             out.append(f"| {r['model']} | 0 | 0 | - | - | - | - | - | - |")
             continue
-        out.append(f"| {r['model']} | {r['tensors']} | {r['weights']:,} | {r['rms']:.4f} | {r['dev_min']:.4f} / {r['dev_med']:.4f} / "
-                   f"{r['dev_max']:.4f} | {r['side_0.1']:.2f} | {r['inside_0.1']:.1%} | {r['side_0.8']:.1f} | {r['inside_0.8']:.1%} |")
+        out.append(f"| {r['model']} | {r['tensors']} | {r['weights']:,} | {r['rms']:.4f} | "
+                   f"{r['dev_min']:.4f} / {r['dev_med']:.4f} / {r['dev_max']:.4f} | "
+                   f"{r['side_0.1']:.2f} | {r['inside_0.1']:.1%} | {r['side_0.8']:.1f} | {r['inside_0.8']:.1%} |")
     return "\n".join(out)
 
 
 def paper_table(rows: list[dict]) -> str:
-    out = ["| setting | model | coded / float tensors | coded bits/w | paper-style ratio (coded only; + tables) | file fp32 -> HC "
-           "| file ratio | NMSE coded | held-out rel. L2 (cos) | task | before | after | rel. drop | K chosen (share of coded weights) |",
+    out = ["| setting | model | coded / float tensors | coded bits/w | paper-style ratio (coded only; + tables) "
+           "| file fp32 -> HC | file ratio | NMSE coded | held-out rel. L2 (cos; feeds) | task | before | after | rel. drop "
+           "| K chosen (share of coded weights) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["coded"]:
@@ -320,9 +324,10 @@ def paper_table(rows: list[dict]) -> str:
         else:
             ratio = bands = bits = nmse = "-"
         out.append(f"| {r['setting']} | {r['model']} | {r['coded']} / {r['floats']} | {bits} | {ratio} | "
-                   f"{r['bytes_before'] / 1e6:.2f} -> {r['bytes_after'] / 1e6:.2f} MB | {r['bytes_before'] / r['bytes_after']:.2f}x | "
-                   f"{nmse} | {r['rel_l2']:.3f} ({r['cosine']:.4f}) | {r['task']} | {r['before']:.4f} | {r['after']:.4f} | "
-                   f"{r['drop']:+.2%} | {bands} |")
+                   f"{r['bytes_before'] / 1e6:.2f} -> {r['bytes_after'] / 1e6:.2f} MB | "
+                   f"{r['bytes_before'] / r['bytes_after']:.2f}x | {nmse} | "
+                   f"{r['rel_l2']:.3f} ({r['cosine']:.4f}; {r['holdout']}) | {r['task']} | {r['before']:.4f} | "
+                   f"{r['after']:.4f} | {r['drop']:+.2%} | {bands} |")
     for p in PAPER:
         bits = 32 / p.ratio
         out.append(f"| {p.name} (paper) | {p.name} | - | {bits:.2f} (32 / ratio) | {p.ratio:.2f}x | - | - | - | - | {p.metric} | "
@@ -340,8 +345,8 @@ def sweep_table(agg: dict, model: str, bits: Sequence[int]) -> str:
 
 
 def check_table(agg: dict, models: Sequence[str]) -> str:
-    out = ["| model | bits/w target | " + " | ".join(f"{label}: whole-tensor NMSE (bits/w; sample NMSE)" for _, label in CODECS.values())
-           + " |", "|---|---" + "|---" * len(CODECS) + "|"]
+    heads = " | ".join(f"{label}: whole-tensor NMSE (bits/w; sample NMSE)" for _, label in CODECS.values())
+    out = [f"| model | bits/w target | {heads} |", "|---|---" + "|---" * len(CODECS) + "|"]
     for model in models:
         for i, target in enumerate(CHECK_BPW):
             cells = []
@@ -354,7 +359,8 @@ def check_table(agg: dict, models: Sequence[str]) -> str:
 
 def choice_table(rows: list[dict], bits: Sequence[int]) -> str:
     """Which lattice side and K the sweep chose, as shares of the weights, per index width."""
-    out = ["| bits per pair | n (K=0 / 1 / 2 / 3) | chosen K: share of weights | chosen side: share of weights |", "|---|---|---|---|"]
+    out = ["| bits per pair | n (K=0 / 1 / 2 / 3) | chosen K: share of weights | chosen side: share of weights |",
+           "|---|---|---|---|"]
     for b in bits:
         rs = [r for r in rows if r["codec"] == "lattice" and r["bits"] == b]
         if not rs:
@@ -371,7 +377,7 @@ def choice_table(rows: list[dict], bits: Sequence[int]) -> str:
 
 
 def table_overhead(agg: dict, models: Sequence[str], bits: int) -> str:
-    out = [f"| model | weights coded | " + " | ".join(f"{label}" for _, label in CODECS.values()) + " |",
+    out = ["| model | weights coded | " + " | ".join(label for _, label in CODECS.values()) + " |",
            "|---|---" + "|---" * len(CODECS) + "|"]
     for model in models:
         cells = [f"{a['tables']:.3f}" if (a := agg.get((model, c, bits))) else "-" for c in CODECS]
@@ -400,8 +406,8 @@ def plot_sweep(agg: dict, models: Sequence[str], bits: Sequence[int], path: Path
             if full:
                 ax.plot(*zip(*full), ls="none", marker="o", ms=8, mfc="none", color=f"C{i}")
         weights = next((a["weights"] for c in CODECS if (a := agg.get((model, c, bits[0])))), 0)
-        ax.set(yscale="log", title=f"{model} ({weights / 1e6:.2f} M coded weights)", xlabel="bits per weight (side info included)",
-               ylabel="NMSE ||W-W'||^2 / ||W||^2 (size-weighted)")
+        ax.set(yscale="log", title=f"{model} ({weights / 1e6:.2f} M coded weights)",
+               xlabel="bits per weight (side info included)", ylabel="NMSE ||W-W'||^2 / ||W||^2 (size-weighted)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, title="dots: 65536-weight sample; rings: whole tensors", title_fontsize=7)
     for ax in list(axes.flat)[len(models):]:
@@ -469,8 +475,8 @@ def write_report(path: Path, header: list[str], scales: list[dict], paper_rows: 
         + (" **Quick smoke configuration: not the full run.**" if quick else ""),
         "",
         *[f"* {line}" for line in header],
-        f"* Wall time: {timings['total']:.0f} s in all (B, the NMSE sweep in {timings['workers']} worker processes: {timings['sweep']:.0f} s; "
-        f"A, compress and evaluate: {timings['paper']:.0f} s).",
+        f"* Wall time: {timings['total']:.0f} s in all (B, the NMSE sweep in {timings['workers']} worker processes: "
+        f"{timings['sweep']:.0f} s; A, compress and evaluate: {timings['paper']:.0f} s).",
         "",
         "## A. The paper's settings on zoo models",
         "",
