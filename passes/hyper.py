@@ -28,7 +28,7 @@ from symshrink.passes.hyper_codec import (
     evaluate_settings,
     relative_error,
 )
-from symshrink.passes.hyper_function import add_function, decode_node
+from symshrink.passes.hyper_function import check_opset, decode_node
 
 __all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "plan_tensors", "HyperPass"]
 
@@ -161,13 +161,13 @@ class HyperPass(InPlacePass):
         coded = self.plan.coded()
         if not coded:
             return PassResult(model, False)
-        add_function(model)
+        check_opset(model)
         graph = model.graph
         first = next(iter(graph), None)
         tables: dict[tuple, ir.Value] = {}
         for row in tqdm(coded, desc="writing codes", unit="tensor", disable=not self.progress, leave=False):
             value = graph.initializers[row.name]
-            node = decode_node(graph, self.codes[row.name], row.name, tables)
+            node = decode_node(model, self.codes[row.name], row.name, tables)
             if first is None:
                 graph.append(node)
             else:

@@ -24,8 +24,8 @@ from scipy.spatial import cKDTree
 
 __all__ = ["FIXED_POINT_BITS", "CODEBOOKS", "HyperSetting", "HyperCode", "winding_steps", "winding_codebook",
            "lattice_offsets", "winding_offsets", "grid_offsets", "codebook_offsets", "nearest_codeword",
-           "pack_indices", "unpack_indices", "index_bits", "encode", "decode_values", "relative_error", "choose_setting",
-           "evaluate_settings", "setting_grid"]
+           "pack_indices", "unpack_indices", "pack_rows", "row_unpacking", "unpack_rows", "index_bits", "encode",
+           "decode_values", "relative_error", "choose_setting", "evaluate_settings", "setting_grid"]
 
 FIXED_POINT_BITS = 32
 _MASK = (1 << FIXED_POINT_BITS) - 1
@@ -156,6 +156,36 @@ def unpack_indices(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return stream @ (1 << np.arange(bits, dtype=np.int64))
 
 
+INDICES_PER_ROW = 8  # eight indices of `bits` bits fill exactly `bits` bytes
+
+
+def pack_rows(indices: np.ndarray, bits: int) -> np.ndarray:
+    """`pack_indices` padded with index 0 to whole rows of eight indices: uint8 [rows, bits]."""
+    values = np.asarray(indices, np.int64).reshape(-1)
+    padded = np.concatenate([values, np.zeros(-values.size % INDICES_PER_ROW, np.int64)])
+    return pack_indices(padded, bits).reshape(-1, bits)
+
+
+def row_unpacking(bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """How a row of `bits` bytes yields its eight indices in integer arithmetic: window = row @ weights
+    [bits, 8] (index k's bytes q..q+2 at 1, 256, 65536, q = k bits / 8; bytes past the row are never needed),
+    index = (window / shifts) mod 2^bits with shifts[k] = 2^(k bits mod 8). int32 throughout (< 2^24)."""
+    weights = np.zeros((bits, INDICES_PER_ROW), np.int32)
+    start = np.arange(INDICES_PER_ROW) * bits
+    for k, first in enumerate(start // 8):
+        for byte in range(3):
+            if first + byte < bits:
+                weights[first + byte, k] = 1 << (8 * byte)
+    return weights, (1 << (start % 8)).astype(np.int32), 1 << bits
+
+
+def unpack_rows(rows: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The decode's integer arithmetic in numpy (`row_unpacking`): the first `count` indices, int32."""
+    weights, shifts, modulus = row_unpacking(bits)
+    window = rows.astype(np.int32) @ weights
+    return ((window // shifts) % modulus).reshape(-1)[:count]
+
+
 @dataclass(frozen=True)
 class HyperCode:
     """A tensor in hyperfunction codes: `indices` [pairs] (j + codes k), the codebook `offsets` [codes, dims],
@@ -189,7 +219,8 @@ class HyperCode:
         return (self.bits * len(self.indices) + self.side_bits()) / max(self.count, 1)
 
     def packed(self) -> np.ndarray:
-        return pack_indices(self.indices, self.bits)
+        """The indices in rows of eight: uint8 [ceil(pairs / 8), bits]."""
+        return pack_rows(self.indices, self.bits)
 
 
 def _groups(flat: np.ndarray, dims: int, group: int | None) -> np.ndarray:

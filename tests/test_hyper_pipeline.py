@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from symshrink.cli import main
 from symshrink.passes.hyper import HyperPass, find_weight_tensors, plan_tensors
 from symshrink.passes.hyper_codec import HyperSetting, decode_values
-from symshrink.passes.hyper_function import DOMAIN, FUNCTION_NAME
+from symshrink.passes.hyper_function import DOMAIN, function_name
 from tests.conftest import mlp_model
 
 SETTINGS = [
@@ -71,7 +71,7 @@ def test_the_coded_mlp_computes_with_the_decoded_weights_and_keeps_small_tensors
     assert "W1" not in initializers  # the fp32 weight is gone from the file
     for name in ("W2", "b1", "b2"):  # the rest is untouched, bit for bit
         np.testing.assert_array_equal(initializers[name], original[name])
-    assert [n.op_type for n in coded.graph.node if n.domain == DOMAIN] == [FUNCTION_NAME]
+    assert [n.op_type for n in coded.graph.node if n.domain == DOMAIN] == [function_name(grouped=False)]
     x = _x()
     hidden = np.maximum(x @ decode_values(codes["W1"]) + original["b1"], 0)
     expected = hidden @ original["W2"] + original["b2"]
@@ -101,7 +101,7 @@ def test_tied_embedding_and_conv_kernels_are_coded_once_for_every_reader():
     proto = _tied_lm()
     coded, plan, codes = _coded(proto, [HyperSetting("lattice", 1023, 2, 4.0)], min_elements=1024)
     assert {t.name for t in plan.coded()} == {"E", "K"}
-    decoders = [n for n in coded.graph.node if n.op_type == FUNCTION_NAME]
+    decoders = [n for n in coded.graph.node if n.domain == DOMAIN]
     assert len(decoders) == 2
     readers = [n for n in coded.graph.node if "E.decoded" in n.input]
     assert sorted(n.name for n in readers) == ["embed", "tie"]
@@ -176,9 +176,9 @@ def test_bad_hyper_options_exit_2_and_write_nothing(tmp_path, argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_hyper_refuses_models_below_opset_11(tmp_path, capsys):
+def test_hyper_refuses_models_below_opset_13(tmp_path, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
-    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, opset=10), path)
+    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, opset=12), path)
     code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path)), "-q", "--method", "hyper"])
     assert code == 2 and not out.exists()
-    assert "opset >= 11" in capsys.readouterr().err
+    assert "opset >= 13" in capsys.readouterr().err

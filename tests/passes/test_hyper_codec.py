@@ -17,9 +17,12 @@ from symshrink.passes.hyper_codec import (
     lattice_offsets,
     nearest_codeword,
     pack_indices,
+    pack_rows,
     relative_error,
+    row_unpacking,
     setting_grid,
     unpack_indices,
+    unpack_rows,
     winding_codebook,
     winding_steps,
 )
@@ -154,6 +157,19 @@ def test_index_packing_round_trips_at_every_width(bits):
     packed = pack_indices(indices, bits)
     assert packed.dtype == np.uint8 and len(packed) == -(-count * bits // 8)
     np.testing.assert_array_equal(unpack_indices(packed, bits, count), indices)
+
+
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_row_unpacking_in_int32_arithmetic_matches_the_bit_stream_at_every_width(bits):
+    rng = np.random.default_rng(100 + bits)
+    count = 1003  # not whole rows: the last row is padded
+    indices = rng.integers(0, 1 << bits, count)
+    rows = pack_rows(indices, bits)
+    assert rows.shape == (-(-count // 8), bits)
+    np.testing.assert_array_equal(rows.reshape(-1)[: -(-count * bits // 8)], pack_indices(indices, bits))
+    weights, _, _ = row_unpacking(bits)
+    assert (rows.astype(np.int64) @ weights).max() < 2**24  # the window fits int32 (and float32) exactly
+    np.testing.assert_array_equal(unpack_rows(rows, bits, count), indices)
 
 
 def test_packing_refuses_indices_that_do_not_fit():
