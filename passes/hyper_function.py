@@ -17,6 +17,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.passes.graph import add_initializer
 from symshrink.passes.hyper_codec import HyperCode, row_unpacking
+from symshrink.passes.opset import ensure_opset
 
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "function_name", "hyper_decode_function", "check_opset", "decode_node",
            "function_inputs", "is_grouped"]
@@ -72,9 +73,8 @@ def hyper_decode_function(grouped: bool, opset: int) -> ir.Function:
 
 
 def check_opset(model: ir.Model) -> None:
-    opset = model.opset_imports.get("", 1)
-    if opset < FUNCTION_OPSET:
-        raise BadInput(f"hyperfunction codes need opset >= {FUNCTION_OPSET}; the model has {opset}")
+    """Upgrade a model below opset 13 (or refuse, saying why)."""
+    ensure_opset(model, FUNCTION_OPSET, "the HyperDecode function (integer MatMul)")
 
 
 def _declare(model: ir.Model, grouped: bool) -> None:

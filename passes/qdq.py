@@ -9,17 +9,13 @@ opset 25: `ensure_opset` upgrades a model or refuses with the converter's reason
 
 from __future__ import annotations
 
-import logging
-
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxscript.version_converter
 
-from symshrink.errors import BadInput
 from symshrink.passes.blocks import QuantizedWeight
 from symshrink.passes.graph import add_initializer
+from symshrink.passes.opset import ensure_opset as upgrade
 from symshrink.passes.products import Product
 
 __all__ = ["ensure_opset", "dequantize_product", "STORAGE_DTYPES", "DEQUANTIZE_OPSET"]
@@ -28,26 +24,9 @@ DEQUANTIZE_OPSET = 25  # the first opset whose DequantizeLinear takes uint2
 STORAGE_DTYPES = {2: ml_dtypes.uint2, 8: np.uint8}  # code bits -> storage type
 
 
-def ensure_opset(model: ir.Model, version: int = DEQUANTIZE_OPSET) -> bool:
-    """Upgrade the default-domain opset to at least `version` (onnxscript's converter, falling back to
-    onnx's). True if the model changed."""
-    current = model.opset_imports.get("", 1)
-    if current >= version:
-        return False
-    converter_log = logging.getLogger("onnxscript.version_converter")
-    level = converter_log.level
-    converter_log.setLevel(logging.ERROR)  # it warns whenever it hands over to onnx's converter, the usual case
-    try:
-        onnxscript.version_converter.convert_version(model, version, fallback=True)
-    except Exception as err:  # the converters raise their own exception types for unsupported ops
-        raise BadInput(f"cannot upgrade the model from opset {current} to {version}, which 2-bit "
-                       f"DequantizeLinear needs: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    finally:
-        converter_log.setLevel(level)
-    if model.opset_imports.get("", 1) < version:
-        raise BadInput(f"cannot upgrade the model from opset {current} to {version}, which 2-bit DequantizeLinear needs")
-    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", version)]))
-    return True
+def ensure_opset(model: ir.Model) -> bool:
+    """Upgrade the model to the opset of 2-bit DequantizeLinear (`opset.ensure_opset`). True if it changed."""
+    return upgrade(model, DEQUANTIZE_OPSET, "2-bit DequantizeLinear")
 
 
 def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
