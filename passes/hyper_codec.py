@@ -25,7 +25,7 @@ from scipy.spatial import cKDTree
 __all__ = ["FIXED_POINT_BITS", "CODEBOOKS", "HyperSetting", "HyperCode", "winding_steps", "winding_codebook",
            "lattice_offsets", "winding_offsets", "grid_offsets", "codebook_offsets", "nearest_codeword",
            "pack_indices", "unpack_indices", "pack_rows", "row_unpacking", "unpack_rows", "index_bits", "encode",
-           "decode_values", "relative_error", "choose_setting", "evaluate_settings", "setting_grid"]
+           "decode_values", "relative_error", "choose_setting", "evaluate_settings", "setting_grid", "DEFAULT_SIDES"]
 
 FIXED_POINT_BITS = 32
 _MASK = (1 << FIXED_POINT_BITS) - 1
@@ -73,13 +73,15 @@ def grid_offsets(levels: int, dims: int = 2) -> np.ndarray:
 @dataclass(frozen=True)
 class HyperSetting:
     """One codec setting. codes: n of the lattice or winding, levels per weight of the grid. bands: K (lattice
-    only). side: the lattice square's side, absolute (`absolute_side`, the paper's L) or in units of each
-    group's RMS deviation from its centre. group: weights per group (centre and span), None: the tensor."""
+    only). side: the codebook square's side around the group's mean, absolute (`absolute_side`, the paper's L)
+    or in units of the group's RMS deviation from it; None: the square [min, max]^dims of the group's range
+    (the v1 scaling; round-to-nearest without clipping). group: weights per group (centre and span), None:
+    the tensor."""
 
     codebook: str = "lattice"
     codes: int = 225
     bands: int = 3
-    side: float = 4.0
+    side: float | None = 4.0
     absolute_side: bool = False
     group: int | None = None
     dims: int = 2
@@ -89,7 +91,7 @@ class HyperSetting:
             raise ValueError(f"codebook must be one of {', '.join(CODEBOOKS)}, not {self.codebook!r}")
         if self.dims != 2 and self.codebook != "winding":
             raise ValueError("groups of 3 weights need the winding codebook")
-        if self.codes < 2 or self.bands < 0 or self.side <= 0:
+        if self.codes < 2 or self.bands < 0 or (self.side is not None and self.side <= 0):
             raise ValueError("codes must be >= 2, bands >= 0 and side > 0")
         if self.group is not None and (self.group < self.dims or self.group % self.dims):
             raise ValueError(f"group must be a multiple of {self.dims} weights")
@@ -108,9 +110,9 @@ class HyperSetting:
 
     def label(self) -> str:
         group = "tensor" if self.group is None else f"g{self.group}"
+        side = "range" if self.side is None else f"L{self.side:g}" if self.absolute_side else f"{self.side:g}sd"
         if self.codebook == "grid":
-            return f"grid-{self.codes}-{group}"
-        side = f"L{self.side:g}" if self.absolute_side else f"{self.side:g}sd"
+            return f"grid-{self.codes}-{side}-{group}"
         bands = f"-K{self.bands}" if self.codebook == "lattice" else ""
         return f"{self.codebook}-n{self.codes}{bands}-{side}-{group}" + (f"-d{self.dims}" if self.dims != 2 else "")
 
@@ -234,16 +236,13 @@ def _groups(flat: np.ndarray, dims: int, group: int | None) -> np.ndarray:
 
 
 def _centres_and_spans(pairs: np.ndarray, setting: HyperSetting) -> tuple[np.ndarray, np.ndarray]:
-    if setting.codebook == "lattice":
-        centres = pairs.mean(axis=1)
-        if setting.absolute_side:
-            spans = np.full(len(pairs), setting.side)
-        else:
-            spans = setting.side * np.sqrt(((pairs - centres[:, None, :]) ** 2).mean(axis=(1, 2)))
-        return centres, spans
-    # winding and grid cover the group's range [min, max] in every coordinate, as the paper's v1 scaling
-    low, high = pairs.min(axis=(1, 2)), pairs.max(axis=(1, 2))
-    return np.repeat(((low + high) / 2)[:, None], pairs.shape[2], axis=1), high - low
+    if setting.side is None:  # the group's range [min, max] in every coordinate
+        low, high = pairs.min(axis=(1, 2)), pairs.max(axis=(1, 2))
+        return np.repeat(((low + high) / 2)[:, None], pairs.shape[2], axis=1), high - low
+    centres = pairs.mean(axis=1)
+    if setting.absolute_side:
+        return centres, np.full(len(pairs), setting.side)
+    return centres, setting.side * np.sqrt(((pairs - centres[:, None, :]) ** 2).mean(axis=(1, 2)))
 
 
 def encode(weight: np.ndarray, setting: HyperSetting) -> HyperCode:
@@ -291,13 +290,21 @@ def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
     return float(np.linalg.norm(weight - approx) / max(np.linalg.norm(weight), 1e-30))
 
 
+# relative sides tried when none is given: the lattice's bands take the outliers, so its square is small;
+# the grid tries its full range (plain round-to-nearest) and clipped ranges (the best of which is the
+# strong RTN baseline); the winding keeps the paper's range
+DEFAULT_SIDES: dict[str, tuple[float | None, ...]] = {"lattice": (3.0, 4.0, 6.0), "grid": (None, 4.0, 6.0, 8.0, 12.0),
+                                                      "winding": (None,)}
+
+
 def setting_grid(base: HyperSetting, bits: Sequence[int] = range(4, 14), bands: Sequence[int] = (0,),
-                 sides: Sequence[float] = (), codes: Sequence[int] = ()) -> list[HyperSetting]:
+                 sides: Sequence[float | None] = (), codes: Sequence[int] = ()) -> list[HyperSetting]:
     """Candidate settings for the per-tensor choice. Without explicit `codes`, each index width b in `bits`
     is filled: the lattice takes n = 2^b / (K + 1) - 1 (plus its centre codeword), the winding n = 2^b, the
-    grid M = floor(2^(b / dims)) levels per weight. Sides apply to the relative lattice only."""
+    grid M = floor(2^(b / dims)) levels per weight. `sides` (relative, or None for the range) default to
+    DEFAULT_SIDES; an absolute side is the base's alone."""
     bands = bands if base.codebook == "lattice" else (0,)
-    sides = sides if base.codebook == "lattice" and not base.absolute_side and sides else (base.side,)
+    sides = (base.side,) if base.absolute_side else tuple(sides) or DEFAULT_SIDES[base.codebook]
 
     if any(not 1 <= b <= 16 for b in bits):
         raise ValueError(f"index widths must be 1..16 bits, not {list(bits)}")

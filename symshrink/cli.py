@@ -189,8 +189,9 @@ def _parser() -> argparse.ArgumentParser:
                             "with the largest codebook that fits (default 4 to 13: 2 to 6.5 bits per weight)")
     hyper.add_argument("--codes", help="codebook sizes n to choose from instead, comma-separated (grid: levels per weight)")
     hyper.add_argument("--bands", default="0,1,2,3", help="radial band counts K to choose from (lattice; default 0,1,2,3)")
-    hyper.add_argument("--side", type=float, help="absolute side L of the lattice's square (the paper's setting); "
-                                                  "default: 3, 4 or 6 RMS deviations of each tensor, whichever is best")
+    hyper.add_argument("--side", type=float, help="absolute side L of the codebook's square (the paper's setting); default: "
+                                                  "per tensor the best of 3, 4 or 6 RMS deviations (lattice), of the "
+                                                  "full range or 4, 6, 8, 12 RMS deviations (grid), the range (winding)")
     hyper.add_argument("--group-size", default="tensor",
                        help="weights per centre and span: an even number, or tensor (default)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")

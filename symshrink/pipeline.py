@@ -79,7 +79,7 @@ class CompressOptions:
     codes: str | None = None  # hyper: comma-separated codebook sizes n (grid: levels per weight); None: fill index_bits
     index_bits: str = "4,5,6,7,8,9,10,11,12,13"  # hyper: index widths (bits per pair) the codebook sizes fill
     bands: str = "0,1,2,3"  # hyper: radial band counts K tried (lattice)
-    side: float | None = None  # hyper: the lattice square's absolute side L (the paper's); None: 3, 4 or 6 RMS deviations
+    side: float | None = None  # hyper: the codebook square's absolute side L (the paper's); None: hyper_codec.DEFAULT_SIDES
     group_size: str = "tensor"  # hyper: weights per centre and span, or "tensor"
     tensor_error: float | None = 0.05  # hyper: relative error target per tensor (fewest bits within it)
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
@@ -311,9 +311,8 @@ def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
     if options.group_size != "tensor":
         group = _int_list(options.group_size, "--group-size")[0]
     try:
-        base = HyperSetting(options.codebook, 2, 0, options.side or 4.0, options.side is not None, group)
+        base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, group)
         return setting_grid(base, bits=_int_list(options.index_bits, "--index-bits"), bands=_int_list(options.bands, "--bands"),
-                            sides=() if options.side else (3.0, 4.0, 6.0),
                             codes=_int_list(options.codes, "--codes") if options.codes else ())
     except ValueError as err:
         raise BadInput(f"hyperfunction codes: {err}") from None

@@ -19,8 +19,9 @@ SETTINGS = [
     HyperSetting("lattice", 225, 3, 4.0),  # 10-bit indices, bands
     HyperSetting("lattice", 32767, 1, 4.0),  # 16 bits, the widest index the decode reads
     HyperSetting("lattice", 6, 0, 4.0),  # 3 bits: indices straddle byte boundaries
-    HyperSetting("winding", 4096, 0, dims=3),
-    HyperSetting("grid", 16, 0, group=64),
+    HyperSetting("winding", 4096, 0, side=None, dims=3),
+    HyperSetting("grid", 16, 0, side=None, group=64),
+    HyperSetting("grid", 45, 0, side=8.0),
     HyperSetting("lattice", 1600, 4, 0.8, absolute_side=True),
 ]
 

@@ -295,7 +295,7 @@ def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
                                 "group_size": match["group"] or "tensor"}
     group = f"per group of {match['group']}" if match["group"] else "per tensor"
     codec = {"lattice": "HC v3 lattice (K 0-3, side 3/4/6 RMS)", "winding": "HC v1 winding",
-             "grid": "round-to-nearest"}[match["codebook"]] + f", {group}"
+             "grid": "round-to-nearest (range or clipped to 4-12 RMS, least error)"}[match["codebook"]] + f", {group}"
     if match["bits"]:
         settings.update(index_bits=match["bits"], tensor_error=None)
         what = f"{codec}, {match['bits']} bits per pair, least error"
@@ -650,10 +650,12 @@ def hyper_section(result: dict[str, Any]) -> list[str]:
         "weights into a fixed codebook, decoded by the `ai.symshrink.HyperDecode` function (stock ops; onnxruntime "
         "constant-folds it at session creation, so the file is small and the memory and speed are fp32's). "
         "`lattice`: the Hyper-Compression v3 codebook (sheared lattice, radial bands; per tensor the band count "
-        "K in 0-3 and square side of 3, 4 or 6 RMS deviations of least error at B bits). `grid`: round-to-nearest "
-        "in the same format at the same B bits per pair (floor(2^(B/2)) levels per weight), the baseline at equal "
-        "bits; `-g64`: one centre and span per group of 64 weights (1.5 more bits per weight of side "
-        "information, counted). `-e<E>`: per tensor the fewest bits (4-13 per pair) whose relative weight error is "
+        "K in 0-3 and square side of 3, 4 or 6 RMS deviations of least error at B bits). `winding`: the paper's v1 "
+        "codebook over the tensor's range. `grid`: round-to-nearest in the same format at the same B bits per pair "
+        "(floor(2^(B/2)) levels per weight) over the tensor's full range or clipped to 4, 6, 8 or 12 RMS deviations, "
+        "whichever has the least error: the baseline at equal bits; `-g64`: one centre and span per group of 64 "
+        "weights (1.5 more bits per weight of side information, counted: g64-b5, b7, b9 are at the bits per weight "
+        "of b8, b10, b12). `-e<E>`: per tensor the fewest bits (4-13 per pair) whose relative weight error is "
         "within E. `moment-...+hyper-...`: `--method moment,hyper`. **bits/w**: bits per coded weight, index and "
         "per-tensor side information included; the codebook tables, shared by every tensor of the same size, are "
         "in the file size. **load s**: session creation time (where the decode is folded).", "",

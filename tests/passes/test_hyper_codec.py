@@ -69,7 +69,7 @@ def test_lattice_is_the_centre_then_the_sheared_rational_winding():
 def test_grid_codebook_is_round_to_nearest():
     levels = 9
     w = _weights(seed=3)
-    code = encode(w, HyperSetting("grid", levels, 0))
+    code = encode(w, HyperSetting("grid", levels, 0, side=None))
     low, high = float(w.min()), float(w.max())
     step = (high - low) / (levels - 1)
     rtn = np.round((w.astype(np.float64) - low) / step) * step + low
@@ -119,17 +119,24 @@ def test_bands_lower_the_error_of_heavy_tailed_weights():
 def test_groups_have_their_own_centre_and_span_and_cost_side_bits():
     w = _weights()
     w[:48] += 1.0  # two halves far apart: one per-tensor square cannot hold both well
-    tensor = encode(w, HyperSetting("grid", 16, 0))
-    grouped = encode(w, HyperSetting("grid", 16, 0, group=64))
+    tensor = encode(w, HyperSetting("grid", 16, 0, side=None))
+    grouped = encode(w, HyperSetting("grid", 16, 0, side=None, group=64))
     assert grouped.centres.shape == (96, 2) and grouped.spans.shape == (96,)
     assert relative_error(w, decode_values(grouped)) < 0.5 * relative_error(w, decode_values(tensor))
     # one centre pair and one span per group of 64 weights instead of one for the whole tensor
     assert grouped.bits_per_weight() - tensor.bits_per_weight() == pytest.approx(3 * 32 / 64 - 3 * 32 / w.size)
 
 
+def test_clipping_the_grid_to_a_few_rms_deviations_beats_its_full_range_on_heavy_tails():
+    w = _weights(tail=True)
+    full = relative_error(w, decode_values(encode(w, HyperSetting("grid", 16, 0, side=None))))
+    clipped = relative_error(w, decode_values(encode(w, HyperSetting("grid", 16, 0, side=6.0))))
+    assert clipped < 0.8 * full
+
+
 def test_winding_in_three_dimensions_round_trips_to_its_nearest_codewords():
     w = _weights(shape=(30, 41))  # 1230 weights: not a multiple of 3, the last group is padded
-    code = encode(w, HyperSetting("winding", 4096, 0, dims=3))
+    code = encode(w, HyperSetting("winding", 4096, 0, side=None, dims=3))
     decoded = decode_values(code)
     assert decoded.shape == w.shape and code.bits == 12
     assert relative_error(w, decoded) < 0.5
@@ -181,7 +188,8 @@ def test_setting_grid_fills_each_index_width():
     lattice = setting_grid(HyperSetting("lattice"), bits=[8, 10], bands=[0, 3], sides=[4.0])
     assert {(s.codes, s.bands) for s in lattice} == {(255, 0), (1023, 0), (63, 3), (255, 3)}
     assert all(index_bits(s.codes + 1, s.bands) in (8, 10) for s in lattice)  # n + 1 with the centre
-    assert [s.codes for s in setting_grid(HyperSetting("grid"), bits=[8, 13])] == [16, 90]
+    assert [s.codes for s in setting_grid(HyperSetting("grid"), bits=[8, 13], sides=[None])] == [16, 90]
+    assert {s.side for s in setting_grid(HyperSetting("grid"), bits=[8])} == {None, 4.0, 6.0, 8.0, 12.0}
     assert [s.codes for s in setting_grid(HyperSetting("lattice", side=0.8, absolute_side=True), codes=[1600],
                                           bands=[4], sides=[3.0, 4.0])] == [1600]
 
