@@ -80,7 +80,8 @@ class HyperPlan:
         target = "none" if self.target is None else f"{self.target:g}"
         lines = [f"plan: method=hyper codebook={self.codebook} tensor error target={target}",
                  f"  {'tensor':<40} {'shape':>16} {'codec':<6} {'bits/w':>6} {'rel.err':>8}  setting / reason"]
-        for t in self.tensors:
+        vectors = [t for t in self.tensors if t.codec == "fp32" and len(t.shape) <= 1]
+        for t in (t for t in self.tensors if t not in vectors):
             bits = "-" if t.bits_per_weight is None else f"{t.bits_per_weight:.2f}"
             err = "-" if t.relative_error is None else f"{t.relative_error:.2e}"
             shape = "x".join(map(str, t.shape)) or "scalar"
@@ -91,6 +92,8 @@ class HyperPlan:
         lines.append(f"  {len(self.coded())} of {len(self.tensors)} float tensors coded ({coded / total:.1%} of the "
                      f"float weights), {bits:.2f} bits per coded weight, plus {self.table_bytes / 1e3:.1f} kB of "
                      "shared codebook tables")
+        if vectors:
+            lines.append(f"  {len(vectors)} vectors (biases, norms, scales) stay float: --plan-out lists them with the reason")
         lines.append("  rel.err: ||W - W'|| / ||W|| of the whole tensor; bits/w: indices, band scales, centres, spans")
         return "\n".join(lines)
 
