@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
 from symshrink.calib import load_feeds, random_feeds, split_holdout
@@ -25,7 +26,7 @@ from symshrink.passes import budget
 from symshrink.passes.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.analysis import Group, analyse
-from symshrink.passes.hyper import HyperPass, HyperPlan, plan_tensors
+from symshrink.passes.hyper import MIN_ELEMENTS, HyperPass, HyperPlan, plan_tensors
 from symshrink.passes.hyper_codec import HyperSetting, setting_grid
 from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
 from symshrink.passes.plan import Plan, make_plan, rewritable
@@ -319,8 +320,10 @@ def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
 
 
 def _hyper_stage(model: ir.Model, options: CompressOptions) -> HyperPlan:
-    """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote."""
+    """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote. Weights held
+    in Constant nodes (PP-OCR's classifier) become initializers first."""
     candidates = hyper_candidates(options)
+    LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
     plan, codes = plan_tensors(model, candidates, options.tensor_error, progress=options.progress)
     HyperPass(plan, codes, options.progress)(model)
     return plan

@@ -149,6 +149,17 @@ def test_cli_hyper_writes_a_checked_model_within_the_tensor_target(tmp_path, cap
     assert data < out.stat().st_size < data + 8192
 
 
+def test_weights_in_constant_nodes_are_coded_too(tmp_path, capsys):
+    path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
+    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4, constant_nodes=True), path)
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path)), "-q", "--method", "hyper",
+                 "--plan-out", str(tmp_path / "plan.json")])
+    assert code == 0, capsys.readouterr().err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {t["name"] for t in plan["tensors"] if t["codec"] == "hyper"} == {"W1", "W2"}
+    assert not [n for n in onnx.load(out).graph.node if n.op_type == "Constant" and n.output[0] in ("W1", "W2")]
+
+
 def test_moment_then_hyper_codes_the_reduced_weights(tmp_path, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
     onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4), path)

@@ -60,7 +60,8 @@ LATENCY_BATCH = {"fmnist-mlp": 64, "digits-mlp": 64}  # rows per latency feed; o
 BLOCK = 32  # MatMulNBits block size
 ACCURACY_LEVEL = 4  # int8 compute for MatMulNBits (2- and 8-bit are very slow without it)
 ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbits2", "nbits8"]
-OPTIONAL_VARIANTS = ["int8-dynamic-all"]  # quantize_dynamic's defaults (Gather and Conv too)
+# quantize_dynamic's defaults (Gather and Conv too); MatMulNBits over embedding tables (Gather) too
+OPTIONAL_VARIANTS = ["int8-dynamic-all", "nbits4-rtn-b32-gather"]
 MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
 TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                           r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)"
@@ -76,6 +77,8 @@ NOTES = {
     "int8-dynamic": "quantize_dynamic, MatMul only, per-channel, reduce_range",
     "int8-dynamic-all": "quantize_dynamic defaults (MatMul, Gather, Conv...), per-channel, reduce_range",
     "nbits4-rtn-b32": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
+    "nbits4-rtn-b32-gather": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}, and "
+                             "Gather tables 4-bit (GatherBlockQuantized)",
     "nbits4-kquant": f"MatMulNBits k-quant 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
     "nbits2": f"MatMulNBits RTN 2-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
     "nbits8": f"MatMulNBits RTN 8-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
@@ -195,7 +198,7 @@ def quantize_int8(named: Path, out: Path, matmul_only: bool) -> None:
     quantize_dynamic(named, out, per_channel=True, reduce_range=True, op_types_to_quantize=ops)
 
 
-def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False) -> None:
+def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False, gather: bool = False) -> None:
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq  # noqa: PLC0415
 
     model = onnx.load(str(named))
@@ -203,9 +206,10 @@ def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False) -> N
         config = mnq.KQuantWeightOnlyQuantConfig()
         quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
                                              accuracy_level=ACCURACY_LEVEL, algo_config=config)
-    else:  # DefaultWeightOnlyQuantConfig is round-to-nearest per block
+    else:  # DefaultWeightOnlyQuantConfig is round-to-nearest per block; gather: embedding tables too, per row
+        ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if gather else {}
         config = mnq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
-                                                  accuracy_level=ACCURACY_LEVEL, bits=bits)
+                                                  accuracy_level=ACCURACY_LEVEL, bits=bits, **ops)
         quantizer = mnq.MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
@@ -320,6 +324,7 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
         "int8-dynamic": lambda out: quantize_int8(named, out, matmul_only=True),
         "int8-dynamic-all": lambda out: quantize_int8(named, out, matmul_only=False),
         "nbits4-rtn-b32": lambda out: quantize_nbits(named, out, 4),
+        "nbits4-rtn-b32-gather": lambda out: quantize_nbits(named, out, 4, gather=True),
         "nbits4-kquant": lambda out: quantize_nbits(named, out, 4, kquant=True),
         "nbits2": lambda out: quantize_nbits(named, out, 2),
         "nbits8": lambda out: quantize_nbits(named, out, 8),
