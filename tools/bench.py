@@ -582,7 +582,20 @@ def plot_rd(model: dict[str, Any], path: Path) -> None:
         for r in (r for r in rows if r.get("selector") == selector and r["budget"].startswith("size")):
             ax.plot(r["bytes"] / MB, r["metric"], "P", color=color, markersize=11, markeredgecolor="k",
                     label=f"{selector} {r['budget']}", zorder=5)
-    for r in (r for r in rows if family(r["variant"]) == "symshrink" and "selector" not in r):
+    lines: dict[str, list[dict[str, Any]]] = {}  # hyper-<codebook>[-gG]-b<B> rows: one line per codec across B
+    for r in rows:
+        match = HYPER_NAME.fullmatch(r["variant"])
+        if match and match["bits"] and not match["moment"]:
+            lines.setdefault(r["hyper_variant"], []).append(r)
+    for (codec, members), style in zip(sorted(lines.items()), ["o-", "s--", "^-.", "v:", "D-"], strict=False):
+        members.sort(key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] / MB for r in members], [r["metric"] for r in members], style, fillstyle="none",
+                markersize=8, label=f"hyper {codec} (bits per pair)", zorder=4)
+        for r in members:
+            ax.annotate(HYPER_NAME.fullmatch(r["variant"])["bits"], (r["bytes"] / MB, r["metric"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+    drawn = {r["variant"] for members in lines.values() for r in members}
+    for r in (r for r in rows if family(r["variant"]) == "symshrink" and "selector" not in r and r["variant"] not in drawn):
         ax.plot(r["bytes"] / MB, r["metric"], "x", markersize=8, label=r["variant"], zorder=4)
     if not higher:
         ax.set_yscale("log")
