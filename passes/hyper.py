@@ -142,7 +142,7 @@ def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: fl
             choose(evaluate_settings(weight, candidates, stop_within=stop), target)[0]
         code = encode(weight, setting)
         row = TensorPlan(value.name, list(weight.shape), [use.node.op_type for use in value.uses()], "hyper",
-                         setting.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))
+                         code.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))
         plan.tensors.append(row)
         encoded[value.name] = code
     plan.tensors += kept

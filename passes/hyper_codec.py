@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -25,7 +25,8 @@ from scipy.spatial import cKDTree
 __all__ = ["FIXED_POINT_BITS", "CODEBOOKS", "HyperSetting", "HyperCode", "winding_steps", "winding_codebook",
            "lattice_offsets", "winding_offsets", "grid_offsets", "codebook_offsets", "nearest_codeword",
            "pack_indices", "unpack_indices", "pack_rows", "row_unpacking", "unpack_rows", "index_bits", "encode",
-           "decode_values", "relative_error", "choose_setting", "evaluate_settings", "setting_grid", "DEFAULT_SIDES"]
+           "decode_values", "relative_error", "choose_setting", "evaluate_settings", "setting_grid", "DEFAULT_SIDES",
+           "Frame", "frame_of"]
 
 FIXED_POINT_BITS = 32
 _MASK = (1 << FIXED_POINT_BITS) - 1
@@ -220,6 +221,10 @@ class HyperCode:
     def bits_per_weight(self) -> float:
         return (self.bits * len(self.indices) + self.side_bits()) / max(self.count, 1)
 
+    def label(self) -> str:
+        """The setting's label with the bands really used (none when no pair lies outside the square)."""
+        return replace(self.setting, bands=len(self.band_scales) - 1).label()
+
     def packed(self) -> np.ndarray:
         """The indices in rows of eight: uint8 [ceil(pairs / 8), bits]."""
         return pack_rows(self.indices, self.bits)
@@ -245,30 +250,59 @@ def _centres_and_spans(pairs: np.ndarray, setting: HyperSetting) -> tuple[np.nda
     return centres, setting.side * np.sqrt(((pairs - centres[:, None, :]) ** 2).mean(axis=(1, 2)))
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where a tensor's pairs are coded: per group the centre [G, dims] and span [G] (float32), and over the
+    tensor the farthest normalised radius |z|_2 (the last band's edge) and whether any pair lies outside the
+    square. Taken from the whole tensor even when a sample is coded, so that a sample without the tensor's
+    extreme pairs is still coded as the tensor would be."""
+
+    centres: np.ndarray
+    spans: np.ndarray
+    farthest: float
+    outside: bool
+
+    def normalise(self, pairs: np.ndarray) -> np.ndarray:
+        """[G, per group, dims] -> z = (p - c_g) / L_g, [G * per group, dims]."""
+        safe = np.where(self.spans > 0, self.spans, 1.0).astype(np.float64)  # a constant group decodes to its centre
+        return ((pairs - self.centres[:, None, :]) / safe[:, None, None]).reshape(-1, pairs.shape[2])
+
+    def select(self, groups: np.ndarray) -> Frame:
+        return Frame(self.centres[groups], self.spans[groups], self.farthest, self.outside)
+
+
+def frame_of(pairs: np.ndarray, setting: HyperSetting) -> Frame:
+    centres, spans = _centres_and_spans(pairs, setting)
+    partial = Frame(centres.astype(np.float32), spans.astype(np.float32), 0.0, False)
+    normalised = partial.normalise(pairs)
+    return Frame(partial.centres, partial.spans, float(np.linalg.norm(normalised, axis=1).max(initial=0.0)),
+                 bool((np.abs(normalised) > 0.5).any()))
+
+
 def encode(weight: np.ndarray, setting: HyperSetting) -> HyperCode:
     """Nearest codeword of every pair (with its radial band on the lattice)."""
     pairs = _groups(np.asarray(weight, np.float64).reshape(-1), setting.dims, setting.group)
-    centres, spans = _centres_and_spans(pairs, setting)
-    centres, spans = centres.astype(np.float32), spans.astype(np.float32)
-    safe = np.where(spans > 0, spans, 1.0).astype(np.float64)  # a constant group decodes to its centre
-    normalised = ((pairs - centres[:, None, :]) / safe[:, None, None]).reshape(-1, setting.dims)
-    bands, band_scales = _bands(normalised, setting)
+    return _encode_pairs(pairs, frame_of(pairs, setting), setting, tuple(np.shape(weight)))
+
+
+def _encode_pairs(pairs: np.ndarray, frame: Frame, setting: HyperSetting, shape: tuple[int, ...]) -> HyperCode:
+    normalised = frame.normalise(pairs)
+    bands, band_scales = _bands(normalised, frame, setting)
     offsets = setting.offsets()
     codes = nearest_codeword(offsets.astype(np.float64), normalised / band_scales[bands].astype(np.float64)[:, None])
-    return HyperCode(setting, tuple(np.shape(weight)), codes + len(offsets) * bands, offsets, band_scales, centres, spans)
+    return HyperCode(setting, shape, codes + len(offsets) * bands, offsets, band_scales, frame.centres, frame.spans)
 
 
-def _bands(normalised: np.ndarray, setting: HyperSetting) -> tuple[np.ndarray, np.ndarray]:
+def _bands(normalised: np.ndarray, frame: Frame, setting: HyperSetting) -> tuple[np.ndarray, np.ndarray]:
     """Band of each normalised pair and the band scales s_k = 2 r_k (s_0 = 1): band 0 inside the square
-    |z|_inf <= 1/2, band k the first ring with |z|_2 <= r_k, r_K the farthest pair."""
+    |z|_inf <= 1/2, band k the first ring with |z|_2 <= r_k, r_K the farthest pair of the tensor."""
     bands = np.zeros(len(normalised), np.int64)
-    outside = np.abs(normalised).max(axis=1) > 0.5
-    if setting.codebook != "lattice" or setting.bands == 0 or not outside.any():
+    if setting.codebook != "lattice" or setting.bands == 0 or not frame.outside:
         return bands, np.ones(1, np.float32)
+    outside = np.abs(normalised).max(axis=1) > 0.5
     radius = np.linalg.norm(normalised, axis=1)
-    farthest = radius.max()
-    rings = 0.5 + np.arange(1, setting.bands + 1) * (farthest - 0.5) / setting.bands
-    rings[-1] = farthest
+    rings = 0.5 + np.arange(1, setting.bands + 1) * (frame.farthest - 0.5) / setting.bands
+    rings[-1] = frame.farthest
     bands[outside] = 1 + np.minimum(np.searchsorted(rings, radius[outside]), setting.bands - 1)
     return bands, np.concatenate([[1.0], 2.0 * rings]).astype(np.float32)
 
@@ -325,35 +359,32 @@ def setting_grid(base: HyperSetting, bits: Sequence[int] = range(4, 14), bands: 
 
 def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], sample: int = 1 << 16, seed: int = 0,
                       stop_within: float | None = None) -> list[tuple[HyperSetting, float, float]]:
-    """(setting, relative error, bits per weight) of each candidate, the error measured on a fixed random
-    sample of whole groups (at most `sample` weights) so that choosing stays fast on large tensors.
-    `stop_within`: candidates go in order of index width, and the widths after the first one with an
-    error within this are not tried (what `choose_setting` would pick is among those tried)."""
-    flat = np.asarray(weight, np.float32).reshape(-1)
+    """(setting, relative error, bits per weight) of each candidate. The error is measured on a fixed random
+    sample of at most `sample` weights: whole pairs (per tensor) or whole groups, coded in the frame of the
+    whole tensor (centres, spans, farthest pair), so that choosing stays fast on large tensors and sees the
+    outliers. `stop_within`: candidates go in order of index width, and the widths after the first one with
+    an error within this are not tried (what `choose_setting` would pick is among those tried)."""
+    flat = np.asarray(weight, np.float64).reshape(-1)
     results = []
     done_at = None
     for setting in sorted(settings, key=HyperSetting.index_bits):
         width = setting.index_bits()
         if done_at is not None and width > done_at:
             break
-        part = _sample(flat, setting.group, sample, seed)
-        code = encode(part, setting)
-        error = relative_error(part, decode_values(code))
+        pairs = _groups(flat, setting.dims, setting.group)
+        frame = frame_of(pairs, setting)
+        rng = np.random.default_rng(seed)
+        if pairs.shape[1] > 1 and len(pairs) == 1 and pairs.size > sample:  # per tensor: a sample of whole pairs
+            pairs = pairs[:, np.sort(rng.choice(pairs.shape[1], sample // setting.dims, replace=False))]
+        elif pairs.size > sample:  # per group: a sample of whole groups
+            groups = np.sort(rng.choice(len(pairs), max(1, sample // pairs[0].size), replace=False))
+            pairs, frame = pairs[groups], frame.select(groups)
+        code = _encode_pairs(pairs, frame, setting, (pairs.size,))
+        error = relative_error(pairs.reshape(-1), decode_values(code))
         results.append((setting, error, _bits_per_weight(setting, code, flat.size)))
         if stop_within is not None and error <= stop_within and done_at is None:
             done_at = width
     return results
-
-
-def _sample(flat: np.ndarray, group: int | None, sample: int, seed: int) -> np.ndarray:
-    """At most `sample` weights: random single weights, or random whole groups, in their order."""
-    if flat.size <= sample:
-        return flat
-    rng = np.random.default_rng(seed)
-    if group is None:
-        return flat[np.sort(rng.choice(flat.size, sample, replace=False))]
-    groups = flat[: flat.size // group * group].reshape(-1, group)
-    return groups[np.sort(rng.choice(len(groups), max(1, sample // group), replace=False))].reshape(-1)
 
 
 def _bits_per_weight(setting: HyperSetting, code: HyperCode, count: int) -> float:

@@ -211,6 +211,23 @@ def test_evaluate_settings_samples_large_tensors_and_counts_bits_of_the_whole_te
     assert error == pytest.approx(relative_error(w, decode_values(full)), rel=0.1)
 
 
+def test_the_sample_is_coded_in_the_whole_tensors_frame_so_a_rare_outlier_still_counts():
+    """One weight 20 RMS out sets the last band's edge: a sample that misses it must still be coded with it,
+    and pairs (neighbours) are sampled whole."""
+    w = _weights(shape=(512, 512))
+    w[3, 5] = 20 * w.std()
+    candidates = [HyperSetting("lattice", 255, k, side) for k in (0, 1, 3) for side in (3.0, 6.0)]
+    for setting, sampled, _ in evaluate_settings(w, candidates, sample=1 << 14):
+        whole = relative_error(w, decode_values(encode(w, setting)))
+        assert sampled == pytest.approx(whole, rel=0.15), setting.label()
+
+
+def test_the_plan_label_names_the_bands_really_used():
+    w = _weights()  # Gaussian: at 8 RMS deviations no pair lies outside the square
+    code = encode(w, HyperSetting("lattice", 255, 3, 8.0))
+    assert len(code.band_scales) == 1 and "-K0-" in code.label()
+
+
 def test_stopping_at_the_first_width_within_the_target_chooses_what_the_full_search_chooses():
     w = _weights(shape=(256, 128), tail=True)
     candidates = setting_grid(HyperSetting("lattice"), bits=range(4, 14), bands=(0, 1, 3), sides=(3.0, 6.0))
