@@ -65,7 +65,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
         layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
         codebook=args.codebook, codes=args.codes, index_bits=args.index_bits, bands=args.bands,
-        side=args.side, group_size=args.group_size, tensor_error=args.tensor_error, threads=args.threads, progress=not args.quiet,
+        side=args.side, group_size=args.group_size, code_dims=args.code_dims, tensor_error=args.tensor_error,
+        threads=args.threads, progress=not args.quiet,
     )
     report = compress(args.model, args.output, options)
     for plan in (report.plan, report.ternary, report.hyper):
@@ -192,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--side", type=float, help="absolute side L of the codebook's square (the paper's setting); default: "
                                                   "per tensor the best of 3, 4 or 6 RMS deviations (lattice), of the "
                                                   "full range or 4, 6, 8, 12 RMS deviations (grid), the range (winding)")
+    hyper.add_argument("--code-dims", type=int, default=2, choices=[2, 3],
+                       help="weights per index: pairs (default), or triples with the winding codebook")
     hyper.add_argument("--group-size", default="tensor",
                        help="weights per centre and span: an even number, or tensor (default)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")

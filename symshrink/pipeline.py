@@ -82,6 +82,7 @@ class CompressOptions:
     bands: str = "0,1,2,3"  # hyper: radial band counts K tried (lattice)
     side: float | None = None  # hyper: the codebook square's absolute side L (the paper's); None: hyper_codec.DEFAULT_SIDES
     group_size: str = "tensor"  # hyper: weights per centre and span, or "tensor"
+    code_dims: int = 2  # hyper: weights per index (3: the winding only)
     tensor_error: float | None = 0.05  # hyper: relative error target per tensor (fewest bits within it)
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
     threads: int | None = None
@@ -312,7 +313,7 @@ def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
     if options.group_size != "tensor":
         group = _int_list(options.group_size, "--group-size")[0]
     try:
-        base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, group)
+        base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, group, options.code_dims)
         return setting_grid(base, bits=_int_list(options.index_bits, "--index-bits"), bands=_int_list(options.bands, "--bands"),
                             codes=_int_list(options.codes, "--codes") if options.codes else ())
     except ValueError as err:

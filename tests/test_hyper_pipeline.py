@@ -149,6 +149,17 @@ def test_cli_hyper_writes_a_checked_model_within_the_tensor_target(tmp_path, cap
     assert data < out.stat().st_size < data + 8192
 
 
+def test_winding_triples_through_the_cli(tmp_path, capsys):
+    path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
+    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4), path)
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path)), "-q", "--method", "hyper",
+                 "--codebook", "winding", "--code-dims", "3", "--index-bits", "12", "--plan-out", str(tmp_path / "p.json")])
+    assert code == 0, capsys.readouterr().err
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    coded = [t for t in json.loads((tmp_path / "p.json").read_text())["tensors"] if t["codec"] == "hyper"]
+    assert coded and all(t["setting"].endswith("-d3") and t["bits_per_weight"] < 4.1 for t in coded)
+
+
 def test_weights_in_constant_nodes_are_coded_too(tmp_path, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
     onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4, constant_nodes=True), path)
@@ -177,6 +188,7 @@ def test_moment_then_hyper_codes_the_reduced_weights(tmp_path, capsys):
     ["--method", "hyper", "--bands", "two"],
     ["--method", "hyper", "--codes", "1"],
     ["--method", "hyper", "--group-size", "3"],
+    ["--method", "hyper", "--code-dims", "3"],  # triples need the winding codebook
     ["--method", "moment,hyper"],  # moment needs its widths when another method follows
 ])
 def test_bad_hyper_options_exit_2_and_write_nothing(tmp_path, argv, capsys):
