@@ -367,12 +367,16 @@ def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], samp
     flat = np.asarray(weight, np.float64).reshape(-1)
     results = []
     done_at = None
+    frames: dict[tuple, tuple[np.ndarray, Frame]] = {}  # the frame depends on neither n nor K: one per side
     for setting in sorted(settings, key=HyperSetting.index_bits):
         width = setting.index_bits()
         if done_at is not None and width > done_at:
             break
-        pairs = _groups(flat, setting.dims, setting.group)
-        frame = frame_of(pairs, setting)
+        key = (setting.side, setting.absolute_side, setting.group, setting.dims)
+        if key not in frames:
+            grouped = _groups(flat, setting.dims, setting.group)
+            frames[key] = grouped, frame_of(grouped, setting)
+        pairs, frame = frames[key]
         rng = np.random.default_rng(seed)
         if pairs.shape[1] > 1 and len(pairs) == 1 and pairs.size > sample:  # per tensor: a sample of whole pairs
             pairs = pairs[:, np.sort(rng.choice(pairs.shape[1], sample // setting.dims, replace=False))]
