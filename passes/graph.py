@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["constant_tensor", "constant_array", "is_constant", "readers", "node_label", "attr", "bias_input",
-           "ensure_names", "add_initializer"]
+__all__ = ["FUNCTION_DOMAIN", "declare_function", "constant_tensor", "constant_array", "is_constant", "readers",
+           "node_label", "attr", "bias_input", "ensure_names", "add_initializer"]
 
 
 def _constant_node_tensor(node: ir.Node) -> ir.TensorProtocol | None:
@@ -87,6 +89,19 @@ def ensure_names(graph: ir.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
+
+
+FUNCTION_DOMAIN = "ai.symshrink"  # the domain of symshrink's model-local functions
+
+
+def declare_function(model: ir.Model, name: str, build: Callable[[int], ir.Function]) -> None:
+    """Declare the function `FUNCTION_DOMAIN.name` in the model once (`build(default opset)` makes it), with
+    its domain import and the IR version that model-local functions need."""
+    key = (FUNCTION_DOMAIN, name, "")
+    if key not in model.functions:
+        model.functions[key] = build(model.opset_imports.get("", 1))
+    model.opset_imports[FUNCTION_DOMAIN] = 1
+    model.ir_version = max(model.ir_version, 8)
 
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:

@@ -134,10 +134,10 @@ def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: fl
     chosen, kept = find_weight_tensors(model, min_elements)
     plan = HyperPlan(candidates[0].codebook, target)
     encoded: dict[str, HyperCode] = {}
+    # choose_setting takes the narrowest index width within the target: wider ones need not be tried
+    stop = target if choose is choose_setting else None
     for value in tqdm(chosen, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
         weight = value.const_value.numpy()
-        # choose_setting takes the narrowest index width within the target: wider ones need not be tried
-        stop = target if choose is choose_setting else None
         setting = candidates[0] if len(candidates) == 1 else \
             choose(evaluate_settings(weight, candidates, stop_within=stop), target)[0]
         code = encode(weight, setting)

@@ -213,7 +213,7 @@ class HyperCode:
     def side_bits(self) -> int:
         """Bits of the band scales, centres and spans (float32). The codebook table depends only on the
         codebook, n and dims: one copy serves every tensor that shares them (`table_bits`)."""
-        return 32 * (self.band_scales.size + self.centres.size + self.spans.size)
+        return _side_bits(self.band_scales.size, len(self.spans), self.setting.dims)
 
     def table_bits(self) -> int:
         return 32 * self.offsets.size
@@ -367,22 +367,15 @@ def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], samp
     flat = np.asarray(weight, np.float64).reshape(-1)
     results = []
     done_at = None
-    frames: dict[tuple, tuple[np.ndarray, Frame]] = {}  # the frame depends on neither n nor K: one per side
+    samples: dict[tuple, tuple[np.ndarray, Frame]] = {}  # the frame and sample depend on neither n nor K: one per side
     for setting in sorted(settings, key=HyperSetting.index_bits):
         width = setting.index_bits()
         if done_at is not None and width > done_at:
             break
         key = (setting.side, setting.absolute_side, setting.group, setting.dims)
-        if key not in frames:
-            grouped = _groups(flat, setting.dims, setting.group)
-            frames[key] = grouped, frame_of(grouped, setting)
-        pairs, frame = frames[key]
-        rng = np.random.default_rng(seed)
-        if pairs.shape[1] > 1 and len(pairs) == 1 and pairs.size > sample:  # per tensor: a sample of whole pairs
-            pairs = pairs[:, np.sort(rng.choice(pairs.shape[1], sample // setting.dims, replace=False))]
-        elif pairs.size > sample:  # per group: a sample of whole groups
-            groups = np.sort(rng.choice(len(pairs), max(1, sample // pairs[0].size), replace=False))
-            pairs, frame = pairs[groups], frame.select(groups)
+        if key not in samples:
+            samples[key] = _sample(flat, setting, sample, seed)
+        pairs, frame = samples[key]
         code = _encode_pairs(pairs, frame, setting, (pairs.size,))
         error = relative_error(pairs.reshape(-1), decode_values(code))
         results.append((setting, error, _bits_per_weight(setting, code, flat.size)))
@@ -391,12 +384,30 @@ def evaluate_settings(weight: np.ndarray, settings: Iterable[HyperSetting], samp
     return results
 
 
+def _sample(flat: np.ndarray, setting: HyperSetting, sample: int, seed: int) -> tuple[np.ndarray, Frame]:
+    """At most `sample` weights of the tensor in its pairs layout, and the whole tensor's frame for them:
+    random whole pairs (per tensor) or random whole groups."""
+    pairs = _groups(flat, setting.dims, setting.group)
+    frame = frame_of(pairs, setting)
+    if pairs.size <= sample:
+        return pairs, frame
+    rng = np.random.default_rng(seed)
+    if len(pairs) == 1:
+        return pairs[:, np.sort(rng.choice(pairs.shape[1], sample // setting.dims, replace=False))], frame
+    groups = np.sort(rng.choice(len(pairs), max(1, sample // pairs[0].size), replace=False))
+    return pairs[groups], frame.select(groups)
+
+
+def _side_bits(bands: int, groups: int, dims: int) -> int:
+    """float32 band scales, and a centre (dims values) and a span per group."""
+    return 32 * (bands + groups * (dims + 1))
+
+
 def _bits_per_weight(setting: HyperSetting, code: HyperCode, count: int) -> float:
     """Bits per weight of the whole tensor under `setting`, from a code of a sample of it."""
     groups = 1 if setting.group is None else -(-count // setting.group)
     pairs = -(-count // setting.dims) if setting.group is None else groups * (setting.group // setting.dims)
-    side = 32 * (code.band_scales.size + groups * (setting.dims + 1))
-    return (code.bits * pairs + side) / count
+    return (code.bits * pairs + _side_bits(code.band_scales.size, groups, setting.dims)) / count
 
 
 def choose_setting(results: list[tuple[HyperSetting, float, float]], target: float | None

@@ -15,14 +15,14 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.errors import BadInput
-from symshrink.passes.graph import add_initializer
+from symshrink.passes.graph import FUNCTION_DOMAIN, add_initializer, declare_function
 from symshrink.passes.hyper_codec import HyperCode, row_unpacking
 from symshrink.passes.opset import ensure_opset
 
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "function_name", "hyper_decode_function", "check_opset", "decode_node",
            "function_inputs", "is_grouped"]
 
-DOMAIN = "ai.symshrink"
+DOMAIN = FUNCTION_DOMAIN
 FUNCTION_OPSET = 13  # MatMul over int32
 MAX_BITS = 16
 UNPACK = ("packed", "byte_weights", "shifts", "modulus", "pairs")
@@ -77,15 +77,6 @@ def check_opset(model: ir.Model) -> None:
     ensure_opset(model, FUNCTION_OPSET, "the HyperDecode function (integer MatMul)")
 
 
-def _declare(model: ir.Model, grouped: bool) -> None:
-    """Declare the function (once) and its domain in the model."""
-    key = (DOMAIN, function_name(grouped), "")
-    if key not in model.functions:
-        model.functions[key] = hyper_decode_function(grouped, model.opset_imports[""])
-    model.opset_imports[DOMAIN] = 1
-    model.ir_version = max(model.ir_version, 8)  # model-local functions
-
-
 def is_grouped(code: HyperCode) -> bool:
     """The grouped function: several groups, or padding past the tensor's last element to cut off."""
     return len(code.spans) > 1 or len(code.indices) * code.setting.dims != code.count
@@ -114,7 +105,7 @@ def decode_node(model: ir.Model, code: HyperCode, prefix: str, shared: dict[tupl
     is the decoded tensor. The codebook table and the unpacking constants are shared between tensors: `shared`
     holds those written so far."""
     graph, grouped = model.graph, is_grouped(code)
-    _declare(model, grouped)
+    declare_function(model, function_name(grouped), lambda opset: hyper_decode_function(grouped, opset))
     keys = {"offsets": ("table", *code.setting.table_key()), "byte_weights": ("bytes", code.bits),
             "shifts": ("shifts", code.bits), "modulus": ("modulus", code.bits)}
     values = []

@@ -15,13 +15,13 @@ import onnx_ir as ir
 
 from symshrink.errors import BadInput
 from symshrink.passes.blocks import QuantizedWeight
-from symshrink.passes.graph import add_initializer
+from symshrink.passes.graph import FUNCTION_DOMAIN, add_initializer, declare_function
 from symshrink.passes.products import Product
 from symshrink.passes.ternary_codec import DIGITS_PER_BYTE, pack_codes
 
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "function_name", "ternary_matmul_function", "function_product", "add_function"]
 
-DOMAIN = "ai.symshrink"
+DOMAIN = FUNCTION_DOMAIN
 FUNCTION_OPSET = 10  # Mod and Slice-with-inputs
 INPUTS = ("x", "packed", "scales", "blocks_shape", "matrix_shape", "count", "rows")
 
@@ -67,11 +67,7 @@ def add_function(model: ir.Model, radix: int) -> None:
     opset = model.opset_imports.get("", 1)
     if opset < FUNCTION_OPSET:
         raise BadInput(f"ternary function storage needs opset >= {FUNCTION_OPSET}; the model has {opset}")
-    key = (DOMAIN, function_name(radix), "")
-    if key not in model.functions:
-        model.functions[key] = ternary_matmul_function(radix, opset)
-    model.opset_imports[DOMAIN] = 1
-    model.ir_version = max(model.ir_version, 8)  # model-local functions
+    declare_function(model, function_name(radix), lambda version: ternary_matmul_function(radix, version))
 
 
 def function_product(graph: ir.Graph, weight: QuantizedWeight, radix: int, prefix: str) -> Product:

@@ -320,10 +320,9 @@ def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
         raise BadInput(f"hyperfunction codes: {err}") from None
 
 
-def _hyper_stage(model: ir.Model, options: CompressOptions) -> HyperPlan:
+def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[HyperSetting]) -> HyperPlan:
     """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote. Weights held
     in Constant nodes (PP-OCR's classifier) become initializers first."""
-    candidates = hyper_candidates(options)
     LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
     plan, codes = plan_tensors(model, candidates, options.tensor_error, progress=options.progress)
     HyperPass(plan, codes, options.progress)(model)
@@ -365,6 +364,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
                        "only where the held-out error stays within it")
     if options.plan and "moment" not in methods:
         raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
+    candidates = hyper_candidates(options) if "hyper" in methods else []  # bad hyper options fail before any work
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
@@ -380,7 +380,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
         if options.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     if "hyper" in methods:
-        report.hyper = _hyper_stage(model, options)
+        report.hyper = _hyper_stage(model, options, candidates)
     report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
     failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
     if failures:
