@@ -1,0 +1,217 @@
+"""Run an ONNX graph node by node over an array backend (numpy on the CPU, CuPy on a GPU).
+
+Load -> prepare (attributes read once, Constant nodes evaluated, kernel fusions planned, constants placed)
+-> run. Values that depend only on host constants (shapes, axes, index arithmetic) stay numpy arrays on the
+host, so shape ops never wait on the device; everything else lives on the backend's device. A value is
+dropped after its last reader. symshrink-domain nodes run as fused kernels where a rule in
+`runtime.kernels` matches, and otherwise through their model-local function bodies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from symshrink.errors import BadInput
+from symshrink.runtime.backend import Backend, cpu_backend
+from symshrink.runtime.kernels import KernelStep, plan_kernels
+from symshrink.runtime.ops import OPS, OpContext
+
+__all__ = ["Executor", "ExecutorSummary", "unsupported_ops"]
+
+logger = logging.getLogger(__name__)
+
+HOST_LIMIT = 64  # integer constants up to this many elements stay on the host (shapes, axes, indices)
+
+
+def _attribute(attr: ir.Attr) -> Any:
+    if attr.is_ref():
+        raise BadInput(f"attribute {attr.name!r} refers to a function attribute, which the executor does not take")
+    value = attr.value
+    if isinstance(value, ir.TensorProtocol):
+        return value.numpy()
+    if isinstance(value, ir.Graph | ir.Function) or (isinstance(value, list | tuple) and value
+                                                     and isinstance(value[0], ir.Graph)):
+        raise BadInput(f"attribute {attr.name!r} holds a subgraph (If/Loop/Scan), which the executor does not run")
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+def _function_key(node: ir.Node) -> tuple[str, str, str]:
+    return node.domain, node.op_type, node.overload
+
+
+def unsupported_ops(model: ir.Model) -> list[str]:
+    """Op types in the graph (and in the function bodies it calls) that the executor cannot run."""
+    missing: set[str] = set()
+
+    def visit(graph) -> None:
+        for node in graph:
+            if _function_key(node) in model.functions:
+                visit(model.functions[_function_key(node)])
+            elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+                missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
+
+    visit(model.graph)
+    return sorted(missing)
+
+
+@dataclass
+class _NodeStep:
+    node: ir.Node
+    attrs: dict[str, Any]
+    inputs: list[str | None]
+    outputs: list[str]
+    function: _Program | None = None  # the body of a model-local function call
+
+
+@dataclass
+class _Program:
+    """A graph (the main one or a function body) ready to run: its steps and the values each step drops."""
+
+    inputs: list[str]
+    outputs: list[str]
+    opset: int
+    steps: list[_NodeStep | KernelStep]
+    drops: list[list[str]] = field(default_factory=list)
+    constants: dict[str, Any] = field(default_factory=dict)  # initializers and Constant outputs, placed
+
+
+@dataclass
+class ExecutorSummary:
+    device: str
+    nodes: int
+    kernels: dict[str, int]  # kernel name -> fused nodes it runs
+    function_calls: dict[str, int]  # symshrink functions run through their bodies
+    constant_bytes: int  # what the constants take on the device
+
+    def lines(self) -> list[str]:
+        kernels = ", ".join(f"{n} x {name}" for name, n in sorted(self.kernels.items())) or "none"
+        bodies = ", ".join(f"{n} x {name}" for name, n in sorted(self.function_calls.items())) or "none"
+        return [f"device {self.device}: {self.nodes} nodes, constants {self.constant_bytes / 2**20:.1f} MiB",
+                f"fused kernels: {kernels}", f"function bodies: {bodies}"]
+
+
+class Executor:
+    """`Executor(model, backend).run(feeds)` -> outputs by name, as numpy arrays."""
+
+    def __init__(self, model: ir.Model, backend: Backend | None = None, fuse: bool = True):
+        missing = unsupported_ops(model)
+        if missing:
+            raise BadInput(f"the executor has no implementation of {', '.join(missing)} "
+                           f"(it covers {len(OPS)} standard ops: symshrink.runtime.ops.supported_ops())")
+        self.backend = backend or cpu_backend()
+        self.host = cpu_backend()
+        self.model = model
+        self._kernel_counts: Counter[str] = Counter()
+        self._function_counts: Counter[str] = Counter()
+        initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
+                        if value.const_value is not None}
+        self.program = self._compile(model.graph, model.opset_imports.get("", 1), fuse, initializers)
+
+    # -- prepare ---------------------------------------------------------------------------------------------
+
+    def _compile(self, graph, opset: int, fuse: bool, constants: dict[str, np.ndarray]) -> _Program:
+        """Steps of `graph` (Constant nodes folded into `constants`), then its read constants placed."""
+        kernel_steps = plan_kernels(self.model, graph, constants, self.backend) if fuse else {}
+        fused = {id(node) for step in kernel_steps.values() for node in step.nodes}
+        steps: list[_NodeStep | KernelStep] = []
+        for node in graph:
+            if id(node) in kernel_steps:
+                steps.append(kernel_steps[id(node)])
+                self._kernel_counts[kernel_steps[id(node)].kernel] += 1
+                continue
+            if id(node) in fused:
+                continue
+            attrs = {name: _attribute(attr) for name, attr in node.attributes.items()}
+            inputs = [v.name if v is not None else None for v in node.inputs]
+            outputs = [v.name for v in node.outputs]
+            if node.op_type == "Constant" and not node.domain:
+                constants[outputs[0]] = OPS["Constant"](OpContext(self.host, opset, attrs))
+                continue
+            body = None
+            if _function_key(node) in self.model.functions:
+                function = self.model.functions[_function_key(node)]
+                body = self._compile(function, function.opset_imports.get("", opset), fuse, {})
+                self._function_counts[node.op_type] += 1
+            steps.append(_NodeStep(node, attrs, inputs, outputs, body))
+        inputs = [v.name for v in graph.inputs]
+        outputs = [v.name for v in graph.outputs]
+        read = {name for step in steps for name in step.inputs if name} | set(outputs)
+        placed = {name: self._place(array) for name, array in constants.items() if name in read}
+        return _Program(inputs, outputs, opset, steps, self._drops(steps, outputs), placed)
+
+    @staticmethod
+    def _drops(steps: list, outputs: list[str]) -> list[list[str]]:
+        last: dict[str, int] = {}
+        for i, step in enumerate(steps):
+            for name in step.inputs:
+                if name:
+                    last[name] = i
+        drops: list[list[str]] = [[] for _ in steps]
+        for name, i in last.items():
+            if name not in outputs:
+                drops[i].append(name)
+        return drops
+
+    def _place(self, array: np.ndarray):
+        """Small integer constants stay on the host (shapes, axes); the rest go to the device."""
+        return array if array.dtype.kind in "iub" and array.size <= HOST_LIMIT else self.backend.to_device(array)
+
+    # -- run -------------------------------------------------------------------------------------------------
+
+    def summary(self) -> ExecutorSummary:
+        nbytes = self._constant_bytes(self.program)
+        return ExecutorSummary(self.backend.name, sum(1 for _ in self.model.graph), dict(self._kernel_counts),
+                               dict(self._function_counts), nbytes)
+
+    def _constant_bytes(self, program: _Program) -> int:
+        total = sum(int(a.nbytes) for a in program.constants.values())
+        for step in program.steps:
+            if isinstance(step, KernelStep):
+                total += step.nbytes
+            elif step.function is not None:
+                total += self._constant_bytes(step.function)
+        return total
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.program.inputs if name not in feeds and name not in self.program.constants]
+        if missing:
+            raise BadInput(f"missing inputs: {', '.join(missing)}")
+        env = {name: self.backend.to_device(np.asarray(feeds[name])) for name in self.program.inputs if name in feeds}
+        outputs = self._run(self.program, env)
+        return {name: self.backend.to_host(outputs[name]) for name in self.program.outputs}
+
+    def _run(self, program: _Program, env: dict[str, Any]) -> dict[str, Any]:
+        env = program.constants | env
+        for step, drops in zip(program.steps, program.drops):
+            args = [env[name] if name else None for name in step.inputs]
+            if isinstance(step, KernelStep):
+                results = [step.run(self.backend, *args)]
+            elif step.function is not None:
+                done = self._run(step.function, dict(zip(step.function.inputs, args)))
+                results = [done[name] for name in step.function.outputs]
+            else:
+                results = self._run_node(step, program.opset, args)
+            env.update(zip(step.outputs, results))
+            for name in drops:
+                env.pop(name, None)
+        return env
+
+    def _run_node(self, step: _NodeStep, opset: int, args: list) -> list:
+        on_host = all(a is None or isinstance(a, np.ndarray) for a in args) and self.backend.name != "cpu"
+        backend = self.host if on_host else self.backend
+        if not on_host and backend.name != "cpu":
+            args = [backend.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+        try:
+            result = OPS[step.node.op_type](OpContext(backend, opset, step.attrs), *args)
+        except BadInput:
+            raise
+        except Exception as err:
+            raise RuntimeError(f"{step.node.op_type} node {step.node.name!r}: {err}") from err
+        return list(result) if isinstance(result, tuple) else [result]
