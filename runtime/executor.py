@@ -23,7 +23,7 @@ from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.kernels import KernelStep, plan_kernels
 from symshrink.runtime.ops import OPS, OpContext
 
-__all__ = ["Executor", "ExecutorSummary", "unsupported_ops"]
+__all__ = ["Executor", "ExecutorSummary"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +44,6 @@ def _attribute(attr: ir.Attr) -> Any:
 
 def _function_key(node: ir.Node) -> tuple[str, str, str]:
     return node.domain, node.op_type, node.overload
-
-
-def unsupported_ops(model: ir.Model) -> list[str]:
-    """Op types in the graph (and in the function bodies it calls) that the executor cannot run."""
-    missing: set[str] = set()
-
-    def visit(graph) -> None:
-        for node in graph:
-            if _function_key(node) in model.functions:
-                visit(model.functions[_function_key(node)])
-            elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
-                missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
-
-    visit(model.graph)
-    return sorted(missing)
 
 
 @dataclass
@@ -101,24 +86,24 @@ class Executor:
     """`Executor(model, backend).run(feeds)` -> outputs by name, as numpy arrays."""
 
     def __init__(self, model: ir.Model, backend: Backend | None = None, fuse: bool = True):
-        missing = unsupported_ops(model)
-        if missing:
-            raise BadInput(f"the executor has no implementation of {', '.join(missing)} "
-                           f"(it covers {len(OPS)} standard ops: symshrink.runtime.ops.supported_ops())")
         self.backend = backend or cpu_backend()
         self.host = cpu_backend()
         self.model = model
         self._kernel_counts: Counter[str] = Counter()
         self._function_counts: Counter[str] = Counter()
+        self._missing: set[str] = set()
         initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
                         if value.const_value is not None}
         self.program = self._compile(model.graph, model.opset_imports.get("", 1), fuse, initializers)
+        if self._missing:
+            raise BadInput(f"the executor has no implementation of {', '.join(sorted(self._missing))} "
+                           f"(it covers {len(OPS)} standard ops: symshrink.runtime.ops.supported_ops())")
 
     # -- prepare ---------------------------------------------------------------------------------------------
 
     def _compile(self, graph, opset: int, fuse: bool, constants: dict[str, np.ndarray]) -> _Program:
         """Steps of `graph` (Constant nodes folded into `constants`), then its read constants placed."""
-        kernel_steps = plan_kernels(self.model, graph, constants, self.backend) if fuse else {}
+        kernel_steps = plan_kernels(graph, constants, self.backend) if fuse else {}
         fused = {id(node) for step in kernel_steps.values() for node in step.nodes}
         steps: list[_NodeStep | KernelStep] = []
         for node in graph:
@@ -139,6 +124,8 @@ class Executor:
                 function = self.model.functions[_function_key(node)]
                 body = self._compile(function, function.opset_imports.get("", opset), fuse, {})
                 self._function_counts[node.op_type] += 1
+            elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+                self._missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
             steps.append(_NodeStep(node, attrs, inputs, outputs, body))
         inputs = [v.name for v in graph.inputs]
         outputs = [v.name for v in graph.outputs]
@@ -192,7 +179,7 @@ class Executor:
         for step, drops in zip(program.steps, program.drops):
             args = [env[name] if name else None for name in step.inputs]
             if isinstance(step, KernelStep):
-                results = [step.run(self.backend, *args)]
+                results = [step.run(self.backend, self._on_device(args[0]))]
             elif step.function is not None:
                 done = self._run(step.function, dict(zip(step.function.inputs, args)))
                 results = [done[name] for name in step.function.outputs]
@@ -203,11 +190,14 @@ class Executor:
                 env.pop(name, None)
         return env
 
+    def _on_device(self, array):
+        return self.backend.to_device(array) if isinstance(array, np.ndarray) else array
+
     def _run_node(self, step: _NodeStep, opset: int, args: list) -> list:
         on_host = all(a is None or isinstance(a, np.ndarray) for a in args) and self.backend.name != "cpu"
         backend = self.host if on_host else self.backend
-        if not on_host and backend.name != "cpu":
-            args = [backend.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+        if not on_host:
+            args = [self._on_device(a) for a in args]
         try:
             result = OPS[step.node.op_type](OpContext(backend, opset, step.attrs), *args)
         except BadInput:

@@ -1,0 +1,87 @@
+"""Launching the row-sliced matmul kernels: the grid (a pure function, shared by the GPU path and the CPU
+emulation in the tests), the CuPy module cache, and the fixed-order sum of the slices' partial results.
+
+Both kernels take (x, codes..., partial, rows_x, depth, words, <format int>, rows_per_slice): a thread owns
+16 output columns (`words` such groups a row) and TILE_M rows of x, over a slice of the depth; the slices
+make enough blocks to fill the device at batch 1, and their partials are added afterwards (deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_source", "CUDA_SOURCES", "cuda_launcher",
+           "TILE_M", "COLUMNS_PER_THREAD", "device_target_blocks"]
+
+TILE_M = 4  # rows of x a thread carries (the kernels' TILE_M)
+COLUMNS_PER_THREAD = 16
+THREADS = 128
+MIN_ROWS_PER_SLICE = 16
+BLOCKS_PER_SM = 4
+CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu"}
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    rows_per_slice: int
+
+    @property
+    def slices(self) -> int:
+        return self.grid[1]
+
+
+def launch_config(rows_x: int, depth: int, words: int, target_blocks: int) -> LaunchConfig:
+    """Threads across the column groups; slices of the depth until about `target_blocks` blocks run."""
+    threads = min(THREADS, 32 * math.ceil(words / 32))
+    column_blocks, row_tiles = math.ceil(words / threads), math.ceil(rows_x / TILE_M)
+    wanted = max(1, math.ceil(target_blocks / (column_blocks * row_tiles)))
+    rows_per_slice = max(MIN_ROWS_PER_SLICE, math.ceil(depth / wanted))
+    slices = math.ceil(depth / rows_per_slice)
+    return LaunchConfig((column_blocks, slices, row_tiles), (threads, 1, 1), rows_per_slice)
+
+
+Launcher = Callable[[str, LaunchConfig, tuple], None]
+
+
+def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int, words: int, format_int: int,
+                  target_blocks: int):
+    """y [..., 16 words] = x [..., depth] @ W through `kernel`, the slices' partials added in order."""
+    lead = x.shape[:-1]
+    x2d = xp.ascontiguousarray(x.reshape(-1, depth), dtype=xp.float32)
+    rows_x = x2d.shape[0]
+    config = launch_config(rows_x, depth, words, target_blocks)
+    partial = xp.empty((config.slices, rows_x, words * COLUMNS_PER_THREAD), xp.float32)
+    launch(kernel, config, (x2d, *codes, partial, rows_x, depth, words, format_int, config.rows_per_slice))
+    return partial.sum(axis=0).reshape(*lead, words * COLUMNS_PER_THREAD)
+
+
+def cuda_source(kernel: str) -> str:
+    return (Path(__file__).parent / CUDA_SOURCES[kernel]).read_text()
+
+
+@cache
+def _cuda_function(kernel: str):
+    import cupy  # noqa: PLC0415
+
+    return cupy.RawModule(code=cuda_source(kernel), options=("--std=c++17",)).get_function(kernel)
+
+
+def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:
+    """Launch on the current CuPy device; Python ints become int32 kernel arguments."""
+    converted = tuple(np.int32(a) if isinstance(a, int) else a for a in args)
+    _cuda_function(kernel)(config.grid, config.block, converted)
+
+
+@cache
+def device_target_blocks() -> int:
+    import cupy  # noqa: PLC0415
+
+    return BLOCKS_PER_SM * int(cupy.cuda.Device().attributes["MultiProcessorCount"])

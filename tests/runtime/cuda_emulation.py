@@ -1,0 +1,73 @@
+"""The CUDA kernels' source compiled as host C++ (g++) and run over an emulated grid on the CPU.
+
+The kernels use no shared memory, shuffles or barriers, so running every (block, thread) in turn computes
+exactly what the device would, up to the order of float additions, which is the same within a thread.
+This tests the kernels' index arithmetic and bit unpacking on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from symshrink.runtime.kernels.launch import CUDA_SOURCES, LaunchConfig
+
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "runtime" / "kernels"
+CODE_TYPES = {"ternary_matmul": "unsigned int", "hyper_matmul": "unsigned char"}
+
+HARNESS = r"""
+#include <cstddef>
+struct dim3 { unsigned int x, y, z; };
+static dim3 blockIdx, threadIdx, blockDim, gridDim;
+#define __global__
+#include "SOURCE"
+extern "C" void launch(const unsigned int* grid, const unsigned int* block, const float* x, const void* codes,
+                       const float* side, float* partial, int a, int b, int c, int d, int e) {
+    gridDim = dim3{grid[0], grid[1], grid[2]};
+    blockDim = dim3{block[0], block[1], block[2]};
+    for (unsigned int bz = 0; bz < grid[2]; ++bz)
+    for (unsigned int by = 0; by < grid[1]; ++by)
+    for (unsigned int bx = 0; bx < grid[0]; ++bx)
+    for (unsigned int tz = 0; tz < block[2]; ++tz)
+    for (unsigned int ty = 0; ty < block[1]; ++ty)
+    for (unsigned int tx = 0; tx < block[0]; ++tx) {
+        blockIdx = dim3{bx, by, bz};
+        threadIdx = dim3{tx, ty, tz};
+        KERNEL(x, (const CODE_T*)codes, side, partial, a, b, c, d, e);
+    }
+}
+"""
+
+
+def compiler() -> str | None:
+    return shutil.which("g++")
+
+
+@cache
+def _library(kernel: str, build_dir: str) -> ctypes.CDLL:
+    source = Path(build_dir) / f"{kernel}_host.cpp"
+    source.write_text(HARNESS.replace("SOURCE", str(KERNELS_DIR / CUDA_SOURCES[kernel])))
+    library = Path(build_dir) / f"{kernel}_host.so"
+    subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-DKERNEL={kernel}",
+                    f"-DCODE_T={CODE_TYPES[kernel]}", str(source), "-o", str(library)], check=True, capture_output=True)
+    return ctypes.CDLL(str(library))
+
+
+def host_launcher(build_dir: Path):
+    """A launcher for `launch.sliced_matmul` that runs the kernel's C++ on the CPU."""
+
+    def launch(kernel: str, config: LaunchConfig, args: tuple) -> None:
+        x, codes, side, partial, *ints = args
+        for array in (x, codes, side, partial):
+            assert array.flags.c_contiguous
+        pointer = ctypes.c_void_p
+        _library(kernel, str(build_dir)).launch(
+            np.array(config.grid, np.uint32).ctypes.data_as(pointer), np.array(config.block, np.uint32).ctypes.data_as(pointer),
+            *(a.ctypes.data_as(pointer) for a in (x, codes, side, partial)), *(ctypes.c_int(int(i)) for i in ints))
+
+    return launch

@@ -1,0 +1,124 @@
+"""The kernels of the GPU runtime: numpy references against brute-force dense products, the CUDA source
+compiled for sm_90 (nvcc) and run over an emulated grid on the CPU (g++), and on a GPU when there is one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from symshrink.passes.hyper_codec import HyperSetting, decode_values, encode
+from symshrink.passes.hyper_function import function_inputs
+from symshrink.passes.ternary_codec import pack_codes
+from symshrink.runtime.backend import cuda_backend, gpu_available
+from symshrink.runtime.kernels import KERNELS, hyper, ternary
+from symshrink.runtime.kernels.launch import CUDA_SOURCES, cuda_source, launch_config, sliced_matmul
+from tests.runtime.cuda_emulation import compiler, host_launcher
+
+BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET}
+# (rows of x, depth, columns, ternary scale block): batch 1 and a few rows, ragged depths and blocks
+SHAPES = [(1, 64, 32, 64), (3, 100, 48, 32), (5, 257, 16, 7), (9, 48, 80, 48)]
+
+
+def _ternary_case(rows_x: int, depth: int, cols: int, block: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-1, 2, size=(depth, cols)).astype(np.int8)
+    scales = rng.uniform(0.5, 2.0, size=(-(-depth // block), cols)).astype(np.float32)
+    dense = codes.astype(np.float64) * np.repeat(scales, block, axis=0)[:depth]
+    x = rng.standard_normal((rows_x, depth)).astype(np.float32)
+    return x, ternary.ternary_weight(codes, scales, block), dense
+
+
+def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tensor = rng.standard_normal((depth, cols)).astype(np.float32)
+    code = encode(tensor, HyperSetting(codebook="lattice", codes=(1 << bits) - 1, bands=0))
+    weight = hyper.function_weight(function_inputs(code))
+    x = rng.standard_normal((rows_x, depth)).astype(np.float32)
+    return x, weight, decode_values(code).astype(np.float64)
+
+
+def _cases():
+    for rows_x, depth, cols, block in SHAPES:
+        yield pytest.param("ternary_matmul", *_ternary_case(rows_x, depth, cols, block),
+                           id=f"ternary-{rows_x}x{depth}x{cols}b{block}")
+    for bits in (3, 5, 8, 11, 16):  # 5 and 11 bits make indices straddle bytes and the 64-bit halves
+        rows_x, depth, cols, _ = SHAPES[bits % len(SHAPES)]
+        yield pytest.param("hyper_matmul", *_hyper_case(rows_x, depth, cols, bits), id=f"hyper-{bits}bits-{depth}x{cols}")
+
+
+CASES = list(_cases())
+
+
+def _within_budget(kernel: str, x: np.ndarray, dense: np.ndarray, y) -> None:
+    exact = x.astype(np.float64) @ dense
+    bound = np.abs(x.astype(np.float64)) @ np.abs(dense)
+    excess = np.abs(np.asarray(y, np.float64) - exact) - BUDGETS[kernel] * bound
+    assert y.shape == exact.shape and y.dtype == np.float32
+    assert excess.max() <= 0, f"{kernel}: error exceeds the budget by {excess.max():.3g}"
+
+
+@pytest.mark.parametrize(("kernel", "x", "weight", "dense"), CASES)
+def test_reference_matches_dense_product(kernel, x, weight, dense):
+    _within_budget(kernel, x, dense, KERNELS[kernel].reference(x, weight))
+
+
+def test_ternary_layout_round_trip():
+    x, weight, dense = _ternary_case(2, 70, 37, 16)
+    assert weight.words.shape == (70, 3)  # 37 columns padded to 48: three words a row
+    np.testing.assert_array_equal(ternary.dense_ternary(weight), dense.astype(np.float32))
+
+
+def test_ternary_function_inputs_give_the_same_weight():
+    """TernaryMatMul's base-3 and base-4 packed inputs decode to the layout built from the codes."""
+    _, weight, dense = _ternary_case(1, 40, 24, 16)
+    codes = np.rint(dense / np.repeat(weight.scales[:, :24], 16, axis=0)[:40]).astype(np.int8)
+    padded = np.zeros((48, 24), np.int8)
+    padded[:40] = codes
+    for radix in (3, 4):
+        inputs = {"packed": pack_codes(padded, radix), "scales": weight.scales[:, None, :24],
+                  "blocks_shape": np.array([3, 16, 24]), "matrix_shape": np.array([48, 24]),
+                  "count": np.array([48 * 24]), "rows": np.array([40])}
+        np.testing.assert_array_equal(ternary.dense_ternary(ternary.function_weight(inputs, radix)),
+                                      dense.astype(np.float32))
+
+
+def test_launch_config_fills_the_device_and_covers_the_depth():
+    config = launch_config(rows_x=1, depth=4096, words=256, target_blocks=528)
+    assert config.grid[0] * config.grid[1] * config.grid[2] >= 264
+    assert config.rows_per_slice * config.slices >= 4096 > config.rows_per_slice * (config.slices - 1)
+    assert launch_config(rows_x=33, depth=16, words=1, target_blocks=528).grid == (1, 1, 9)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("kernel", sorted(CUDA_SOURCES))
+def test_cuda_source_compiles_for_sm90(kernel, tmp_path):
+    source = tmp_path / CUDA_SOURCES[kernel]
+    source.write_text(cuda_source(kernel))
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(source), "-o", str(tmp_path / "out.ptx")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f".entry {kernel}" in (tmp_path / "out.ptx").read_text()
+
+
+@pytest.mark.skipif(compiler() is None, reason="g++ is not installed")
+@pytest.mark.parametrize(("kernel", "x", "weight", "dense"), CASES)
+@pytest.mark.parametrize("target_blocks", [1, 528])  # one slice, and the depth cut into many slices
+def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, tmp_path):
+    """The kernel's own source, every thread run in turn on the CPU, through the launcher's slicing."""
+    codes = (weight.words, weight.scales) if kernel == "ternary_matmul" else (weight.packed, weight.table)
+    depth, words = x.shape[1], -(-dense.shape[1] // 16)
+    format_int = weight.block if kernel == "ternary_matmul" else weight.bits
+    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, words, format_int, target_blocks)
+    _within_budget(kernel, x, dense, y[:, : dense.shape[1]])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU (cupy.cuda.is_available() is False)")
+@pytest.mark.parametrize(("kernel", "x", "weight", "dense"), CASES)
+def test_cuda_kernel_on_gpu(kernel, x, weight, dense):
+    backend = cuda_backend()
+    y = KERNELS[kernel].cuda(backend.to_device(x), weight.to(backend))
+    _within_budget(kernel, x, dense, backend.to_host(y))
