@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.errors import BadInput
+from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.kernels import KernelStep, plan_kernels
 from symshrink.runtime.ops import OPS, OpContext
@@ -156,6 +157,17 @@ class Executor:
         nbytes = self._constant_bytes(self.program)
         return ExecutorSummary(self.backend.name, sum(1 for _ in self.model.graph), dict(self._kernel_counts),
                                dict(self._function_counts), nbytes)
+
+    def output_names(self) -> list[str]:
+        return list(self.program.outputs)
+
+    def input_specs(self) -> list[InputSpec]:
+        """The graph inputs that feeds must give (name, numpy dtype, shape with dynamic axes as names)."""
+        def dim(d) -> int | str | None:
+            return d if isinstance(d, int) else (d.value if d is not None else None)
+
+        return [InputSpec(v.name, v.dtype.numpy().name, tuple(dim(d) for d in v.shape) if v.shape else ())
+                for v in self.model.graph.inputs if v.name not in self.program.constants]
 
     def _constant_bytes(self, program: _Program) -> int:
         total = sum(int(a.nbytes) for a in program.constants.values())

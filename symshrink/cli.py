@@ -1,4 +1,4 @@
-"""Command line: `symshrink zoo|inspect|compress|diff|eval`.
+"""Command line: `symshrink zoo|inspect|compress|diff|run|eval`.
 
 Exit codes: 0 ok, 1 outside tolerance, 2 bad input, 3 internal error. Expected failures print one line.
 """
@@ -79,27 +79,45 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_diff(args: argparse.Namespace) -> int:
+def _feeds(args: argparse.Namespace, model_spec: str, inputs) -> list:
+    """Feeds from --data, the zoo model's default data set, or --random."""
     from symshrink.calib import load_feeds, random_feeds  # noqa: PLC0415
-    from symshrink.modelio import load_model  # noqa: PLC0415
     from symshrink.pipeline import default_calib  # noqa: PLC0415
+
+    data = args.data or default_calib(model_spec)
+    if data is None and not args.random:
+        raise BadInput("give --data (zoo data set, .npz or folder of .npy) or --random")
+    return random_feeds(inputs, args.samples or 8) if data is None else load_feeds(data, inputs, "eval", args.samples)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from symshrink.modelio import load_model  # noqa: PLC0415
     from symshrink.runtime.diff import compare_outputs, format_diffs, gate_failures  # noqa: PLC0415
     from symshrink.runtime.ort import input_specs, make_session, run_all  # noqa: PLC0415
 
+    backend = _backend(args.device) if args.device else None  # no GPU: say so before loading anything
     _, path_a = load_model(args.a)
-    _, path_b = load_model(args.b)
-    session_a, session_b = make_session(path_a, args.threads), make_session(path_b, args.threads)
+    model_b, path_b = load_model(args.b)
+    session_a = make_session(path_a, args.threads)
     inputs = input_specs(session_a)
-    if [i.name for i in inputs] != [i.name for i in input_specs(session_b)]:
-        raise BadInput("the two models have different inputs")
-    data = args.data or default_calib(args.a)
-    if data is None and not args.random:
-        raise BadInput("give --data (zoo data set, .npz or folder of .npy) or --random")
-    feeds = random_feeds(inputs, args.samples or 8) if data is None else load_feeds(data, inputs, "eval", args.samples)
     names = [o.name for o in session_a.get_outputs()]
-    if names != [o.name for o in session_b.get_outputs()]:
+    if backend is None:
+        session_b = make_session(path_b, args.threads)
+        inputs_b, names_b = [i.name for i in input_specs(session_b)], [o.name for o in session_b.get_outputs()]
+    else:
+        from symshrink.runtime.executor import Executor  # noqa: PLC0415
+
+        executor = Executor(model_b, backend)
+        inputs_b, names_b = [i.name for i in executor.input_specs()], executor.output_names()
+    if [i.name for i in inputs] != inputs_b:
+        raise BadInput("the two models have different inputs")
+    if names != names_b:
         raise BadInput("the two models have different outputs")
-    diffs = compare_outputs(run_all(session_a, feeds), run_all(session_b, feeds))
+    feeds = _feeds(args, args.a, inputs)
+    outputs_b = run_all(session_b, feeds) if backend is None else [executor.run(feed) for feed in feeds]
+    if backend is not None and not args.json:
+        print(f"{args.b} on the symshrink runtime: " + "; ".join(executor.summary().lines()))
+    diffs = compare_outputs(run_all(session_a, feeds), outputs_b)
     if args.json:
         print(json.dumps([d.to_dict() for d in diffs], indent=2))
     else:
@@ -107,6 +125,51 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     failures = gate_failures(diffs, args.max_error, args.min_cosine)
     if failures:
         raise OutsideTolerance("outside tolerance: " + "; ".join(failures))
+    return 0
+
+
+def _backend(device: str):
+    from symshrink.runtime.backend import get_backend  # noqa: PLC0415
+
+    return get_backend(device)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from symshrink.modelio import load_model  # noqa: PLC0415
+    from symshrink.runtime.executor import Executor  # noqa: PLC0415
+
+    backend = _backend(args.device)
+    model, path = load_model(args.model)
+    executor = Executor(model, backend)
+    feeds = _feeds(args, args.model, executor.input_specs())
+    results, seconds = [], []
+    for feed in feeds:
+        start = time.perf_counter()
+        results.append(executor.run(feed))  # outputs come back to the host: the device has finished
+        seconds.append(time.perf_counter() - start)
+    for line in executor.summary().lines():
+        print(line)
+    print(f"{len(feeds)} feeds; latency per feed: median {1e3 * float(np.median(seconds)):.2f} ms "
+          f"(first {1e3 * seconds[0]:.2f} ms)")
+    for name in executor.output_names():
+        first = results[0][name]
+        print(f"  {name}: {first.dtype} {list(first.shape)}")
+    if args.output:
+        from symshrink.modelio import write_atomically  # noqa: PLC0415
+
+        arrays = {}
+        for name in executor.output_names():
+            values = [r[name] for r in results]
+            if all(v.ndim and v.shape[1:] == values[0].shape[1:] for v in values):
+                arrays[name] = np.concatenate(values)
+            else:
+                arrays.update({f"{name}.{i}": v for i, v in enumerate(values)})
+        write_atomically(args.output, lambda handle: np.savez(handle, **arrays))
+        print(f"wrote {args.output}: {', '.join(arrays)}")
     return 0
 
 
@@ -213,9 +276,22 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
     diff.add_argument("--samples", type=int)
     diff.add_argument("--random", action="store_true", help="compare on random inputs")
+    diff.add_argument("--device", choices=["cpu", "cuda"],
+                      help="run B on the symshrink runtime on this device (weights stay compressed; cuda: CuPy "
+                           "kernels) instead of onnxruntime; A always runs in onnxruntime")
     _add_gate_args(diff)
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(run=_cmd_diff)
+
+    run = sub.add_parser("run", help="run a model on the symshrink runtime (numpy on cpu, CuPy kernels on cuda)")
+    run.add_argument("model")
+    run.add_argument("--device", required=True, choices=["cpu", "cuda"],
+                     help="cuda: the CuPy kernels on an NVIDIA GPU; cpu: the same graph in numpy (their references)")
+    run.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
+    run.add_argument("--samples", type=int)
+    run.add_argument("--random", action="store_true", help="run on random inputs")
+    run.add_argument("-o", "--output", help="write the outputs to this .npz")
+    run.set_defaults(run=_cmd_run)
 
     ev = sub.add_parser("eval", help="task metric of a model")
     ev.add_argument("model")

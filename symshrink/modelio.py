@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -14,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from symshrink.errors import BadInput
 
-__all__ = ["resolve_model", "load_model", "save_model", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
+__all__ = ["resolve_model", "load_model", "save_model", "write_atomically", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
@@ -96,6 +98,20 @@ def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | No
             with contextlib.suppress(OSError):
                 (folder / data_name).unlink()  # a stale data file from an earlier external save
         os.replace(tmp_model, out)
+    return out
+
+
+def write_atomically(out: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """`write(handle)` into a temporary file beside `out`, renamed over it when done: no partial file on failure."""
+    out = Path(out)
+    handle = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False)
+    try:
+        with handle:
+            write(handle)
+        os.replace(handle.name, out)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
     return out
 
 
