@@ -1,6 +1,7 @@
-"""Kernels for symshrink-domain weights: each runs y = x @ W with W still compressed on the device.
+"""Kernels for symshrink-domain weights: each runs y = x @ W (or W[indices]) with W still compressed on the
+device.
 
-`RULES` is the registry of fusions: each looks at one node (the MatMul, or a TernaryMatMul call) and
+`RULES` is the registry of fusions: each looks at one node (the MatMul or Gather, or a TernaryMatMul call) and
 returns what it would replace, or None. `KERNELS` names each kernel's numpy reference (the CPU backend runs
 it) and its CUDA version (CuPy backend), which have the same signature: (x, weight) -> y.
 """
@@ -32,14 +33,15 @@ class Kernel:
 
 
 KERNELS = {"ternary_matmul": Kernel(ternary.ternary_matmul_reference, ternary.ternary_matmul_cuda),
-           "hyper_matmul": Kernel(hyper.hyper_matmul_reference, hyper.hyper_matmul_cuda)}
+           "hyper_matmul": Kernel(hyper.hyper_matmul_reference, hyper.hyper_matmul_cuda),
+           "hyper_gather": Kernel(hyper.hyper_gather, hyper.hyper_gather)}  # array code: the same on both
 
 
 @dataclass(frozen=True)
 class Match:
     kernel: str
     nodes: list[ir.Node]  # replaced, in graph order; the kernel runs at the last one
-    x: str  # the activation input
+    x: str  # the input it takes at run time: the activation (MatMul) or the indices (Gather)
     weight: ternary.TernaryWeight | hyper.HyperWeight
 
 
@@ -68,11 +70,14 @@ def _constants(node: ir.Node, names: tuple[str, ...], constants: dict[str, np.nd
     return None if any(a is None for a in arrays.values()) else arrays
 
 
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # where each fused reader takes the weight
+
+
 def _producer_of_weight(node: ir.Node, op_type: str, domain: str = "") -> ir.Node | None:
-    """The node making a MatMul's B, if it is `op_type` and the MatMul is its only reader."""
-    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+    """The node making a MatMul's B (a Gather's data), if it is `op_type` and `node` is its only reader."""
+    if node.op_type not in WEIGHT_INPUT or node.domain not in ("", "ai.onnx"):
         return None
-    weight = node.inputs[1]
+    weight = node.inputs[WEIGHT_INPUT[node.op_type]]
     producer = weight.producer() if weight is not None else None
     if producer is None or producer.op_type != op_type or producer.domain != domain:
         return None
@@ -96,7 +101,7 @@ def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Ma
 def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     """MatMul(x, DequantizeLinear(q uint2 [K, N], scale, zero point 1)): per column or blocked along K."""
     dequantize = _producer_of_weight(node, "DequantizeLinear")
-    if dequantize is None:
+    if dequantize is None or node.op_type != "MatMul":
         return None
     q, scale, zero_point = (constants.get(v.name) if v is not None else None for v in
                             (list(dequantize.inputs) + [None] * 3)[:3])
@@ -119,9 +124,10 @@ def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | 
 
 
 def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
-    """MatMul(x, HyperDecode(...)) with a per-tensor code of pairs and W [K, N], N a multiple of 16."""
+    """MatMul(x, HyperDecode(...)) or Gather(HyperDecode(...), indices, axis 0), with a per-tensor code of pairs
+    and W [K, N], N a multiple of 16."""
     decode = _producer_of_weight(node, "HyperDecode", FUNCTION_DOMAIN)
-    if decode is None:
+    if decode is None or (node.op_type == "Gather" and node.attributes.get_int("axis", 0) != 0):
         return None
     arrays = {key: constants.get(v.name) for key, v in zip(HYPER_INPUTS["HyperDecode"], decode.inputs)}
     if any(a is None for a in arrays.values()):
@@ -130,6 +136,8 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     if reason:
         logger.debug("%s: not fused: %s", node.name, reason)
         return None
+    if node.op_type == "Gather":
+        return Match("hyper_gather", [decode, node], node.inputs[1].name, hyper.function_weight(arrays))
     return Match("hyper_matmul", [decode, node], node.inputs[0].name, hyper.function_weight(arrays))
 
 

@@ -4,19 +4,22 @@
 Fused for `HyperDecode` (per tensor, pairs) -> MatMul with W [K, N], N a multiple of 16: a row of eight
 indices is then 16 columns of one weight row, and the packed rows are used as they are.
 `hyper_matmul_reference` is the numpy reference of the CUDA kernel, with the same signature.
+An embedding table read by Gather (axis 0) decodes only the rows gathered (`hyper_gather`, array code that
+runs as it is on numpy or CuPy arrays).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from symshrink.passes.hyper_codec import unpack_rows
+from symshrink.passes.hyper_codec import row_unpacking, unpack_rows
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
 
 __all__ = ["HyperWeight", "function_weight", "hyper_matmul_reference", "hyper_matmul_cuda", "dense_hyper",
-           "ERROR_BUDGET", "fusable"]
+           "ERROR_BUDGET", "fusable", "hyper_gather"]
 
 # |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): float32 sums over the depth, in any order the kernel splits it
 ERROR_BUDGET = 1e-5
@@ -75,6 +78,17 @@ def dense_hyper(weight: HyperWeight) -> np.ndarray:
 def hyper_matmul_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
     """numpy reference of the kernel: the indices cut from their rows, the pairs gathered, then x @ W."""
     return np.asarray(x, np.float32) @ dense_hyper(weight)
+
+
+def hyper_gather(indices, weight: HyperWeight):
+    """W[indices] (Gather on axis 0, negative indices from the end), decoding only the rows it reads."""
+    xp = np if isinstance(indices, np.ndarray) else sys.modules["cupy"]
+    per_row = weight.cols // COLUMNS_PER_THREAD  # packed rows of eight indices a weight row
+    rows = xp.asarray(indices, dtype=xp.int64) % weight.depth
+    packed_rows = (rows.reshape(-1, 1) * per_row + xp.arange(per_row)).reshape(-1)
+    byte_weights, shifts, modulus = (xp.asarray(a) for a in row_unpacking(weight.bits))
+    index = (weight.packed[packed_rows].astype(xp.int32) @ byte_weights) // shifts % modulus
+    return weight.table[index.reshape(-1)].reshape(*rows.shape, weight.cols)
 
 
 def hyper_matmul_cuda(x, weight: HyperWeight):
