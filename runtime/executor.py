@@ -28,6 +28,7 @@ __all__ = ["Executor", "ExecutorSummary"]
 
 logger = logging.getLogger(__name__)
 
+NARROW_INTEGERS = {"int2", "uint2", "int4", "uint4"}
 HOST_LIMIT = 64  # integer constants up to this many elements stay on the host (shapes, axes, indices)
 
 
@@ -148,7 +149,10 @@ class Executor:
         return drops
 
     def _place(self, array: np.ndarray):
-        """Small integer constants stay on the host (shapes, axes); the rest go to the device."""
+        """Small integer constants stay on the host (shapes, axes); the rest go to the device. 2- and 4-bit
+        integers (ml_dtypes, one per byte in numpy) become int8/uint8, which CuPy can hold."""
+        if array.dtype.name in NARROW_INTEGERS:
+            array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
         return array if array.dtype.kind in "iub" and array.size <= HOST_LIMIT else self.backend.to_device(array)
 
     # -- run -------------------------------------------------------------------------------------------------
