@@ -105,15 +105,14 @@ class Executor:
 
     def _compile(self, graph, opset: int, fuse: bool, constants: dict[str, np.ndarray]) -> _Program:
         """Steps of `graph` (Constant nodes folded into `constants`), then its read constants placed."""
-        kernel_steps = plan_kernels(graph, constants, self.backend) if fuse else {}
-        fused = {id(node) for step in kernel_steps.values() for node in step.nodes}
+        kernel_steps, unneeded = plan_kernels(graph, constants, self.backend) if fuse else ({}, set())
         steps: list[_NodeStep | KernelStep] = []
         for node in graph:
             if id(node) in kernel_steps:
                 steps.append(kernel_steps[id(node)])
                 self._kernel_counts[kernel_steps[id(node)].kernel] += 1
                 continue
-            if id(node) in fused:
+            if id(node) in unneeded:
                 continue
             attrs = {name: _attribute(attr) for name, attr in node.attributes.items()}
             inputs = [v.name if v is not None else None for v in node.inputs]
@@ -175,10 +174,10 @@ class Executor:
 
     def _constant_bytes(self, program: _Program) -> int:
         total = sum(int(a.nbytes) for a in program.constants.values())
+        arrays = {id(a): a for step in program.steps if isinstance(step, KernelStep) for a in step.weight.arrays()}
+        total += sum(int(a.nbytes) for a in arrays.values())  # shared weights and codebook tables count once
         for step in program.steps:
-            if isinstance(step, KernelStep):
-                total += step.nbytes
-            elif step.function is not None:
+            if isinstance(step, _NodeStep) and step.function is not None:
                 total += self._constant_bytes(step.function)
         return total
 
@@ -195,7 +194,7 @@ class Executor:
         for step, drops in zip(program.steps, program.drops):
             args = [env[name] if name else None for name in step.inputs]
             if isinstance(step, KernelStep):
-                results = [step.run(self.backend, self._on_device(args[0]))]
+                results = [step.run(self.backend, *map(self._on_device, args))]
             elif step.function is not None:
                 done = self._run(step.function, dict(zip(step.function.inputs, args)))
                 results = [done[name] for name in step.function.outputs]

@@ -90,7 +90,8 @@ def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generat
                                       TERNARY_BLOCK)
     if kind == "hyper_matmul":
         packed = rng.integers(0, 256, size=(depth * cols // 16, bits), dtype=np.uint8)
-        return hyper.HyperWeight(packed, rng.standard_normal((1 << bits, 2)).astype(np.float32), bits, depth, cols)
+        return hyper.HyperWeight(packed, rng.standard_normal((1 << bits, 2)).astype(np.float32),
+                                 np.array([0.1, -0.1, 2.0], np.float32), bits, depth, cols)
     return rng.standard_normal((depth, cols)).astype(np.float32)
 
 
@@ -117,7 +118,7 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
         for kind in ("dense", "ternary_matmul", "hyper_matmul"):
             weight = _weights(kind, depth, cols, bits, rng)
             copies = max(1, min(64, math.ceil(3 * device["l2"] / weight.nbytes))) if device["l2"] else 1
-            placed = [backend.to_device(weight) if kind == "dense" else weight.to(backend) for _ in range(copies)]
+            placed = [backend.to_device(weight) if kind == "dense" else weight.to(backend, {}) for _ in range(copies)]
             run = (lambda x, w: x @ w) if kind == "dense" else (
                 KERNELS[kind].cuda if backend.name == "cuda" else KERNELS[kind].reference)
             for rows_x in batches:

@@ -1,9 +1,12 @@
-"""Kernels for symshrink-domain weights: each runs y = x @ W (or W[indices]) with W still compressed on the
-device.
+"""Kernels for symshrink-domain weights: each runs y = x @ W, x @ W^T or W[indices] with W still compressed on
+the device.
 
-`RULES` is the registry of fusions: each looks at one node (the MatMul or Gather, or a TernaryMatMul call) and
-returns what it would replace, or None. `KERNELS` names each kernel's numpy reference (the CPU backend runs
-it) and its CUDA version (CuPy backend), which have the same signature: (x, weight) -> y.
+`RULES` is the registry of fusions: each looks at one node that reads a weight (MatMul, Gemm, Gather, or a
+TernaryMatMul call) and returns a `Match`, or None. The nodes upstream of a reader that only fused readers
+use (the decode, a Transpose) are skipped; one read by anything else still runs. A weight read by several
+fused readers (a tied embedding and LM head) is held on the device once. `KERNELS` names each kernel's
+numpy reference (the CPU backend runs it) and its CUDA version (CuPy backend), which have the same
+signature: (x, weight) -> y.
 """
 
 from __future__ import annotations
@@ -34,57 +37,41 @@ class Kernel:
 
 KERNELS = {"ternary_matmul": Kernel(ternary.ternary_matmul_reference, ternary.ternary_matmul_cuda),
            "hyper_matmul": Kernel(hyper.hyper_matmul_reference, hyper.hyper_matmul_cuda),
+           "hyper_matmul_t": Kernel(hyper.hyper_matmul_t_reference, hyper.hyper_matmul_t_cuda),
            "hyper_gather": Kernel(hyper.hyper_gather, hyper.hyper_gather)}  # array code: the same on both
+
+Weight = ternary.TernaryWeight | hyper.HyperWeight
 
 
 @dataclass(frozen=True)
 class Match:
     kernel: str
-    nodes: list[ir.Node]  # replaced, in graph order; the kernel runs at the last one
-    x: str  # the input it takes at run time: the activation (MatMul) or the indices (Gather)
-    weight: ternary.TernaryWeight | hyper.HyperWeight
+    reader: ir.Node  # where the kernel runs; its first output is the kernel's
+    replaced: list[ir.Node]  # upstream nodes it makes unneeded, if nothing else reads them
+    x: str  # the input it takes at run time: the activation, or the gathered indices
+    weight: Weight
+    source: ir.Node  # the node whose constant inputs hold the weight (one device copy per source)
+    bias: str | None = None  # Gemm's C, added to the kernel's output
 
 
 @dataclass
 class KernelStep:
-    """One fused kernel call standing for `nodes`: outputs[0] = kernel(inputs[0], weight)."""
+    """One fused kernel call at `match.reader`: outputs[0] = kernel(inputs[0], weight) (+ inputs[1])."""
 
     kernel: str
-    nodes: list[ir.Node]
+    match: Match
     inputs: list[str]
     outputs: list[str]
-    weight: ternary.TernaryWeight | hyper.HyperWeight
+    weight: Weight
     call: Callable
 
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
-
-    def run(self, backend: Backend, x):
-        return self.call(x, self.weight)
+    def run(self, backend: Backend, x, bias=None):
+        y = self.call(x, self.weight)
+        return y if bias is None else y + bias
 
 
-def _constants(node: ir.Node, names: tuple[str, ...], constants: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """The node's inputs after the first as arrays by name, or None if one is not a constant."""
-    arrays = {key: constants.get(v.name) if v is not None else None for key, v in zip(names, node.inputs[1:])}
-    return None if any(a is None for a in arrays.values()) else arrays
-
-
-WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # where each fused reader takes the weight
-
-
-def _producer_of_weight(node: ir.Node, op_type: str, domain: str = "") -> ir.Node | None:
-    """The node making a MatMul's B (a Gather's data), if it is `op_type` and `node` is its only reader."""
-    if node.op_type not in WEIGHT_INPUT or node.domain not in ("", "ai.onnx"):
-        return None
-    weight = node.inputs[WEIGHT_INPUT[node.op_type]]
-    producer = weight.producer() if weight is not None else None
-    if producer is None or producer.op_type != op_type or producer.domain != domain:
-        return None
-    if len(weight.uses()) != 1 or weight.is_graph_output():
-        logger.debug("%s: %s output has other readers; not fused", node.name, op_type)
-        return None
-    return producer
+def _is(node: ir.Node | None, op_type: str, domain: str = "") -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ((domain,) if domain else ("", "ai.onnx"))
 
 
 def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
@@ -92,19 +79,18 @@ def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Ma
     radix = {"TernaryMatMul": 4, "TernaryMatMulBase3": 3}.get(node.op_type)
     if node.domain != FUNCTION_DOMAIN or radix is None:
         return None
-    arrays = _constants(node, TERNARY_INPUTS[1:], constants)
-    if arrays is None:
+    arrays = {key: constants.get(v.name) for key, v in zip(TERNARY_INPUTS[1:], node.inputs[1:])}
+    if any(a is None for a in arrays.values()):
         return None
-    return Match("ternary_matmul", [node], node.inputs[0].name, ternary.function_weight(arrays, radix))
+    return Match("ternary_matmul", node, [], node.inputs[0].name, ternary.function_weight(arrays, radix), node)
 
 
 def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     """MatMul(x, DequantizeLinear(q uint2 [K, N], scale, zero point 1)): per column or blocked along K."""
-    dequantize = _producer_of_weight(node, "DequantizeLinear")
-    if dequantize is None or node.op_type != "MatMul":
+    dequantize = node.inputs[1].producer() if _is(node, "MatMul") else None
+    if not _is(dequantize, "DequantizeLinear") or len(dequantize.inputs) < 3:
         return None
-    q, scale, zero_point = (constants.get(v.name) if v is not None else None for v in
-                            (list(dequantize.inputs) + [None] * 3)[:3])
+    q, scale, zero_point = (constants.get(v.name) if v is not None else None for v in dequantize.inputs[:3])
     if q is None or scale is None or zero_point is None or q.dtype.name != "uint2" or q.ndim != 2:
         return None
     codes = q.astype(np.int8) - 1
@@ -120,41 +106,89 @@ def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | 
     else:
         return None
     weight = ternary.ternary_weight(codes, scales.astype(np.float32), block)
-    return Match("ternary_matmul", [dequantize, node], node.inputs[0].name, weight)
+    return Match("ternary_matmul", node, [dequantize], node.inputs[0].name, weight, dequantize)
 
 
-def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
-    """MatMul(x, HyperDecode(...)) or Gather(HyperDecode(...), indices, axis 0), with a per-tensor code of pairs
-    and W [K, N], N a multiple of 16."""
-    decode = _producer_of_weight(node, "HyperDecode", FUNCTION_DOMAIN)
-    if decode is None or (node.op_type == "Gather" and node.attributes.get_int("axis", 0) != 0):
+def _hyper_source(value: ir.Value | None, constants: dict[str, np.ndarray]):
+    """(HyperDecode node, its weight, transposed, nodes between) behind a weight input, through at most one
+    Transpose of a matrix; None when there is none or the kernels cannot take it."""
+    producer = value.producer() if value is not None else None
+    between, transposed = [], False
+    if _is(producer, "Transpose") and producer.attributes.get_ints("perm", [1, 0]) == [1, 0]:
+        between, transposed = [producer], True
+        producer = producer.inputs[0].producer()
+    if not _is(producer, "HyperDecode", FUNCTION_DOMAIN):
         return None
-    arrays = {key: constants.get(v.name) for key, v in zip(HYPER_INPUTS["HyperDecode"], decode.inputs)}
+    arrays = {key: constants.get(v.name) for key, v in zip(HYPER_INPUTS["HyperDecode"], producer.inputs)}
     if any(a is None for a in arrays.values()):
         return None
     reason = hyper.fusable(arrays)
     if reason:
-        logger.debug("%s: not fused: %s", node.name, reason)
+        logger.debug("%s: not fused: %s", producer.name, reason)
         return None
-    if node.op_type == "Gather":
-        return Match("hyper_gather", [decode, node], node.inputs[1].name, hyper.function_weight(arrays))
-    return Match("hyper_matmul", [decode, node], node.inputs[0].name, hyper.function_weight(arrays))
+    return producer, hyper.function_weight(arrays), transposed, between
+
+
+def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
+    """MatMul(x, W) or MatMul(x, Transpose(W)), Gemm(x, W, C) with transB (alpha = beta = 1, transA = 0), and
+    Gather(W, indices) on axis 0, for W = HyperDecode(...) per tensor, in pairs, rows a multiple of 16 long."""
+    if _is(node, "Gather") and node.attributes.get_int("axis", 0) == 0:
+        found = _hyper_source(node.inputs[0], constants)
+        if found is None or found[2]:
+            return None
+        return Match("hyper_gather", node, [*found[3], found[0]], node.inputs[1].name, found[1], found[0])
+    bias, flip = None, False
+    if _is(node, "Gemm"):
+        attributes = node.attributes
+        if attributes.get_float("alpha", 1.0) != 1.0 or attributes.get_float("beta", 1.0) != 1.0 \
+                or attributes.get_int("transA", 0):
+            return None
+        flip = bool(attributes.get_int("transB", 0))
+        bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    elif not _is(node, "MatMul"):
+        return None
+    found = _hyper_source(node.inputs[1], constants)
+    if found is None:
+        return None
+    decode, weight, transposed, between = found
+    kernel = "hyper_matmul_t" if transposed != flip else "hyper_matmul"
+    return Match(kernel, node, [*between, decode], node.inputs[0].name, weight, decode, bias)
 
 
 RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary_function_rule, dequantize_rule,
                                                                           hyper_rule]
 
 
-def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> dict[int, KernelStep]:
-    """Kernel steps by id of the node where each runs, their weights placed on the backend's device."""
-    steps: dict[int, KernelStep] = {}
+def _unneeded(matches: list[Match], graph) -> set[int]:
+    """Ids of replaced nodes whose outputs only fused readers (or other unneeded nodes) read."""
+    readers = {id(m.reader) for m in matches}
+    order = {id(node): i for i, node in enumerate(graph)}
+    candidates = {id(n): n for m in matches for n in m.replaced}
+    unneeded: set[int] = set()
+    for node in sorted(candidates.values(), key=lambda n: -order[id(n)]):  # readers before what they read
+        if all(not out.is_graph_output() and all(id(c) in readers or id(c) in unneeded for c in out.consumers())
+               for out in node.outputs):
+            unneeded.add(id(node))
+    return unneeded
+
+
+def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> tuple[dict[int, KernelStep], set[int]]:
+    """Kernel steps by id of the node where each runs (weights placed on the backend's device, one copy per
+    source), and the ids of the nodes they make unneeded."""
+    matches = []
     for node in graph:
-        for rule in RULES:
-            match = rule(node, constants)
-            if match is not None:
-                kernel = KERNELS[match.kernel]
-                call = kernel.reference if backend.name == "cpu" else kernel.cuda
-                steps[id(node)] = KernelStep(match.kernel, match.nodes, [match.x], [node.outputs[0].name],
-                                             match.weight.to(backend), call)
-                break
-    return steps
+        match = next((m for m in (rule(node, constants) for rule in RULES) if m is not None), None)
+        if match is not None:
+            matches.append(match)
+    placed: dict[int, Weight] = {}
+    tables: dict = {}
+    steps = {}
+    for match in matches:
+        if id(match.source) not in placed:
+            placed[id(match.source)] = match.weight.to(backend, tables)
+        weight = placed[id(match.source)]
+        kernel = KERNELS[match.kernel]
+        inputs = [match.x] + ([match.bias] if match.bias else [])
+        steps[id(match.reader)] = KernelStep(match.kernel, match, inputs, [match.reader.outputs[0].name], weight,
+                                             kernel.reference if backend.name == "cpu" else kernel.cuda)
+    return steps, _unneeded(matches, graph)

@@ -1,11 +1,13 @@
 """Hyperfunction-coded matmul with the indices kept packed on the device: y = x @ W, each pair
-(W[r, c], W[r, c + 1]) = table[index], table = c + L * (u_j s_k) per tensor (float32, the ONNX body's order).
+(W[r, c], W[r, c + 1]) = centre + T[index] * span, T[j + codes k] = u_j s_k the codebook's pairs (shared by
+every tensor of one codebook on the device), float32 in the ONNX body's order: bit-identical weights.
 
-Fused for `HyperDecode` (per tensor, pairs) -> MatMul with W [K, N], N a multiple of 16: a row of eight
-indices is then 16 columns of one weight row, and the packed rows are used as they are.
-`hyper_matmul_reference` is the numpy reference of the CUDA kernel, with the same signature.
-An embedding table read by Gather (axis 0) decodes only the rows gathered (`hyper_gather`, array code that
-runs as it is on numpy or CuPy arrays).
+Fused for `HyperDecode` (per tensor, pairs) of a W [R, C] with C a multiple of 16: a row of eight indices
+is then 16 consecutive elements of one weight row, and the packed rows are used as they are. Readers:
+x @ W (`hyper_matmul`), x @ W^T (`hyper_matmul_t`: a Transpose before the MatMul, as a tied LM head reads
+the embedding table, or Gemm with transB), and W[indices] (`hyper_gather`, Gather on axis 0, decoding only
+the rows gathered; array code that runs as it is on numpy or CuPy arrays). Each CUDA kernel has its numpy
+reference with the same signature.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 from symshrink.passes.hyper_codec import row_unpacking, unpack_rows
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
 
-__all__ = ["HyperWeight", "function_weight", "hyper_matmul_reference", "hyper_matmul_cuda", "dense_hyper",
+__all__ = ["HyperWeight", "function_weight", "hyper_matmul_reference", "hyper_matmul_cuda", "hyper_matmul_t_reference",
+           "hyper_matmul_t_cuda", "dense_hyper",
            "ERROR_BUDGET", "fusable", "hyper_gather"]
 
 # |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): float32 sums over the depth, in any order the kernel splits it
@@ -28,26 +31,37 @@ PAIR = 2
 
 @dataclass(frozen=True)
 class HyperWeight:
-    packed: np.ndarray  # uint8 [K * N / 16, bits]: rows of eight indices, pair p = (r N + c) / 2
-    table: np.ndarray  # float32 [entries, 2]: decoded pairs
+    packed: np.ndarray  # uint8 [R * C / 16, bits]: rows of eight indices, pair p = (r C + c) / 2
+    table: np.ndarray  # float32 [entries, 2]: the codebook's pairs T
+    frame: np.ndarray  # float32 [3]: the tensor's centre (x, y) and span
     bits: int
-    depth: int  # K
-    cols: int  # N, a multiple of 16
+    rows: int  # R
+    cols: int  # C, a multiple of 16
 
     @property
     def nbytes(self) -> int:
-        return int(self.packed.nbytes + self.table.nbytes)
+        return sum(int(a.nbytes) for a in self.arrays())
 
-    def to(self, backend) -> HyperWeight:
-        return HyperWeight(backend.to_device(self.packed), backend.to_device(self.table), self.bits, self.depth,
+    def arrays(self) -> list:
+        return [self.packed, self.table, self.frame]
+
+    def to(self, backend, tables: dict) -> HyperWeight:
+        """On the backend's device; the codebook table shared with the other weights in `tables`."""
+        key = (self.table.shape, self.table.tobytes())
+        table = tables.setdefault(key, backend.to_device(self.table))
+        return HyperWeight(backend.to_device(self.packed), table, backend.to_device(self.frame), self.bits, self.rows,
                            self.cols)
 
 
-def decoded_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """c + L * T, T[j + codes k] = offsets[j] band_scales[k]: the per-tensor HyperDecode body's table."""
+def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """T[j + codes k] = offsets[j] band_scales[k], as the HyperDecode body builds it."""
     dims = inputs["offsets"].shape[1]
-    table = (inputs["band_scales"].reshape(-1, 1, 1) * inputs["offsets"]).reshape(-1, dims)
-    return (inputs["centres"] + table * inputs["spans"]).astype(np.float32)
+    return (inputs["band_scales"].reshape(-1, 1, 1) * inputs["offsets"]).reshape(-1, dims).astype(np.float32)
+
+
+def _decode(xp, weight: HyperWeight, indices):
+    """centre + T[indices] * span: pairs [..., 2] in the ONNX body's rounding."""
+    return weight.frame[:PAIR] + weight.table[indices] * weight.frame[PAIR]
 
 
 def fusable(inputs: dict[str, np.ndarray]) -> str | None:
@@ -56,23 +70,24 @@ def fusable(inputs: dict[str, np.ndarray]) -> str | None:
     if inputs["offsets"].shape[1] != PAIR:
         return "the kernel decodes pairs, not triples"
     if len(shape) != 2 or shape[1] % COLUMNS_PER_THREAD:
-        return f"the kernel needs a [K, N] weight with N a multiple of {COLUMNS_PER_THREAD}; it is {shape}"
+        return f"the kernels need a [R, C] weight with C a multiple of {COLUMNS_PER_THREAD}; it is {shape}"
     return None
 
 
 def function_weight(inputs: dict[str, np.ndarray]) -> HyperWeight:
     """The weight of a per-tensor HyperDecode node from its constant inputs (`hyper_function.INPUTS`)."""
-    depth, cols = (int(v) for v in inputs["shape"])
+    rows, cols = (int(v) for v in inputs["shape"])
     bits = inputs["packed"].shape[1]
-    if inputs["packed"].shape[0] * 8 * PAIR < depth * cols:
+    if inputs["packed"].shape[0] * 8 * PAIR < rows * cols:
         raise ValueError("HyperDecode: fewer packed indices than the shape needs")
-    return HyperWeight(np.ascontiguousarray(inputs["packed"]), decoded_table(inputs), bits, depth, cols)
+    frame = np.concatenate([inputs["centres"].reshape(-1), inputs["spans"].reshape(-1)]).astype(np.float32)
+    return HyperWeight(np.ascontiguousarray(inputs["packed"]), codebook_table(inputs), frame, bits, rows, cols)
 
 
 def dense_hyper(weight: HyperWeight) -> np.ndarray:
-    """The float32 weight [K, N] (numpy)."""
-    indices = unpack_rows(weight.packed, weight.bits, weight.depth * weight.cols // PAIR)
-    return weight.table[indices].reshape(weight.depth, weight.cols)
+    """The float32 weight [R, C] (numpy)."""
+    indices = unpack_rows(weight.packed, weight.bits, weight.rows * weight.cols // PAIR)
+    return _decode(np, weight, indices).reshape(weight.rows, weight.cols)
 
 
 def hyper_matmul_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
@@ -80,21 +95,34 @@ def hyper_matmul_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
     return np.asarray(x, np.float32) @ dense_hyper(weight)
 
 
+def hyper_matmul_t_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
+    """numpy reference of the transposed kernel: x @ W^T."""
+    return np.asarray(x, np.float32) @ dense_hyper(weight).T
+
+
 def hyper_gather(indices, weight: HyperWeight):
     """W[indices] (Gather on axis 0, negative indices from the end), decoding only the rows it reads."""
     xp = np if isinstance(indices, np.ndarray) else sys.modules["cupy"]
     per_row = weight.cols // COLUMNS_PER_THREAD  # packed rows of eight indices a weight row
-    rows = xp.asarray(indices, dtype=xp.int64) % weight.depth
+    rows = xp.asarray(indices, dtype=xp.int64) % weight.rows
     packed_rows = (rows.reshape(-1, 1) * per_row + xp.arange(per_row)).reshape(-1)
     byte_weights, shifts, modulus = (xp.asarray(a) for a in row_unpacking(weight.bits))
     index = (weight.packed[packed_rows].astype(xp.int32) @ byte_weights) // shifts % modulus
-    return weight.table[index.reshape(-1)].reshape(*rows.shape, weight.cols)
+    return _decode(xp, weight, index.reshape(-1)).reshape(*rows.shape, weight.cols)
 
 
 def hyper_matmul_cuda(x, weight: HyperWeight):
-    """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend)`)."""
+    """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend, {})`)."""
     import cupy  # noqa: PLC0415
 
     words = weight.cols // COLUMNS_PER_THREAD
-    return sliced_matmul(cupy, cuda_launcher, "hyper_matmul", x, (weight.packed, weight.table), weight.depth, words,
+    return sliced_matmul(cupy, cuda_launcher, "hyper_matmul", x, weight.arrays(), weight.rows, words,
                          weight.bits, device_target_blocks())
+
+
+def hyper_matmul_t_cuda(x, weight: HyperWeight):
+    """The transposed CUDA kernel on CuPy arrays: x [..., C] @ W^T -> [..., R]."""
+    import cupy  # noqa: PLC0415
+
+    return sliced_matmul(cupy, cuda_launcher, "hyper_matmul_t", x, weight.arrays(), weight.cols,
+                         weight.rows, weight.bits, device_target_blocks())

@@ -1,48 +1,68 @@
-// y = x @ W for W[r, c] in hyperfunction codes: each pair (W[r, c], W[r, c + 1]), c even, is
-// table[index] (float pairs, already c + L * u_j s_k), pair p = (r * N + c) / 2. Indices are a little-endian
-// bit stream in rows of eight (`bits` bytes a row), so with N a multiple of 16 a row of indices is 16
-// consecutive columns of one weight row. A thread owns those 16 columns and TILE_M rows of x over one slice
-// of rows: it reads its `bits` bytes, cuts the eight indices in registers and gathers from the small table
-// (read-only cache). Each slice writes partial[slice, m, c]; the caller adds the slices in a fixed order.
+// Matmuls with W in hyperfunction codes: pairs (W[r, c], W[r, c + 1]), c even, are centre + span * T[index],
+// T the codebook's float pairs u_j s_k (shared by every tensor of the same codebook), frame = (centre x,
+// centre y, span) the tensor's own, pair p = (r * C + c) / 2 for W [R, C]. Rounded as the ONNX body rounds
+// (a product, then a sum, never fused), so the weights are bit-identical to onnxruntime's decode.
+// Indices are a little-endian bit stream in rows of eight (`bits` bytes a row): with C a multiple of 16, a row
+// of indices is 16 consecutive elements of one weight row. Indices are cut in registers and the pairs
+// gathered from the small table (read-only cache).
+// Each slice of the depth writes partial[slice, m, column]; the caller adds the slices in a fixed order.
 // No shared memory, shuffles or barriers: the source also compiles as host C++ (CPU emulation in tests).
 #define TILE_M 4
-#define COLUMNS_PER_ROW 16
+#define ELEMENTS_PER_ROW 16
 #define INDICES_PER_ROW 8
 
+// One decoded pair: centre + T[index] * span.
+__device__ __forceinline__ void decode_pair(const float* __restrict__ table, const float* frame, unsigned int index,
+                                            float* first, float* second) {
+    *first = __fadd_rn(frame[0], __fmul_rn(table[2 * index], frame[2]));
+    *second = __fadd_rn(frame[1], __fmul_rn(table[2 * index + 1], frame[2]));
+}
+
+// The eight indices of one packed row of `bits` (<= 16) bytes.
+__device__ __forceinline__ void cut_indices(const unsigned char* __restrict__ row, int bits, unsigned int* index) {
+    unsigned long long low = 0, high = 0;  // the row's 8 * bits <= 128 bits
+    for (int b = 0; b < bits; ++b) {
+        const unsigned long long byte = row[b];
+        if (b < 8) low |= byte << (8 * b);
+        else high |= byte << (8 * (b - 8));
+    }
+    const unsigned int mask = (1u << bits) - 1u;
+    for (int i = 0; i < INDICES_PER_ROW; ++i) {
+        const int start = i * bits;
+        unsigned long long window;
+        if (start >= 64) window = high >> (start - 64);
+        else if (start + bits <= 64) window = low >> start;
+        else window = (low >> start) | (high << (64 - start));  // the index straddles the two halves
+        index[i] = (unsigned int)window & mask;
+    }
+}
+
+// y = x @ W, W [depth, 16 * words]: a thread owns 16 output columns (one packed row per weight row).
 extern "C" __global__ void hyper_matmul(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                        const float* __restrict__ table, float* __restrict__ partial,
-                                        int rows_x, int depth, int words, int bits, int rows_per_slice) {
+                                        const float* __restrict__ table, const float* __restrict__ frame_in,
+                                        float* __restrict__ partial, int rows_x, int depth, int words, int bits,
+                                        int rows_per_slice) {
     const int word = blockIdx.x * blockDim.x + threadIdx.x;
     if (word >= words) return;
     const int slice = blockIdx.y;
     const int m0 = blockIdx.z * TILE_M;
     const int begin = slice * rows_per_slice;
     const int end = begin + rows_per_slice < depth ? begin + rows_per_slice : depth;
-    const int columns = words * COLUMNS_PER_ROW;
-    const unsigned int mask = (1u << bits) - 1u;
+    const int columns = words * ELEMENTS_PER_ROW;
+    const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
 
-    float acc[TILE_M][COLUMNS_PER_ROW];
+    float acc[TILE_M][ELEMENTS_PER_ROW];
     for (int m = 0; m < TILE_M; ++m)
-        for (int j = 0; j < COLUMNS_PER_ROW; ++j) acc[m][j] = 0.0f;
+        for (int j = 0; j < ELEMENTS_PER_ROW; ++j) acc[m][j] = 0.0f;
 
+    unsigned int index[INDICES_PER_ROW];
     for (int r = begin; r < end; ++r) {
-        const unsigned char* row = packed + ((size_t)r * words + word) * bits;
-        unsigned long long low = 0, high = 0;  // the row's 8 * bits <= 128 bits
-        for (int b = 0; b < bits; ++b) {
-            const unsigned long long byte = row[b];
-            if (b < 8) low |= byte << (8 * b);
-            else high |= byte << (8 * (b - 8));
-        }
+        cut_indices(packed + ((size_t)r * words + word) * bits, bits, index);
         float xv[TILE_M];
         for (int m = 0; m < TILE_M; ++m) xv[m] = m0 + m < rows_x ? x[(size_t)(m0 + m) * depth + r] : 0.0f;
         for (int i = 0; i < INDICES_PER_ROW; ++i) {
-            const int start = i * bits;
-            unsigned long long window;
-            if (start >= 64) window = high >> (start - 64);
-            else if (start + bits <= 64) window = low >> start;
-            else window = (low >> start) | (high << (64 - start));  // the index straddles the two halves
-            const unsigned int index = (unsigned int)window & mask;
-            const float first = table[2 * index], second = table[2 * index + 1];
+            float first, second;
+            decode_pair(table, frame, index[i], &first, &second);
             for (int m = 0; m < TILE_M; ++m) {
                 acc[m][2 * i] += xv[m] * first;
                 acc[m][2 * i + 1] += xv[m] * second;
@@ -50,7 +70,41 @@ extern "C" __global__ void hyper_matmul(const float* __restrict__ x, const unsig
         }
     }
     for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m) {
-        float* out = partial + ((size_t)slice * rows_x + m0 + m) * columns + (size_t)word * COLUMNS_PER_ROW;
-        for (int j = 0; j < COLUMNS_PER_ROW; ++j) out[j] = acc[m][j];
+        float* out = partial + ((size_t)slice * rows_x + m0 + m) * columns + (size_t)word * ELEMENTS_PER_ROW;
+        for (int j = 0; j < ELEMENTS_PER_ROW; ++j) out[j] = acc[m][j];
     }
+}
+
+// y = x @ W^T, W [columns, depth] (an embedding table read as the LM head, a Gemm with transB): a thread owns
+// one output column, whose weights are one weight row, 16 at a time; rows_per_slice is a multiple of 16.
+extern "C" __global__ void hyper_matmul_t(const float* __restrict__ x, const unsigned char* __restrict__ packed,
+                                          const float* __restrict__ table, const float* __restrict__ frame_in,
+                                          float* __restrict__ partial, int rows_x, int depth, int columns, int bits,
+                                          int rows_per_slice) {
+    const int column = blockIdx.x * blockDim.x + threadIdx.x;
+    if (column >= columns) return;
+    const int slice = blockIdx.y;
+    const int m0 = blockIdx.z * TILE_M;
+    const int begin = slice * rows_per_slice;
+    const int end = begin + rows_per_slice < depth ? begin + rows_per_slice : depth;
+    const int rows_per_weight_row = depth / ELEMENTS_PER_ROW;
+    const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
+
+    float acc[TILE_M];
+    for (int m = 0; m < TILE_M; ++m) acc[m] = 0.0f;
+
+    unsigned int index[INDICES_PER_ROW];
+    for (int k = begin; k < end; k += ELEMENTS_PER_ROW) {
+        cut_indices(packed + ((size_t)column * rows_per_weight_row + k / ELEMENTS_PER_ROW) * bits, bits, index);
+        for (int i = 0; i < INDICES_PER_ROW; ++i) {
+            float first, second;
+            decode_pair(table, frame, index[i], &first, &second);
+            for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m) {
+                const float* xm = x + (size_t)(m0 + m) * depth + k + 2 * i;
+                acc[m] += xm[0] * first + xm[1] * second;
+            }
+        }
+    }
+    for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m)
+        partial[((size_t)slice * rows_x + m0 + m) * columns + column] = acc[m];
 }

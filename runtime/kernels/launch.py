@@ -1,9 +1,10 @@
 """Launching the row-sliced matmul kernels: the grid (a pure function, shared by the GPU path and the CPU
 emulation in the tests), the CuPy module cache, and the fixed-order sum of the slices' partial results.
 
-Both kernels take (x, codes..., partial, rows_x, depth, words, <format int>, rows_per_slice): a thread owns
-16 output columns (`words` such groups a row) and TILE_M rows of x, over a slice of the depth; the slices
-make enough blocks to fill the device at batch 1, and their partials are added afterwards (deterministic).
+The kernels take (x, codes..., partial, rows_x, depth, threads a row of x needs, <format int>, rows_per_slice):
+a thread owns `columns` output columns (`GEOMETRY`) and TILE_M rows of x, over a slice of the depth; the
+slices make enough blocks to fill the device at batch 1, and their partials are added afterwards in a fixed
+order (deterministic).
 """
 
 from __future__ import annotations
@@ -17,14 +18,25 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_source", "CUDA_SOURCES", "cuda_launcher",
-           "TILE_M", "COLUMNS_PER_THREAD", "device_target_blocks"]
+           "TILE_M", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY"]
 
 TILE_M = 4  # rows of x a thread carries (the kernels' TILE_M)
 COLUMNS_PER_THREAD = 16
 THREADS = 128
 MIN_ROWS_PER_SLICE = 16
 BLOCKS_PER_SM = 4
-CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu"}
+CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu",
+                "hyper_matmul_t": "hyper_matmul.cu"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    columns: int  # output columns a thread owns
+    depth_step: int  # a slice of the depth is a multiple of this
+
+
+GEOMETRY = {"ternary_matmul": Geometry(COLUMNS_PER_THREAD, 1), "hyper_matmul": Geometry(COLUMNS_PER_THREAD, 1),
+            "hyper_matmul_t": Geometry(1, COLUMNS_PER_THREAD)}
 
 
 @dataclass(frozen=True)
@@ -38,12 +50,14 @@ class LaunchConfig:
         return self.grid[1]
 
 
-def launch_config(rows_x: int, depth: int, words: int, target_blocks: int) -> LaunchConfig:
-    """Threads across the column groups; slices of the depth until about `target_blocks` blocks run."""
-    threads = min(THREADS, 32 * math.ceil(words / 32))
-    column_blocks, row_tiles = math.ceil(words / threads), math.ceil(rows_x / TILE_M)
+def launch_config(rows_x: int, depth: int, workers: int, target_blocks: int, depth_step: int = 1) -> LaunchConfig:
+    """`workers` threads across the output columns; slices of the depth (multiples of `depth_step`) until
+    about `target_blocks` blocks run."""
+    threads = min(THREADS, 32 * math.ceil(workers / 32))
+    column_blocks, row_tiles = math.ceil(workers / threads), math.ceil(rows_x / TILE_M)
     wanted = max(1, math.ceil(target_blocks / (column_blocks * row_tiles)))
     rows_per_slice = max(MIN_ROWS_PER_SLICE, math.ceil(depth / wanted))
+    rows_per_slice = depth_step * math.ceil(rows_per_slice / depth_step)
     slices = math.ceil(depth / rows_per_slice)
     return LaunchConfig((column_blocks, slices, row_tiles), (threads, 1, 1), rows_per_slice)
 
@@ -51,16 +65,19 @@ def launch_config(rows_x: int, depth: int, words: int, target_blocks: int) -> La
 Launcher = Callable[[str, LaunchConfig, tuple], None]
 
 
-def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int, words: int, format_int: int,
+def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int, workers: int, format_int: int,
                   target_blocks: int):
-    """y [..., 16 words] = x [..., depth] @ W through `kernel`, the slices' partials added in order."""
+    """y [..., workers * columns a thread] = x [..., depth] @ W through `kernel`, the slices' partials added
+    in order."""
+    geometry = GEOMETRY[kernel]
     lead = x.shape[:-1]
     x2d = xp.ascontiguousarray(x.reshape(-1, depth), dtype=xp.float32)
     rows_x = x2d.shape[0]
-    config = launch_config(rows_x, depth, words, target_blocks)
-    partial = xp.empty((config.slices, rows_x, words * COLUMNS_PER_THREAD), xp.float32)
-    launch(kernel, config, (x2d, *codes, partial, rows_x, depth, words, format_int, config.rows_per_slice))
-    return partial.sum(axis=0).reshape(*lead, words * COLUMNS_PER_THREAD)
+    config = launch_config(rows_x, depth, workers, target_blocks, geometry.depth_step)
+    columns = workers * geometry.columns
+    partial = xp.empty((config.slices, rows_x, columns), xp.float32)
+    launch(kernel, config, (x2d, *codes, partial, rows_x, depth, workers, format_int, config.rows_per_slice))
+    return partial.sum(axis=0).reshape(*lead, columns)
 
 
 def cuda_source(kernel: str) -> str:
@@ -69,9 +86,14 @@ def cuda_source(kernel: str) -> str:
 
 @cache
 def _cuda_function(kernel: str):
+    return _cuda_module(CUDA_SOURCES[kernel]).get_function(kernel)
+
+
+@cache
+def _cuda_module(source: str):
     import cupy  # noqa: PLC0415
 
-    return cupy.RawModule(code=cuda_source(kernel), options=("--std=c++17",)).get_function(kernel)
+    return cupy.RawModule(code=(Path(__file__).parent / source).read_text(), options=("--std=c++17",))
 
 
 def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:

@@ -32,9 +32,13 @@ class TernaryWeight:
 
     @property
     def nbytes(self) -> int:
-        return int(self.words.nbytes + self.scales.nbytes)
+        return sum(int(a.nbytes) for a in self.arrays())
 
-    def to(self, backend) -> TernaryWeight:
+    def arrays(self) -> list:
+        return [self.words, self.scales]
+
+    def to(self, backend, tables: dict) -> TernaryWeight:
+        """On the backend's device (`tables`: arrays shared between weights; ternary weights share none)."""
         return TernaryWeight(backend.to_device(self.words), backend.to_device(self.scales), self.block, self.cols)
 
 
@@ -86,10 +90,10 @@ def ternary_matmul_reference(x: np.ndarray, weight: TernaryWeight) -> np.ndarray
 
 
 def ternary_matmul_cuda(x, weight: TernaryWeight):
-    """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend)`)."""
+    """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend, {})`)."""
     import cupy  # noqa: PLC0415
 
     depth, words = weight.words.shape
-    y = sliced_matmul(cupy, cuda_launcher, "ternary_matmul", x, (weight.words, weight.scales), depth, words,
+    y = sliced_matmul(cupy, cuda_launcher, "ternary_matmul", x, weight.arrays(), depth, words,
                       weight.block, device_target_blocks())
     return y[..., : weight.cols]

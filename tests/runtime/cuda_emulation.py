@@ -18,16 +18,23 @@ import numpy as np
 from symshrink.runtime.kernels.launch import CUDA_SOURCES, LaunchConfig
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "runtime" / "kernels"
-CODE_TYPES = {"ternary_matmul": "unsigned int", "hyper_matmul": "unsigned char"}
+# the pointer arguments between x and partial: the weight's arrays
+WEIGHT_ARGUMENTS = {"ternary_matmul": ["const unsigned int*", "const float*"],
+                    "hyper_matmul": ["const unsigned char*", "const float*", "const float*"],
+                    "hyper_matmul_t": ["const unsigned char*", "const float*", "const float*"]}
 
 HARNESS = r"""
 #include <cstddef>
 struct dim3 { unsigned int x, y, z; };
 static dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __global__
+#define __device__
+#define __forceinline__ inline
+#define __fadd_rn(a, b) ((a) + (b))
+#define __fmul_rn(a, b) ((a) * (b))
 #include "SOURCE"
-extern "C" void launch(const unsigned int* grid, const unsigned int* block, const float* x, const void* codes,
-                       const float* side, float* partial, int a, int b, int c, int d, int e) {
+extern "C" void launch(const unsigned int* grid, const unsigned int* block, const float* x, void** weight,
+                       float* partial, int a, int b, int c, int d, int e) {
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
     for (unsigned int bz = 0; bz < grid[2]; ++bz)
@@ -38,7 +45,7 @@ extern "C" void launch(const unsigned int* grid, const unsigned int* block, cons
     for (unsigned int tx = 0; tx < block[0]; ++tx) {
         blockIdx = dim3{bx, by, bz};
         threadIdx = dim3{tx, ty, tz};
-        KERNEL(x, (const CODE_T*)codes, side, partial, a, b, c, d, e);
+        KERNEL(x, WEIGHT_ARGUMENTS, partial, a, b, c, d, e);
     }
 }
 """
@@ -53,8 +60,9 @@ def _library(kernel: str, build_dir: str) -> ctypes.CDLL:
     source = Path(build_dir) / f"{kernel}_host.cpp"
     source.write_text(HARNESS.replace("SOURCE", str(KERNELS_DIR / CUDA_SOURCES[kernel])))
     library = Path(build_dir) / f"{kernel}_host.so"
+    arguments = ", ".join(f"({kind})weight[{i}]" for i, kind in enumerate(WEIGHT_ARGUMENTS[kernel]))
     subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-DKERNEL={kernel}",
-                    f"-DCODE_T={CODE_TYPES[kernel]}", str(source), "-o", str(library)], check=True, capture_output=True)
+                    f"-DWEIGHT_ARGUMENTS={arguments}", str(source), "-o", str(library)], check=True, capture_output=True)
     return ctypes.CDLL(str(library))
 
 
@@ -62,12 +70,14 @@ def host_launcher(build_dir: Path):
     """A launcher for `launch.sliced_matmul` that runs the kernel's C++ on the CPU."""
 
     def launch(kernel: str, config: LaunchConfig, args: tuple) -> None:
-        x, codes, side, partial, *ints = args
-        for array in (x, codes, side, partial):
+        x, *weight, partial = args[:-5]
+        for array in (x, *weight, partial):
             assert array.flags.c_contiguous
         pointer = ctypes.c_void_p
+        weight_pointers = (pointer * len(weight))(*(a.ctypes.data for a in weight))
         _library(kernel, str(build_dir)).launch(
             np.array(config.grid, np.uint32).ctypes.data_as(pointer), np.array(config.block, np.uint32).ctypes.data_as(pointer),
-            *(a.ctypes.data_as(pointer) for a in (x, codes, side, partial)), *(ctypes.c_int(int(i)) for i in ints))
+            x.ctypes.data_as(pointer), weight_pointers, partial.ctypes.data_as(pointer),
+            *(ctypes.c_int(int(i)) for i in args[-5:]))
 
     return launch

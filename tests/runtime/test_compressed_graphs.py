@@ -97,17 +97,22 @@ def test_cuda_runtime_matches_the_numpy_runtime(compressed, variant):
     assert _rel_l2(on_gpu, on_cpu) <= FUSED_REL_L2
 
 
-def _embedding_model(tied: bool) -> onnx.ModelProto:
-    """ids -> Gather(E [100, 64]) -> emb -> MatMul W [64, 32] -> y; tied: the head reads E transposed too."""
+def _embedding_model(readers: str) -> onnx.ModelProto:
+    """ids -> Gather(E [100, 64]) -> emb -> MatMul W [64, 32] -> y; "tied": a head reads E transposed too;
+    "other-reader": E's columns are gathered too (axis 1: a reader no kernel takes)."""
     rng = np.random.default_rng(3)
     arrays = {"E": rng.standard_normal((100, 64)).astype(np.float32),
               "W": rng.standard_normal((64, 32)).astype(np.float32)}
     nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"]), helper.make_node("MatMul", ["emb", "W"], ["y"])]
     outputs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None),
                helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-    if tied:
+    if readers == "tied":
         nodes += [helper.make_node("Transpose", ["E"], ["Et"]), helper.make_node("MatMul", ["emb", "Et"], ["logits"])]
         outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+    if readers == "other-reader":
+        arrays["columns"] = np.array([0, 63, 7], np.int64)
+        nodes.append(helper.make_node("Gather", ["E", "columns"], ["picked"], axis=1))
+        outputs.append(helper.make_tensor_value_info("picked", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "embedding", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
                               outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
@@ -116,15 +121,25 @@ def _embedding_model(tied: bool) -> onnx.ModelProto:
     return ir.to_proto(model)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_gathered_embedding_rows_decode_bit_identically(tmp_path, tied):
-    """Gather from a coded table decodes only the rows read (fused when the Gather is the only reader; a tied
-    table also read by the head runs the decode body), bit-identical to onnxruntime's decode."""
+READERS = {  # E's readers: (function bodies run, kernels)
+    "gather": ({}, {"hyper_gather": 1, "hyper_matmul": 1}),
+    "tied": ({}, {"hyper_gather": 1, "hyper_matmul": 1, "hyper_matmul_t": 1}),
+    "other-reader": ({"HyperDecode": 1}, {"hyper_gather": 1, "hyper_matmul": 1}),
+}
+
+
+@pytest.mark.parametrize("readers", READERS)
+def test_coded_tables_fuse_into_every_reader(tmp_path, readers):
+    """Gather from a coded table decodes only the rows read, bit-identical to onnxruntime's decode; a tied head
+    reads the same codes transposed (one device copy); a reader no kernel takes makes the decode run."""
     path = tmp_path / "embedding.onnx"
-    onnx.save(_embedding_model(tied), path)
+    onnx.save(_embedding_model(readers), path)
     executor = Executor(ir.load(path))
-    expected = ({"HyperDecode": 1}, {"hyper_matmul": 1}) if tied else ({}, {"hyper_gather": 1, "hyper_matmul": 1})
-    assert (executor.summary().function_calls, executor.summary().kernels) == expected
+    summary = executor.summary()
+    assert (summary.function_calls, summary.kernels) == READERS[readers]
+    coded = sum(v.const_value.nbytes for v in ir.load(path).graph.initializers.values())
+    if readers != "other-reader":  # (there the decode runs too, holding the file's own inputs as well)
+        assert summary.constant_bytes <= coded  # the table's codes once, however many readers
     feed = {"ids": np.array([[0, 5, 99, -1], [-100, 7, 7, 42]], np.int64)}
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

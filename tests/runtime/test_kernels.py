@@ -17,7 +17,8 @@ from symshrink.runtime.kernels import KERNELS, hyper, ternary
 from symshrink.runtime.kernels.launch import CUDA_SOURCES, cuda_source, launch_config, sliced_matmul
 from tests.runtime.cuda_emulation import compiler, host_launcher
 
-BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET}
+BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
+           "hyper_matmul_t": hyper.ERROR_BUDGET}
 # (rows of x, depth, columns, ternary scale block): batch 1 and a few rows, ragged depths and blocks
 SHAPES = [(1, 64, 32, 64), (3, 100, 48, 32), (5, 257, 16, 7), (9, 48, 80, 48)]
 
@@ -31,13 +32,16 @@ def _ternary_case(rows_x: int, depth: int, cols: int, block: int, seed: int = 0)
     return x, ternary.ternary_weight(codes, scales, block), dense
 
 
-def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, seed: int = 0):
+def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, transposed: bool = False, seed: int = 0):
+    """x [rows_x, depth] @ W: W [depth, cols] coded as it is, or W^T coded ([cols, depth]) for the transposed
+    kernel; the dense float64 product's W."""
     rng = np.random.default_rng(seed)
-    tensor = rng.standard_normal((depth, cols)).astype(np.float32)
+    tensor = rng.standard_normal((cols, depth) if transposed else (depth, cols)).astype(np.float32)
     code = encode(tensor, HyperSetting(codebook="lattice", codes=(1 << bits) - 1, bands=0))
     weight = hyper.function_weight(function_inputs(code))
     x = rng.standard_normal((rows_x, depth)).astype(np.float32)
-    return x, weight, decode_values(code).astype(np.float64)
+    dense = decode_values(code).astype(np.float64)
+    return x, weight, dense.T if transposed else dense
 
 
 def _cases():
@@ -47,6 +51,9 @@ def _cases():
     for bits in (3, 5, 8, 11, 16):  # 5 and 11 bits make indices straddle bytes and the 64-bit halves
         rows_x, depth, cols, _ = SHAPES[bits % len(SHAPES)]
         yield pytest.param("hyper_matmul", *_hyper_case(rows_x, depth, cols, bits), id=f"hyper-{bits}bits-{depth}x{cols}")
+    for bits, (rows_x, depth, cols) in zip((5, 11, 16), [(1, 64, 40), (6, 48, 33), (9, 272, 5)]):  # depth: 16k
+        yield pytest.param("hyper_matmul_t", *_hyper_case(rows_x, depth, cols, bits, transposed=True),
+                           id=f"hyper-t-{bits}bits-{depth}x{cols}")
 
 
 CASES = list(_cases())
@@ -86,10 +93,11 @@ def test_ternary_function_inputs_give_the_same_weight():
 
 
 def test_launch_config_fills_the_device_and_covers_the_depth():
-    config = launch_config(rows_x=1, depth=4096, words=256, target_blocks=528)
+    config = launch_config(rows_x=1, depth=4096, workers=256, target_blocks=528)
     assert config.grid[0] * config.grid[1] * config.grid[2] >= 264
     assert config.rows_per_slice * config.slices >= 4096 > config.rows_per_slice * (config.slices - 1)
-    assert launch_config(rows_x=33, depth=16, words=1, target_blocks=528).grid == (1, 1, 9)
+    assert launch_config(rows_x=33, depth=16, workers=1, target_blocks=528).grid == (1, 1, 9)
+    assert launch_config(rows_x=1, depth=4000, workers=3, target_blocks=528, depth_step=16).rows_per_slice % 16 == 0
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
@@ -108,10 +116,11 @@ def test_cuda_source_compiles_for_sm90(kernel, tmp_path):
 @pytest.mark.parametrize("target_blocks", [1, 528])  # one slice, and the depth cut into many slices
 def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, tmp_path):
     """The kernel's own source, every thread run in turn on the CPU, through the launcher's slicing."""
-    codes = (weight.words, weight.scales) if kernel == "ternary_matmul" else (weight.packed, weight.table)
-    depth, words = x.shape[1], -(-dense.shape[1] // 16)
+    codes = weight.arrays()
+    depth, cols = x.shape[1], dense.shape[1]
+    workers = cols if kernel == "hyper_matmul_t" else -(-cols // 16)  # one column a thread, or 16
     format_int = weight.block if kernel == "ternary_matmul" else weight.bits
-    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, words, format_int, target_blocks)
+    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, workers, format_int, target_blocks)
     _within_budget(kernel, x, dense, y[:, : dense.shape[1]])
 
 
@@ -120,5 +129,5 @@ def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, t
 @pytest.mark.parametrize(("kernel", "x", "weight", "dense"), CASES)
 def test_cuda_kernel_on_gpu(kernel, x, weight, dense):
     backend = cuda_backend()
-    y = KERNELS[kernel].cuda(backend.to_device(x), weight.to(backend))
+    y = KERNELS[kernel].cuda(backend.to_device(x), weight.to(backend, {}))
     _within_budget(kernel, x, dense, backend.to_host(y))
