@@ -6,8 +6,8 @@
 // of indices is 16 consecutive elements of one weight row. Indices are cut in registers and the pairs
 // gathered from the small table (read-only cache).
 // Each slice of the depth writes partial[slice, m, column]; the caller adds the slices in a fixed order.
+// TILE_M rows of x a thread: 1 at batch 1, 4 otherwise (`_m1` / `_m4` entry points).
 // No shared memory, shuffles or barriers: the source also compiles as host C++ (CPU emulation in tests).
-#define TILE_M 4
 #define ELEMENTS_PER_ROW 16
 #define INDICES_PER_ROW 8
 
@@ -37,11 +37,16 @@ __device__ __forceinline__ void cut_indices(const unsigned char* __restrict__ ro
     }
 }
 
-// y = x @ W, W [depth, 16 * words]: a thread owns 16 output columns (one packed row per weight row).
-extern "C" __global__ void hyper_matmul(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                        const float* __restrict__ table, const float* __restrict__ frame_in,
-                                        float* __restrict__ partial, int rows_x, int depth, int words, int bits,
-                                        int rows_per_slice) {
+#define HYPER_ARGS                                                                                              \
+    const float *__restrict__ x, const unsigned char *__restrict__ packed, const float *__restrict__ table,     \
+        const float *__restrict__ frame_in, float *__restrict__ partial, int rows_x, int depth, int workers,   \
+        int bits, int rows_per_slice
+#define HYPER_CALL x, packed, table, frame_in, partial, rows_x, depth, workers, bits, rows_per_slice
+
+// y = x @ W, W [depth, 16 * workers]: a thread owns 16 output columns (one packed row per weight row).
+template <int TILE_M>
+__device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
+    const int words = workers;
     const int word = blockIdx.x * blockDim.x + threadIdx.x;
     if (word >= words) return;
     const int slice = blockIdx.y;
@@ -75,12 +80,11 @@ extern "C" __global__ void hyper_matmul(const float* __restrict__ x, const unsig
     }
 }
 
-// y = x @ W^T, W [columns, depth] (an embedding table read as the LM head, a Gemm with transB): a thread owns
-// one output column, whose weights are one weight row, 16 at a time; rows_per_slice is a multiple of 16.
-extern "C" __global__ void hyper_matmul_t(const float* __restrict__ x, const unsigned char* __restrict__ packed,
-                                          const float* __restrict__ table, const float* __restrict__ frame_in,
-                                          float* __restrict__ partial, int rows_x, int depth, int columns, int bits,
-                                          int rows_per_slice) {
+// y = x @ W^T, W [workers, depth] (an embedding table read as the LM head, a Gemm with transB): a thread
+// owns one output column, whose weights are one weight row, 16 at a time; rows_per_slice is a multiple of 16.
+template <int TILE_M>
+__device__ __forceinline__ void hyper_matmul_t_tile(HYPER_ARGS) {
+    const int columns = workers;
     const int column = blockIdx.x * blockDim.x + threadIdx.x;
     if (column >= columns) return;
     const int slice = blockIdx.y;
@@ -108,3 +112,8 @@ extern "C" __global__ void hyper_matmul_t(const float* __restrict__ x, const uns
     for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m)
         partial[((size_t)slice * rows_x + m0 + m) * columns + column] = acc[m];
 }
+
+extern "C" __global__ void hyper_matmul_m1(HYPER_ARGS) { hyper_matmul_tile<1>(HYPER_CALL); }
+extern "C" __global__ void hyper_matmul_m4(HYPER_ARGS) { hyper_matmul_tile<4>(HYPER_CALL); }
+extern "C" __global__ void hyper_matmul_t_m1(HYPER_ARGS) { hyper_matmul_t_tile<1>(HYPER_CALL); }
+extern "C" __global__ void hyper_matmul_t_m4(HYPER_ARGS) { hyper_matmul_t_tile<4>(HYPER_CALL); }

@@ -2,7 +2,7 @@
 emulation in the tests), the CuPy module cache, and the fixed-order sum of the slices' partial results.
 
 The kernels take (x, codes..., partial, rows_x, depth, threads a row of x needs, <format int>, rows_per_slice):
-a thread owns `columns` output columns (`GEOMETRY`) and TILE_M rows of x, over a slice of the depth; the
+a thread owns `columns` output columns (`GEOMETRY`) and a tile of rows of x (`TILE_ROWS`), over a slice of the depth; the
 slices make enough blocks to fill the device at batch 1, and their partials are added afterwards in a fixed
 order (deterministic).
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_source", "CUDA_SOURCES", "cuda_launcher",
-           "TILE_M", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY"]
+           "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY"]
 
-TILE_M = 4  # rows of x a thread carries (the kernels' TILE_M)
+TILE_ROWS = (1, 4)  # rows of x a thread carries: the kernels' entry points <kernel>_m1 and <kernel>_m4
 COLUMNS_PER_THREAD = 16
 THREADS = 128
 MIN_ROWS_PER_SLICE = 16
@@ -44,6 +44,11 @@ class LaunchConfig:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     rows_per_slice: int
+    tile: int  # rows of x a thread carries
+
+    def entry(self, kernel: str) -> str:
+        """The kernel's entry point for this tile."""
+        return f"{kernel}_m{self.tile}"
 
     @property
     def slices(self) -> int:
@@ -53,13 +58,14 @@ class LaunchConfig:
 def launch_config(rows_x: int, depth: int, workers: int, target_blocks: int, depth_step: int = 1) -> LaunchConfig:
     """`workers` threads across the output columns; slices of the depth (multiples of `depth_step`) until
     about `target_blocks` blocks run."""
+    tile = TILE_ROWS[0] if rows_x == 1 else TILE_ROWS[1]  # batch 1 wastes no work on empty rows
     threads = min(THREADS, 32 * math.ceil(workers / 32))
-    column_blocks, row_tiles = math.ceil(workers / threads), math.ceil(rows_x / TILE_M)
+    column_blocks, row_tiles = math.ceil(workers / threads), math.ceil(rows_x / tile)
     wanted = max(1, math.ceil(target_blocks / (column_blocks * row_tiles)))
     rows_per_slice = max(MIN_ROWS_PER_SLICE, math.ceil(depth / wanted))
     rows_per_slice = depth_step * math.ceil(rows_per_slice / depth_step)
     slices = math.ceil(depth / rows_per_slice)
-    return LaunchConfig((column_blocks, slices, row_tiles), (threads, 1, 1), rows_per_slice)
+    return LaunchConfig((column_blocks, slices, row_tiles), (threads, 1, 1), rows_per_slice, tile)
 
 
 Launcher = Callable[[str, LaunchConfig, tuple], None]
@@ -85,8 +91,8 @@ def cuda_source(kernel: str) -> str:
 
 
 @cache
-def _cuda_function(kernel: str):
-    return _cuda_module(CUDA_SOURCES[kernel]).get_function(kernel)
+def _cuda_function(kernel: str, entry: str):
+    return _cuda_module(CUDA_SOURCES[kernel]).get_function(entry)
 
 
 @cache
@@ -99,7 +105,7 @@ def _cuda_module(source: str):
 def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:
     """Launch on the current CuPy device; Python ints become int32 kernel arguments."""
     converted = tuple(np.int32(a) if isinstance(a, int) else a for a in args)
-    _cuda_function(kernel)(config.grid, config.block, converted)
+    _cuda_function(kernel, config.entry(kernel))(config.grid, config.block, converted)
 
 
 @cache

@@ -56,12 +56,12 @@ def compiler() -> str | None:
 
 
 @cache
-def _library(kernel: str, build_dir: str) -> ctypes.CDLL:
-    source = Path(build_dir) / f"{kernel}_host.cpp"
+def _library(kernel: str, entry: str, build_dir: str) -> ctypes.CDLL:
+    source = Path(build_dir) / f"{entry}_host.cpp"
     source.write_text(HARNESS.replace("SOURCE", str(KERNELS_DIR / CUDA_SOURCES[kernel])))
-    library = Path(build_dir) / f"{kernel}_host.so"
+    library = Path(build_dir) / f"{entry}_host.so"
     arguments = ", ".join(f"({kind})weight[{i}]" for i, kind in enumerate(WEIGHT_ARGUMENTS[kernel]))
-    subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-DKERNEL={kernel}",
+    subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-DKERNEL={entry}",
                     f"-DWEIGHT_ARGUMENTS={arguments}", str(source), "-o", str(library)], check=True, capture_output=True)
     return ctypes.CDLL(str(library))
 
@@ -75,7 +75,7 @@ def host_launcher(build_dir: Path):
             assert array.flags.c_contiguous
         pointer = ctypes.c_void_p
         weight_pointers = (pointer * len(weight))(*(a.ctypes.data for a in weight))
-        _library(kernel, str(build_dir)).launch(
+        _library(kernel, config.entry(kernel), str(build_dir)).launch(
             np.array(config.grid, np.uint32).ctypes.data_as(pointer), np.array(config.block, np.uint32).ctypes.data_as(pointer),
             x.ctypes.data_as(pointer), weight_pointers, partial.ctypes.data_as(pointer),
             *(ctypes.c_int(int(i)) for i in args[-5:]))

@@ -14,7 +14,7 @@ from symshrink.passes.hyper_function import function_inputs
 from symshrink.passes.ternary_codec import pack_codes
 from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.kernels import KERNELS, hyper, ternary
-from symshrink.runtime.kernels.launch import CUDA_SOURCES, cuda_source, launch_config, sliced_matmul
+from symshrink.runtime.kernels.launch import CUDA_SOURCES, TILE_ROWS, cuda_source, launch_config, sliced_matmul
 from tests.runtime.cuda_emulation import compiler, host_launcher
 
 BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
@@ -96,7 +96,8 @@ def test_launch_config_fills_the_device_and_covers_the_depth():
     config = launch_config(rows_x=1, depth=4096, workers=256, target_blocks=528)
     assert config.grid[0] * config.grid[1] * config.grid[2] >= 264
     assert config.rows_per_slice * config.slices >= 4096 > config.rows_per_slice * (config.slices - 1)
-    assert launch_config(rows_x=33, depth=16, workers=1, target_blocks=528).grid == (1, 1, 9)
+    assert launch_config(rows_x=33, depth=16, workers=1, target_blocks=528).grid == (1, 1, 9)  # tiles of 4 rows
+    assert launch_config(rows_x=1, depth=16, workers=1, target_blocks=1).tile == 1
     assert launch_config(rows_x=1, depth=4000, workers=3, target_blocks=528, depth_step=16).rows_per_slice % 16 == 0
 
 
@@ -108,7 +109,8 @@ def test_cuda_source_compiles_for_sm90(kernel, tmp_path):
     result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(source), "-o", str(tmp_path / "out.ptx")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert f".entry {kernel}" in (tmp_path / "out.ptx").read_text()
+    ptx = (tmp_path / "out.ptx").read_text()
+    assert all(f".entry {kernel}_m{tile}(" in ptx for tile in TILE_ROWS)
 
 
 @pytest.mark.skipif(compiler() is None, reason="g++ is not installed")
