@@ -8,6 +8,8 @@
 // Each slice of the depth writes partial[slice, m, column]; the caller adds the slices in a fixed order.
 // TILE_M rows of x a thread: 1 at batch 1, 4 otherwise (`_m1` / `_m4` entry points).
 // No shared memory, shuffles or barriers: the source also compiles as host C++ (CPU emulation in tests).
+#include "slices.cuh"
+
 #define ELEMENTS_PER_ROW 16
 #define INDICES_PER_ROW 8
 
@@ -46,13 +48,9 @@ __device__ __forceinline__ void cut_indices(const unsigned char* __restrict__ ro
 // y = x @ W, W [depth, 16 * workers]: a thread owns 16 output columns (one packed row per weight row).
 template <int TILE_M>
 __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
-    const int words = workers;
-    const int word = blockIdx.x * blockDim.x + threadIdx.x;
-    if (word >= words) return;
-    const int slice = blockIdx.y;
-    const int m0 = blockIdx.z * TILE_M;
-    const int begin = slice * rows_per_slice;
-    const int end = begin + rows_per_slice < depth ? begin + rows_per_slice : depth;
+    ThreadWork work;
+    if (!thread_work(workers, TILE_M, depth, rows_per_slice, &work)) return;
+    const int words = workers, word = work.worker, m0 = work.m0;
     const int columns = words * ELEMENTS_PER_ROW;
     const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
 
@@ -61,7 +59,7 @@ __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
         for (int j = 0; j < ELEMENTS_PER_ROW; ++j) acc[m][j] = 0.0f;
 
     unsigned int index[INDICES_PER_ROW];
-    for (int r = begin; r < end; ++r) {
+    for (int r = work.begin; r < work.end; ++r) {
         cut_indices(packed + ((size_t)r * words + word) * bits, bits, index);
         float xv[TILE_M];
         for (int m = 0; m < TILE_M; ++m) xv[m] = m0 + m < rows_x ? x[(size_t)(m0 + m) * depth + r] : 0.0f;
@@ -75,7 +73,7 @@ __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
         }
     }
     for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m) {
-        float* out = partial + ((size_t)slice * rows_x + m0 + m) * columns + (size_t)word * ELEMENTS_PER_ROW;
+        float* out = partial + work.partial_row(m, rows_x) * columns + (size_t)word * ELEMENTS_PER_ROW;
         for (int j = 0; j < ELEMENTS_PER_ROW; ++j) out[j] = acc[m][j];
     }
 }
@@ -84,13 +82,9 @@ __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
 // owns one output column, whose weights are one weight row, 16 at a time; rows_per_slice is a multiple of 16.
 template <int TILE_M>
 __device__ __forceinline__ void hyper_matmul_t_tile(HYPER_ARGS) {
-    const int columns = workers;
-    const int column = blockIdx.x * blockDim.x + threadIdx.x;
-    if (column >= columns) return;
-    const int slice = blockIdx.y;
-    const int m0 = blockIdx.z * TILE_M;
-    const int begin = slice * rows_per_slice;
-    const int end = begin + rows_per_slice < depth ? begin + rows_per_slice : depth;
+    ThreadWork work;
+    if (!thread_work(workers, TILE_M, depth, rows_per_slice, &work)) return;
+    const int columns = workers, column = work.worker, m0 = work.m0;
     const int rows_per_weight_row = depth / ELEMENTS_PER_ROW;
     const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
 
@@ -98,7 +92,7 @@ __device__ __forceinline__ void hyper_matmul_t_tile(HYPER_ARGS) {
     for (int m = 0; m < TILE_M; ++m) acc[m] = 0.0f;
 
     unsigned int index[INDICES_PER_ROW];
-    for (int k = begin; k < end; k += ELEMENTS_PER_ROW) {
+    for (int k = work.begin; k < work.end; k += ELEMENTS_PER_ROW) {
         cut_indices(packed + ((size_t)column * rows_per_weight_row + k / ELEMENTS_PER_ROW) * bits, bits, index);
         for (int i = 0; i < INDICES_PER_ROW; ++i) {
             float first, second;
@@ -110,7 +104,7 @@ __device__ __forceinline__ void hyper_matmul_t_tile(HYPER_ARGS) {
         }
     }
     for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m)
-        partial[((size_t)slice * rows_x + m0 + m) * columns + column] = acc[m];
+        partial[work.partial_row(m, rows_x) * columns + column] = acc[m];
 }
 
 extern "C" __global__ void hyper_matmul_m1(HYPER_ARGS) { hyper_matmul_tile<1>(HYPER_CALL); }

@@ -86,8 +86,9 @@ def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int
     return partial.sum(axis=0).reshape(*lead, columns)
 
 
-def cuda_source(kernel: str) -> str:
-    return (Path(__file__).parent / CUDA_SOURCES[kernel]).read_text()
+def cuda_source(kernel: str) -> Path:
+    """The CUDA file of a kernel (it includes slices.cuh from the same folder)."""
+    return Path(__file__).parent / CUDA_SOURCES[kernel]
 
 
 @cache
@@ -99,7 +100,8 @@ def _cuda_function(kernel: str, entry: str):
 def _cuda_module(source: str):
     import cupy  # noqa: PLC0415
 
-    return cupy.RawModule(code=(Path(__file__).parent / source).read_text(), options=("--std=c++17",))
+    folder = Path(__file__).parent  # the sources include slices.cuh from here
+    return cupy.RawModule(code=(folder / source).read_text(), options=("--std=c++17", f"-I{folder}"))
 
 
 def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:

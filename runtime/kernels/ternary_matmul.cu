@@ -6,25 +6,24 @@
 // order, so results do not depend on scheduling (no atomics). TILE_M is 1 at batch 1 (no wasted lanes of
 // work) and 4 otherwise (each unpacked digit feeds four rows). No shared memory, shuffles or barriers: the
 // same source also compiles as host C++ for a CPU emulation of the grid (tests).
+#include "slices.cuh"
+
 #define COLUMNS_PER_WORD 16
 
 template <int TILE_M>
 __device__ __forceinline__ void ternary_matmul_tile(const float* __restrict__ x, const unsigned int* __restrict__ codes,
                                                     const float* __restrict__ scales, float* __restrict__ partial,
                                                     int rows_x, int depth, int words, int block, int rows_per_slice) {
-    const int word = blockIdx.x * blockDim.x + threadIdx.x;
-    if (word >= words) return;
-    const int slice = blockIdx.y;
-    const int m0 = blockIdx.z * TILE_M;
-    const int begin = slice * rows_per_slice;
-    const int end = begin + rows_per_slice < depth ? begin + rows_per_slice : depth;
+    ThreadWork work;
+    if (!thread_work(words, TILE_M, depth, rows_per_slice, &work)) return;
+    const int word = work.worker, m0 = work.m0, end = work.end;
     const int columns = words * COLUMNS_PER_WORD;
 
     float acc[TILE_M][COLUMNS_PER_WORD];
     for (int m = 0; m < TILE_M; ++m)
         for (int j = 0; j < COLUMNS_PER_WORD; ++j) acc[m][j] = 0.0f;
 
-    for (int first = begin; first < end;) {
+    for (int first = work.begin; first < end;) {
         const int next_block = (first / block + 1) * block;
         const int last = next_block < end ? next_block : end;  // rows [first, last) share one scale row
         float part[TILE_M][COLUMNS_PER_WORD];
@@ -48,7 +47,7 @@ __device__ __forceinline__ void ternary_matmul_tile(const float* __restrict__ x,
         first = last;
     }
     for (int m = 0; m < TILE_M && m0 + m < rows_x; ++m) {
-        float* out = partial + ((size_t)slice * rows_x + m0 + m) * columns + (size_t)word * COLUMNS_PER_WORD;
+        float* out = partial + work.partial_row(m, rows_x) * columns + (size_t)word * COLUMNS_PER_WORD;
         for (int j = 0; j < COLUMNS_PER_WORD; ++j) out[j] = acc[m][j];
     }
 }

@@ -104,9 +104,7 @@ def test_launch_config_fills_the_device_and_covers_the_depth():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("kernel", sorted(CUDA_SOURCES))
 def test_cuda_source_compiles_for_sm90(kernel, tmp_path):
-    source = tmp_path / CUDA_SOURCES[kernel]
-    source.write_text(cuda_source(kernel))
-    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(source), "-o", str(tmp_path / "out.ptx")],
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(cuda_source(kernel)), "-o", str(tmp_path / "out.ptx")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "out.ptx").read_text()
