@@ -30,6 +30,13 @@ class Backend:
     def to_host(self, array) -> np.ndarray:
         return array if isinstance(array, np.ndarray) else self.xp.asnumpy(array)
 
+    def memory_line(self) -> str | None:
+        """What the device's memory pool holds now and has reserved (CuPy; None on the CPU)."""
+        if self.name != "cuda":
+            return None
+        pool = self.xp.get_default_memory_pool()
+        return f"device memory: {pool.used_bytes() / 2**20:.1f} MiB in use, {pool.total_bytes() / 2**20:.1f} MiB reserved"
+
     def synchronize(self) -> None:
         if self.name == "cuda":
             self.xp.cuda.get_current_stream().synchronize()

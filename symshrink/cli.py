@@ -151,7 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results.append(executor.run(feed))  # outputs come back to the host: the device has finished
         seconds.append(time.perf_counter() - start)
-    for line in executor.summary().lines():
+    memory = backend.memory_line()  # after the runs: the pool has reserved the peak
+    for line in [*executor.summary().lines(), *([memory] if memory else [])]:
         print(line)
     print(f"{len(feeds)} feeds; latency per feed: median {1e3 * float(np.median(seconds)):.2f} ms "
           f"(first {1e3 * seconds[0]:.2f} ms)")
