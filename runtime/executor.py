@@ -2,8 +2,9 @@
 
 Load -> prepare (attributes read once, Constant nodes evaluated, kernel fusions planned, constants placed)
 -> run. Values that depend only on host constants (shapes, axes, index arithmetic) stay numpy arrays on the
-host, so shape ops never wait on the device; everything else lives on the backend's device. A value is
-dropped after its last reader. symshrink-domain nodes run as fused kernels where a rule in
+host, and ops read their shape-like inputs there (`ops.HOST_INPUTS`), so shape arithmetic does not wait on
+the device; everything else lives on the backend's device, and a host value a device op needs is copied
+there once per run. A value is dropped after its last reader. symshrink-domain nodes run as fused kernels where a rule in
 `runtime.kernels` matches, and otherwise through their model-local function bodies.
 """
 
@@ -22,7 +23,7 @@ from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.kernels import KernelStep, plan_kernels
-from symshrink.runtime.ops import OPS, OpContext
+from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext
 
 __all__ = ["Executor", "ExecutorSummary"]
 
@@ -94,6 +95,7 @@ class Executor:
         self._kernel_counts: Counter[str] = Counter()
         self._function_counts: Counter[str] = Counter()
         self._missing: set[str] = set()
+        self._bodies: dict[tuple[str, str, str], _Program] = {}
         initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
                         if value.const_value is not None}
         self.program = self._compile(model.graph, model.opset_imports.get("", 1), fuse, initializers)
@@ -104,7 +106,14 @@ class Executor:
     # -- prepare ---------------------------------------------------------------------------------------------
 
     def _compile(self, graph, opset: int, fuse: bool, constants: dict[str, np.ndarray]) -> _Program:
-        """Steps of `graph` (Constant nodes folded into `constants`), then its read constants placed."""
+        """Steps of `graph` (Constant nodes folded into `constants` first, so that fusions see them), then its
+        read constants placed."""
+        folded = set()
+        for node in graph:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                attrs = {name: _attribute(attr) for name, attr in node.attributes.items()}
+                constants[node.outputs[0].name] = OPS["Constant"](OpContext(self.host, opset, attrs))
+                folded.add(id(node))
         kernel_steps, unneeded = plan_kernels(graph, constants, self.backend) if fuse else ({}, set())
         steps: list[_NodeStep | KernelStep] = []
         for node in graph:
@@ -112,18 +121,18 @@ class Executor:
                 steps.append(kernel_steps[id(node)])
                 self._kernel_counts[kernel_steps[id(node)].kernel] += 1
                 continue
-            if id(node) in unneeded:
+            if id(node) in unneeded or id(node) in folded:
                 continue
             attrs = {name: _attribute(attr) for name, attr in node.attributes.items()}
             inputs = [v.name if v is not None else None for v in node.inputs]
             outputs = [v.name for v in node.outputs]
-            if node.op_type == "Constant" and not node.domain:
-                constants[outputs[0]] = OPS["Constant"](OpContext(self.host, opset, attrs))
-                continue
             body = None
-            if _function_key(node) in self.model.functions:
-                function = self.model.functions[_function_key(node)]
-                body = self._compile(function, function.opset_imports.get("", opset), fuse, {})
+            key = _function_key(node)
+            if key in self.model.functions:
+                if key not in self._bodies:  # compiled and its constants placed once, for every call
+                    function = self.model.functions[key]
+                    self._bodies[key] = self._compile(function, function.opset_imports.get("", opset), fuse, {})
+                body = self._bodies[key]
                 self._function_counts[node.op_type] += 1
             elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
                 self._missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
@@ -176,47 +185,55 @@ class Executor:
         total = sum(int(a.nbytes) for a in program.constants.values())
         arrays = {id(a): a for step in program.steps if isinstance(step, KernelStep) for a in step.weight.arrays()}
         total += sum(int(a.nbytes) for a in arrays.values())  # shared weights and codebook tables count once
-        for step in program.steps:
-            if isinstance(step, _NodeStep) and step.function is not None:
-                total += self._constant_bytes(step.function)
-        return total
+        bodies = {id(step.function): step.function for step in program.steps
+                  if isinstance(step, _NodeStep) and step.function is not None}
+        return total + sum(self._constant_bytes(body) for body in bodies.values())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name in self.program.inputs if name not in feeds and name not in self.program.constants]
         if missing:
             raise BadInput(f"missing inputs: {', '.join(missing)}")
         env = {name: self.backend.to_device(np.asarray(feeds[name])) for name in self.program.inputs if name in feeds}
-        outputs = self._run(self.program, env)
+        outputs = self._run(self.program, env, {})
         return {name: self.backend.to_host(outputs[name]) for name in self.program.outputs}
 
-    def _run(self, program: _Program, env: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, program: _Program, env: dict[str, Any], uploads: dict[int, tuple]) -> dict[str, Any]:
+        """Run the steps; `uploads` keeps, for this run, the device copy of each host value sent there."""
         env = program.constants | env
         for step, drops in zip(program.steps, program.drops):
             args = [env[name] if name else None for name in step.inputs]
             if isinstance(step, KernelStep):
-                results = [step.run(self.backend, *map(self._on_device, args))]
+                results = [step.run(*(self._on_device(a, uploads) for a in args))]
             elif step.function is not None:
-                done = self._run(step.function, dict(zip(step.function.inputs, args)))
+                done = self._run(step.function, dict(zip(step.function.inputs, args)), uploads)
                 results = [done[name] for name in step.function.outputs]
             else:
-                results = self._run_node(step, program.opset, args)
+                results = self._run_node(step, program.opset, args, uploads)
             env.update(zip(step.outputs, results))
             for name in drops:
                 env.pop(name, None)
         return env
 
-    def _on_device(self, array):
-        return self.backend.to_device(array) if isinstance(array, np.ndarray) else array
+    def _on_device(self, array, uploads: dict[int, tuple]):
+        """The device copy of a host array (made once a run; the entry keeps the host array alive, so its id
+        is not reused while the run lasts)."""
+        if not isinstance(array, np.ndarray) or self.backend.name == "cpu":
+            return array
+        if id(array) not in uploads:
+            uploads[id(array)] = (array, self.backend.to_device(array))
+        return uploads[id(array)][1]
 
-    def _run_node(self, step: _NodeStep, opset: int, args: list) -> list:
+    def _run_node(self, step: _NodeStep, opset: int, args: list, uploads: dict[int, tuple]) -> list:
+        op_type = step.node.op_type
         on_host = all(a is None or isinstance(a, np.ndarray) for a in args) and self.backend.name != "cpu"
         backend = self.host if on_host else self.backend
         if not on_host:
-            args = [self._on_device(a) for a in args]
+            host_inputs = HOST_INPUTS.get(op_type, ())
+            args = [a if i in host_inputs else self._on_device(a, uploads) for i, a in enumerate(args)]
         try:
-            result = OPS[step.node.op_type](OpContext(backend, opset, step.attrs), *args)
+            result = OPS[op_type](OpContext(backend, opset, step.attrs), *args)
         except BadInput:
             raise
         except Exception as err:
-            raise RuntimeError(f"{step.node.op_type} node {step.node.name!r}: {err}") from err
+            raise RuntimeError(f"{op_type} node {step.node.name!r}: {err}") from err
         return list(result) if isinstance(result, tuple) else [result]

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.runtime.backend import Backend
 
-__all__ = ["OPS", "OpContext", "register", "supported_ops"]
+__all__ = ["OPS", "HOST_INPUTS", "OpContext", "register", "supported_ops"]
 
 
 @dataclass
@@ -54,6 +54,7 @@ class OpContext:
 
 OpHandler = Callable[..., Any]
 OPS: dict[str, OpHandler] = {}
+HOST_INPUTS: dict[str, tuple[int, ...]] = {}  # op -> inputs its handler reads as host ints (shapes, axes)
 
 
 def _as_array(value):
@@ -62,7 +63,9 @@ def _as_array(value):
     return np.asarray(value) if isinstance(value, np.generic) else value
 
 
-def register(*op_types: str) -> Callable[[OpHandler], OpHandler]:
+def register(*op_types: str, host_inputs: tuple[int, ...] = ()) -> Callable[[OpHandler], OpHandler]:
+    """Register `handler` for `op_types`; `host_inputs` are the input positions it reads with `ctx.ints` /
+    `ctx.floats`, which the executor leaves on the host when they are there (no copy to the device and back)."""
     def add(handler: OpHandler) -> OpHandler:
         def run(ctx: OpContext, *inputs):
             result = handler(ctx, *inputs)
@@ -70,6 +73,7 @@ def register(*op_types: str) -> Callable[[OpHandler], OpHandler]:
 
         for op_type in op_types:
             OPS[op_type] = run
+            HOST_INPUTS[op_type] = host_inputs
         return handler
 
     return add
@@ -218,7 +222,7 @@ def _constant(ctx: OpContext):
                    "and value_int(s)")
 
 
-@register("ConstantOfShape")
+@register("ConstantOfShape", host_inputs=(0,))
 def _constant_of_shape(ctx: OpContext, shape):
     value = ctx.attrs.get("value")
     value = np.zeros(1, np.float32) if value is None else np.asarray(value)
@@ -245,7 +249,7 @@ def _cast(ctx: OpContext, x):
     return x.astype(dtype.numpy())
 
 
-@register("Range")
+@register("Range", host_inputs=(0, 1, 2))
 def _range(ctx: OpContext, start, limit, delta):
     start, limit, delta = (ctx.backend.to_host(v) for v in (start, limit, delta))
     return ctx.xp.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
@@ -254,7 +258,7 @@ def _range(ctx: OpContext, start, limit, delta):
 # -- layout: reshape, index, join -----------------------------------------------------------------------------
 
 
-@register("Reshape")
+@register("Reshape", host_inputs=(1,))
 def _reshape(ctx: OpContext, x, shape):
     """0 copies the input's dimension (unless allowzero=1, where 0 is a zero-sized dimension); -1 is inferred."""
     dims = ctx.ints(shape)
@@ -270,14 +274,14 @@ def _flatten(ctx: OpContext, x):
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
-@register("Squeeze")
+@register("Squeeze", host_inputs=(1,))
 def _squeeze(ctx: OpContext, x, axes=None):
     """Axes: attribute before opset 13, optional input from it on; none given squeezes every 1."""
     axes = _axes_argument(ctx, axes, 13)
     return ctx.xp.squeeze(x) if not axes else ctx.xp.squeeze(x, axis=tuple(_axis(a, x.ndim) for a in axes))
 
 
-@register("Unsqueeze")
+@register("Unsqueeze", host_inputs=(1,))
 def _unsqueeze(ctx: OpContext, x, axes=None):
     """Axes (attribute before opset 13, input from it on) index the output, whose rank is rank + len(axes)."""
     axes = _axes_argument(ctx, axes, 13) or []
@@ -298,7 +302,7 @@ def _concat(ctx: OpContext, *inputs):
     return ctx.xp.concatenate(inputs, axis=ctx.attrs["axis"])
 
 
-@register("Split")
+@register("Split", host_inputs=(1,))
 def _split(ctx: OpContext, x, split=None):
     """Sizes are an attribute before opset 13 and an optional input from it on; without sizes, opset 18's
     `num_outputs` gives equal chunks (the last one smaller)."""
@@ -326,7 +330,7 @@ def _slice_of(start: int, end: int, step: int, dim: int) -> slice:
     return slice(start, None if end < 0 else end, step)
 
 
-@register("Slice")
+@register("Slice", host_inputs=(1, 2, 3, 4))
 def _slice(ctx: OpContext, x, starts=None, ends=None, axes=None, steps=None):
     """Bounds are attributes before opset 10 (no steps) and inputs from it on."""
     if ctx.opset < 10:
@@ -351,14 +355,14 @@ def _gather(ctx: OpContext, data, indices):
     return ctx.xp.take(data, indices, axis=axis)
 
 
-@register("Expand")
+@register("Expand", host_inputs=(1,))
 def _expand(ctx: OpContext, x, shape):
     """Broadcast both ways: a 1 in `shape` keeps the input's dimension."""
     shape = np.broadcast_shapes(x.shape, tuple(ctx.ints(shape)))
     return ctx.xp.broadcast_to(x, shape).copy()
 
 
-@register("Tile")
+@register("Tile", host_inputs=(1,))
 def _tile(ctx: OpContext, x, repeats):
     return ctx.xp.tile(x, ctx.ints(repeats))
 
@@ -383,7 +387,7 @@ def _reduction(name: str, since: int) -> OpHandler:
 
 
 for _op, (_fn, _since) in _REDUCE.items():
-    register(_op)(_reduction(_fn, _since))
+    register(_op, host_inputs=(1,))(_reduction(_fn, _since))
 
 
 @register("GlobalAveragePool")
@@ -619,7 +623,7 @@ _NEAREST = {"round_prefer_floor": lambda c: np.ceil(c - 0.5), "round_prefer_ceil
             "floor": np.floor, "ceil": np.ceil}
 
 
-@register("Resize")
+@register("Resize", host_inputs=(1, 2, 3))
 def _resize(ctx: OpContext, x, roi=None, scales=None, sizes=None):
     """Modes nearest (every nearest_mode) and linear (separable, one axis at a time), with the coordinate
     transformations above; `axes` (opset 18) picks the axes that scales/sizes describe. Opset 10 has only

@@ -48,6 +48,7 @@ class Match:
     kernel: str
     reader: ir.Node  # where the kernel runs; its first output is the kernel's
     replaced: list[ir.Node]  # upstream nodes it makes unneeded, if nothing else reads them
+    taken: list[tuple[ir.Node, int]]  # the input slots (node, index) whose values it no longer needs
     x: str  # the input it takes at run time: the activation, or the gathered indices
     weight: Weight
     source: ir.Node  # the node whose constant inputs hold the weight (one device copy per source)
@@ -58,14 +59,17 @@ class Match:
 class KernelStep:
     """One fused kernel call at `match.reader`: outputs[0] = kernel(inputs[0], weight) (+ inputs[1])."""
 
-    kernel: str
     match: Match
     inputs: list[str]
     outputs: list[str]
-    weight: Weight
+    weight: Weight  # on the device
     call: Callable
 
-    def run(self, backend: Backend, x, bias=None):
+    @property
+    def kernel(self) -> str:
+        return self.match.kernel
+
+    def run(self, x, bias=None):
         y = self.call(x, self.weight)
         return y if bias is None else y + bias
 
@@ -82,7 +86,7 @@ def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Ma
     arrays = {key: constants.get(v.name) for key, v in zip(TERNARY_INPUTS[1:], node.inputs[1:])}
     if any(a is None for a in arrays.values()):
         return None
-    return Match("ternary_matmul", node, [], node.inputs[0].name, ternary.function_weight(arrays, radix), node)
+    return Match("ternary_matmul", node, [], [], node.inputs[0].name, ternary.function_weight(arrays, radix), node)
 
 
 def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
@@ -93,6 +97,8 @@ def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | 
     q, scale, zero_point = (constants.get(v.name) if v is not None else None for v in dequantize.inputs[:3])
     if q is None or scale is None or zero_point is None or q.dtype.name != "uint2" or q.ndim != 2:
         return None
+    if scale.dtype != np.float32 or dequantize.attributes.get_int("output_dtype", 0) not in (0, ir.DataType.FLOAT):
+        return None  # the kernel computes in float32 and returns float32
     codes = q.astype(np.int8) - 1
     if not np.all(zero_point.astype(np.int8) == 1) or codes.max(initial=0) > 1:
         return None
@@ -105,8 +111,8 @@ def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | 
         scales, block = scale.reshape(1, cols), depth
     else:
         return None
-    weight = ternary.ternary_weight(codes, scales.astype(np.float32), block)
-    return Match("ternary_matmul", node, [dequantize], node.inputs[0].name, weight, dequantize)
+    weight = ternary.ternary_weight(codes, scales, block)
+    return Match("ternary_matmul", node, [dequantize], [(node, 1)], node.inputs[0].name, weight, dequantize)
 
 
 def _hyper_source(value: ir.Value | None, constants: dict[str, np.ndarray]):
@@ -136,7 +142,7 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
         found = _hyper_source(node.inputs[0], constants)
         if found is None or found[2]:
             return None
-        return Match("hyper_gather", node, [*found[3], found[0]], node.inputs[1].name, found[1], found[0])
+        return Match("hyper_gather", node, [found[0]], [(node, 0)], node.inputs[1].name, found[1], found[0])
     bias, flip = None, False
     if _is(node, "Gemm"):
         attributes = node.attributes
@@ -152,7 +158,8 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
         return None
     decode, weight, transposed, between = found
     kernel = "hyper_matmul_t" if transposed != flip else "hyper_matmul"
-    return Match(kernel, node, [*between, decode], node.inputs[0].name, weight, decode, bias)
+    taken = [(node, 1)] + [(transpose, 0) for transpose in between]
+    return Match(kernel, node, [*between, decode], taken, node.inputs[0].name, weight, decode, bias)
 
 
 RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary_function_rule, dequantize_rule,
@@ -160,14 +167,19 @@ RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary
 
 
 def _unneeded(matches: list[Match], graph) -> set[int]:
-    """Ids of replaced nodes whose outputs only fused readers (or other unneeded nodes) read."""
+    """Ids of replaced nodes none of whose outputs is still read: every use is a slot a match took, at a
+    fused reader or at another unneeded node (a Transpose between)."""
     readers = {id(m.reader) for m in matches}
+    taken = {(id(node), index) for m in matches for node, index in m.taken}
     order = {id(node): i for i, node in enumerate(graph)}
     candidates = {id(n): n for m in matches for n in m.replaced}
     unneeded: set[int] = set()
+
+    def gone(use) -> bool:
+        return (id(use.node), use.idx) in taken and (id(use.node) in readers or id(use.node) in unneeded)
+
     for node in sorted(candidates.values(), key=lambda n: -order[id(n)]):  # readers before what they read
-        if all(not out.is_graph_output() and all(id(c) in readers or id(c) in unneeded for c in out.consumers())
-               for out in node.outputs):
+        if all(not out.is_graph_output() and all(gone(use) for use in out.uses()) for out in node.outputs):
             unneeded.add(id(node))
     return unneeded
 
@@ -189,6 +201,6 @@ def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> t
         weight = placed[id(match.source)]
         kernel = KERNELS[match.kernel]
         inputs = [match.x] + ([match.bias] if match.bias else [])
-        steps[id(match.reader)] = KernelStep(match.kernel, match, inputs, [match.reader.outputs[0].name], weight,
+        steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], weight,
                                              kernel.reference if backend.name == "cpu" else kernel.cuda)
     return steps, _unneeded(matches, graph)

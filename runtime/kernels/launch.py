@@ -10,6 +10,7 @@ order (deterministic).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -18,13 +19,15 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_source", "CUDA_SOURCES", "cuda_launcher",
-           "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY"]
+           "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY", "cuda_code", "NVRTC_OPTIONS"]
 
 TILE_ROWS = (1, 4)  # rows of x a thread carries: the kernels' entry points <kernel>_m1 and <kernel>_m4
 COLUMNS_PER_THREAD = 16
 THREADS = 128
 MIN_ROWS_PER_SLICE = 16
 BLOCKS_PER_SM = 4
+NVRTC_OPTIONS = ("--std=c++17",)  # CuPy adds the architecture and -ftz=true
+INCLUDE = re.compile(r'^#include "([a-z_]+\.cuh)"$', re.MULTILINE)
 CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu",
                 "hyper_matmul_t": "hyper_matmul.cu"}
 
@@ -65,7 +68,8 @@ def launch_config(rows_x: int, depth: int, workers: int, target_blocks: int, dep
     rows_per_slice = max(MIN_ROWS_PER_SLICE, math.ceil(depth / wanted))
     rows_per_slice = depth_step * math.ceil(rows_per_slice / depth_step)
     slices = math.ceil(depth / rows_per_slice)
-    return LaunchConfig((column_blocks, slices, row_tiles), (threads, 1, 1), rows_per_slice, tile)
+    # grid.x runs the row tiles' column blocks one after another (2^31 - 1 blocks); y and z stop at 65535
+    return LaunchConfig((column_blocks * row_tiles, slices, 1), (threads, 1, 1), rows_per_slice, tile)
 
 
 Launcher = Callable[[str, LaunchConfig, tuple], None]
@@ -76,11 +80,14 @@ def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int
     """y [..., workers * columns a thread] = x [..., depth] @ W through `kernel`, the slices' partials added
     in order."""
     geometry = GEOMETRY[kernel]
-    lead = x.shape[:-1]
+    if x.shape[-1] != depth:
+        raise ValueError(f"{kernel}: x has {x.shape[-1]} columns, the weight {depth} rows")
+    lead, columns = x.shape[:-1], workers * geometry.columns
     x2d = xp.ascontiguousarray(x.reshape(-1, depth), dtype=xp.float32)
     rows_x = x2d.shape[0]
+    if rows_x == 0:
+        return xp.zeros((*lead, columns), xp.float32)
     config = launch_config(rows_x, depth, workers, target_blocks, geometry.depth_step)
-    columns = workers * geometry.columns
     partial = xp.empty((config.slices, rows_x, columns), xp.float32)
     launch(kernel, config, (x2d, *codes, partial, rows_x, depth, workers, format_int, config.rows_per_slice))
     return partial.sum(axis=0).reshape(*lead, columns)
@@ -91,17 +98,18 @@ def cuda_source(kernel: str) -> Path:
     return Path(__file__).parent / CUDA_SOURCES[kernel]
 
 
+def cuda_code(kernel: str) -> str:
+    """The kernel's source with its headers pasted in: CuPy's cache of compiled modules is keyed by the source
+    text, so an edited header must change it."""
+    folder = Path(__file__).parent
+    return INCLUDE.sub(lambda line: (folder / line.group(1)).read_text(), cuda_source(kernel).read_text())
+
+
 @cache
 def _cuda_function(kernel: str, entry: str):
-    return _cuda_module(CUDA_SOURCES[kernel]).get_function(entry)
-
-
-@cache
-def _cuda_module(source: str):
     import cupy  # noqa: PLC0415
 
-    folder = Path(__file__).parent  # the sources include slices.cuh from here
-    return cupy.RawModule(code=(folder / source).read_text(), options=("--std=c++17", f"-I{folder}"))
+    return cupy.RawModule(code=cuda_code(kernel), options=NVRTC_OPTIONS).get_function(entry)
 
 
 def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:

@@ -1,7 +1,7 @@
-// The work of one thread of the row-sliced matmul kernels (launch.py sets the grid): worker blockIdx.x *
-// blockDim.x + threadIdx.x (a group of output columns), rows [m0, m0 + TILE_M) of x (blockIdx.z), and the
-// depth rows [begin, end) of slice blockIdx.y. The slice's partial result for row m of x starts at
-// partial_row(m) * columns.
+// The work of one thread of the row-sliced matmul kernels (launch.py sets the grid): grid.x holds, for each
+// tile of `tile` rows of x, the blocks across the workers (groups of output columns); grid.y the slices of
+// the depth. A thread's worker, rows [m0, m0 + tile) of x and depth rows [begin, end) follow. The slice's
+// partial result for row m of x starts at partial_row(m) * columns.
 #pragma once
 
 struct ThreadWork {
@@ -12,9 +12,10 @@ struct ThreadWork {
 
 // False for the threads past the last worker (the block's tail), which have nothing to do.
 __device__ __forceinline__ bool thread_work(int workers, int tile, int depth, int rows_per_slice, ThreadWork* work) {
-    work->worker = blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned int column_blocks = (workers + blockDim.x - 1) / blockDim.x;
+    work->worker = (blockIdx.x % column_blocks) * blockDim.x + threadIdx.x;
+    work->m0 = (blockIdx.x / column_blocks) * tile;
     work->slice = blockIdx.y;
-    work->m0 = blockIdx.z * tile;
     work->begin = work->slice * rows_per_slice;
     work->end = work->begin + rows_per_slice < depth ? work->begin + rows_per_slice : depth;
     return work->worker < workers;

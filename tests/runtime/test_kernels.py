@@ -51,7 +51,8 @@ def _cases():
     for bits in (3, 5, 8, 11, 16):  # 5 and 11 bits make indices straddle bytes and the 64-bit halves
         rows_x, depth, cols, _ = SHAPES[bits % len(SHAPES)]
         yield pytest.param("hyper_matmul", *_hyper_case(rows_x, depth, cols, bits), id=f"hyper-{bits}bits-{depth}x{cols}")
-    for bits, (rows_x, depth, cols) in zip((5, 11, 16), [(1, 64, 40), (6, 48, 33), (9, 272, 5)]):  # depth: 16k
+    # depth a multiple of 16; 130 columns: two blocks of threads across the columns, for each tile of rows
+    for bits, (rows_x, depth, cols) in zip((5, 11, 16, 7), [(1, 64, 40), (6, 48, 33), (9, 272, 5), (6, 32, 130)]):
         yield pytest.param("hyper_matmul_t", *_hyper_case(rows_x, depth, cols, bits, transposed=True),
                            id=f"hyper-t-{bits}bits-{depth}x{cols}")
 
@@ -96,8 +97,10 @@ def test_launch_config_fills_the_device_and_covers_the_depth():
     config = launch_config(rows_x=1, depth=4096, workers=256, target_blocks=528)
     assert config.grid[0] * config.grid[1] * config.grid[2] >= 264
     assert config.rows_per_slice * config.slices >= 4096 > config.rows_per_slice * (config.slices - 1)
-    assert launch_config(rows_x=33, depth=16, workers=1, target_blocks=528).grid == (1, 1, 9)  # tiles of 4 rows
+    assert launch_config(rows_x=33, depth=16, workers=1, target_blocks=528).grid == (9, 1, 1)  # tiles of 4 rows
     assert launch_config(rows_x=1, depth=16, workers=1, target_blocks=1).tile == 1
+    huge = launch_config(rows_x=32 * 8192, depth=576, workers=192, target_blocks=528)  # a long batch of tokens
+    assert max(huge.grid[1:]) <= 65535 and huge.grid[0] < 2**31
     assert launch_config(rows_x=1, depth=4000, workers=3, target_blocks=528, depth_step=16).rows_per_slice % 16 == 0
 
 
