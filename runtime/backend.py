@@ -11,7 +11,7 @@ import numpy as np
 
 from symshrink.errors import BadInput
 
-__all__ = ["Backend", "cpu_backend", "cuda_backend", "get_backend", "gpu_available", "DEVICES"]
+__all__ = ["Backend", "is_host", "cpu_backend", "cuda_backend", "get_backend", "gpu_available", "DEVICES"]
 
 DEVICES = ("cpu", "cuda")
 
@@ -28,7 +28,7 @@ class Backend:
         return self.xp.asarray(array)
 
     def to_host(self, array) -> np.ndarray:
-        return array if isinstance(array, np.ndarray) else self.xp.asnumpy(array)
+        return array if is_host(array) else self.xp.asnumpy(array)
 
     def memory_line(self) -> str | None:
         """What the device's memory pool holds now and has reserved (CuPy; None on the CPU)."""
@@ -40,6 +40,12 @@ class Backend:
     def synchronize(self) -> None:
         if self.name == "cuda":
             self.xp.cuda.get_current_stream().synchronize()
+
+
+def is_host(array) -> bool:
+    """A numpy array (not a device array; an exact type test, so that an ndarray subclass can stand for a
+    device array in tests)."""
+    return type(array) is np.ndarray
 
 
 def cpu_backend() -> Backend:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
-from symshrink.runtime.backend import Backend, cpu_backend
+from symshrink.runtime.backend import Backend, cpu_backend, is_host
 from symshrink.runtime.kernels import KernelStep, plan_kernels
 from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext
 
@@ -30,7 +30,7 @@ __all__ = ["Executor", "ExecutorSummary"]
 logger = logging.getLogger(__name__)
 
 NARROW_INTEGERS = {"int2", "uint2", "int4", "uint4"}
-HOST_LIMIT = 64  # integer constants up to this many elements stay on the host (shapes, axes, indices)
+HOST_LIMIT = 64  # constants up to this many elements stay on the host (shapes, axes, Resize scales, scalars)
 
 
 def _attribute(attr: ir.Attr) -> Any:
@@ -96,6 +96,7 @@ class Executor:
         self._function_counts: Counter[str] = Counter()
         self._missing: set[str] = set()
         self._bodies: dict[tuple[str, str, str], _Program] = {}
+        self._resident: dict[int, tuple[np.ndarray, Any]] = {}  # id of a small host constant -> (it, device copy)
         initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
                         if value.const_value is not None}
         self.program = self._compile(model.graph, model.opset_imports.get("", 1), fuse, initializers)
@@ -157,11 +158,15 @@ class Executor:
         return drops
 
     def _place(self, array: np.ndarray):
-        """Small integer constants stay on the host (shapes, axes); the rest go to the device. 2- and 4-bit
-        integers (ml_dtypes, one per byte in numpy) become int8/uint8, which CuPy can hold."""
+        """Small constants stay on the host (shapes, axes, scales that ops read there; device ops get a copy
+        made once); the rest go to the device. 2- and 4-bit integers (ml_dtypes, one per byte in numpy) become
+        int8/uint8, which CuPy can hold."""
         if array.dtype.name in NARROW_INTEGERS:
             array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
-        return array if array.dtype.kind in "iub" and array.size <= HOST_LIMIT else self.backend.to_device(array)
+        if array.size <= HOST_LIMIT and self.backend.name != "cpu":
+            self._resident[id(array)] = (array, None)
+            return array
+        return self.backend.to_device(array)
 
     # -- run -------------------------------------------------------------------------------------------------
 
@@ -215,17 +220,18 @@ class Executor:
         return env
 
     def _on_device(self, array, uploads: dict[int, tuple]):
-        """The device copy of a host array (made once a run; the entry keeps the host array alive, so its id
-        is not reused while the run lasts)."""
-        if not isinstance(array, np.ndarray) or self.backend.name == "cpu":
+        """The device copy of a host array: made once for a small constant, once a run for a value computed on
+        the host (the entries keep the host arrays alive, so their ids are not reused meanwhile)."""
+        if not is_host(array) or self.backend.name == "cpu":
             return array
-        if id(array) not in uploads:
-            uploads[id(array)] = (array, self.backend.to_device(array))
-        return uploads[id(array)][1]
+        cache = self._resident if id(array) in self._resident else uploads
+        if cache.get(id(array), (None, None))[1] is None:
+            cache[id(array)] = (array, self.backend.to_device(array))
+        return cache[id(array)][1]
 
     def _run_node(self, step: _NodeStep, opset: int, args: list, uploads: dict[int, tuple]) -> list:
         op_type = step.node.op_type
-        on_host = all(a is None or isinstance(a, np.ndarray) for a in args) and self.backend.name != "cpu"
+        on_host = all(a is None or is_host(a) for a in args) and self.backend.name != "cpu"
         backend = self.host if on_host else self.backend
         if not on_host:
             host_inputs = HOST_INPUTS.get(op_type, ())

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from symshrink.passes.graph import FUNCTION_DOMAIN
 from symshrink.passes.hyper_function import INPUTS as HYPER_INPUTS
 from symshrink.passes.ternary_function import INPUTS as TERNARY_INPUTS
-from symshrink.runtime.backend import Backend
+from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.kernels import hyper, ternary
 
 __all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels"]
@@ -196,11 +196,11 @@ def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> t
     tables: dict = {}
     steps = {}
     for match in matches:
-        if id(match.source) not in placed:
-            placed[id(match.source)] = match.weight.to(backend, tables)
+        if id(match.source) not in placed:  # the references (every backend but CUDA) read host arrays
+            placed[id(match.source)] = match.weight.to(backend if backend.name == "cuda" else cpu_backend(), tables)
         weight = placed[id(match.source)]
         kernel = KERNELS[match.kernel]
         inputs = [match.x] + ([match.bias] if match.bias else [])
         steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], weight,
-                                             kernel.reference if backend.name == "cpu" else kernel.cuda)
+                                             kernel.cuda if backend.name == "cuda" else kernel.reference)
     return steps, _unneeded(matches, graph)

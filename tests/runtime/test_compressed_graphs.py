@@ -24,6 +24,7 @@ from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.diff import compare_outputs, format_diffs
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.ort import input_specs, run_all
+from tests.runtime.strict_device import strict_backend
 
 # float32 sums in another order than onnxruntime's over a depth of 784: rel L2 of the difference
 FUSED_REL_L2 = 1e-5
@@ -102,7 +103,8 @@ def test_cuda_runtime_matches_the_numpy_runtime(compressed, variant):
 
 def _embedding_model(readers: str) -> onnx.ModelProto:
     """ids -> Gather(E [100, 64]) -> emb -> MatMul W [64, 32] -> y; "tied": a head reads E transposed too;
-    "other-reader": E's columns are gathered too (axis 1: a reader no kernel takes)."""
+    "other-reader": E's columns are gathered too (axis 1: a reader no kernel takes); "as-activation": E is also
+    the x of a fused MatMul(E, W), a slot no kernel takes."""
     rng = np.random.default_rng(3)
     arrays = {"E": rng.standard_normal((100, 64)).astype(np.float32),
               "W": rng.standard_normal((64, 32)).astype(np.float32)}
@@ -121,6 +123,11 @@ def _embedding_model(readers: str) -> onnx.ModelProto:
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     plan, codes = plan_tensors(model, [HyperSetting("lattice", 1023, 0, 4.0)], None, min_elements=2048)
     HyperPass(plan, codes)(model)
+    if readers == "as-activation":  # (the pass would have left E float; the graph is edited after it)
+        gather, matmul = list(model.graph)[-2:]
+        product = ir.Value(name="EW")
+        model.graph.append(ir.node("MatMul", [gather.inputs[0], matmul.inputs[1]], outputs=[product]))
+        model.graph.outputs.append(product)
     return ir.to_proto(model)
 
 
@@ -128,6 +135,7 @@ READERS = {  # E's readers: (function bodies run, kernels)
     "gather": ({}, {"hyper_gather": 1, "hyper_matmul": 1}),
     "tied": ({}, {"hyper_gather": 1, "hyper_matmul": 1, "hyper_matmul_t": 1}),
     "other-reader": ({"HyperDecode": 1}, {"hyper_gather": 1, "hyper_matmul": 1}),
+    "as-activation": ({"HyperDecode": 1}, {"hyper_gather": 1, "hyper_matmul": 2}),
 }
 
 
@@ -141,7 +149,7 @@ def test_coded_tables_fuse_into_every_reader(tmp_path, readers):
     summary = executor.summary()
     assert (summary.function_calls, summary.kernels) == READERS[readers]
     coded = sum(v.const_value.nbytes for v in ir.load(path).graph.initializers.values())
-    if readers != "other-reader":  # (there the decode runs too, holding the file's own inputs as well)
+    if not summary.function_calls:  # (where the decode runs too, it holds the file's own inputs as well)
         assert summary.constant_bytes <= coded  # the table's codes once, however many readers
     feed = {"ids": np.array([[0, 5, 99, -1], [-100, 7, 7, 42]], np.int64)}
     options = ort.SessionOptions()
@@ -197,3 +205,16 @@ def test_gemm_with_a_coded_weight_runs_its_kernel_and_bias(tmp_path, trans_b, ke
     feed = {"x": rng.standard_normal((5, 64)).astype(np.float32)}
     (output,) = executor.run(feed).values()
     assert _rel_l2(output, _onnxruntime(str(path), feed)) <= FUSED_REL_L2
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_placement_on_a_strict_stand_in_device(compressed, variant):
+    """As in test_executor_zoo: no host array reaches a device op (the function bodies of the unfused codes
+    included), and the outputs are the CPU backend's."""
+    backend = strict_backend()
+    feed = _feed()
+    before = backend.xp.downloads
+    (on_device,) = Executor(ir.load(compressed[variant]), backend).run(feed).values()
+    assert backend.xp.downloads - before == 1
+    (on_cpu,) = Executor(ir.load(compressed[variant])).run(feed).values()
+    np.testing.assert_array_equal(on_device, on_cpu)

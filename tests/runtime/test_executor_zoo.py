@@ -23,6 +23,7 @@ from symshrink.models.registry import cache_dir, get_model
 from symshrink.runtime.diff import compare_outputs, format_diffs
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.ort import input_specs, run_all, session_for_model
+from tests.runtime.strict_device import strict_backend
 
 pytest.importorskip("onnxruntime")
 
@@ -98,3 +99,20 @@ def test_executor_matches_onnxruntime(case: ZooCase):
     worst = max(d.rel_l2 for d in diffs)
     assert worst <= case.max_rel_l2, f"{case.model}: relative L2 error {worst:.3g} > {case.max_rel_l2:g}\n" \
                                      + format_diffs(diffs)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.marks], ids=lambda c: c.values[0].model)
+def test_placement_on_a_strict_stand_in_device(case: ZooCase):
+    """With `strict_device` standing in for CuPy (mixing host and device arrays raises, as CuPy does), the
+    executor gives the CPU backend's outputs bit for bit, and copies nothing back to the host but the outputs:
+    shape arithmetic never waits on the device."""
+    model = ir.load(get_model(case.model).materialise(cache_dir()))
+    feeds = _feeds(case, session_for_model(model, threads=2))[:2]
+    backend = strict_backend()
+    on_device, on_cpu = Executor(model, backend), Executor(model)
+    for feed in feeds:
+        before = backend.xp.downloads
+        outputs = on_device.run(feed)
+        assert backend.xp.downloads - before == len(outputs)
+        for name, expected in on_cpu.run(feed).items():
+            np.testing.assert_array_equal(outputs[name], expected)
