@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
@@ -143,6 +144,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from symshrink.runtime.executor import Executor  # noqa: PLC0415
 
     backend = _backend(args.device)
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise BadInput(f"{args.output}: its folder does not exist")
     model, path = load_model(args.model)
     executor = Executor(model, backend)
     feeds = _feeds(args, args.model, executor.input_specs())
@@ -291,7 +294,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
     run.add_argument("--samples", type=int)
     run.add_argument("--random", action="store_true", help="run on random inputs")
-    run.add_argument("-o", "--output", help="write the outputs to this .npz")
+    run.add_argument("-o", "--output", help="write the outputs to this .npz: each output concatenated over the feeds "
+                     "(axis 0), or NAME.i for feed i where the feeds' shapes differ")
     run.set_defaults(run=_cmd_run)
 
     ev = sub.add_parser("eval", help="task metric of a model")

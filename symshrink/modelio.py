@@ -102,16 +102,18 @@ def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | No
 
 
 def write_atomically(out: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """`write(handle)` into a temporary file beside `out`, renamed over it when done: no partial file on failure."""
+    """`write(handle)` into a new file in a temporary folder beside `out` (created with the umask's mode, as
+    any new file), synced and renamed over `out` when done: no partial file on failure."""
     out = Path(out)
-    handle = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False)
-    try:
-        with handle:
+    if not out.parent.is_dir():
+        raise BadInput(f"{out.parent}: no such folder")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        path = Path(tmp) / out.name
+        with open(path, "wb") as handle:
             write(handle)
-        os.replace(handle.name, out)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(path, out)
     return out
 
 

@@ -1,6 +1,7 @@
 """Hyperfunction-coded matmul with the indices kept packed on the device: y = x @ W, each pair
 (W[r, c], W[r, c + 1]) = centre + T[index] * span, T[j + codes k] = u_j s_k the codebook's pairs (shared by
-every tensor of one codebook on the device), float32 in the ONNX body's order: bit-identical weights.
+every tensor of one codebook on the device), float32 in the ONNX body's order: the weights are onnxruntime's
+bit for bit (on a GPU up to denormals, which CuPy's -ftz=true flushes to zero).
 
 Fused for `HyperDecode` (per tensor, pairs) of a W [R, C] with C a multiple of 16: a row of eight indices
 is then 16 consecutive elements of one weight row, and the packed rows are used as they are. Readers:
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -59,7 +61,7 @@ def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
     return (inputs["band_scales"].reshape(-1, 1, 1) * inputs["offsets"]).reshape(-1, dims).astype(np.float32)
 
 
-def _decode(xp, weight: HyperWeight, indices):
+def _decode(weight: HyperWeight, indices):
     """centre + T[indices] * span: pairs [..., 2] in the ONNX body's rounding."""
     return weight.frame[:PAIR] + weight.table[indices] * weight.frame[PAIR]
 
@@ -87,7 +89,7 @@ def function_weight(inputs: dict[str, np.ndarray]) -> HyperWeight:
 def dense_hyper(weight: HyperWeight) -> np.ndarray:
     """The float32 weight [R, C] (numpy)."""
     indices = unpack_rows(weight.packed, weight.bits, weight.rows * weight.cols // PAIR)
-    return _decode(np, weight, indices).reshape(weight.rows, weight.cols)
+    return _decode(weight, indices).reshape(weight.rows, weight.cols)
 
 
 def hyper_matmul_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
@@ -100,15 +102,23 @@ def hyper_matmul_t_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
     return np.asarray(x, np.float32) @ dense_hyper(weight).T
 
 
+@cache
+def _unpacking(xp, bits: int) -> tuple:
+    """`row_unpacking(bits)` as arrays of `xp` (made once per namespace and width)."""
+    byte_weights, shifts, modulus = row_unpacking(bits)
+    return xp.asarray(byte_weights), xp.asarray(shifts), modulus
+
+
 def hyper_gather(indices, weight: HyperWeight):
     """W[indices] (Gather on axis 0, negative indices from the end), decoding only the rows it reads."""
     xp = np if isinstance(indices, np.ndarray) else sys.modules["cupy"]
     per_row = weight.cols // COLUMNS_PER_THREAD  # packed rows of eight indices a weight row
-    rows = xp.asarray(indices, dtype=xp.int64) % weight.rows
+    rows = xp.asarray(indices, dtype=xp.int64)
+    rows = xp.where(rows < 0, rows + weight.rows, rows)  # as Gather: negative ids count from the end
     packed_rows = (rows.reshape(-1, 1) * per_row + xp.arange(per_row)).reshape(-1)
-    byte_weights, shifts, modulus = (xp.asarray(a) for a in row_unpacking(weight.bits))
+    byte_weights, shifts, modulus = _unpacking(xp, weight.bits)
     index = (weight.packed[packed_rows].astype(xp.int32) @ byte_weights) // shifts % modulus
-    return _decode(xp, weight, index.reshape(-1)).reshape(*rows.shape, weight.cols)
+    return _decode(weight, index.reshape(-1)).reshape(*rows.shape, weight.cols)
 
 
 def hyper_matmul_cuda(x, weight: HyperWeight):

@@ -1,7 +1,8 @@
 // Matmuls with W in hyperfunction codes: pairs (W[r, c], W[r, c + 1]), c even, are centre + span * T[index],
 // T the codebook's float pairs u_j s_k (shared by every tensor of the same codebook), frame = (centre x,
 // centre y, span) the tensor's own, pair p = (r * C + c) / 2 for W [R, C]. Rounded as the ONNX body rounds
-// (a product, then a sum, never fused), so the weights are bit-identical to onnxruntime's decode.
+// (a product, then a sum, never fused), so the weights are onnxruntime's bit for bit (up to denormals, which
+// CuPy's -ftz=true flushes).
 // Indices are a little-endian bit stream in rows of eight (`bits` bytes a row): with C a multiple of 16, a row
 // of indices is 16 consecutive elements of one weight row. Indices are cut in registers and the pairs
 // gathered from the small table (read-only cache).

@@ -90,7 +90,7 @@ def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int
     config = launch_config(rows_x, depth, workers, target_blocks, geometry.depth_step)
     partial = xp.empty((config.slices, rows_x, columns), xp.float32)
     launch(kernel, config, (x2d, *codes, partial, rows_x, depth, workers, format_int, config.rows_per_slice))
-    return partial.sum(axis=0).reshape(*lead, columns)
+    return (partial[0] if config.slices == 1 else partial.sum(axis=0)).reshape(*lead, columns)
 
 
 def cuda_source(kernel: str) -> Path:

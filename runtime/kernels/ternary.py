@@ -16,8 +16,8 @@ import numpy as np
 from symshrink.passes.ternary_codec import DIGITS_PER_BYTE, pack_codes, unpack_codes
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
 
-__all__ = ["TernaryWeight", "ternary_weight", "ternary_matmul_reference", "ternary_matmul_cuda", "dense_ternary",
-           "ERROR_BUDGET"]
+__all__ = ["TernaryWeight", "ternary_weight", "function_weight", "ternary_matmul_reference", "ternary_matmul_cuda",
+           "dense_ternary", "ERROR_BUDGET"]
 
 # |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): float32 sums over the depth, in any order the kernel splits it
 ERROR_BUDGET = 1e-5

@@ -14,7 +14,15 @@ from symshrink.passes.hyper_function import function_inputs
 from symshrink.passes.ternary_codec import pack_codes
 from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.kernels import KERNELS, hyper, ternary
-from symshrink.runtime.kernels.launch import CUDA_SOURCES, TILE_ROWS, cuda_source, launch_config, sliced_matmul
+from symshrink.runtime.kernels.launch import (
+    CUDA_SOURCES,
+    NVRTC_OPTIONS,
+    TILE_ROWS,
+    cuda_code,
+    cuda_source,
+    launch_config,
+    sliced_matmul,
+)
 from tests.runtime.cuda_emulation import compiler, host_launcher
 
 BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
@@ -111,6 +119,31 @@ def test_cuda_source_compiles_for_sm90(kernel, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     ptx = (tmp_path / "out.ptx").read_text()
+    assert all(f".entry {kernel}_m{tile}(" in ptx for tile in TILE_ROWS)
+
+
+def _nvrtc():
+    """CuPy's NVRTC binding, when the library loads (the nvidia-cuda-nvrtc wheel; no GPU needed)."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415
+
+        nvrtc.getVersion()
+    except Exception:  # noqa: BLE001 (no CuPy, or no libnvrtc: the test is skipped)
+        return None
+    return nvrtc
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="CuPy's NVRTC library is not loadable")
+@pytest.mark.parametrize("kernel", sorted(CUDA_SOURCES))
+def test_cuda_code_compiles_with_nvrtc_as_cupy_does(kernel):
+    """The exact text and options CuPy's RawModule gets (headers pasted in), with the -ftz=true CuPy adds."""
+    nvrtc = _nvrtc()
+    program = nvrtc.createProgram(cuda_code(kernel), f"{kernel}.cu", [], [])
+    try:
+        nvrtc.compileProgram(program, [*NVRTC_OPTIONS, "-ftz=true", "--gpu-architecture=compute_90"])
+        ptx = nvrtc.getPTX(program).decode()
+    finally:
+        nvrtc.destroyProgram(program)
     assert all(f".entry {kernel}_m{tile}(" in ptx for tile in TILE_ROWS)
 
 

@@ -64,3 +64,8 @@ def test_an_op_outside_the_list_is_named(tmp_path, data, capsys):
     assert main(["run", str(path), "--device", "cpu", "--random"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Det" in err
+
+
+def test_run_into_a_missing_folder_is_bad_input(mlp_path, data, tmp_path, capsys):
+    assert main(["run", str(mlp_path), "--device", "cpu", "--data", str(data), "-o", str(tmp_path / "no" / "y.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
