@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU checks of the runtime, as one command for a lent GPU machine (the device tool), from the repo root:
+#   bash tools/gpu_check.sh            (results under $OUT, or ./gpu-check when $OUT is unset)
+# That machine has no network: it installs this checkout without dependencies into its own Python (CuPy,
+# onnx, onnxruntime, numpy are in its image), runs the GPU tests, then the kernel benchmarks at the issue's
+# shapes and, when their files are there, the model benchmarks.
+set -uo pipefail
+out="${OUT:-gpu-check}"
+mkdir -p "$out"
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c "import cupy, onnx_ir; print('cupy', cupy.__version__, 'onnx_ir', onnx_ir.__version__)" | tee -a "$out/device.txt"
+PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime 2>&1 | tee "$out/gpu-tests.log" | tail -15
+PYTHONUNBUFFERED=1 python3 tools/bench_gpu.py --device cuda --models "${MODELS:-}" --out "$out/benchmarks-gpu.md" \
+  2>&1 | tee "$out/bench.log" | tail -40
