@@ -2,8 +2,9 @@
 
 fmnist-mlp (shipped in the package) is compressed by the CLI in each storage form (random calibration); the
 executor's output is compared with onnxruntime running the same file with graph optimisations off (the ONNX
-semantics: with them on, onnxruntime's fused 2-bit MatMulNBits differs from its own unfused DequantizeLinear + MatMul by 4e-3
-relative on this model), and the fused kernels with the executor running the function bodies unfused.
+semantics: with them on, onnxruntime's fused 2-bit MatMulNBits differs from its own unfused
+DequantizeLinear + MatMul by 4e-3 relative on this model), and the fused kernels with the executor running
+the function bodies unfused.
 """
 
 from __future__ import annotations
