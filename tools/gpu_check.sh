@@ -3,10 +3,10 @@
 #   bash tools/gpu_check.sh            (results under $OUT, or ./gpu-check when $OUT is unset)
 # That machine has no network: it installs this checkout without dependencies into its own Python (CuPy,
 # onnx, onnxruntime, numpy are in its image), runs the GPU tests, then the kernel benchmarks at the issue's
-# shapes and, when their files are there, the model benchmarks. Wheels its image lacks or has too old (it had
-# onnx-ir 1.0.0 in 2026-11; this project asks >= 1.1) go in .gpu-wheels, made here with
-#   pip download --no-deps -d .gpu-wheels onnx-ir==1.1.0
-# and named in the device tool's carry list (ignore the folder in .git/info/exclude).
+# shapes and, when their files are there, the model benchmarks. Its image had onnx-ir 1.0.0 in 2026-11 (this
+# project asks >= 1.1, but tests/runtime passes with 1.0.0: checked on CPU). Wheels it lacks go in .gpu-wheels,
+# made here with `pip download --no-deps -d .gpu-wheels NAME==VERSION` and named in the device tool's carry
+# list (ignore the folder in .git/info/exclude).
 set -uo pipefail
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
