@@ -70,7 +70,8 @@ def device_info(backend: Backend, timer) -> dict[str, Any]:
     cupy = backend.xp
     device = cupy.cuda.Device()
     attributes = device.attributes
-    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
     memory_khz, bus_bits, clock_khz = (attributes.get(k) for k in ("MemoryClockRate", "GlobalMemoryBusWidth", "ClockRate"))
     peak_gbs = 2 * memory_khz * 1e3 * bus_bits / 8 / GB if memory_khz and bus_bits else None
     sms = attributes["MultiProcessorCount"]

@@ -5,6 +5,7 @@ ConvTranspose and the pools, Resize as PP-OCR det uses it, quantized weights and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -15,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.errors import BadInput
 from symshrink.runtime.executor import Executor
+from symshrink.runtime.ops import supported_ops
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -323,3 +325,9 @@ def test_unsupported_op_is_named(op):
     case = Case(op, [node(op, inputs, **attrs)], {"x": _f32(3, 3)}, 13)
     with pytest.raises(BadInput, match=rf"\b{op}\b"):
         Executor(ir.from_proto(case.model()))
+
+
+def test_readme_lists_every_supported_op():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = readme.split("Standard ops:", 1)[1].split("\n\n")[1]
+    assert listed.rstrip(".\n").replace("\n", " ").split(", ") == supported_ops()
