@@ -25,6 +25,8 @@ WEIGHT_ARGUMENTS = {"ternary_matmul": ["const unsigned int*", "const float*"],
 
 HARNESS = r"""
 #include <cstddef>
+#include <cstring>
+static inline float __int_as_float(int bits) { float value; std::memcpy(&value, &bits, sizeof value); return value; }
 struct dim3 { unsigned int x, y, z; };
 static dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __global__
