@@ -22,9 +22,8 @@ import numpy as np
 from symshrink.passes.hyper_codec import row_unpacking, unpack_rows
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
 
-__all__ = ["HyperWeight", "function_weight", "hyper_matmul_reference", "hyper_matmul_cuda", "hyper_matmul_t_reference",
-           "hyper_matmul_t_cuda", "dense_hyper",
-           "ERROR_BUDGET", "fusable", "hyper_gather"]
+__all__ = ["HyperWeight", "function_weight", "fusable", "dense_hyper", "hyper_matmul_reference", "hyper_matmul_cuda",
+           "hyper_matmul_t_reference", "hyper_matmul_t_cuda", "hyper_gather", "ERROR_BUDGET"]
 
 # |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): float32 sums over the depth, in any order the kernel splits it
 ERROR_BUDGET = 1e-5
@@ -50,9 +49,10 @@ class HyperWeight:
     def to(self, backend, tables: dict) -> HyperWeight:
         """On the backend's device; the codebook table shared with the other weights in `tables`."""
         key = (self.table.shape, self.table.tobytes())
-        table = tables.setdefault(key, backend.to_device(self.table))
-        return HyperWeight(backend.to_device(self.packed), table, backend.to_device(self.frame), self.bits, self.rows,
-                           self.cols)
+        if key not in tables:
+            tables[key] = backend.to_device(self.table)
+        return HyperWeight(backend.to_device(self.packed), tables[key], backend.to_device(self.frame), self.bits,
+                           self.rows, self.cols)
 
 
 def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
