@@ -10,7 +10,8 @@ counts 2 M K N. Both are shown against the device-to-device copy bandwidth measu
 against the nominal peaks the driver reports.
 Models: fp32, ternary and HC variants of each zoo model in --models on the symshrink runtime: median latency
 of one feed, device memory (constants after load; pool peak after the runs), output relative L2 against the
-original in onnxruntime. A variant that fails becomes a row with its one-line error.
+original in onnxruntime; beside them the original on onnxruntime's CUDA provider where it is installed.
+A variant that fails becomes a row with its one-line error.
 --device cpu runs the same code on the numpy references: a smoke test whose timings say nothing of a GPU.
 """
 
@@ -26,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import compress_symshrink, machine_info, one_line  # noqa: E402
 
+from symshrink.calib import load_feeds  # noqa: E402
 from symshrink.modelio import load_model  # noqa: E402
 from symshrink.models.registry import cache_dir, get_model  # noqa: E402
 from symshrink.runtime.backend import Backend, get_backend  # noqa: E402
@@ -37,7 +40,7 @@ from symshrink.runtime.diff import compare_outputs  # noqa: E402
 from symshrink.runtime.executor import Executor  # noqa: E402
 from symshrink.runtime.kernels import KERNELS, hyper, ternary  # noqa: E402
 from symshrink.runtime.kernels.launch import launch_config  # noqa: E402
-from symshrink.runtime.ort import make_session, run_all  # noqa: E402
+from symshrink.runtime.ort import input_specs, make_session, run_all  # noqa: E402
 
 GB = 1e9
 TERNARY_BLOCK = 64
@@ -161,11 +164,10 @@ def bench_models(backend: Backend, specs: list[str], work: Path, bits: int, runs
             rows.append({"model": spec, "variant": "all", "error": one_line(err)})
             continue
         session = make_session(paths["fp32"])
-        from symshrink.calib import load_feeds  # noqa: PLC0415
-        from symshrink.runtime.ort import input_specs  # noqa: PLC0415
-
         feeds = load_feeds(entry.calib, input_specs(session), "eval", 8)
         reference = run_all(session, feeds)
+        if backend.name == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            rows.append(_onnxruntime_cuda(spec, paths["fp32"], feeds, reference, runs))
         for variant, path in paths.items():
             row: dict[str, Any] = {"model": spec, "variant": variant, "disk_mb": path.stat().st_size / 1e6}
             try:
@@ -174,6 +176,21 @@ def bench_models(backend: Backend, specs: list[str], work: Path, bits: int, runs
                 row["error"] = one_line(err)
             rows.append(row)
     return rows
+
+
+def _onnxruntime_cuda(spec: str, path: Path, feeds: list[dict], reference: list[dict], runs: int) -> dict[str, Any]:
+    """The user's own fp32 baseline on the GPU: onnxruntime's CUDA execution provider (its memory is its arena's)."""
+    session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    outputs = run_all(session, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds[0])
+        times.append(time.perf_counter() - start)
+    return {"model": spec, "variant": f"fp32 onnxruntime ({session.get_providers()[0]})",
+            "disk_mb": path.stat().st_size / 1e6, "ms": 1e3 * float(np.median(times)), "device_mb": None,
+            "peak_mb": None, "rel_l2": compare_outputs(reference, outputs)[0].rel_l2, "kernels": {},
+            "function_bodies": {}}
 
 
 def _run_variant(backend: Backend, path: Path, feeds: list[dict], reference: list[dict], runs: int) -> dict[str, Any]:
@@ -222,7 +239,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {r['model']} | {r['variant']} | error: {r['error']} |||||")
             continue
         kernels = ", ".join(f"{n} {k}" for k, n in r["kernels"].items()) or "-"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['disk_mb']:.1f} | {r['device_mb']:.1f} | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['disk_mb']:.1f} | {_cell(r['device_mb'], '.1f')} | "
                      f"{_cell(r['peak_mb'], '.1f')} | {r['ms']:.2f} | {r['rel_l2']:.3g} | {kernels} |")
     return "\n".join(lines) + "\n"
 
