@@ -95,7 +95,7 @@ def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generat
     if kind == "hyper_matmul":
         packed = rng.integers(0, 256, size=(depth * cols // 16, bits), dtype=np.uint8)
         return hyper.HyperWeight(packed, rng.standard_normal((1 << bits, 2)).astype(np.float32),
-                                 np.array([0.1, -0.1, 2.0], np.float32), bits, depth, cols)
+                                 np.array([[0.1, -0.1, 2.0]], np.float32), len(packed), bits, depth, cols)
     return rng.standard_normal((depth, cols)).astype(np.float32)
 
 

@@ -123,9 +123,9 @@ def _hyper_source(value: ir.Value | None, constants: dict[str, np.ndarray]):
     if _is(producer, "Transpose") and producer.attributes.get_ints("perm", [1, 0]) == [1, 0]:
         between, transposed = [producer], True
         producer = producer.inputs[0].producer()
-    if not _is(producer, "HyperDecode", FUNCTION_DOMAIN):
+    if not (_is(producer, "HyperDecode", FUNCTION_DOMAIN) or _is(producer, "HyperDecodeGrouped", FUNCTION_DOMAIN)):
         return None
-    arrays = {key: constants.get(v.name) for key, v in zip(HYPER_INPUTS["HyperDecode"], producer.inputs)}
+    arrays = {key: constants.get(v.name) for key, v in zip(HYPER_INPUTS[producer.op_type], producer.inputs)}
     if any(a is None for a in arrays.values()):
         return None
     reason = hyper.fusable(arrays)
@@ -137,7 +137,8 @@ def _hyper_source(value: ir.Value | None, constants: dict[str, np.ndarray]):
 
 def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     """MatMul(x, W) or MatMul(x, Transpose(W)), Gemm(x, W, C) with transB (alpha = beta = 1, transA = 0), and
-    Gather(W, indices) on axis 0, for W = HyperDecode(...) per tensor, in pairs, rows a multiple of 16 long."""
+    Gather(W, indices) on axis 0, for W = HyperDecode(...) or HyperDecodeGrouped(...) (groups of a multiple of
+    8 pairs), in pairs, rows a multiple of 16 long."""
     if _is(node, "Gather") and node.attributes.get_int("axis", 0) == 0:
         found = _hyper_source(node.inputs[0], constants)
         if found is None or found[2]:

@@ -3,8 +3,9 @@
 every tensor of one codebook on the device), float32 in the ONNX body's order: the weights are onnxruntime's
 bit for bit (on a GPU up to denormals, which CuPy's -ftz=true flushes to zero).
 
-Fused for `HyperDecode` (per tensor, pairs) of a W [R, C] with C a multiple of 16: a row of eight indices
-is then 16 consecutive elements of one weight row, and the packed rows are used as they are. Readers:
+Fused for `HyperDecode` (per tensor) and `HyperDecodeGrouped` (centre and span per group of a multiple of 8
+pairs) coding pairs of a W [R, C] with C a multiple of 16: a row of eight indices is then 16 consecutive
+elements of one weight row, in one group, and the packed rows are used as they are. Readers:
 x @ W (`hyper_matmul`), x @ W^T (`hyper_matmul_t`: a Transpose before the MatMul, as a tied LM head reads
 the embedding table, or Gemm with transB), and W[indices] (`hyper_gather`, Gather on axis 0, decoding only
 the rows gathered; array code that runs as it is on numpy or CuPy arrays). Each CUDA kernel has its numpy
@@ -19,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from symshrink.passes.hyper_codec import row_unpacking, unpack_rows
+from symshrink.passes.hyper_codec import INDICES_PER_ROW, row_unpacking, unpack_rows
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
 
 __all__ = ["HyperWeight", "function_weight", "fusable", "dense_hyper", "hyper_matmul_reference", "hyper_matmul_cuda",
@@ -34,7 +35,8 @@ PAIR = 2
 class HyperWeight:
     packed: np.ndarray  # uint8 [R * C / 16, bits]: rows of eight indices, pair p = (r C + c) / 2
     table: np.ndarray  # float32 [entries, 2]: the codebook's pairs T
-    frame: np.ndarray  # float32 [3]: the tensor's centre (x, y) and span
+    frames: np.ndarray  # float32 [groups, 3]: each group's centre (x, y) and span
+    rows_per_frame: int  # packed rows a group (the tensor's for one group)
     bits: int
     rows: int  # R
     cols: int  # C, a multiple of 16
@@ -44,15 +46,19 @@ class HyperWeight:
         return sum(int(a.nbytes) for a in self.arrays())
 
     def arrays(self) -> list:
-        return [self.packed, self.table, self.frame]
+        return [self.packed, self.table, self.frames]
+
+    def format_ints(self) -> tuple[int, ...]:
+        """The kernels' integer arguments after the shapes."""
+        return self.bits, self.rows_per_frame
 
     def to(self, backend, tables: dict) -> HyperWeight:
         """On the backend's device; the codebook table shared with the other weights in `tables`."""
         key = (self.table.shape, self.table.tobytes())
         if key not in tables:
             tables[key] = backend.to_device(self.table)
-        return HyperWeight(backend.to_device(self.packed), tables[key], backend.to_device(self.frame), self.bits,
-                           self.rows, self.cols)
+        return HyperWeight(backend.to_device(self.packed), tables[key], backend.to_device(self.frames),
+                           self.rows_per_frame, self.bits, self.rows, self.cols)
 
 
 def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -61,35 +67,45 @@ def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
     return (inputs["band_scales"].reshape(-1, 1, 1) * inputs["offsets"]).reshape(-1, dims).astype(np.float32)
 
 
-def _decode(weight: HyperWeight, indices):
-    """centre + T[indices] * span: pairs [..., 2] in the ONNX body's rounding."""
-    return weight.frame[:PAIR] + weight.table[indices] * weight.frame[PAIR]
+def _decode(weight: HyperWeight, packed_rows, indices):
+    """centre + T[indices] * span for indices [n, 8] cut from packed rows [n]: pairs [n, 8, 2], in the ONNX
+    body's rounding."""
+    frames = weight.frames[packed_rows // weight.rows_per_frame][:, None, :]
+    return frames[..., :PAIR] + weight.table[indices] * frames[..., PAIR:]
 
 
 def fusable(inputs: dict[str, np.ndarray]) -> str | None:
-    """Why a per-tensor HyperDecode cannot feed the kernel (None: it can)."""
+    """Why a HyperDecode(Grouped) cannot feed the kernels (None: it can)."""
     shape = [int(v) for v in inputs["shape"]]
     if inputs["offsets"].shape[1] != PAIR:
-        return "the kernel decodes pairs, not triples"
+        return "the kernels decode pairs, not triples"
     if len(shape) != 2 or shape[1] % COLUMNS_PER_THREAD:
         return f"the kernels need a [R, C] weight with C a multiple of {COLUMNS_PER_THREAD}; it is {shape}"
+    if "layout" in inputs and int(inputs["layout"][1]) % INDICES_PER_ROW:
+        return f"groups of {int(inputs['layout'][1])} pairs split rows of {INDICES_PER_ROW} indices"
     return None
 
 
 def function_weight(inputs: dict[str, np.ndarray]) -> HyperWeight:
-    """The weight of a per-tensor HyperDecode node from its constant inputs (`hyper_function.INPUTS`)."""
+    """The weight of a HyperDecode or HyperDecodeGrouped node from its constant inputs (`hyper_function.INPUTS`;
+    the grouped form's padding past the last element lies past the last row, where no kernel reads)."""
     rows, cols = (int(v) for v in inputs["shape"])
-    bits = inputs["packed"].shape[1]
-    if inputs["packed"].shape[0] * 8 * PAIR < rows * cols:
+    packed_rows, bits = inputs["packed"].shape
+    if packed_rows * INDICES_PER_ROW * PAIR < rows * cols:
         raise ValueError("HyperDecode: fewer packed indices than the shape needs")
-    frame = np.concatenate([inputs["centres"].reshape(-1), inputs["spans"].reshape(-1)]).astype(np.float32)
-    return HyperWeight(np.ascontiguousarray(inputs["packed"]), codebook_table(inputs), frame, bits, rows, cols)
+    groups = inputs["spans"].size
+    frames = np.concatenate([inputs["centres"].reshape(groups, PAIR), inputs["spans"].reshape(groups, 1)], axis=1)
+    rows_per_frame = int(inputs["layout"][1]) // INDICES_PER_ROW if "layout" in inputs else packed_rows
+    return HyperWeight(np.ascontiguousarray(inputs["packed"]), codebook_table(inputs), frames.astype(np.float32),
+                       rows_per_frame, bits, rows, cols)
 
 
 def dense_hyper(weight: HyperWeight) -> np.ndarray:
     """The float32 weight [R, C] (numpy)."""
-    indices = unpack_rows(weight.packed, weight.bits, weight.rows * weight.cols // PAIR)
-    return _decode(weight, indices).reshape(weight.rows, weight.cols)
+    used_rows = weight.rows * weight.cols // (INDICES_PER_ROW * PAIR)
+    indices = unpack_rows(weight.packed[:used_rows], weight.bits, used_rows * INDICES_PER_ROW)
+    pairs = _decode(weight, np.arange(used_rows), indices.reshape(used_rows, INDICES_PER_ROW))
+    return pairs.reshape(weight.rows, weight.cols)
 
 
 def hyper_matmul_reference(x: np.ndarray, weight: HyperWeight) -> np.ndarray:
@@ -118,7 +134,7 @@ def hyper_gather(indices, weight: HyperWeight):
     packed_rows = (rows.reshape(-1, 1) * per_row + xp.arange(per_row)).reshape(-1)
     byte_weights, shifts, modulus = _unpacking(xp, weight.bits)
     index = (weight.packed[packed_rows].astype(xp.int32) @ byte_weights) // shifts % modulus
-    return _decode(weight, index.reshape(-1)).reshape(*rows.shape, weight.cols)
+    return _decode(weight, packed_rows, index).reshape(*rows.shape, weight.cols)
 
 
 def hyper_matmul_cuda(x, weight: HyperWeight):
@@ -127,7 +143,7 @@ def hyper_matmul_cuda(x, weight: HyperWeight):
 
     words = weight.cols // COLUMNS_PER_THREAD
     return sliced_matmul(cupy, cuda_launcher, "hyper_matmul", x, weight.arrays(), weight.rows, words,
-                         weight.bits, device_target_blocks())
+                         weight.format_ints(), device_target_blocks())
 
 
 def hyper_matmul_t_cuda(x, weight: HyperWeight):
@@ -135,4 +151,4 @@ def hyper_matmul_t_cuda(x, weight: HyperWeight):
     import cupy  # noqa: PLC0415
 
     return sliced_matmul(cupy, cuda_launcher, "hyper_matmul_t", x, weight.arrays(), weight.cols,
-                         weight.rows, weight.bits, device_target_blocks())
+                         weight.rows, weight.format_ints(), device_target_blocks())

@@ -1,6 +1,7 @@
 // Matmuls with W in hyperfunction codes: pairs (W[r, c], W[r, c + 1]), c even, are centre + span * T[index],
 // T the codebook's float pairs u_j s_k (shared by every tensor of the same codebook), frame = (centre x,
-// centre y, span) the tensor's own, pair p = (r * C + c) / 2 for W [R, C]. Rounded as the ONNX body rounds
+// centre y, span) of the pair's group (one group per tensor, or one per `rows_per_frame` packed rows),
+// pair p = (r * C + c) / 2 for W [R, C]. Rounded as the ONNX body rounds
 // (a product, then a sum, never fused), so the weights are onnxruntime's bit for bit (up to denormals, which
 // CuPy's -ftz=true flushes).
 // Indices are a little-endian bit stream in rows of eight (`bits` bytes a row): with C a multiple of 16, a row
@@ -42,9 +43,17 @@ __device__ __forceinline__ void cut_indices(const unsigned char* __restrict__ ro
 
 #define HYPER_ARGS                                                                                              \
     const float *__restrict__ x, const unsigned char *__restrict__ packed, const float *__restrict__ table,     \
-        const float *__restrict__ frame_in, float *__restrict__ partial, int rows_x, int depth, int workers,   \
-        int bits, int rows_per_slice
-#define HYPER_CALL x, packed, table, frame_in, partial, rows_x, depth, workers, bits, rows_per_slice
+        const float *__restrict__ frames, float *__restrict__ partial, int rows_x, int depth, int workers,     \
+        int bits, int rows_per_frame, int rows_per_slice
+#define HYPER_CALL x, packed, table, frames, partial, rows_x, depth, workers, bits, rows_per_frame, rows_per_slice
+
+// The packed row's 8 indices and the frame of its group.
+__device__ __forceinline__ const float* packed_row(const unsigned char* __restrict__ packed,
+                                                   const float* __restrict__ frames, size_t row, int bits,
+                                                   int rows_per_frame, unsigned int* index) {
+    cut_indices(packed + row * bits, bits, index);
+    return frames + 3 * (row / rows_per_frame);
+}
 
 // y = x @ W, W [depth, 16 * workers]: a thread owns 16 output columns (one packed row per weight row).
 template <int TILE_M>
@@ -53,7 +62,6 @@ __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
     if (!thread_work(workers, TILE_M, depth, rows_per_slice, &work)) return;
     const int words = workers, word = work.worker, m0 = work.m0;
     const int columns = words * ELEMENTS_PER_ROW;
-    const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
 
     float acc[TILE_M][ELEMENTS_PER_ROW];
     for (int m = 0; m < TILE_M; ++m)
@@ -61,7 +69,7 @@ __device__ __forceinline__ void hyper_matmul_tile(HYPER_ARGS) {
 
     unsigned int index[INDICES_PER_ROW];
     for (int r = work.begin; r < work.end; ++r) {
-        cut_indices(packed + ((size_t)r * words + word) * bits, bits, index);
+        const float* frame = packed_row(packed, frames, (size_t)r * words + word, bits, rows_per_frame, index);
         float xv[TILE_M];
         for (int m = 0; m < TILE_M; ++m) xv[m] = m0 + m < rows_x ? x[(size_t)(m0 + m) * depth + r] : 0.0f;
         for (int i = 0; i < INDICES_PER_ROW; ++i) {
@@ -87,14 +95,14 @@ __device__ __forceinline__ void hyper_matmul_t_tile(HYPER_ARGS) {
     if (!thread_work(workers, TILE_M, depth, rows_per_slice, &work)) return;
     const int columns = workers, column = work.worker, m0 = work.m0;
     const int rows_per_weight_row = depth / ELEMENTS_PER_ROW;
-    const float frame[3] = {frame_in[0], frame_in[1], frame_in[2]};
 
     float acc[TILE_M];
     for (int m = 0; m < TILE_M; ++m) acc[m] = 0.0f;
 
     unsigned int index[INDICES_PER_ROW];
     for (int k = work.begin; k < work.end; k += ELEMENTS_PER_ROW) {
-        cut_indices(packed + ((size_t)column * rows_per_weight_row + k / ELEMENTS_PER_ROW) * bits, bits, index);
+        const float* frame = packed_row(packed, frames, (size_t)column * rows_per_weight_row + k / ELEMENTS_PER_ROW,
+                                        bits, rows_per_frame, index);
         for (int i = 0; i < INDICES_PER_ROW; ++i) {
             float first, second;
             decode_pair(table, frame, index[i], &first, &second);

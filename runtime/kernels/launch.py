@@ -1,7 +1,7 @@
 """Launching the row-sliced matmul kernels: the grid (a pure function, shared by the GPU path and the CPU
 emulation in the tests), the CuPy module cache, and the fixed-order sum of the slices' partial results.
 
-The kernels take (x, codes..., partial, rows_x, depth, threads a row of x needs, <format int>, rows_per_slice):
+The kernels take (x, codes..., partial, rows_x, depth, threads a row of x needs, <format ints>, rows_per_slice):
 a thread owns `columns` output columns (`GEOMETRY`) and a tile of rows of x (`TILE_ROWS`), over a slice of the depth; the
 slices make enough blocks to fill the device at batch 1, and their partials are added afterwards in a fixed
 order (deterministic).
@@ -75,8 +75,8 @@ def launch_config(rows_x: int, depth: int, workers: int, target_blocks: int, dep
 Launcher = Callable[[str, LaunchConfig, tuple], None]
 
 
-def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int, workers: int, format_int: int,
-                  target_blocks: int):
+def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int, workers: int,
+                  format_ints: tuple[int, ...], target_blocks: int):
     """y [..., workers * columns a thread] = x [..., depth] @ W through `kernel`, the slices' partials added
     in order."""
     geometry = GEOMETRY[kernel]
@@ -89,7 +89,7 @@ def sliced_matmul(xp, launch: Launcher, kernel: str, x, codes: tuple, depth: int
         return xp.zeros((*lead, columns), xp.float32)
     config = launch_config(rows_x, depth, workers, target_blocks, geometry.depth_step)
     partial = xp.empty((config.slices, rows_x, columns), xp.float32)
-    launch(kernel, config, (x2d, *codes, partial, rows_x, depth, workers, format_int, config.rows_per_slice))
+    launch(kernel, config, (x2d, *codes, partial, rows_x, depth, workers, *format_ints, config.rows_per_slice))
     return (partial[0] if config.slices == 1 else partial.sum(axis=0)).reshape(*lead, columns)
 
 
@@ -113,8 +113,8 @@ def _cuda_function(kernel: str, entry: str):
 
 
 def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:
-    """Launch on the current CuPy device; Python ints become int32 kernel arguments."""
-    converted = tuple(np.int32(a) if isinstance(a, int) else a for a in args)
+    """Launch on the current CuPy device; integers become int32 kernel arguments (the kernels take int)."""
+    converted = tuple(np.int32(a) if isinstance(a, int | np.integer) else a for a in args)
     _cuda_function(kernel, config.entry(kernel))(config.grid, config.block, converted)
 
 

@@ -37,6 +37,10 @@ class TernaryWeight:
     def arrays(self) -> list:
         return [self.words, self.scales]
 
+    def format_ints(self) -> tuple[int, ...]:
+        """The kernel's integer arguments after the shapes."""
+        return (self.block,)
+
     def to(self, backend, tables: dict) -> TernaryWeight:
         """On the backend's device (`tables`: arrays shared between weights; ternary weights share none)."""
         return TernaryWeight(backend.to_device(self.words), backend.to_device(self.scales), self.block, self.cols)
@@ -95,5 +99,5 @@ def ternary_matmul_cuda(x, weight: TernaryWeight):
 
     depth, words = weight.words.shape
     y = sliced_matmul(cupy, cuda_launcher, "ternary_matmul", x, weight.arrays(), depth, words,
-                      weight.block, device_target_blocks())
+                      weight.format_ints(), device_target_blocks())
     return y[..., : weight.cols]

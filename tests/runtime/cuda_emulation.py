@@ -18,10 +18,11 @@ import numpy as np
 from symshrink.runtime.kernels.launch import CUDA_SOURCES, LaunchConfig
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "runtime" / "kernels"
-# the pointer arguments between x and partial: the weight's arrays
+# the pointer arguments between x and partial (the weight's arrays), and how many int arguments follow
 WEIGHT_ARGUMENTS = {"ternary_matmul": ["const unsigned int*", "const float*"],
                     "hyper_matmul": ["const unsigned char*", "const float*", "const float*"],
                     "hyper_matmul_t": ["const unsigned char*", "const float*", "const float*"]}
+INT_ARGUMENTS = {"ternary_matmul": 5, "hyper_matmul": 6, "hyper_matmul_t": 6}
 
 HARNESS = r"""
 #include <cstddef>
@@ -36,7 +37,7 @@ static dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __fmul_rn(a, b) ((a) * (b))
 #include "SOURCE"
 extern "C" void launch(const unsigned int* grid, const unsigned int* block, const float* x, void** weight,
-                       float* partial, int a, int b, int c, int d, int e) {
+                       float* partial, const int* ints) {
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
     for (unsigned int bz = 0; bz < grid[2]; ++bz)
@@ -47,7 +48,7 @@ extern "C" void launch(const unsigned int* grid, const unsigned int* block, cons
     for (unsigned int tx = 0; tx < block[0]; ++tx) {
         blockIdx = dim3{bx, by, bz};
         threadIdx = dim3{tx, ty, tz};
-        KERNEL(x, WEIGHT_ARGUMENTS, partial, a, b, c, d, e);
+        KERNEL(x, WEIGHT_ARGUMENTS, partial, INT_ARGUMENTS);
     }
 }
 """
@@ -63,8 +64,10 @@ def _library(kernel: str, entry: str, build_dir: str) -> ctypes.CDLL:
     source.write_text(HARNESS.replace("SOURCE", str(KERNELS_DIR / CUDA_SOURCES[kernel])))
     library = Path(build_dir) / f"{entry}_host.so"
     arguments = ", ".join(f"({kind})weight[{i}]" for i, kind in enumerate(WEIGHT_ARGUMENTS[kernel]))
+    ints = ", ".join(f"ints[{i}]" for i in range(INT_ARGUMENTS[kernel]))
     subprocess.run([compiler(), "-O2", "-shared", "-fPIC", "-std=c++17", f"-DKERNEL={entry}",
-                    f"-DWEIGHT_ARGUMENTS={arguments}", str(source), "-o", str(library)], check=True, capture_output=True)
+                    f"-DWEIGHT_ARGUMENTS={arguments}", f"-DINT_ARGUMENTS={ints}", str(source), "-o", str(library)],
+                   check=True, capture_output=True)
     return ctypes.CDLL(str(library))
 
 
@@ -72,7 +75,9 @@ def host_launcher(build_dir: Path):
     """A launcher for `launch.sliced_matmul` that runs the kernel's C++ on the CPU."""
 
     def launch(kernel: str, config: LaunchConfig, args: tuple) -> None:
-        x, *weight, partial = args[:-5]
+        count = INT_ARGUMENTS[kernel]
+        x, *weight, partial = args[:-count]
+        assert len(args[-count:]) == count and all(isinstance(i, int) for i in args[-count:])
         for array in (x, *weight, partial):
             assert array.flags.c_contiguous
         pointer = ctypes.c_void_p
@@ -80,6 +85,6 @@ def host_launcher(build_dir: Path):
         _library(kernel, config.entry(kernel), str(build_dir)).launch(
             np.array(config.grid, np.uint32).ctypes.data_as(pointer), np.array(config.block, np.uint32).ctypes.data_as(pointer),
             x.ctypes.data_as(pointer), weight_pointers, partial.ctypes.data_as(pointer),
-            *(ctypes.c_int(int(i)) for i in args[-5:]))
+            np.array(args[-count:], np.int32).ctypes.data_as(pointer))
 
     return launch

@@ -34,9 +34,11 @@ VARIANTS = {  # name: (compress flags, kernel the MatMuls run as, function bodie
     "ternary-function": (["--method", "ternary", "--storage", "function"], {"ternary_matmul": 2}, {}),
     "ternary-base3": (["--method", "ternary", "--storage", "function-base3"], {"ternary_matmul": 2}, {}),
     "hyper": (["--method", "hyper", "--index-bits", "10", "--tensor-error", "0.1"], {"hyper_matmul": 2}, {}),
-    # per-group centres and spans: no fused kernel; the HyperDecodeGrouped body runs on the device per call
-    "hyper-grouped": (["--method", "hyper", "--index-bits", "10", "--group-size", "256"], {},
-                      {"HyperDecodeGrouped": 2}),
+    # per-group centres and spans: groups of 128 pairs fill whole rows of 8 indices, and fuse
+    "hyper-grouped": (["--method", "hyper", "--index-bits", "10", "--group-size", "256"], {"hyper_matmul": 2}, {}),
+    # groups of 100 pairs split rows of 8 indices: the HyperDecodeGrouped body runs on the device at each call
+    "hyper-grouped-100": (["--method", "hyper", "--index-bits", "10", "--group-size", "200"], {},
+                          {"HyperDecodeGrouped": 2}),
 }
 
 

@@ -40,12 +40,14 @@ def _ternary_case(rows_x: int, depth: int, cols: int, block: int, seed: int = 0)
     return x, ternary.ternary_weight(codes, scales, block), dense
 
 
-def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, transposed: bool = False, seed: int = 0):
+def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, transposed: bool = False, group: int | None = None,
+                seed: int = 0):
     """x [rows_x, depth] @ W: W [depth, cols] coded as it is, or W^T coded ([cols, depth]) for the transposed
-    kernel; the dense float64 product's W."""
+    kernel, per tensor or with a centre and span per `group` weights; the dense float64 product's W."""
     rng = np.random.default_rng(seed)
     tensor = rng.standard_normal((cols, depth) if transposed else (depth, cols)).astype(np.float32)
-    code = encode(tensor, HyperSetting(codebook="lattice", codes=(1 << bits) - 1, bands=0))
+    tensor *= np.linspace(0.2, 3.0, tensor.size, dtype=np.float32).reshape(tensor.shape)  # groups differ
+    code = encode(tensor, HyperSetting(codebook="lattice", codes=(1 << bits) - 1, bands=0, group=group))
     weight = hyper.function_weight(function_inputs(code))
     x = rng.standard_normal((rows_x, depth)).astype(np.float32)
     dense = decode_values(code).astype(np.float64)
@@ -63,6 +65,10 @@ def _cases():
     for bits, (rows_x, depth, cols) in zip((5, 11, 16, 7), [(1, 64, 40), (6, 48, 33), (9, 272, 5), (6, 32, 130)]):
         yield pytest.param("hyper_matmul_t", *_hyper_case(rows_x, depth, cols, bits, transposed=True),
                            id=f"hyper-t-{bits}bits-{depth}x{cols}")
+    for kernel, group, (rows_x, depth, cols) in [("hyper_matmul", 64, (3, 40, 48)), ("hyper_matmul", 256, (1, 70, 32)),
+                                                   ("hyper_matmul_t", 32, (5, 48, 20))]:  # groups of 2-8 packed rows
+        yield pytest.param(kernel, *_hyper_case(rows_x, depth, cols, 9, kernel == "hyper_matmul_t", group),
+                           id=f"{kernel}-g{group}-{depth}x{cols}")
 
 
 CASES = list(_cases())
@@ -155,8 +161,7 @@ def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, t
     codes = weight.arrays()
     depth, cols = x.shape[1], dense.shape[1]
     workers = cols if kernel == "hyper_matmul_t" else -(-cols // 16)  # one column a thread, or 16
-    format_int = weight.block if kernel == "ternary_matmul" else weight.bits
-    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, workers, format_int, target_blocks)
+    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, workers, weight.format_ints(), target_blocks)
     _within_budget(kernel, x, dense, y[:, : dense.shape[1]])
 
 
