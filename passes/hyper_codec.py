@@ -182,11 +182,15 @@ def row_unpacking(bits: int) -> tuple[np.ndarray, np.ndarray, int]:
     return weights, (1 << (start % 8)).astype(np.int32), 1 << bits
 
 
+def cut_rows(rows, weights, shifts, modulus: int):
+    """The decode's integer arithmetic (`row_unpacking`'s arrays, of the rows' own array type: numpy or CuPy):
+    the eight indices of each row, int32 [rows, 8]."""
+    return (rows.astype(np.int32) @ weights) // shifts % modulus
+
+
 def unpack_rows(rows: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The decode's integer arithmetic in numpy (`row_unpacking`): the first `count` indices, int32."""
-    weights, shifts, modulus = row_unpacking(bits)
-    window = rows.astype(np.int32) @ weights
-    return ((window // shifts) % modulus).reshape(-1)[:count]
+    """The first `count` indices of the packed rows (`cut_rows` in numpy), int32."""
+    return cut_rows(rows, *row_unpacking(bits)).reshape(-1)[:count]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from types import ModuleType
 
 import numpy as np
@@ -37,10 +38,6 @@ class Backend:
         pool = self.xp.get_default_memory_pool()
         return f"device memory: {pool.used_bytes() / 2**20:.1f} MiB in use, {pool.total_bytes() / 2**20:.1f} MiB reserved"
 
-    def synchronize(self) -> None:
-        if self.name == "cuda":
-            self.xp.cuda.get_current_stream().synchronize()
-
 
 def is_host(array) -> bool:
     """A numpy array (not a device array; an exact type test, so that an ndarray subclass can stand for a
@@ -48,6 +45,7 @@ def is_host(array) -> bool:
     return type(array) is np.ndarray
 
 
+@cache
 def cpu_backend() -> Backend:
     from scipy.special import erf  # noqa: PLC0415
 

@@ -4,13 +4,12 @@ Load -> prepare (attributes read once, Constant nodes evaluated, kernel fusions 
 -> run. Values that depend only on host constants (shapes, axes, index arithmetic) stay numpy arrays on the
 host, and ops read their shape-like inputs there (`ops.HOST_INPUTS`), so shape arithmetic does not wait on
 the device; everything else lives on the backend's device, and a host value a device op needs is copied
-there once per run. A value is dropped after its last reader. symshrink-domain nodes run as fused kernels where a rule in
-`runtime.kernels` matches, and otherwise through their model-local function bodies.
+there once per run. A value is dropped after its last reader. symshrink-domain nodes run as fused kernels
+where a rule in `runtime.kernels` matches, and otherwise through their model-local function bodies.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from symshrink.runtime.kernels import KernelStep, plan_kernels
 from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext
 
 __all__ = ["Executor", "ExecutorSummary"]
-
-logger = logging.getLogger(__name__)
 
 NARROW_INTEGERS = {"int2", "uint2", "int4", "uint4"}
 HOST_LIMIT = 64  # constants up to this many elements stay on the host (shapes, axes, Resize scales, scalars)
@@ -96,7 +93,8 @@ class Executor:
         self._function_counts: Counter[str] = Counter()
         self._missing: set[str] = set()
         self._bodies: dict[tuple[str, str, str], _Program] = {}
-        self._resident: dict[int, tuple[np.ndarray, Any]] = {}  # id of a small host constant -> (it, device copy)
+        self._host_constants: set[int] = set()  # ids of the small constants kept on the host
+        self._resident: dict[int, tuple[np.ndarray, Any]] = {}  # their device copies, made when first needed
         initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()
                         if value.const_value is not None}
         self.program = self._compile(model.graph, model.opset_imports.get("", 1), fuse, initializers)
@@ -164,7 +162,7 @@ class Executor:
         if array.dtype.name in NARROW_INTEGERS:
             array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
         if array.size <= HOST_LIMIT and self.backend.name != "cpu":
-            self._resident[id(array)] = (array, None)
+            self._host_constants.add(id(array))
             return array
         return self.backend.to_device(array)
 
@@ -222,16 +220,16 @@ class Executor:
     def _on_device(self, array, uploads: dict[int, tuple]):
         """The device copy of a host array: made once for a small constant, once a run for a value computed on
         the host (the entries keep the host arrays alive, so their ids are not reused meanwhile)."""
-        if not is_host(array) or self.backend.name == "cpu":
+        if self.backend.name == "cpu" or not is_host(array):
             return array
-        cache = self._resident if id(array) in self._resident else uploads
-        if cache.get(id(array), (None, None))[1] is None:
+        cache = self._resident if id(array) in self._host_constants else uploads
+        if id(array) not in cache:
             cache[id(array)] = (array, self.backend.to_device(array))
         return cache[id(array)][1]
 
     def _run_node(self, step: _NodeStep, opset: int, args: list, uploads: dict[int, tuple]) -> list:
         op_type = step.node.op_type
-        on_host = all(a is None or is_host(a) for a in args) and self.backend.name != "cpu"
+        on_host = self.backend.name != "cpu" and all(a is None or is_host(a) for a in args)
         backend = self.host if on_host else self.backend
         if not on_host:
             host_inputs = HOST_INPUTS.get(op_type, ())

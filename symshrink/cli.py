@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
@@ -140,13 +139,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import numpy as np  # noqa: PLC0415
 
-    from symshrink.modelio import load_model  # noqa: PLC0415
+    from symshrink.modelio import check_output_folder, load_model, write_atomically  # noqa: PLC0415
     from symshrink.runtime.executor import Executor  # noqa: PLC0415
 
     backend = _backend(args.device)
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise BadInput(f"{args.output}: its folder does not exist")
-    model, path = load_model(args.model)
+    if args.output:
+        check_output_folder(args.output)
+    model, _ = load_model(args.model)
     executor = Executor(model, backend)
     feeds = _feeds(args, args.model, executor.input_specs())
     results, seconds = [], []
@@ -163,8 +162,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         first = results[0][name]
         print(f"  {name}: {first.dtype} {list(first.shape)}")
     if args.output:
-        from symshrink.modelio import write_atomically  # noqa: PLC0415
-
         arrays = {}
         for name in executor.output_names():
             values = [r[name] for r in results]

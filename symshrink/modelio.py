@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 
 from symshrink.errors import BadInput
 
-__all__ = ["resolve_model", "load_model", "save_model", "write_atomically", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
+__all__ = ["resolve_model", "load_model", "save_model", "check_output_folder", "write_atomically",
+           "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
@@ -101,12 +102,18 @@ def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | No
     return out
 
 
+def check_output_folder(out: str | os.PathLike) -> Path:
+    """`out` as a Path, if its folder exists (bad input otherwise: say so before doing the work)."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        raise BadInput(f"{out}: its folder does not exist")
+    return out
+
+
 def write_atomically(out: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """`write(handle)` into a new file in a temporary folder beside `out` (created with the umask's mode, as
     any new file), synced and renamed over `out` when done: no partial file on failure."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise BadInput(f"{out.parent}: no such folder")
+    out = check_output_folder(out)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         path = Path(tmp) / out.name
         with open(path, "wb") as handle:

@@ -47,23 +47,25 @@ TERNARY_BLOCK = 64
 FP32_FMA_PER_SM_CLOCK = 128  # Hopper and Ampere: 128 fp32 lanes per SM
 
 
+def _wall_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """Median wall-clock seconds of `call` after one warm-up call (calls that return host arrays have waited
+    for the device)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def _timer(backend: Backend, repeats: int) -> Callable[[Callable[[], Any]], float]:
     """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
     if backend.name == "cuda":
         from cupyx.profiler import benchmark  # noqa: PLC0415
 
         return lambda call: float(np.median(benchmark(call, n_repeat=repeats, n_warmup=3).gpu_times[0]))
-
-    def wall(call: Callable[[], Any]) -> float:
-        call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    return wall
+    return lambda call: _wall_seconds(call, repeats)
 
 
 def device_info(backend: Backend, timer) -> dict[str, Any]:
@@ -182,13 +184,9 @@ def _onnxruntime_cuda(spec: str, path: Path, feeds: list[dict], reference: list[
     """The user's own fp32 baseline on the GPU: onnxruntime's CUDA execution provider (its memory is its arena's)."""
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     outputs = run_all(session, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds[0])
-        times.append(time.perf_counter() - start)
+    seconds = _wall_seconds(lambda: session.run(None, feeds[0]), runs)
     return {"model": spec, "variant": f"fp32 onnxruntime ({session.get_providers()[0]})",
-            "disk_mb": path.stat().st_size / 1e6, "ms": 1e3 * float(np.median(times)), "device_mb": None,
+            "disk_mb": path.stat().st_size / 1e6, "ms": 1e3 * seconds, "device_mb": None,
             "peak_mb": None, "rel_l2": compare_outputs(reference, outputs)[0].rel_l2, "kernels": {},
             "function_bodies": {}}
 
@@ -202,13 +200,9 @@ def _run_variant(backend: Backend, path: Path, feeds: list[dict], reference: lis
     loaded = pool.used_bytes() if pool is not None else executor.summary().constant_bytes
     outputs = [executor.run(feed) for feed in feeds]
     diff = compare_outputs(reference, outputs)[0]
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        executor.run(feeds[0])  # outputs come back to the host: the device has finished
-        times.append(time.perf_counter() - start)
+    seconds = _wall_seconds(lambda: executor.run(feeds[0]), runs)  # outputs come back to the host
     summary = executor.summary()
-    return {"ms": 1e3 * float(np.median(times)), "device_mb": loaded / 1e6,
+    return {"ms": 1e3 * seconds, "device_mb": loaded / 1e6,
             "peak_mb": pool.total_bytes() / 1e6 if pool is not None else None, "rel_l2": diff.rel_l2,
             "kernels": summary.kernels, "function_bodies": summary.function_calls}
 

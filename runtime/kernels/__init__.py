@@ -47,8 +47,8 @@ Weight = ternary.TernaryWeight | hyper.HyperWeight
 class Match:
     kernel: str
     reader: ir.Node  # where the kernel runs; its first output is the kernel's
-    replaced: list[ir.Node]  # upstream nodes it makes unneeded, if nothing else reads them
-    taken: list[tuple[ir.Node, int]]  # the input slots (node, index) whose values it no longer needs
+    taken: list[tuple[ir.Node, int]]  # the input slots (node, index) whose values it no longer needs; their
+    # producers (the decode, a Transpose between) become unneeded if nothing else reads them
     x: str  # the input it takes at run time: the activation, or the gathered indices
     weight: Weight
     source: ir.Node  # the node whose constant inputs hold the weight (one device copy per source)
@@ -86,7 +86,7 @@ def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Ma
     arrays = {key: constants.get(v.name) for key, v in zip(TERNARY_INPUTS[1:], node.inputs[1:])}
     if any(a is None for a in arrays.values()):
         return None
-    return Match("ternary_matmul", node, [], [], node.inputs[0].name, ternary.function_weight(arrays, radix), node)
+    return Match("ternary_matmul", node, [], node.inputs[0].name, ternary.function_weight(arrays, radix), node)
 
 
 def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
@@ -112,7 +112,7 @@ def dequantize_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | 
     else:
         return None
     weight = ternary.ternary_weight(codes, scales, block)
-    return Match("ternary_matmul", node, [dequantize], [(node, 1)], node.inputs[0].name, weight, dequantize)
+    return Match("ternary_matmul", node, [(node, 1)], node.inputs[0].name, weight, dequantize)
 
 
 def _hyper_source(value: ir.Value | None, constants: dict[str, np.ndarray]):
@@ -143,7 +143,7 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
         found = _hyper_source(node.inputs[0], constants)
         if found is None or found[2]:
             return None
-        return Match("hyper_gather", node, [found[0]], [(node, 0)], node.inputs[1].name, found[1], found[0])
+        return Match("hyper_gather", node, [(node, 0)], node.inputs[1].name, found[1], found[0])
     bias, flip = None, False
     if _is(node, "Gemm"):
         attributes = node.attributes
@@ -160,7 +160,7 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     decode, weight, transposed, between = found
     kernel = "hyper_matmul_t" if transposed != flip else "hyper_matmul"
     taken = [(node, 1)] + [(transpose, 0) for transpose in between]
-    return Match(kernel, node, [*between, decode], taken, node.inputs[0].name, weight, decode, bias)
+    return Match(kernel, node, taken, node.inputs[0].name, weight, decode, bias)
 
 
 RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary_function_rule, dequantize_rule,
@@ -173,7 +173,8 @@ def _unneeded(matches: list[Match], graph) -> set[int]:
     readers = {id(m.reader) for m in matches}
     taken = {(id(node), index) for m in matches for node, index in m.taken}
     order = {id(node): i for i, node in enumerate(graph)}
-    candidates = {id(n): n for m in matches for n in m.replaced}
+    producers = (node.inputs[index].producer() for m in matches for node, index in m.taken)
+    candidates = {id(n): n for n in producers if n is not None}
     unneeded: set[int] = set()
 
     def gone(use) -> bool:
@@ -193,15 +194,16 @@ def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> t
         match = next((m for m in (rule(node, constants) for rule in RULES) if m is not None), None)
         if match is not None:
             matches.append(match)
+    on_gpu = backend.name == "cuda"
+    placement = backend if on_gpu else cpu_backend()  # the references (every backend but CUDA) read host arrays
     placed: dict[int, Weight] = {}
     tables: dict = {}
     steps = {}
     for match in matches:
-        if id(match.source) not in placed:  # the references (every backend but CUDA) read host arrays
-            placed[id(match.source)] = match.weight.to(backend if backend.name == "cuda" else cpu_backend(), tables)
-        weight = placed[id(match.source)]
+        if id(match.source) not in placed:
+            placed[id(match.source)] = match.weight.to(placement, tables)
         kernel = KERNELS[match.kernel]
         inputs = [match.x] + ([match.bias] if match.bias else [])
-        steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], weight,
-                                             kernel.cuda if backend.name == "cuda" else kernel.reference)
+        steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], placed[id(match.source)],
+                                             kernel.cuda if on_gpu else kernel.reference)
     return steps, _unneeded(matches, graph)

@@ -20,8 +20,8 @@ from functools import cache
 
 import numpy as np
 
-from symshrink.passes.hyper_codec import INDICES_PER_ROW, row_unpacking, unpack_rows
-from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
+from symshrink.passes.hyper_codec import INDICES_PER_ROW, cut_rows, row_unpacking, unpack_rows
+from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
 
 __all__ = ["HyperWeight", "function_weight", "fusable", "dense_hyper", "hyper_matmul_reference", "hyper_matmul_cuda",
            "hyper_matmul_t_reference", "hyper_matmul_t_cuda", "hyper_gather", "ERROR_BUDGET"]
@@ -132,23 +132,15 @@ def hyper_gather(indices, weight: HyperWeight):
     rows = xp.asarray(indices, dtype=xp.int64)
     rows = xp.where(rows < 0, rows + weight.rows, rows)  # as Gather: negative ids count from the end
     packed_rows = (rows.reshape(-1, 1) * per_row + xp.arange(per_row)).reshape(-1)
-    byte_weights, shifts, modulus = _unpacking(xp, weight.bits)
-    index = (weight.packed[packed_rows].astype(xp.int32) @ byte_weights) // shifts % modulus
+    index = cut_rows(weight.packed[packed_rows], *_unpacking(xp, weight.bits))
     return _decode(weight, packed_rows, index).reshape(*rows.shape, weight.cols)
 
 
 def hyper_matmul_cuda(x, weight: HyperWeight):
     """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend, {})`)."""
-    import cupy  # noqa: PLC0415
-
-    words = weight.cols // COLUMNS_PER_THREAD
-    return sliced_matmul(cupy, cuda_launcher, "hyper_matmul", x, weight.arrays(), weight.rows, words,
-                         weight.format_ints(), device_target_blocks())
+    return cuda_matmul("hyper_matmul", x, weight, weight.rows, weight.cols // COLUMNS_PER_THREAD)
 
 
 def hyper_matmul_t_cuda(x, weight: HyperWeight):
     """The transposed CUDA kernel on CuPy arrays: x [..., C] @ W^T -> [..., R]."""
-    import cupy  # noqa: PLC0415
-
-    return sliced_matmul(cupy, cuda_launcher, "hyper_matmul_t", x, weight.arrays(), weight.cols,
-                         weight.rows, weight.format_ints(), device_target_blocks())
+    return cuda_matmul("hyper_matmul_t", x, weight, weight.cols, weight.rows)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_source", "CUDA_SOURCES", "cuda_launcher",
-           "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY", "cuda_code", "NVRTC_OPTIONS"]
+__all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_matmul", "cuda_source", "cuda_code", "CUDA_SOURCES",
+           "cuda_launcher", "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY", "NVRTC_OPTIONS"]
 
 TILE_ROWS = (1, 4)  # rows of x a thread carries: the kernels' entry points <kernel>_m1 and <kernel>_m4
 COLUMNS_PER_THREAD = 16
@@ -116,6 +116,15 @@ def cuda_launcher(kernel: str, config: LaunchConfig, args: tuple) -> None:
     """Launch on the current CuPy device; integers become int32 kernel arguments (the kernels take int)."""
     converted = tuple(np.int32(a) if isinstance(a, int | np.integer) else a for a in args)
     _cuda_function(kernel, config.entry(kernel))(config.grid, config.block, converted)
+
+
+def cuda_matmul(kernel: str, x, weight, depth: int, workers: int):
+    """`sliced_matmul` of CuPy arrays on the current device (the weight's arrays and integers as the kernel
+    takes them)."""
+    import cupy  # noqa: PLC0415
+
+    return sliced_matmul(cupy, cuda_launcher, kernel, x, tuple(weight.arrays()), depth, workers,
+                         weight.format_ints(), device_target_blocks())
 
 
 @cache

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from symshrink.passes.ternary_codec import DIGITS_PER_BYTE, pack_codes, unpack_codes
-from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_launcher, device_target_blocks, sliced_matmul
+from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
 
 __all__ = ["TernaryWeight", "ternary_weight", "function_weight", "ternary_matmul_reference", "ternary_matmul_cuda",
            "dense_ternary", "ERROR_BUDGET"]
@@ -95,9 +95,5 @@ def ternary_matmul_reference(x: np.ndarray, weight: TernaryWeight) -> np.ndarray
 
 def ternary_matmul_cuda(x, weight: TernaryWeight):
     """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend, {})`)."""
-    import cupy  # noqa: PLC0415
-
     depth, words = weight.words.shape
-    y = sliced_matmul(cupy, cuda_launcher, "ternary_matmul", x, weight.arrays(), depth, words,
-                      weight.format_ints(), device_target_blocks())
-    return y[..., : weight.cols]
+    return cuda_matmul("ternary_matmul", x, weight, depth, words)[..., : weight.cols]
