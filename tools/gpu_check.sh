@@ -15,5 +15,6 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import cupy, onnx_ir; print('cupy', cupy.__version__, 'onnx_ir', onnx_ir.__version__)" | tee -a "$out/device.txt"
 PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/runtime 2>&1 | tee "$out/gpu-tests.log" | tail -15
-PYTHONUNBUFFERED=1 python3 tools/bench_gpu.py --device cuda --models "${MODELS:-}" --out "$out/benchmarks-gpu.md" \
+PYTHONUNBUFFERED=1 python3 tools/bench_gpu.py --device cuda --models "${MODELS:-}" --shapes "${SHAPES:-4096x4096,8192x8192,1536x384}" \
+  --batches "${BATCHES:-1,8,32,64}" --out "$out/benchmarks-gpu.md" \
   2>&1 | tee "$out/bench.log" | tail -40
