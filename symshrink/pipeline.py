@@ -121,7 +121,8 @@ def default_calib(model_spec: str) -> str | None:
 
 
 def _calibration(options: CompressOptions, model_spec: str, inputs) -> list:
-    spec = options.calib or default_calib(model_spec)
+    # an explicit --random-calib wins over a zoo model's default data set (GPU machines lack the data)
+    spec = options.calib or (None if options.random_calib else default_calib(model_spec))
     if spec is None:
         if not options.random_calib:
             raise BadInput("give calibration data with --calib (zoo data set, .npz or folder of .npy), "
