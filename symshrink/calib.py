@@ -1,11 +1,16 @@
-"""Calibration and evaluation feeds: a zoo data set name, an .npz (input name -> array) or a folder
-of <input name>.npy files. Random inputs only when asked for explicitly."""
+"""Calibration and evaluation feeds. A feed is one complete model run ({input name: array}); a source is
+a zoo data set name, an .npz (input name -> array) or a folder of <input name>.npy files (split on axis 0
+into batches, or with layout "runs" one run per index of a leading run axis), a folder of one .npz per
+run, an iterable of feed dicts, or an onnxruntime CalibrationDataReader. Every feed is checked against
+the model's inputs (names, ranks, fixed dimensions, dtypes, finite values) before any work. Random
+inputs only when asked for explicitly."""
 
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,49 +18,82 @@ import numpy as np
 from symshrink.errors import BadInput
 from symshrink.models.types import Feeds, InputSpec
 
-__all__ = ["load_feeds", "check_feeds", "random_feeds", "split_holdout"]
+__all__ = ["load_feeds", "check_feeds", "random_feeds", "split_holdout", "LAYOUTS", "MAX_RANDOM_FEEDS"]
 
 logger = logging.getLogger(__name__)
 BATCH = 64  # rows per feed when a file gives one large batch
+LAYOUTS = ("batch", "runs")  # how arrays in a file become feeds: split on axis 0, or one run per leading index
+MAX_RANDOM_FEEDS = 4096  # random feeds are for smoke tests; more would only fill memory
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("an .npy array, not an .npz archive of named arrays")
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise BadInput(f"{path}: not a readable .npz file ({err})") from None
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if path.is_dir():
         files = sorted(path.glob("*.npy"))
         if not files:
-            raise BadInput(f"{path}: folder has no .npy files")
+            raise BadInput(f"{path}: folder has no .npy files (nor .npz files, one per run)")
         try:
             return {f.stem: np.load(f, allow_pickle=False) for f in files}
         except ValueError as err:
             raise BadInput(f"{path}: unreadable .npy file ({err})") from None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise BadInput(f"{path}: not a readable .npz file ({err})") from None
+    return _read_npz(path)
+
+
+def _file_feeds(path: Path, layout: str, samples: int | None) -> list[Feeds]:
+    """Feeds from a file or folder, at most `samples` rows (batches) or runs; a folder of .npz files is one run
+    per file, whatever the layout."""
+    if layout not in LAYOUTS:
+        raise BadInput(f"unknown calibration layout {layout!r}; available: {', '.join(LAYOUTS)}")
+    if path.is_dir() and any(path.glob("*.npz")):
+        return [_read_npz(f) for f in sorted(path.glob("*.npz"))[:samples]]
+    arrays = _read_arrays(path)
+    if layout == "runs":
+        return _split_runs(arrays)[:samples]
+    feeds = _split_rows(arrays)
+    return feeds if samples is None else _limit_rows(feeds, samples)
+
+
+def _split_runs(arrays: dict[str, np.ndarray]) -> list[Feeds]:
+    runs = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+    if len(runs) != 1 or 0 in runs:
+        raise BadInput(f"layout runs: every array needs the same leading run axis, got lengths {sorted(runs)}")
+    (n,) = runs
+    return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
 
 
 def _split_rows(arrays: dict[str, np.ndarray]) -> list[Feeds]:
     rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
     if len(rows) != 1 or 0 in rows:
-        raise BadInput(f"calibration arrays disagree on the batch size: {sorted(rows)}")
+        raise BadInput(f"calibration arrays disagree on the batch size (axis 0): {sorted(rows)}; for inputs that are "
+                       "scalars or not batched on axis 0, give one run per leading index (--calib-layout runs) or a "
+                       "folder of one .npz per run")
     (n,) = rows
     return [{k: v[i:i + BATCH] for k, v in arrays.items()} for i in range(0, n, BATCH)]
 
 
 def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
-    """Names, ranks, fixed dimensions and dtypes must fit the model's inputs."""
+    """Names, ranks, fixed dimensions, dtypes and finite values must fit the model's inputs."""
     if not feeds:
         raise BadInput("no calibration samples")
     wanted = {spec.name: spec for spec in inputs}
-    for feed in feeds[:1]:
+    for i, feed in enumerate(feeds):
         missing = sorted(set(wanted) - set(feed))
         extra = sorted(set(feed) - set(wanted))
         if missing or extra:
-            raise BadInput(f"calibration data does not fit the model: missing inputs {missing}, unknown {extra}")
-    for feed in feeds:
+            raise BadInput(f"calibration feed {i} does not fit the model: missing inputs {missing}, unknown {extra}")
         for name, array in feed.items():
             spec = wanted[name]
+            if not isinstance(array, np.ndarray):
+                raise BadInput(f"input {name!r}: a numpy array, not {type(array).__name__}")
             if array.ndim != len(spec.shape):
                 raise BadInput(f"input {name!r}: rank {array.ndim}, model expects shape {list(spec.shape)}")
             for got, want in zip(array.shape, spec.shape):
@@ -63,10 +101,14 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
                     raise BadInput(f"input {name!r}: shape {list(array.shape)}, model expects {list(spec.shape)}")
             if np.dtype(spec.dtype) != array.dtype:
                 raise BadInput(f"input {name!r}: dtype {array.dtype}, model expects {spec.dtype}")
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise BadInput(f"input {name!r}: calibration feed {i} has NaN or infinite values")
 
 
 def random_feeds(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Feeds]:
     """Gaussian (float) or small non-negative integer inputs; dynamic axes become 1 (batch) or 16."""
+    if not 1 <= n <= MAX_RANDOM_FEEDS:
+        raise BadInput(f"random feeds: between 1 and {MAX_RANDOM_FEEDS}, not {n}")
     logger.warning("calibrating on RANDOM inputs: the reduced model fits noise, not your data")
     rng = np.random.default_rng(seed)
     feeds = []
@@ -82,19 +124,41 @@ def random_feeds(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Fee
     return feeds
 
 
-def load_feeds(spec: str, inputs: Sequence[InputSpec], split: str = "calib", samples: int | None = None) -> list[Feeds]:
-    """Feeds from a zoo data set name, an .npz file or a folder of .npy files."""
-    path = Path(spec)
-    if path.exists():
-        feeds = _split_rows(_read_arrays(path))
-        if samples is not None:
-            feeds = _limit_rows(feeds, samples)
+def _feeds_of(source: object) -> list[Feeds]:
+    """An iterable of {input name: array} dicts, or an onnxruntime CalibrationDataReader (get_next until None)."""
+    if hasattr(source, "get_next"):
+        runs = iter(source.get_next, None)
+    elif isinstance(source, Iterable) and not isinstance(source, (str, bytes, Mapping)):
+        runs = iter(source)
     else:
+        raise BadInput(f"calibration: a zoo data set name, a path (.npz or folder), an iterable of feed dicts or a "
+                       f"CalibrationDataReader, not {type(source).__name__}")
+    feeds = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, Mapping):
+            raise BadInput(f"calibration feed {i}: a dict of input name -> array, not {type(run).__name__}")
+        feeds.append({str(k): np.asarray(v) for k, v in run.items()})
+    return feeds
+
+
+def load_feeds(source: object, inputs: Sequence[InputSpec], split: str = "calib", samples: int | None = None,
+               layout: str = "batch") -> list[Feeds]:
+    """Feeds from any calibration source (see the module docstring), checked against `inputs`. `samples` caps
+    the rows (layout batch) or the runs."""
+    if samples is not None and samples < 1:
+        raise BadInput(f"the number of samples must be positive, not {samples}")
+    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
+        feeds = _file_feeds(Path(source), layout, samples)
+    elif isinstance(source, str):
         from symshrink.models.registry import DATASETS  # noqa: PLC0415
 
-        if spec not in DATASETS:
-            raise BadInput(f"{spec}: no such file, and not a zoo data set ({', '.join(sorted(DATASETS))})")
-        feeds = DATASETS[spec].load(list(inputs), split, samples)
+        if source not in DATASETS:
+            raise BadInput(f"{source}: no such file, and not a zoo data set ({', '.join(sorted(DATASETS))})")
+        feeds = DATASETS[source].load(list(inputs), split, samples)
+    elif isinstance(source, os.PathLike):
+        raise BadInput(f"{source}: no such file or folder")
+    else:
+        feeds = _feeds_of(source)[:samples]
     check_feeds(feeds, inputs)
     return feeds
 

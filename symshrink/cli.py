@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 
+from symshrink import __version__
 from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
 
 __all__ = ["main"]
@@ -66,12 +71,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
         codebook=args.codebook, codes=args.codes, index_bits=args.index_bits, bands=args.bands,
         side=args.side, group_size=args.group_size, code_dims=args.code_dims, tensor_error=args.tensor_error,
-        threads=args.threads, progress=not args.quiet,
+        threads=args.threads, progress=not args.quiet and not args.json, calib_layout=args.calib_layout,
     )
-    report = compress(args.model, args.output, options)
-    for plan in (report.plan, report.ternary, report.hyper):
-        if plan is not None:
-            print(plan)
+    report = compress(args.model, args.output, options, force=args.force, report_path=args.report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    for plan in report.plans().values():
+        print(plan)
     print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
     print(format_diffs(report.diffs))
     ratio = report.bytes_after / report.bytes_before
@@ -139,12 +146,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import numpy as np  # noqa: PLC0415
 
-    from symshrink.modelio import check_output_folder, load_model, write_atomically  # noqa: PLC0415
+    from symshrink.modelio import claim_output, external_files, load_model, resolve_model, write_atomically  # noqa: PLC0415
     from symshrink.runtime.executor import Executor  # noqa: PLC0415
 
     backend = _backend(args.device)
     if args.output:
-        check_output_folder(args.output)
+        model_path = resolve_model(args.model)
+        inputs = external_files(model_path) if model_path.is_file() else []
+        if args.data and os.path.exists(args.data):
+            inputs.append(Path(args.data))
+        args.output = claim_output(args.output, force=args.force, inputs=inputs, what="-o")
     model, _ = load_model(args.model)
     executor = Executor(model, backend)
     feeds = _feeds(args, args.model, executor.input_specs())
@@ -199,6 +210,7 @@ def _add_gate_args(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symshrink", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"symshrink {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     zoo = sub.add_parser("zoo", help="list or materialise real models")
@@ -214,7 +226,12 @@ def _parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compress", help="rewrite a model smaller; verify; write atomically")
     comp.add_argument("model")
-    comp.add_argument("-o", "--output", required=True)
+    comp.add_argument("-o", "--output", required=True, help="the compressed model (never the input; an existing "
+                      "file is replaced only with --force)")
+    comp.add_argument("--force", action="store_true", help="replace existing output files (-o, --plan-out, --report)")
+    comp.add_argument("--report", help="write the report (plans, held-out errors, gate) to this .json or .md file, "
+                      "also when the gate fails")
+    comp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     comp.add_argument("--method", default="moment",
                       help="moment (width reduction), ternary (2-bit weights), hyper (hyperfunction codes), or "
                            "several comma-separated, run in that order (moment,ternary; moment,hyper)")
@@ -262,7 +279,11 @@ def _parser() -> argparse.ArgumentParser:
     hyper.add_argument("--group-size", default="tensor",
                        help="weights per centre and span: an even number, or tensor (default)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
-    comp.add_argument("--calib-samples", type=int)
+    comp.add_argument("--calib-samples", type=int, help="rows (layout batch) or runs to read at most")
+    comp.add_argument("--calib-layout", default="batch", choices=["batch", "runs"],
+                      help="batch (default): arrays of an .npz / .npy folder are split on axis 0; runs: their leading "
+                           "axis indexes complete model runs (inputs that are scalars or not batched on axis 0). A "
+                           "folder of .npz files is always one run per file")
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")
     comp.add_argument("--plan", help="replay a plan written by --plan-out")
     comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")
@@ -293,6 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--random", action="store_true", help="run on random inputs")
     run.add_argument("-o", "--output", help="write the outputs to this .npz: each output concatenated over the feeds "
                      "(axis 0), or NAME.i for feed i where the feeds' shapes differ")
+    run.add_argument("--force", action="store_true", help="replace an existing -o file")
     run.set_defaults(run=_cmd_run)
 
     ev = sub.add_parser("eval", help="task metric of a model")
@@ -304,9 +326,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame) -> None:
+    """SIGTERM unwinds like an exception: staging folders and temporary files are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
+def _stdout_closed() -> int:
+    """The reader went away (`symshrink inspect m.onnx | head`): not an error. Point stdout at /dev/null so the
+    interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return args.run(args)
     except SymshrinkError as err:
@@ -315,14 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("symshrink: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
     except Exception as err:  # noqa: BLE001 (the contract: one line, never a traceback, unless --debug)
         if args.debug:
             raise
         print(f"symshrink: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
         return 3
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SymshrinkError", "BadInput", "OutsideTolerance"]
+__all__ = ["SymshrinkError", "BadInput", "NothingToCompress", "OutsideTolerance"]
 
 
 class SymshrinkError(Exception):
@@ -15,6 +15,10 @@ class BadInput(SymshrinkError):
     """The model, data or arguments the user gave cannot be used (exit code 2)."""
 
     exit_code = 2
+
+
+class NothingToCompress(BadInput):
+    """No site of the model can be rewritten by the methods asked for (exit code 2, the reasons in the message)."""
 
 
 class OutsideTolerance(SymshrinkError):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,8 +17,8 @@ from google.protobuf.message import DecodeError
 
 from symshrink.errors import BadInput
 
-__all__ = ["resolve_model", "load_model", "save_model", "check_output_folder", "write_atomically",
-           "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
+__all__ = ["resolve_model", "load_model", "save_model", "claim_output", "claim_outputs", "write_atomically",
+           "external_files", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
@@ -79,43 +80,120 @@ def _total_initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | None = None) -> Path:
+def external_files(path: str | os.PathLike) -> list[Path]:
+    """The .onnx and the external data files its tensors name (those that exist)."""
+    path = Path(path)
+    files = {path}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (not a model: the file alone)
+        return [path]
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add(path.parent / entry.value)
+    return sorted(f for f in files if f.exists())
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def claim_output(out: str | os.PathLike, *, force: bool = False, inputs: Sequence[Path] = (),
+                 what: str = "output") -> Path:
+    """`out` as an absolute Path, checked before any work: its folder exists and is writable; it is none of
+    `inputs` (never, even with force); it is not a folder, device or other non-regular file (never); an
+    existing regular file is replaced only with `force`."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        raise BadInput(f"{what} {out}: its folder does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{what} {out}: its folder is not writable")
+    if not out.exists() and not out.is_symlink():
+        return out
+    if any(_same_file(out, p) for p in inputs):
+        raise BadInput(f"{what} {out} is an input of this run: give another path (the input is never modified)")
+    if out.is_symlink() or not out.is_file():
+        raise BadInput(f"{what} {out} exists and is not a regular file: symshrink writes only regular files")
+    if not force:
+        raise BadInput(f"{what} {out} exists: give --force to replace it")
+    return out
+
+
+def claim_outputs(outputs: dict[str, str | os.PathLike | None], *, force: bool, inputs: Sequence[Path]) -> dict[str, Path]:
+    """claim_output for each named output that is given; two outputs may not share a path."""
+    claimed = {what: claim_output(path, force=force, inputs=inputs, what=what)
+               for what, path in outputs.items() if path is not None}
+    paths = list(claimed.values())
+    for i, a in enumerate(paths):
+        for what, b in list(claimed.items())[i + 1:]:
+            if a == b:
+                raise BadInput(f"{what} {b} is also another output of this run")
+    return claimed
+
+
+STAGING_TAG = ".symshrink-"
+
+
+def _sweep_stale_staging(folder: Path, name: str) -> None:
+    """Remove staging folders of `name` left by runs that were killed (their process is gone)."""
+    for stale in folder.glob(f".{name}{STAGING_TAG}*"):
+        pid = stale.name[len(f".{name}{STAGING_TAG}"):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass  # alive, or someone else's: leave it
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` for files that are renamed into place when complete. It is removed on
+    any exception and on SIGTERM (the CLI turns it into SystemExit); one left by kill -9 is swept by the next
+    write to the same name (its name carries the dead process's id)."""
+    _sweep_stale_staging(out.parent, out.name)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}{STAGING_TAG}{os.getpid()}.") as tmp:
+        yield Path(tmp)
+
+
+def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | None = None, force: bool = False) -> Path:
     """Write atomically. Models whose weights exceed 2 GB (or when asked) get one external data file
-    `<name>.data` beside the .onnx; both appear in place only after both are fully written."""
-    out = Path(out)
+    `<name>.data` beside the .onnx; both appear in place only after both are fully written. An existing
+    `<name>.data` is replaced only with `force`, and never deleted."""
+    out = Path(out).absolute()
     if out.exists() and out.is_dir():
         raise BadInput(f"{out}: is a folder")
-    folder = out.parent if str(out.parent) else Path(".")
+    folder = out.parent
     if not folder.is_dir():
         raise BadInput(f"{folder}: output folder does not exist")
     use_external = external_data if external_data is not None else _total_initializer_bytes(model) >= TWO_GB - 2**24
     data_name = out.name + ".data"
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{out.name}.") as tmp:
-        tmp_model = Path(tmp) / out.name
+    if use_external:
+        claim_output(folder / data_name, force=force, what="external data file")
+    with _staging(out) as tmp:
+        tmp_model = tmp / out.name
         ir.save(model, tmp_model, external_data=data_name if use_external else None)
         if use_external:
-            os.replace(Path(tmp) / data_name, folder / data_name)
-        elif (folder / data_name).exists():
-            with contextlib.suppress(OSError):
-                (folder / data_name).unlink()  # a stale data file from an earlier external save
+            os.replace(tmp / data_name, folder / data_name)
         os.replace(tmp_model, out)
-    return out
-
-
-def check_output_folder(out: str | os.PathLike) -> Path:
-    """`out` as a Path, if its folder exists (bad input otherwise: say so before doing the work)."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        raise BadInput(f"{out}: its folder does not exist")
     return out
 
 
 def write_atomically(out: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """`write(handle)` into a new file in a temporary folder beside `out` (created with the umask's mode, as
-    any new file), synced and renamed over `out` when done: no partial file on failure."""
-    out = check_output_folder(out)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        path = Path(tmp) / out.name
+    any new file), synced and renamed over `out` when done: no partial file on failure. The caller has
+    claimed `out` (claim_output)."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        raise BadInput(f"{out}: its folder does not exist")
+    with _staging(out) as tmp:
+        path = tmp / out.name
         with open(path, "wb") as handle:
             write(handle)
             handle.flush()
@@ -126,11 +204,4 @@ def write_atomically(out: str | os.PathLike, write: Callable[[BinaryIO], None]) 
 
 def model_bytes_on_disk(path: str | os.PathLike) -> int:
     """Bytes of the .onnx plus its external data files."""
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    files = {path}
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add(path.parent / entry.value)
-    return sum(f.stat().st_size for f in files if f.exists())
+    return sum(f.stat().st_size for f in external_files(path))

@@ -7,7 +7,6 @@ written unless the verify gate passes.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +18,17 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
-from symshrink.calib import load_feeds, random_feeds, split_holdout
-from symshrink.errors import BadInput, OutsideTolerance
-from symshrink.modelio import load_model, model_bytes_on_disk, save_model
+from symshrink.calib import LAYOUTS, load_feeds, random_feeds, split_holdout
+from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
+from symshrink.modelio import (
+    claim_outputs,
+    external_files,
+    load_model,
+    model_bytes_on_disk,
+    resolve_model,
+    save_model,
+    write_atomically,
+)
 from symshrink.passes import budget
 from symshrink.passes.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
@@ -46,10 +53,11 @@ from symshrink.passes.ternary import (
     ternary_order,
 )
 from symshrink.passes.weights import WeightSite, find_weight_sites, weight_matrix
+from symshrink.report import CompressReport, check_report_path, write_report
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
-__all__ = ["CompressOptions", "CompressReport", "compress", "default_calib"]
+__all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ class CompressOptions:
     target_size: str | None = None  # bytes ("30MB") or a fraction of the input's size
     calib: str | None = None  # zoo data set, .npz or folder; None: the zoo model's default
     calib_samples: int | None = None
+    calib_layout: str = "batch"  # "batch": files split on axis 0; "runs": a leading axis of complete runs
     random_calib: bool = False
     plan: str | None = None  # replay this plan file
     plan_out: str | None = None
@@ -90,29 +99,6 @@ class CompressOptions:
     seed: int = 0
 
 
-@dataclass
-class CompressReport:
-    source: str
-    output: str
-    bytes_before: int
-    holdout_feeds: int = 0
-    plan: Plan | None = None  # moment reduction's
-    ternary: TernaryPlan | None = None
-    hyper: HyperPlan | None = None
-    diffs: list[OutputDiff] = field(default_factory=list)
-    bytes_after: int = 0
-    skipped: list[Group] = field(default_factory=list)
-
-    def plan_json(self) -> str:
-        """The plans as JSON: the moment plan alone (replayable with --plan), the ternary plan alone,
-        or both under their method's name."""
-        plans = {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary), ("hyper", self.hyper))
-                 if plan is not None}
-        if len(plans) == 1:
-            return next(iter(plans.values())).to_json()
-        return json.dumps({name: json.loads(plan.to_json()) for name, plan in plans.items()}, indent=2)
-
-
 def default_calib(model_spec: str) -> str | None:
     from symshrink.models.registry import ZOO  # noqa: PLC0415
 
@@ -128,7 +114,7 @@ def _calibration(options: CompressOptions, model_spec: str, inputs) -> list:
             raise BadInput("give calibration data with --calib (zoo data set, .npz or folder of .npy), "
                            "or --random-calib to fit random inputs")
         return random_feeds(inputs, options.calib_samples or 32)
-    return load_feeds(spec, inputs, "calib", options.calib_samples)
+    return load_feeds(spec, inputs, "calib", options.calib_samples, options.calib_layout)
 
 
 def _calibrate(model: ir.Model, groups: list[Group], layouts: dict[str, ConsumerLayout], feeds: list,
@@ -352,7 +338,76 @@ def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, option
     return stats
 
 
-def compress(model_spec: str, output: str | Path, options: CompressOptions) -> CompressReport:
+def _sites(report: CompressReport) -> int:
+    """How many sites the methods found (groups planned, weight layers, float weight tensors), whatever they
+    chose for them: zero means the model offers nothing to these methods."""
+    return (len(report.plan.groups) if report.plan is not None else 0) \
+        + (len(report.ternary.layers) if report.ternary is not None else 0) \
+        + (sum(len(t.shape) > 1 for t in report.hyper.tensors) if report.hyper is not None else 0)
+
+
+def _no_site_reasons(report: CompressReport) -> list[str]:
+    reasons = [f"{g.name}: {g.reason}" for g in report.skipped]
+    if report.plan is not None and not reasons:
+        reasons.append("no permutation-symmetric group (`symshrink inspect --all` says why)")
+    if report.ternary is not None:
+        reasons += [f"{node}: {why}" for node, why in report.ternary.passed_over.items()] or ["no MatMul/Gemm node"]
+    if report.hyper is not None:
+        reasons.append("no float weight tensor large enough to code")
+    return reasons
+
+
+def verify(expected: list, outputs: list, options: CompressOptions) -> tuple[list[OutputDiff], list[str]]:
+    """Held-out diffs and the gate's failures. Non-finite outputs fail whatever the gate: the reference was
+    checked finite, so a NaN or infinity is the rewrite's."""
+    diffs = compare_outputs(expected, outputs)
+    failures = gate_failures(diffs, options.max_error, options.min_cosine)
+    for name in outputs[0] if outputs else []:
+        bad = sum(int(np.size(o[name]) - np.count_nonzero(np.isfinite(o[name]))) for o in outputs
+                  if np.asarray(o[name]).dtype.kind in "fc")
+        if bad:
+            failures.append(f"{name}: {bad} NaN or infinite values on the held-out feeds")
+    return diffs, failures
+
+
+def _reference_outputs(reference, holdout: list) -> list:
+    expected = run_all(reference, holdout)
+    for i, outputs in enumerate(expected):
+        for name, array in outputs.items():
+            if np.asarray(array).dtype.kind in "fc" and not np.isfinite(array).all():
+                raise BadInput(f"the original model outputs NaN or infinite values for {name!r} on held-out feed {i}: "
+                               "its outputs cannot be compared")
+    return expected
+
+
+def compress_model(model: ir.Model, source: str, feeds: list, options: CompressOptions, bytes_before: int,
+                   reference=None) -> CompressReport:
+    """Rewrite `model` in place with the options' methods, calibrated on `feeds` (the last 20% held out), and
+    verify it: the report's `failures` are the gate's (empty: within tolerance). Nothing is written."""
+    methods = parse_methods(options.method)
+    candidates = hyper_candidates(options) if "hyper" in methods else []
+    fit_feeds, holdout = split_holdout(feeds)
+    expected = _reference_outputs(reference or session_for_model(model, options.threads), holdout)
+    del reference  # its weights and arenas are not needed again: keep peak memory down
+    report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=methods)
+    if "moment" in methods:
+        report.plan, report.skipped = _moment_stage(model, options, bytes_before, fit_feeds, holdout, expected)
+    if "ternary" in methods:
+        report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
+        if options.activations == "two-level":
+            report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
+    if "hyper" in methods:
+        report.hyper = _hyper_stage(model, options, candidates)
+    if not _sites(report):
+        reasons = _no_site_reasons(report)
+        more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
+        raise NothingToCompress(f"nothing to compress with --method {','.join(methods)}: {'; '.join(reasons[:6])}{more}")
+    report.diffs, report.failures = verify(expected, run_all(session_for_model(model, options.threads), holdout), options)
+    return report
+
+
+def check_options(options: CompressOptions) -> list[str]:
+    """The methods, after the checks that need no model (bad options fail before any work)."""
     methods = parse_methods(options.method)
     widths = (options.keep, options.width, options.width_rule, options.target_size, options.plan)
     if "moment" in methods and len(methods) > 1 and all(w is None for w in widths):
@@ -365,29 +420,48 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions) -> C
                        "only where the held-out error stays within it")
     if options.plan and "moment" not in methods:
         raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
-    candidates = hyper_candidates(options) if "hyper" in methods else []  # bad hyper options fail before any work
+    if options.ridge < 0:
+        raise BadInput(f"--ridge must be >= 0, not {options.ridge:g}")
+    if isinstance(options.exclude, str):
+        options.exclude = [options.exclude]  # one pattern, not its characters
+    if options.calib_layout not in LAYOUTS:
+        raise BadInput(f"unknown calibration layout {options.calib_layout!r}; available: {', '.join(LAYOUTS)}")
+    if "hyper" in methods:
+        hyper_candidates(options)
+    return methods
+
+
+def compress(model_spec: str, output: str | Path, options: CompressOptions, force: bool = False,
+             report_path: str | Path | None = None) -> CompressReport:
+    """The file-to-file job: every output path checked before any work (the input, its data files and the
+    calibration file are never written; existing files are replaced only with `force`); compress; the
+    report written also when the gate fails (then OutsideTolerance and no model file); the model and the plan
+    written atomically."""
+    check_options(options)
+    if report_path is not None:
+        check_report_path(report_path)
+    path = resolve_model(model_spec)
+    inputs = external_files(path) if path.is_file() else []
+    if isinstance(options.calib, (str, Path)) and Path(options.calib).exists():
+        inputs.append(Path(options.calib))
+    claimed = claim_outputs({"output": output, "--plan-out": options.plan_out, "--report": report_path},
+                            force=force, inputs=inputs)
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
     feeds = _calibration(options, model_spec, input_specs(reference))
-    fit_feeds, holdout = split_holdout(feeds)
-    expected = run_all(reference, holdout)
-    del reference  # its weights and arenas are not needed again: keep peak memory down
-    report = CompressReport(str(path), str(output), before, holdout_feeds=len(holdout))
-    if "moment" in methods:
-        report.plan, report.skipped = _moment_stage(model, options, before, fit_feeds, holdout, expected)
-    if "ternary" in methods:
-        report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
-        if options.activations == "two-level":
-            report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
-    if "hyper" in methods:
-        report.hyper = _hyper_stage(model, options, candidates)
-    report.diffs = compare_outputs(expected, run_all(session_for_model(model, options.threads), holdout))
-    failures = gate_failures(report.diffs, options.max_error, options.min_cosine)
-    if failures:
-        raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(failures))
-    out = save_model(model, output)
+    report = compress_model(model, str(path), feeds, options, before, reference)
+    report.output = str(claimed["output"])
+    if report.failures:
+        report.bytes_after = ir.to_proto(model).ByteSize()  # what the file would have been (embedded weights)
+        if report_path is not None:
+            write_report(report, claimed["--report"])
+        raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(report.failures)
+                               + (f" (report: {report_path})" if report_path is not None else ""))
+    out = save_model(model, claimed["output"], force=force)
     report.bytes_after = model_bytes_on_disk(out)
     if options.plan_out:
-        Path(options.plan_out).write_text(report.plan_json())
+        write_atomically(claimed["--plan-out"], lambda handle: handle.write(report.plan_json().encode()))
+    if report_path is not None:
+        write_report(report, claimed["--report"])
     return report

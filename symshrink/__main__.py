@@ -1,0 +1,7 @@
+"""`python -m symshrink`: the command line."""
+
+import sys
+
+from symshrink.cli import main
+
+sys.exit(main())

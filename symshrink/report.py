@@ -1,0 +1,96 @@
+"""The compress report: what each method planned, what verification measured, and whether the gate held.
+
+Printed by the CLI, returned by the API, written with `--report PATH` as JSON (.json) or Markdown (.md), also
+when the gate fails, so a user sees why nothing was written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from symshrink.errors import BadInput
+from symshrink.modelio import write_atomically
+from symshrink.passes.analysis import Group
+from symshrink.passes.hyper import HyperPlan
+from symshrink.passes.plan import Plan
+from symshrink.passes.ternary import TernaryPlan
+from symshrink.runtime.diff import OutputDiff, format_diffs
+
+__all__ = ["CompressReport", "write_report", "check_report_path", "REPORT_SUFFIXES"]
+
+REPORT_SUFFIXES = (".json", ".md")
+
+
+@dataclass
+class CompressReport:
+    source: str
+    output: str
+    bytes_before: int
+    holdout_feeds: int = 0
+    methods: list[str] = field(default_factory=list)
+    plan: Plan | None = None  # moment reduction's
+    ternary: TernaryPlan | None = None
+    hyper: HyperPlan | None = None
+    diffs: list[OutputDiff] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the gate's; empty: within tolerance
+    bytes_after: int = 0  # on disk; when the gate failed, what the file would have been
+    skipped: list[Group] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def plans(self) -> dict[str, Plan | TernaryPlan | HyperPlan]:
+        return {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary), ("hyper", self.hyper))
+                if plan is not None}
+
+    def plan_json(self) -> str:
+        """The plans as JSON: the moment plan alone (replayable with --plan), the ternary plan alone,
+        or both under their method's name."""
+        plans = self.plans()
+        if len(plans) == 1:
+            return next(iter(plans.values())).to_json()
+        return json.dumps({name: json.loads(plan.to_json()) for name, plan in plans.items()}, indent=2)
+
+    def summary(self) -> str:
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        verdict = "within tolerance" if self.passed else "OUTSIDE tolerance, nothing written"
+        return (f"{self.source} -> {self.output or '(in memory)'}: {self.bytes_before / 1e6:.2f} MB -> "
+                f"{self.bytes_after / 1e6:.2f} MB ({ratio:.3f}x), {verdict}")
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "output": self.output, "methods": self.methods,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "passed": self.passed,
+                "failures": self.failures, "holdout_feeds": self.holdout_feeds,
+                "diffs": [d.to_dict() for d in self.diffs],
+                "plans": {name: json.loads(plan.to_json()) for name, plan in self.plans().items()},
+                "skipped_groups": [{"group": g.name, "kind": g.kind, "reason": g.reason} for g in self.skipped]}
+
+    def to_markdown(self) -> str:
+        lines = ["# symshrink compress report", "", self.summary(), ""]
+        if self.failures:
+            lines += ["## Gate failures", "", *[f"- {f}" for f in self.failures], ""]
+        lines += [f"## Held-out verification ({self.holdout_feeds} feeds)", "", "```", format_diffs(self.diffs), "```", ""]
+        for name, plan in self.plans().items():
+            lines += [f"## Plan: {name}", "", "```", str(plan), "```", ""]
+        if self.skipped:
+            lines += ["## Groups left as they are", "", *[f"- {g.name} ({g.kind}): {g.reason}" for g in self.skipped], ""]
+        return "\n".join(lines)
+
+
+def check_report_path(path: str | Path) -> None:
+    if Path(path).suffix.lower() not in REPORT_SUFFIXES:
+        raise BadInput(f"--report {path}: give a .json or .md file")
+
+
+def render_report(report: CompressReport, path: str | Path) -> str:
+    check_report_path(path)
+    return json.dumps(report.to_dict(), indent=2) if Path(path).suffix.lower() == ".json" else report.to_markdown()
+
+
+def write_report(report: CompressReport, path: str | Path) -> Path:
+    """Atomically, as JSON or Markdown by the suffix (the caller has claimed the path)."""
+    text = render_report(report, path)
+    return write_atomically(path, lambda handle: handle.write(text.encode()))
