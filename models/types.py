@@ -26,7 +26,7 @@ class InputSpec:
 
     name: str
     dtype: str
-    shape: tuple[int | str | None, ...]
+    shape: tuple[int | str | None, ...] | None  # None: the model leaves the rank open
 
 
 @dataclass(frozen=True)

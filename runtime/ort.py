@@ -52,8 +52,12 @@ def session_for_model(model: ir.Model, threads: int | None = None, extra_outputs
             model.graph.outputs.pop()
 
 
-def input_specs(session: ort.InferenceSession) -> list[InputSpec]:
-    return [InputSpec(i.name, _DTYPES.get(i.type, i.type), tuple(i.shape)) for i in session.get_inputs()]
+def input_specs(session: ort.InferenceSession, model: ir.Model | None = None) -> list[InputSpec]:
+    """The session's inputs; with the model at hand, an input whose rank the model leaves open gets shape None
+    (onnxruntime reports it as [], like a scalar)."""
+    open_rank = {v.name for v in model.graph.inputs if v.shape is None} if model is not None else set()
+    return [InputSpec(i.name, _DTYPES.get(i.type, i.type), None if i.name in open_rank else tuple(i.shape))
+            for i in session.get_inputs()]
 
 
 def run_all(session: ort.InferenceSession, feeds: Iterable[Feeds], names: Sequence[str] | None = None) -> list[dict]:

@@ -21,3 +21,15 @@ def _check_runtime() -> None:
 
 
 _check_runtime()
+
+__all__ = ["compress", "save", "CompressOptions", "CompressReport", "__version__"]
+_API = {"compress", "save", "CompressOptions", "CompressReport"}
+
+
+def __getattr__(name: str):
+    # the API pulls in onnxruntime and the passes: only when asked for, so `import symshrink` stays light
+    if name in _API:
+        from symshrink import api  # noqa: PLC0415
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'symshrink' has no attribute {name!r}")

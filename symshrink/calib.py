@@ -94,9 +94,11 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
             spec = wanted[name]
             if not isinstance(array, np.ndarray):
                 raise BadInput(f"input {name!r}: a numpy array, not {type(array).__name__}")
-            if array.ndim != len(spec.shape):
+            if spec.shape is None:
+                pass  # any rank
+            elif array.ndim != len(spec.shape):
                 raise BadInput(f"input {name!r}: rank {array.ndim}, model expects shape {list(spec.shape)}")
-            for got, want in zip(array.shape, spec.shape):
+            for got, want in zip(array.shape, spec.shape or ()):
                 if isinstance(want, int) and want > 0 and got != want:
                     raise BadInput(f"input {name!r}: shape {list(array.shape)}, model expects {list(spec.shape)}")
             if np.dtype(spec.dtype) != array.dtype:
@@ -109,6 +111,10 @@ def random_feeds(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Fee
     """Gaussian (float) or small non-negative integer inputs; dynamic axes become 1 (batch) or 16."""
     if not 1 <= n <= MAX_RANDOM_FEEDS:
         raise BadInput(f"random feeds: between 1 and {MAX_RANDOM_FEEDS}, not {n}")
+    for spec in inputs:
+        if spec.shape is None:
+            raise BadInput(f"input {spec.name!r} has no fixed rank in the model: random inputs cannot be made for it; "
+                           "give calibration data")
     logger.warning("calibrating on RANDOM inputs: the reduced model fits noise, not your data")
     rng = np.random.default_rng(seed)
     feeds = []

@@ -56,13 +56,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from symshrink.pipeline import CompressOptions, compress, parse_methods  # noqa: PLC0415
+    from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
     from symshrink.runtime.diff import format_diffs  # noqa: PLC0415
 
-    widths = (args.keep, args.width, args.width_rule, args.target_size, args.max_error, args.plan)
-    if "moment" in parse_methods(args.method) and all(v is None for v in widths):
-        raise BadInput("give the widths: --keep F, --width K, --width-rule sqrt:C, --target-size S, --max-error E "
-                       "or --plan plan.json")
     options = CompressOptions(
         method=args.method, selector=args.selector, keep=args.keep, width=args.width, width_rule=args.width_rule,
         target_size=args.target_size, calib=args.calib, calib_samples=args.calib_samples,

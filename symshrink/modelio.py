@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 
 from symshrink.errors import BadInput
 
-__all__ = ["resolve_model", "load_model", "save_model", "claim_output", "claim_outputs", "write_atomically",
+__all__ = ["resolve_model", "load_model", "check_proto", "save_model", "claim_output", "claim_outputs", "write_atomically",
            "external_files", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
@@ -49,6 +49,16 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
                 raise BadInput(f"external data file {data} is truncated ({data.stat().st_size} < {needed} bytes)")
 
 
+def check_proto(proto: onnx.ModelProto, name: str) -> None:
+    """The checks every model gets before any work: a graph with nodes, a default opset this install runs."""
+    if not proto.graph.node:
+        raise BadInput(f"{name}: not an ONNX model (no graph nodes)")
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    default = opsets.get("", opsets.get("ai.onnx"))
+    if default is None or not MIN_OPSET <= default <= MAX_OPSET:
+        raise BadInput(f"{name}: unsupported opset {default} (this install supports {MIN_OPSET}..{MAX_OPSET})")
+
+
 def load_model(spec: str | os.PathLike) -> tuple[ir.Model, Path]:
     """Parse and validate a model; returns the IR model and the resolved path."""
     path = resolve_model(spec)
@@ -62,12 +72,7 @@ def load_model(spec: str | os.PathLike) -> tuple[ir.Model, Path]:
         raise BadInput(f"{path}: not an ONNX model or truncated ({type(err).__name__})") from None
     except OSError as err:
         raise BadInput(f"{path}: cannot read ({err.strerror})") from None
-    if not proto.graph.node:
-        raise BadInput(f"{path}: not an ONNX model (no graph nodes)")
-    opsets = {o.domain: o.version for o in proto.opset_import}
-    default = opsets.get("", opsets.get("ai.onnx"))
-    if default is None or not MIN_OPSET <= default <= MAX_OPSET:
-        raise BadInput(f"{path}: unsupported opset {default} (this install supports {MIN_OPSET}..{MAX_OPSET})")
+    check_proto(proto, str(path))
     del proto  # parsed only to validate; onnx-ir reads the file itself and resolves external data
     model = ir.load(path)
     _check_external_data(model, path.parent)

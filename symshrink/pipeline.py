@@ -343,7 +343,7 @@ def _sites(report: CompressReport) -> int:
     chose for them: zero means the model offers nothing to these methods."""
     return (len(report.plan.groups) if report.plan is not None else 0) \
         + (len(report.ternary.layers) if report.ternary is not None else 0) \
-        + (sum(len(t.shape) > 1 for t in report.hyper.tensors) if report.hyper is not None else 0)
+        + (len(report.hyper.coded()) if report.hyper is not None else 0)  # every hyper site is coded
 
 
 def _no_site_reasons(report: CompressReport) -> list[str]:
@@ -353,7 +353,8 @@ def _no_site_reasons(report: CompressReport) -> list[str]:
     if report.ternary is not None:
         reasons += [f"{node}: {why}" for node, why in report.ternary.passed_over.items()] or ["no MatMul/Gemm node"]
     if report.hyper is not None:
-        reasons.append("no float weight tensor large enough to code")
+        reasons += [f"{t.name}: {t.reason}" for t in report.hyper.tensors if len(t.shape) > 1] \
+            or ["no float weight matrix"]
     return reasons
 
 
@@ -410,6 +411,9 @@ def check_options(options: CompressOptions) -> list[str]:
     """The methods, after the checks that need no model (bad options fail before any work)."""
     methods = parse_methods(options.method)
     widths = (options.keep, options.width, options.width_rule, options.target_size, options.plan)
+    if methods == ["moment"] and all(w is None for w in (*widths, options.max_error)):
+        raise BadInput("give the widths: --keep F, --width K, --width-rule sqrt:C, --target-size S, --max-error E "
+                       "or --plan plan.json")
     if "moment" in methods and len(methods) > 1 and all(w is None for w in widths):
         raise BadInput(f"with --method {','.join(methods)} give the moment widths (--keep, --width, --width-rule, "
                        "--target-size or --plan): --max-error is the gate of the whole model")
@@ -449,7 +453,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
-    feeds = _calibration(options, model_spec, input_specs(reference))
+    feeds = _calibration(options, model_spec, input_specs(reference, model))
     report = compress_model(model, str(path), feeds, options, before, reference)
     report.output = str(claimed["output"])
     if report.failures:

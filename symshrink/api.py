@@ -1,0 +1,103 @@
+"""The Python API: `compress(model, calibration, **options)` returns the compressed ModelProto and the report;
+`save(model, path)` writes it under the same contract as the CLI (atomic, never over an input, existing files
+only with `force`). Bad arguments raise BadInput with one sentence, never a TypeError from inside."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from symshrink.calib import load_feeds, random_feeds
+from symshrink.errors import BadInput
+from symshrink.modelio import check_proto, claim_output, load_model, model_bytes_on_disk, resolve_model, save_model
+from symshrink.pipeline import CompressOptions, check_options, compress_model, default_calib
+from symshrink.report import CompressReport
+from symshrink.runtime.ort import input_specs, session_for_model
+
+__all__ = ["compress", "save", "CompressOptions", "CompressReport"]
+
+# options that belong to the file-to-file job, not to compress(): the API takes data, not paths to write
+_NOT_OPTIONS = {"calib", "random_calib", "plan_out"}
+
+
+def _check_type(name: str, value: object, hint: object) -> None:
+    """isinstance against a field's annotation (X, X | None, list[str]); ints pass where floats are asked."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    for kind in allowed:
+        kind = typing.get_origin(kind) or kind
+        if kind is type(None) and value is None or kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is not type(None) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return
+    names = " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    raise BadInput(f"option {name}: {names}, not {type(value).__name__} {value!r}")
+
+
+def make_options(**options: object) -> CompressOptions:
+    """CompressOptions from keyword arguments, each checked against its field's type."""
+    hints = typing.get_type_hints(CompressOptions)
+    fields = {f.name for f in dataclasses.fields(CompressOptions)} - _NOT_OPTIONS
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise BadInput(f"unknown option {', '.join(unknown)}; available: {', '.join(sorted(fields))}")
+    if isinstance(options.get("exclude"), str):
+        options["exclude"] = [options["exclude"]]  # one pattern, not its characters
+    for name, value in options.items():
+        _check_type(name, value, hints[name])
+    return CompressOptions(**options)
+
+
+def _load(model: object) -> tuple[ir.Model, str, int]:
+    """The IR model, a name for reports and its size in bytes, from a path, a zoo name or a ModelProto."""
+    if isinstance(model, onnx.ModelProto):
+        check_proto(model, "the model")
+        return ir.from_proto(model), "(ModelProto)", model.ByteSize()
+    if isinstance(model, (str, os.PathLike)):
+        loaded, path = load_model(model)
+        return loaded, str(path), model_bytes_on_disk(path)
+    raise BadInput(f"model: a path, a zoo model name or an onnx.ModelProto, not {type(model).__name__}")
+
+
+def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = None, *,
+             random_calibration: bool = False, calib_samples: int | None = None, calib_layout: str = "batch",
+             **options: object) -> tuple[onnx.ModelProto, CompressReport]:
+    """Compress `model` (a path, a zoo model name or an onnx.ModelProto; never modified) calibrated on
+    `calibration`: a zoo data set name, a path (.npz or folder), an iterable of {input name: array} dicts or an
+    onnxruntime CalibrationDataReader (None: the zoo model's data set). `options` are CompressOptions fields
+    (method="ternary", keep=0.5, max_error=0.05...). Returns the compressed model and the report; when the gate
+    failed, `report.passed` is False and `report.failures` says why (the model is returned for inspection)."""
+    settings = make_options(calib_samples=calib_samples, calib_layout=calib_layout, **options)
+    check_options(settings)
+    ir_model, source, before = _load(model)
+    session = session_for_model(ir_model, settings.threads)
+    inputs = input_specs(session, ir_model)
+    if calibration is None and isinstance(model, str) and not Path(model).exists():
+        calibration = default_calib(model)
+    if calibration is None:
+        if not random_calibration:
+            raise BadInput("give calibration data (a zoo data set name, a path, feed dicts or a CalibrationDataReader) "
+                           "or random_calibration=True")
+        feeds = random_feeds(inputs, calib_samples or 32, settings.seed)
+    else:
+        feeds = load_feeds(calibration, inputs, "calib", calib_samples, calib_layout)
+    report = compress_model(ir_model, source, feeds, settings, before, session)
+    report.bytes_after = ir.to_proto(ir_model).ByteSize()
+    return ir.to_proto(ir_model), report
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,
+         inputs: typing.Sequence[str | os.PathLike] = ()) -> Path:
+    """Write `model` atomically (external data when over 2 GB); an existing file is replaced only with `force`,
+    and never one of `inputs` (say, the model it was compressed from)."""
+    if not isinstance(model, onnx.ModelProto):
+        raise BadInput(f"save: an onnx.ModelProto, not {type(model).__name__}")
+    protected = [resolve_model(p) for p in inputs]
+    out = claim_output(path, force=force, inputs=protected)
+    return save_model(ir.from_proto(model), out, force=force)
