@@ -54,15 +54,13 @@ def make_options(**options: object) -> CompressOptions:
     return CompressOptions(**options)
 
 
-def _load(model: object) -> tuple[ir.Model, str, int]:
+def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[ir.Model, str, int]:
     """The IR model, a name for reports and its size in bytes, from a path, a zoo name or a ModelProto."""
     if isinstance(model, onnx.ModelProto):
         check_proto(model, "the model")
         return ir.from_proto(model), "(ModelProto)", model.ByteSize()
-    if isinstance(model, (str, os.PathLike)):
-        loaded, path = load_model(model)
-        return loaded, str(path), model_bytes_on_disk(path)
-    raise BadInput(f"model: a path, a zoo model name or an onnx.ModelProto, not {type(model).__name__}")
+    loaded, path = load_model(model)
+    return loaded, str(path), model_bytes_on_disk(path)
 
 
 def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = None, *,
@@ -73,6 +71,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
     onnxruntime CalibrationDataReader (None: the zoo model's data set). `options` are CompressOptions fields
     (method="ternary", keep=0.5, max_error=0.05...). Returns the compressed model and the report; when the gate
     failed, `report.passed` is False and `report.failures` says why (the model is returned for inspection)."""
+    if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
+        raise BadInput(f"model: a path, a zoo model name or an onnx.ModelProto, not {type(model).__name__}")
     settings = make_options(calib_samples=calib_samples, calib_layout=calib_layout, **options)
     check_options(settings)
     ir_model, source, before = _load(model)

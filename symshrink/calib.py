@@ -67,7 +67,7 @@ def _split_runs(arrays: dict[str, np.ndarray]) -> list[Feeds]:
     if len(runs) != 1 or 0 in runs:
         raise BadInput(f"layout runs: every array needs the same leading run axis, got lengths {sorted(runs)}")
     (n,) = runs
-    return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+    return [{k: np.asarray(v[i]) for k, v in arrays.items()} for i in range(n)]  # a run of 0-d arrays, not scalars
 
 
 def _split_rows(arrays: dict[str, np.ndarray]) -> list[Feeds]:
@@ -97,7 +97,8 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
             if spec.shape is None:
                 pass  # any rank
             elif array.ndim != len(spec.shape):
-                raise BadInput(f"input {name!r}: rank {array.ndim}, model expects shape {list(spec.shape)}")
+                hint = " (if axis 0 counts runs: --calib-layout runs)" if array.ndim == len(spec.shape) + 1 else ""
+                raise BadInput(f"input {name!r}: rank {array.ndim}, model expects shape {list(spec.shape)}{hint}")
             for got, want in zip(array.shape, spec.shape or ()):
                 if isinstance(want, int) and want > 0 and got != want:
                     raise BadInput(f"input {name!r}: shape {list(array.shape)}, model expects {list(spec.shape)}")
