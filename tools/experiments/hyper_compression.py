@@ -51,17 +51,9 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from symshrink.modelio import load_model, model_bytes_on_disk
 from symshrink.models.registry import cache_dir, get_model, get_task
 from symshrink.passes.hyper import MIN_ELEMENTS, find_weight_tensors
-from symshrink.passes.hyper_codec import (
-    DEFAULT_SIDES,
-    HyperSetting,
-    choose_setting,
-    decode_values,
-    encode,
-    evaluate_settings,
-    relative_error,
-    setting_grid,
-)
+from symshrink.passes.hyper_codec import DEFAULT_SIDES, HyperSetting, choose_setting, evaluate_settings, setting_grid
 from symshrink.pipeline import CompressOptions, compress
+from symshrink.runtime.formats import decode_values, encode_hyper, relative_error
 from symshrink.runtime.ort import make_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,7 +195,7 @@ def sweep_tensor(job: tuple[str, str, np.ndarray, Sequence[int], bool]) -> list[
             row = {"model": model, "tensor": name, "size": weight.size, "bits": bits, "codec": codec, "setting": setting,
                    "nmse": err**2, "bpw": bpw}
             if check and bits in check_bits(codec):
-                code = encode(weight, setting)
+                code = encode_hyper(weight, setting)
                 row.update(nmse_full=relative_error(weight, decode_values(code)) ** 2, bpw_full=code.bits_per_weight())
             rows.append(row)
     return rows
@@ -218,7 +210,7 @@ def sample_choice_check(job: tuple[str, str, np.ndarray, int]) -> dict:
     rows = []
     for setting, err, _ in evaluate_settings(weight, setting_grid(CODECS["lattice"][0], bits=[bits], bands=BANDS, sides=SIDES),
                                              SAMPLE, SEED):
-        code = encode(weight, setting)
+        code = encode_hyper(weight, setting)
         rows.append({"setting": setting.label(), "sample": err**2, "full": relative_error(weight, decode_values(code)) ** 2,
                      "bpw": code.bits_per_weight()})
     return {"model": model, "tensor": name, "shape": weight.shape, "bits": bits, "rows": rows, "max_sd": float(dev.max()),
