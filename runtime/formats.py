@@ -19,6 +19,7 @@ Below the table, the layouts it is made of, moved here from the passes so that t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import ml_dtypes
@@ -27,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from symshrink.errors import BadInput
 
-__all__ = ["FUNCTION_DOMAIN", "Stored", "stored_bytes", "relative_error",
+__all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS", "stored_bytes", "relative_error",
            # DequantizeLinear
            "DEQUANTIZE_OPSET", "STORAGE_DTYPES", "QuantizedWeight", "split_blocks", "expand_scales", "block_count",
            "quantize_uint8", "UINT8_LEVELS", "dequantize_arrays", "decode_dequantize",
@@ -638,3 +639,132 @@ def decode_hyper_inputs(inputs: dict[str, np.ndarray]) -> np.ndarray:
     count = int(inputs["count"][0]) if "count" in inputs else pairs * dims
     return values.reshape(-1)[:count].reshape(tuple(int(d) for d in inputs["shape"]))
 
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A named bound on a format's round trip: ||W - decode(encode(W))|| / ||W|| <= relative_error for weights
+    drawn i.i.d. from a normal distribution (the table's test draws them), at the row's reference settings."""
+
+    name: str
+    relative_error: float
+    why: str
+
+
+BUDGETS = {budget.name: budget for budget in (
+    Budget("ternary", 0.46, "the optimal ternary fit of a Gaussian leaves about 0.43 of its norm, per block or column"),
+    Budget("uint8-rtn", 0.01, "255 levels over a block's range (5-6 sd for up to a few hundred rows): sd / 160"),
+    Budget("hyper-4bit", 0.17, "8-bit indices a pair (4 bits a weight): lattice n 63 K 3 in 4 sd, or a 16-level grid "
+                               "in 8 sd (steps of 0.53 sd: 0.15)"),
+)}
+
+
+@dataclass(frozen=True)
+class Format:
+    """One stored format: how a float32 weight [K, N] (hyperfunction codes: any shape) is written and read.
+
+    predict_bytes(shape, **settings): the bytes the weight's own arrays take in the ONNX file, scales, zero points,
+    centres, spans and int64 shapes included, known before encoding; `shared` names the arrays that one copy
+    serves for every tensor of the same width or codebook (counted once a model, not here). For hyperfunction
+    codes it is exact when the bands are used (some pair lies outside the square), else an upper bound."""
+
+    name: str
+    nodes: str  # the ONNX nodes it emits
+    op_type: str  # the node that reads the stored arrays
+    domain: str  # its domain ("" for the standard ops)
+    kernels: tuple[str, ...]  # `runtime.kernels.KERNELS` that read it compressed on the device (else: the executor)
+    budget: Budget
+    encode: Callable[..., Stored]  # (weight, **settings)
+    decode: Callable[[Stored], np.ndarray]  # -> float32 weight
+    predict_bytes: Callable[..., int]  # (shape, **settings)
+    settings: tuple[dict, ...]  # reference settings: the first is the default; the budget holds for each
+    shared: tuple[str, ...] = ()
+
+    def bits_per_weight(self, shape: tuple[int, ...], **settings) -> float:
+        return 8 * self.predict_bytes(shape, **settings) / max(math.prod(shape), 1)
+
+
+def _quantized_bytes(shape: tuple[int, int], block: int | None, bits: int) -> int:
+    """DequantizeLinear: codes and zero points of `bits` bits (packed per tensor), a float scale a block."""
+    rows, cols = shape
+    scales = block_count(rows, block) * cols
+    return -(-rows * cols * bits // 8) + -(-scales * bits // 8) + 4 * scales
+
+
+def _ternary_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
+    return dequantize_arrays(ternarize(weight, block).quantized())
+
+
+def _uint8_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
+    return dequantize_arrays(quantize_uint8(weight, block))
+
+
+def _ternary_function(radix: int) -> tuple[Callable[..., Stored], Callable[[Stored], np.ndarray], Callable[..., int]]:
+    def encode(weight: np.ndarray, block: int | None = 32) -> Stored:
+        return ternary_function_arrays(ternarize(weight, block).quantized(), radix)
+
+    def decode(stored: Stored) -> np.ndarray:
+        return unpack_ternary_function(stored.arrays, radix).dequantize().astype(np.float32)
+
+    def nbytes(shape: tuple[int, int], block: int | None = 32) -> int:
+        rows, cols = shape
+        blocks, size = block_count(rows, block), rows if block is None else block
+        return -(-blocks * size * cols // DIGITS_PER_BYTE[radix]) + 4 * blocks * cols + 8 * 7  # 7 int64 shape values
+
+    return encode, decode, nbytes
+
+
+def _hyper(grouped: bool) -> tuple[Callable[..., Stored], Callable[..., int]]:
+    def encode(weight: np.ndarray, **settings) -> Stored:
+        code = encode_hyper(weight, HyperSetting(**settings))
+        if is_grouped(code) != grouped:
+            raise ValueError(f"{np.shape(weight)} under {settings} is written as {hyper_function_name(is_grouped(code))}")
+        return Stored(hyper_function_inputs(code))
+
+    def nbytes(shape: tuple[int, ...], **settings) -> int:
+        setting, count = HyperSetting(**settings), math.prod(shape)
+        groups = 1 if setting.group is None else -(-count // setting.group)
+        pairs = -(-count // setting.dims) if setting.group is None else groups * (setting.group // setting.dims)
+        bands = setting.bands if setting.codebook == "lattice" else 0
+        side = hyper_side_bits(bands + 1, groups, setting.dims) // 8  # band scales, centres, spans
+        ints = 1 + len(shape) + (4 if grouped else 0)  # pairs, shape (and layout, count): int64
+        return -(-pairs // INDICES_PER_ROW) * setting.index_bits() + side + 8 * ints
+
+    return encode, nbytes
+
+
+_TERNARY_SETTINGS = ({"block": 32}, {"block": None}, {"block": 64})
+_HYPER_SETTINGS = ({"codebook": "lattice", "codes": 63, "bands": 3, "side": 4.0},
+                   {"codebook": "grid", "codes": 16, "bands": 0, "side": 8.0})
+
+
+def _rows() -> list[Format]:
+    rows = [
+        Format("ternary-dequantize", "DequantizeLinear (uint2, zero point 1, blocked or per column) -> MatMul",
+               "DequantizeLinear", "", ("ternary_matmul",), BUDGETS["ternary"], _ternary_dequantize, decode_dequantize,
+               lambda shape, block=32: _quantized_bytes(shape, block, 2), _TERNARY_SETTINGS),
+        Format("uint8-dequantize", "DequantizeLinear (uint8, blocked or per column) -> MatMul", "DequantizeLinear", "",
+               (), BUDGETS["uint8-rtn"], _uint8_dequantize, decode_dequantize,
+               lambda shape, block=32: _quantized_bytes(shape, block, 8), _TERNARY_SETTINGS),
+    ]
+    for radix in (4, 3):
+        encode, decode, nbytes = _ternary_function(radix)
+        name = ternary_function_name(radix)
+        rows.append(Format("ternary-function" + ("" if radix == 4 else f"-base{radix}"),
+                           f"{FUNCTION_DOMAIN}.{name} ({8 / DIGITS_PER_BYTE[radix]:g} bits a code) in place of MatMul", name,
+                           FUNCTION_DOMAIN, ("ternary_matmul",), BUDGETS["ternary"], encode, decode, nbytes,
+                           _TERNARY_SETTINGS))
+    for grouped in (False, True):
+        encode, nbytes = _hyper(grouped)
+        name = hyper_function_name(grouped)
+        settings = tuple({**s, "group": 64} for s in _HYPER_SETTINGS) if grouped else _HYPER_SETTINGS
+        rows.append(Format("hyper-grouped" if grouped else "hyper",
+                           f"{FUNCTION_DOMAIN}.{name} -> MatMul, Gemm, Gather, Conv (through a Transpose)", name,
+                           FUNCTION_DOMAIN, ("hyper_matmul", "hyper_matmul_t", "hyper_gather"), BUDGETS["hyper-4bit"],
+                           encode, lambda stored: decode_hyper_inputs(stored.arrays), nbytes, settings, HYPER_SHARED))
+    return rows
+
+
+FORMATS: dict[str, Format] = {row.name: row for row in _rows()}
