@@ -2,7 +2,7 @@
 
 The paper codes each pair of consecutive weights as one index into a fixed 2-D codebook (v3: a sheared
 square lattice of n points and side L around the tensor's mean pair, plus K radial bands for outliers;
-`symshrink.passes.hyper_codec`, summary in shared/docs/methods.md section 4). What this script measures:
+`symshrink.runtime.formats`, summary in shared/docs/methods.md section 4). What this script measures:
 
 A. The paper's two published settings applied to real zoo models through `symshrink compress --method hyper`:
    "UNet" (L = 0.1, n = 225, K <= 3) and "MobileNetV3" (L = 0.8, n = 1600, K <= 4), L absolute as in the
@@ -479,7 +479,8 @@ def write_report(path: Path, header: list[str], scales: list[dict], paper_rows: 
         "",
         "Paper: F. Fan et al., *Hyper-Compression: Model Compression via Hyperfunction* (arXiv 2409.00592; code:",
         "github.com/Juntongkuki/Hyper-Compression). Summary of the method in `shared/docs/methods.md`, section 4; the codec is",
-        "`symshrink.passes.hyper_codec`, the pass `symshrink.passes.hyper` (`symshrink compress --method hyper`).",
+        "`symshrink.runtime.formats` (the setting's choice: `symshrink.passes.hyper_codec`), the pass `symshrink.passes.hyper`",
+        "(`symshrink compress --method hyper`).",
         "",
         "## What the paper claims",
         "",
