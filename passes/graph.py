@@ -7,6 +7,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from symshrink.runtime.formats import FUNCTION_DOMAIN
+
 __all__ = ["FUNCTION_DOMAIN", "declare_function", "constant_tensor", "constant_array", "is_constant", "readers",
            "node_label", "attr", "bias_input", "ensure_names", "add_initializer"]
 
@@ -89,9 +91,6 @@ def ensure_names(graph: ir.Graph) -> None:
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{index}"
         seen.add(node.name)
-
-
-FUNCTION_DOMAIN = "ai.symshrink"  # the domain of symshrink's model-local functions
 
 
 def declare_function(model: ir.Model, name: str, build: Callable[[int], ir.Function]) -> None:

@@ -18,17 +18,9 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from tqdm import tqdm
 
-from symshrink.passes.hyper_codec import (
-    ChooseSetting,
-    HyperCode,
-    HyperSetting,
-    choose_setting,
-    decode_values,
-    encode,
-    evaluate_settings,
-    relative_error,
-)
+from symshrink.passes.hyper_codec import ChooseSetting, choose_setting, evaluate_settings
 from symshrink.passes.hyper_function import check_opset, decode_node
+from symshrink.runtime.formats import HyperCode, HyperSetting, decode_values, encode_hyper, relative_error
 
 __all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "plan_tensors", "HyperPass"]
 
@@ -140,7 +132,7 @@ def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: fl
         weight = value.const_value.numpy()
         setting = candidates[0] if len(candidates) == 1 else \
             choose(evaluate_settings(weight, candidates, stop_within=stop), target)[0]
-        code = encode(weight, setting)
+        code = encode_hyper(weight, setting)
         row = TensorPlan(value.name, list(weight.shape), [use.node.op_type for use in value.uses()], "hyper",
                          code.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))
         plan.tensors.append(row)

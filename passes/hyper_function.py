@@ -2,9 +2,9 @@
 bodies of stock ops.
 
 The indices come in rows of eight (`bits` bytes a row): window = row @ weights, index = (window / shifts)
-mod 2^bits in int32 (`hyper_codec.row_unpacking`). The decoded table T[j + codes k] = offsets[j] * band_scales[k]
+mod 2^bits in int32 (`formats.row_unpacking`). The decoded table T[j + codes k] = offsets[j] * band_scales[k]
 is built once; per tensor the weight is one Gather from the small table c + L * T, per group it is
-c_g + L_g * T[index]: float32 in the order of `hyper_codec.decode_values`, so numpy and onnxruntime decode
+c_g + L_g * T[index]: float32 in the order of `formats.decode_values`, so numpy and onnxruntime decode
 bit-identically. onnxruntime constant-folds the bodies at session creation, keeping every intermediate until
 folding ends, so the bodies hold few full-size arrays. Needs opset 13 (integer MatMul).
 """
@@ -14,24 +14,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.errors import BadInput
 from symshrink.passes.graph import FUNCTION_DOMAIN, add_initializer, declare_function
-from symshrink.passes.hyper_codec import HyperCode, row_unpacking
 from symshrink.passes.opset import ensure_opset
+from symshrink.runtime.formats import HYPER_INPUTS as INPUTS
+from symshrink.runtime.formats import HyperCode, is_grouped
+from symshrink.runtime.formats import hyper_function_inputs as function_inputs
+from symshrink.runtime.formats import hyper_function_name as function_name
 
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "function_name", "hyper_decode_function", "check_opset", "decode_node",
            "function_inputs", "is_grouped"]
 
 DOMAIN = FUNCTION_DOMAIN
 FUNCTION_OPSET = 13  # MatMul over int32
-MAX_BITS = 16
-UNPACK = ("packed", "byte_weights", "shifts", "modulus", "pairs")
-TABLE = ("offsets", "band_scales", "centres", "spans")
-INPUTS = {"HyperDecode": (*UNPACK, *TABLE, "shape"), "HyperDecodeGrouped": (*UNPACK, *TABLE, "layout", "count", "shape")}
-
-
-def function_name(grouped: bool) -> str:
-    return "HyperDecodeGrouped" if grouped else "HyperDecode"
 
 
 def hyper_decode_function(grouped: bool, opset: int) -> ir.Function:
@@ -75,29 +69,6 @@ def hyper_decode_function(grouped: bool, opset: int) -> ir.Function:
 def check_opset(model: ir.Model) -> None:
     """Upgrade a model below opset 13 (or refuse, saying why)."""
     ensure_opset(model, FUNCTION_OPSET, "the HyperDecode function (integer MatMul)")
-
-
-def is_grouped(code: HyperCode) -> bool:
-    """The grouped function: several groups, or padding past the tensor's last element to cut off."""
-    return len(code.spans) > 1 or len(code.indices) * code.setting.dims != code.count
-
-
-def function_inputs(code: HyperCode) -> dict[str, np.ndarray]:
-    """The function's input arrays for one code, by input name."""
-    if code.bits > MAX_BITS:
-        raise BadInput(f"{code.bits}-bit indices: at most {MAX_BITS} bits per index can be decoded")
-    groups, dims, grouped = len(code.spans), code.setting.dims, is_grouped(code)
-    byte_weights, shifts, modulus = row_unpacking(code.bits)
-    arrays = {"packed": code.packed(), "byte_weights": byte_weights, "shifts": shifts,
-              "modulus": np.array(modulus, np.int32), "pairs": np.array([len(code.indices)], np.int64),
-              "offsets": code.offsets, "band_scales": code.band_scales,
-              "centres": code.centres.reshape(groups, 1, dims) if grouped else code.centres.reshape(1, dims),
-              "spans": code.spans.reshape(groups, 1, 1) if grouped else code.spans.reshape(1, 1)}
-    if grouped:
-        arrays["layout"] = np.array([groups, len(code.indices) // groups, dims], np.int64)
-        arrays["count"] = np.array([code.count], np.int64)
-    arrays["shape"] = np.array(code.shape, np.int64)
-    return arrays
 
 
 def decode_node(model: ir.Model, code: HyperCode, prefix: str, shared: dict[tuple, ir.Value]) -> ir.Node:

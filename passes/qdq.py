@@ -9,19 +9,14 @@ opset 25: `ensure_opset` upgrades a model or refuses with the converter's reason
 
 from __future__ import annotations
 
-import ml_dtypes
-import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.blocks import QuantizedWeight
 from symshrink.passes.graph import add_initializer
 from symshrink.passes.opset import ensure_opset as upgrade
 from symshrink.passes.products import Product
+from symshrink.runtime.formats import DEQUANTIZE_OPSET, QuantizedWeight, dequantize_arrays
 
-__all__ = ["ensure_opset", "dequantize_product", "STORAGE_DTYPES", "DEQUANTIZE_OPSET"]
-
-DEQUANTIZE_OPSET = 25  # the first opset whose DequantizeLinear takes uint2
-STORAGE_DTYPES = {2: ml_dtypes.uint2, 8: np.uint8}  # code bits -> storage type
+__all__ = ["ensure_opset", "dequantize_product"]
 
 
 def ensure_opset(model: ir.Model) -> bool:
@@ -31,17 +26,12 @@ def ensure_opset(model: ir.Model) -> bool:
 
 def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
     """x @ DequantizeLinear(weight); the codes, scales and zero points become initializers `prefix.*`."""
-    if weight.block is None:  # per column: 1-D scales along the output axis
-        scales, zero_points, attributes = weight.scales.reshape(-1), weight.zero_points.reshape(-1), {"axis": 1}
-    else:
-        scales, zero_points, attributes = weight.scales, weight.zero_points, {"axis": 0, "block_size": weight.block}
-    dtype = STORAGE_DTYPES[weight.bits]
-    arrays = {"q": weight.codes.astype(dtype), "scale": scales, "zero_point": zero_points.astype(dtype)}
-    values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in arrays.items()]
+    stored = dequantize_arrays(weight)
+    values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
 
     def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
         dequantized, result = ir.Value(name=f"{values[0].name}.dequantized"), ir.Value(name=f"{name}.product")
-        return [ir.node("DequantizeLinear", values, attributes, outputs=[dequantized], name=f"{name}.DequantizeLinear"),
+        return [ir.node("DequantizeLinear", values, stored.attributes, outputs=[dequantized], name=f"{name}.DequantizeLinear"),
                 ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result
 
     return product

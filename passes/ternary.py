@@ -1,7 +1,7 @@
 """Ternary pass: each planned weight W [K, N] of a MatMul/Gemm becomes 2-bit codes behind DequantizeLinear.
 
 Per output unit j and block b of input rows, W_kj ~ a_j alpha_bj t_kj with t in {-1, 0, 1} and alpha
-the optimal ternary fit (`ternary_codec`); a_j and a shift c_j of the unit's bias (`moment_correction`)
+the optimal ternary fit (`formats.ternarize`); a_j and a shift c_j of the unit's bias (`moment_correction`)
 keep its pre-activation mean and variance, or its least-squares fit, on calibration data. A layer's
 error is ||x (W - W') - c|| / ||x W|| on the calibration moments; over budget the layer falls back to
 8 bits, then stays fp32, and the plan says why.
@@ -20,15 +20,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
 from symshrink.errors import BadInput
-from symshrink.passes.blocks import QuantizedWeight
 from symshrink.passes.moment_correction import Correction, least_squares, match_moments
 from symshrink.passes.products import replace_product
 from symshrink.passes.qdq import dequantize_product, ensure_opset
-from symshrink.passes.rtn_codec import quantize_uint8
 from symshrink.passes.stats import UnitStats
-from symshrink.passes.ternary_codec import ternarize
 from symshrink.passes.ternary_function import add_function, function_product
 from symshrink.passes.weights import WeightSite
+from symshrink.runtime.formats import QuantizedWeight, quantize_uint8, ternarize
 
 __all__ = ["CORRECTIONS", "STORAGES", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
            "output_error", "plan_layer", "parse_block", "ternary_order"]
@@ -85,8 +83,7 @@ def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | Non
     if fit is not None and stats is not None:
         corrected = fit(weight, approx, stats.mean, stats.covariance)
         scales, approx, shift = scales * corrected.scale, approx * corrected.scale, corrected.bias
-    codes = (ternary.codes + 1).astype(np.uint8)
-    quantized = QuantizedWeight(codes, scales.astype(weight.dtype), np.ones(scales.shape, np.uint8), block, bits=2)
+    quantized = ternary.quantized(scales.astype(weight.dtype))
     return Encoded(quantized, None if shift is None else shift.astype(weight.dtype), output_error(weight, approx, stats, shift))
 
 

@@ -14,20 +14,16 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.errors import BadInput
-from symshrink.passes.blocks import QuantizedWeight
 from symshrink.passes.graph import FUNCTION_DOMAIN, add_initializer, declare_function
 from symshrink.passes.products import Product
-from symshrink.passes.ternary_codec import DIGITS_PER_BYTE, pack_codes
+from symshrink.runtime.formats import DIGITS_PER_BYTE, QuantizedWeight, ternary_function_arrays
+from symshrink.runtime.formats import TERNARY_INPUTS as INPUTS
+from symshrink.runtime.formats import ternary_function_name as function_name
 
 __all__ = ["DOMAIN", "FUNCTION_OPSET", "function_name", "ternary_matmul_function", "function_product", "add_function"]
 
 DOMAIN = FUNCTION_DOMAIN
 FUNCTION_OPSET = 10  # Mod and Slice-with-inputs
-INPUTS = ("x", "packed", "scales", "blocks_shape", "matrix_shape", "count", "rows")
-
-
-def function_name(radix: int) -> str:
-    return "TernaryMatMul" if radix == 4 else f"TernaryMatMulBase{radix}"
 
 
 def ternary_matmul_function(radix: int, opset: int) -> ir.Function:
@@ -74,14 +70,7 @@ def function_product(graph: ir.Graph, weight: QuantizedWeight, radix: int, prefi
     """x @ W through TernaryMatMul; W's packed codes and scales become initializers `prefix.*`."""
     if weight.bits != 2 or weight.scales.dtype != np.float32:
         raise BadInput("ternary function storage holds float32 ternary weights only")
-    rows, cols = weight.codes.shape
-    block = rows if weight.block is None else weight.block
-    blocks = weight.scales.shape[0]
-    codes = np.ones((blocks * block, cols), np.int8)  # digit 1 = t 0 in the padding rows
-    codes[:rows] = weight.codes
-    arrays = {"packed": pack_codes(codes - 1, radix), "scales": weight.scales.reshape(blocks, 1, cols),
-              "blocks_shape": np.array([blocks, block, cols]), "matrix_shape": np.array([blocks * block, cols]),
-              "count": np.array([blocks * block * cols]), "rows": np.array([rows])}
+    arrays = ternary_function_arrays(weight, radix).arrays
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in arrays.items()]
 
     def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:

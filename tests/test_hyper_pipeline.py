@@ -11,8 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.cli import main
 from symshrink.passes.hyper import HyperPass, find_weight_tensors, plan_tensors
-from symshrink.passes.hyper_codec import HyperSetting, decode_values
+from symshrink.passes.hyper_codec import HyperSetting
 from symshrink.passes.hyper_function import DOMAIN, function_name
+from symshrink.runtime.formats import decode_values
 from tests.conftest import mlp_model
 
 SETTINGS = [

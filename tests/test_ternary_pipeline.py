@@ -10,10 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.cli import main
-from symshrink.passes.blocks import QuantizedWeight
-from symshrink.passes.ternary_codec import unpack_codes
 from symshrink.passes.ternary_function import function_name
 from symshrink.pipeline import CompressOptions, compress
+from symshrink.runtime.formats import QuantizedWeight, unpack_codes
 from symshrink.runtime.ort import make_session
 from tests.conftest import mlp_model
 

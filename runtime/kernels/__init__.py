@@ -18,10 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.graph import FUNCTION_DOMAIN
-from symshrink.passes.hyper_function import INPUTS as HYPER_INPUTS
-from symshrink.passes.ternary_function import INPUTS as TERNARY_INPUTS
 from symshrink.runtime.backend import Backend, cpu_backend
+from symshrink.runtime.formats import FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, TERNARY_RADIXES
 from symshrink.runtime.kernels import hyper, ternary
 
 __all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels"]
@@ -80,7 +78,7 @@ def _is(node: ir.Node | None, op_type: str, domain: str = "") -> bool:
 
 def ternary_function_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     """`ai.symshrink.TernaryMatMul` (base 4) or `TernaryMatMulBase3` with constant codes."""
-    radix = {"TernaryMatMul": 4, "TernaryMatMulBase3": 3}.get(node.op_type)
+    radix = TERNARY_RADIXES.get(node.op_type)
     if node.domain != FUNCTION_DOMAIN or radix is None:
         return None
     arrays = {key: constants.get(v.name) for key, v in zip(TERNARY_INPUTS[1:], node.inputs[1:])}

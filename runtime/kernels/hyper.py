@@ -20,7 +20,7 @@ from functools import cache
 
 import numpy as np
 
-from symshrink.passes.hyper_codec import INDICES_PER_ROW, cut_rows, row_unpacking, unpack_rows
+from symshrink.runtime.formats import INDICES_PER_ROW, codebook_table, cut_rows, row_unpacking, unpack_rows
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
 
 __all__ = ["HyperWeight", "function_weight", "fusable", "dense_hyper", "hyper_matmul_reference", "hyper_matmul_cuda",
@@ -61,12 +61,6 @@ class HyperWeight:
                            self.rows_per_frame, self.bits, self.rows, self.cols)
 
 
-def codebook_table(inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """T[j + codes k] = offsets[j] band_scales[k], as the HyperDecode body builds it."""
-    dims = inputs["offsets"].shape[1]
-    return (inputs["band_scales"].reshape(-1, 1, 1) * inputs["offsets"]).reshape(-1, dims).astype(np.float32)
-
-
 def _decode(weight: HyperWeight, packed_rows, indices):
     """centre + T[indices] * span for indices [n, 8] cut from packed rows [n]: pairs [n, 8, 2], in the ONNX
     body's rounding."""
@@ -87,7 +81,7 @@ def fusable(inputs: dict[str, np.ndarray]) -> str | None:
 
 
 def function_weight(inputs: dict[str, np.ndarray]) -> HyperWeight:
-    """The weight of a HyperDecode or HyperDecodeGrouped node from its constant inputs (`hyper_function.INPUTS`;
+    """The weight of a HyperDecode or HyperDecodeGrouped node from its constant inputs (`formats.HYPER_INPUTS`;
     the grouped form's padding past the last element lies past the last row, where no kernel reads)."""
     rows, cols = (int(v) for v in inputs["shape"])
     packed_rows, bits = inputs["packed"].shape
@@ -96,8 +90,9 @@ def function_weight(inputs: dict[str, np.ndarray]) -> HyperWeight:
     groups = inputs["spans"].size
     frames = np.concatenate([inputs["centres"].reshape(groups, PAIR), inputs["spans"].reshape(groups, 1)], axis=1)
     rows_per_frame = int(inputs["layout"][1]) // INDICES_PER_ROW if "layout" in inputs else packed_rows
-    return HyperWeight(np.ascontiguousarray(inputs["packed"]), codebook_table(inputs), frames.astype(np.float32),
-                       rows_per_frame, bits, rows, cols)
+    table = codebook_table(inputs["offsets"], inputs["band_scales"])
+    return HyperWeight(np.ascontiguousarray(inputs["packed"]), table, frames.astype(np.float32), rows_per_frame, bits,
+                       rows, cols)
 
 
 def dense_hyper(weight: HyperWeight) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from symshrink.passes.ternary_codec import DIGITS_PER_BYTE, pack_codes, unpack_codes
+from symshrink.runtime.formats import pack_codes, unpack_ternary_function
 from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
 
 __all__ = ["TernaryWeight", "ternary_weight", "function_weight", "ternary_matmul_reference", "ternary_matmul_cuda",
@@ -59,14 +59,9 @@ def ternary_weight(codes: np.ndarray, scales: np.ndarray, block: int) -> Ternary
 
 
 def function_weight(inputs: dict[str, np.ndarray], radix: int) -> TernaryWeight:
-    """The weight of a TernaryMatMul node from its constant inputs (`ternary_function.INPUTS`)."""
-    blocks, block, cols = (int(v) for v in inputs["blocks_shape"])
-    depth = int(inputs["rows"][0])
-    count = blocks * block * cols
-    if inputs["packed"].size * DIGITS_PER_BYTE[radix] < count:
-        raise ValueError("TernaryMatMul: fewer packed codes than blocks_shape says")
-    codes = unpack_codes(inputs["packed"], count, radix).reshape(blocks * block, cols)[:depth]
-    return ternary_weight(codes, inputs["scales"].reshape(blocks, cols), block)
+    """The weight of a TernaryMatMul node from its constant inputs (`formats.TERNARY_INPUTS`)."""
+    ternary = unpack_ternary_function(inputs, radix)
+    return ternary_weight(ternary.codes, ternary.scales, ternary.block)
 
 
 def _codes(weight: TernaryWeight) -> np.ndarray:

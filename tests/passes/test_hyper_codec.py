@@ -5,13 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from symshrink.passes.hyper_codec import (
+from symshrink.passes.hyper_codec import choose_setting, evaluate_settings, setting_grid
+from symshrink.runtime.formats import (
     FIXED_POINT_BITS,
     HyperSetting,
-    choose_setting,
     decode_values,
-    encode,
-    evaluate_settings,
     grid_offsets,
     index_bits,
     lattice_offsets,
@@ -20,12 +18,12 @@ from symshrink.passes.hyper_codec import (
     pack_rows,
     relative_error,
     row_unpacking,
-    setting_grid,
     unpack_indices,
     unpack_rows,
     winding_codebook,
     winding_steps,
 )
+from symshrink.runtime.formats import encode_hyper as encode
 
 
 def _weights(shape=(96, 64), seed=0, tail=False):

@@ -5,7 +5,7 @@ import pytest
 
 from symshrink.passes.moment_correction import least_squares, match_moments
 from symshrink.passes.stats import UnitStats
-from symshrink.passes.ternary_codec import ternarize
+from symshrink.runtime.formats import ternarize
 
 
 def _setup(seed=0, k=48, n=12, rows=4000):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from symshrink.errors import BadInput
-from symshrink.passes.rtn_codec import quantize_uint8
 from symshrink.passes.stats import UnitStats
 from symshrink.passes.ternary import encode_ternary, encode_uint8, output_error, parse_block, plan_layer
 from symshrink.passes.weights import WeightSite
+from symshrink.runtime.formats import quantize_uint8
 
 
 def _layer(rows=96, cols=40, samples=4000, seed=0):

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from symshrink.passes.ternary_codec import pack_codes, ternarize, unpack_codes
+from symshrink.runtime.formats import pack_codes, ternarize, unpack_codes
 
 
 def _brute_force_error(w: np.ndarray) -> float:

@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from symshrink.passes.hyper_codec import HyperSetting, decode_values, encode
 from symshrink.passes.hyper_function import function_inputs
-from symshrink.passes.ternary_codec import pack_codes
 from symshrink.runtime.backend import cuda_backend, gpu_available
+from symshrink.runtime.formats import HyperSetting, decode_values, pack_codes
+from symshrink.runtime.formats import encode_hyper as encode
 from symshrink.runtime.kernels import KERNELS, hyper, ternary
 from symshrink.runtime.kernels.launch import (
     CUDA_SOURCES,

@@ -2,7 +2,7 @@
 
 The paper codes each pair of consecutive weights as one index into a fixed 2-D codebook (v3: a sheared
 square lattice of n points and side L around the tensor's mean pair, plus K radial bands for outliers;
-`symshrink.passes.hyper_codec`, summary in shared/docs/methods.md section 4). What this script measures:
+`symshrink.runtime.formats`, summary in shared/docs/methods.md section 4). What this script measures:
 
 A. The paper's two published settings applied to real zoo models through `symshrink compress --method hyper`:
    "UNet" (L = 0.1, n = 225, K <= 3) and "MobileNetV3" (L = 0.8, n = 1600, K <= 4), L absolute as in the
@@ -51,17 +51,9 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from symshrink.modelio import load_model, model_bytes_on_disk
 from symshrink.models.registry import cache_dir, get_model, get_task
 from symshrink.passes.hyper import MIN_ELEMENTS, find_weight_tensors
-from symshrink.passes.hyper_codec import (
-    DEFAULT_SIDES,
-    HyperSetting,
-    choose_setting,
-    decode_values,
-    encode,
-    evaluate_settings,
-    relative_error,
-    setting_grid,
-)
+from symshrink.passes.hyper_codec import DEFAULT_SIDES, HyperSetting, choose_setting, evaluate_settings, setting_grid
 from symshrink.pipeline import CompressOptions, compress
+from symshrink.runtime.formats import decode_values, encode_hyper, relative_error
 from symshrink.runtime.ort import make_session
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,7 +195,7 @@ def sweep_tensor(job: tuple[str, str, np.ndarray, Sequence[int], bool]) -> list[
             row = {"model": model, "tensor": name, "size": weight.size, "bits": bits, "codec": codec, "setting": setting,
                    "nmse": err**2, "bpw": bpw}
             if check and bits in check_bits(codec):
-                code = encode(weight, setting)
+                code = encode_hyper(weight, setting)
                 row.update(nmse_full=relative_error(weight, decode_values(code)) ** 2, bpw_full=code.bits_per_weight())
             rows.append(row)
     return rows
@@ -218,7 +210,7 @@ def sample_choice_check(job: tuple[str, str, np.ndarray, int]) -> dict:
     rows = []
     for setting, err, _ in evaluate_settings(weight, setting_grid(CODECS["lattice"][0], bits=[bits], bands=BANDS, sides=SIDES),
                                              SAMPLE, SEED):
-        code = encode(weight, setting)
+        code = encode_hyper(weight, setting)
         rows.append({"setting": setting.label(), "sample": err**2, "full": relative_error(weight, decode_values(code)) ** 2,
                      "bpw": code.bits_per_weight()})
     return {"model": model, "tensor": name, "shape": weight.shape, "bits": bits, "rows": rows, "max_sd": float(dev.max()),
@@ -487,7 +479,8 @@ def write_report(path: Path, header: list[str], scales: list[dict], paper_rows: 
         "",
         "Paper: F. Fan et al., *Hyper-Compression: Model Compression via Hyperfunction* (arXiv 2409.00592; code:",
         "github.com/Juntongkuki/Hyper-Compression). Summary of the method in `shared/docs/methods.md`, section 4; the codec is",
-        "`symshrink.passes.hyper_codec`, the pass `symshrink.passes.hyper` (`symshrink compress --method hyper`).",
+        "`symshrink.runtime.formats` (the setting's choice: `symshrink.passes.hyper_codec`), the pass `symshrink.passes.hyper`",
+        "(`symshrink compress --method hyper`).",
         "",
         "## What the paper claims",
         "",
