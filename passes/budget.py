@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,32 +17,18 @@ import numpy as np
 
 from symshrink.errors import BadInput
 
-__all__ = ["rule_widths", "parse_width_rule", "parse_size", "Move", "allocation_path", "widths_after",
+__all__ = ["rule_widths", "target_bytes", "Move", "allocation_path", "widths_after",
            "path_to_size", "widest_within"]
 
 _STEPS_PER_GROUP = 64  # granularity of the greedy path: about 1/64 of a group's width per move
 
 
-def parse_width_rule(text: str) -> float:
-    """'sqrt:C' -> C, for k = ceil(C sqrt(d))."""
-    match = re.fullmatch(r"sqrt:([0-9]*\.?[0-9]+)", text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise BadInput(f"--width-rule must look like sqrt:C with C > 0, got {text!r}")
-    return float(match.group(1))
-
-
-def parse_size(text: str, current_bytes: int) -> int:
-    """A target file size: a fraction of the current size (0 < f < 1) or bytes with an optional kB/MB/GB."""
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kMG]?B)?", text.strip())
-    if not match:
-        raise BadInput(f"--target-size must be bytes (e.g. 30MB) or a fraction (e.g. 0.5), got {text!r}")
-    number, unit = float(match.group(1)), match.group(2)
-    if unit is None and 0 < number < 1:
-        return int(number * current_bytes)
-    target = int(number * {None: 1, "B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
-    if target <= 0 or target >= current_bytes:
-        raise BadInput(f"--target-size {text} is not below the model's {current_bytes} bytes")
-    return target
+def target_bytes(target: int | float, current_bytes: int) -> int:
+    """A target file size in bytes: `target` bytes (int) or that fraction of the current size (float < 1)."""
+    goal = int(target * current_bytes) if isinstance(target, float) else int(target)
+    if not 0 < goal < current_bytes:
+        raise BadInput(f"target size {target} is not below the model's {current_bytes} bytes")
+    return goal
 
 
 def _step(width: int) -> int:

@@ -19,7 +19,6 @@ from onnx_ir.passes import InPlacePass, PassResult
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
-from symshrink.errors import BadInput
 from symshrink.passes.moment_correction import Correction, least_squares, match_moments
 from symshrink.passes.products import replace_product
 from symshrink.passes.qdq import dequantize_product, ensure_opset
@@ -29,7 +28,7 @@ from symshrink.passes.weights import WeightSite
 from symshrink.runtime.formats import QuantizedWeight, quantize_uint8, ternarize
 
 __all__ = ["CORRECTIONS", "STORAGES", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
-           "output_error", "plan_layer", "parse_block", "ternary_order"]
+           "output_error", "plan_layer", "ternary_order"]
 
 CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
 BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
@@ -45,19 +44,6 @@ class Encoded:
     weight: QuantizedWeight
     shift: np.ndarray | None
     relative_error: float
-
-
-def parse_block(text: str | int | None) -> int | None:
-    """--block-size: 32, 64, 128, 256 or 'channel' (one scale per output column)."""
-    if text in (None, "channel"):
-        return None
-    try:
-        block = int(text)
-    except ValueError:
-        block = 0
-    if block not in BLOCK_SIZES:
-        raise BadInput(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} or 'channel', not {text!r}")
-    return block
 
 
 def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None, shift: np.ndarray | None) -> float:

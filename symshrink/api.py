@@ -4,9 +4,7 @@ only with `force`). Bad arguments raise BadInput with one sentence, never a Type
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
 import typing
 from pathlib import Path
 
@@ -16,43 +14,14 @@ import onnx_ir as ir
 from symshrink.calib import load_feeds, random_feeds
 from symshrink.errors import BadInput
 from symshrink.modelio import check_proto, claim_output, load_model, model_bytes_on_disk, resolve_model, save_model
-from symshrink.pipeline import CompressOptions, check_options, compress_model, default_calib
+from symshrink.options import CompressOptions, options_from
+from symshrink.pipeline import check_options, compress_model, default_calib
 from symshrink.report import CompressReport
 from symshrink.runtime.ort import input_specs, session_for_model
 
 __all__ = ["compress", "save", "CompressOptions", "CompressReport"]
 
-# options that belong to the file-to-file job, not to compress(): the API takes data, not paths to write
-_NOT_OPTIONS = {"calib", "random_calib", "plan_out"}
-
-
-def _check_type(name: str, value: object, hint: object) -> None:
-    """isinstance against a field's annotation (X, X | None, list[str]); ints pass where floats are asked."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
-        else (hint,)
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind
-        if kind is type(None) and value is None or kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if kind is not type(None) and isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-            return
-    names = " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    raise BadInput(f"option {name}: {names}, not {type(value).__name__} {value!r}")
-
-
-def make_options(**options: object) -> CompressOptions:
-    """CompressOptions from keyword arguments, each checked against its field's type."""
-    hints = typing.get_type_hints(CompressOptions)
-    fields = {f.name for f in dataclasses.fields(CompressOptions)} - _NOT_OPTIONS
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise BadInput(f"unknown option {', '.join(unknown)}; available: {', '.join(sorted(fields))}")
-    if isinstance(options.get("exclude"), str):
-        options["exclude"] = [options["exclude"]]  # one pattern, not its characters
-    for name, value in options.items():
-        _check_type(name, value, hints[name])
-    return CompressOptions(**options)
-
+_NOT_OPTIONS = {"calib", "random_calib", "plan_out"}  # the file-to-file job's: the API takes data, not paths
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[ir.Model, str, int]:
     """The IR model, a name for reports and its size in bytes, from a path, a zoo name or a ModelProto."""
@@ -68,12 +37,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
              **options: object) -> tuple[onnx.ModelProto, CompressReport]:
     """Compress `model` (a path, a zoo model name or an onnx.ModelProto; never modified) calibrated on
     `calibration`: a zoo data set name, a path (.npz or folder), an iterable of {input name: array} dicts or an
-    onnxruntime CalibrationDataReader (None: the zoo model's data set). `options` are CompressOptions fields
-    (method="ternary", keep=0.5, max_error=0.05...). Returns the compressed model and the report; when the gate
-    failed, `report.passed` is False and `report.failures` says why (the model is returned for inspection)."""
+    onnxruntime CalibrationDataReader (None: the zoo model's data set). `options` are the run's and the
+    methods' options, flat (method="ternary", block=32, keep=0.5, max_error=0.05...: symshrink.options).
+    Returns the compressed model and the report; when the gate failed, `report.passed` is False and
+    `report.failures` says why (the model is returned for inspection)."""
     if not isinstance(model, (onnx.ModelProto, str, os.PathLike)):
         raise BadInput(f"model: a path, a zoo model name or an onnx.ModelProto, not {type(model).__name__}")
-    settings = make_options(calib_samples=calib_samples, calib_layout=calib_layout, **options)
+    for name in _NOT_OPTIONS & set(options):
+        raise BadInput(f"option {name} belongs to the command line; here give `calibration` and call save()")
+    settings = options_from(calib_samples=calib_samples, calib_layout=calib_layout, **options)
     check_options(settings)
     ir_model, source, before = _load(model)
     session = session_for_model(ir_model, settings.threads)

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,8 +17,18 @@ from pathlib import Path
 
 from symshrink import __version__
 from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
+from symshrink.options import (
+    CODEBOOKS,
+    CORRECTIONS,
+    SELECTORS,
+    STORAGES,
+    CompressOptions,
+    HyperOptions,
+    MomentOptions,
+    TernaryOptions,
+)
 
-__all__ = ["main"]
+__all__ = ["main", "compress_options"]
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -55,21 +66,68 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(text: str, flag: str, kind: type = float) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise BadInput(f"{flag} takes a number, not {text!r}") from None
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...]:
+    """Comma-separated integers ('' or None: none)."""
+    return tuple(int(_number(v, flag, int)) for v in (text or "").split(",") if v.strip())
+
+
+def _width_rule(text: str | None) -> float | None:
+    """'sqrt:C' -> C, for k = ceil(C sqrt(d))."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"sqrt:([0-9]*\.?[0-9]+)", text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise BadInput(f"--width-rule must look like sqrt:C with C > 0, got {text!r}")
+    return float(match.group(1))
+
+
+def _size(text: str | None) -> int | float | None:
+    """A target file size: a fraction of the current size (0 < f < 1, a float) or bytes with an optional
+    kB/MB/GB (an int)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kMG]?B)?", text.strip())
+    if not match:
+        raise BadInput(f"--target-size must be bytes (e.g. 30MB) or a fraction (e.g. 0.5), got {text!r}")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit is None and 0 < number < 1:
+        return number
+    return int(number * {None: 1, "B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit])
+
+
+def _block(text: str) -> int | None:
+    """--block-size: a number of input rows, or 'channel' (one scale per output column)."""
+    return None if text == "channel" else int(_number(text, "--block-size", int))
+
+
+def compress_options(args: argparse.Namespace) -> CompressOptions:
+    """The typed options of `symshrink compress`, parsed from the command line's strings (here only)."""
+    moment = MomentOptions(selector=args.selector, keep=args.keep, width=args.width, sqrt_c=_width_rule(args.width_rule),
+                           target_size=_size(args.target_size), ridge=args.ridge, plan=args.plan)
+    ternary = TernaryOptions(block=_block(args.block_size), correction=args.correction, layer_error=args.layer_error,
+                             activations=args.activations, storage=args.storage, exclude=tuple(args.exclude))
+    group = None if args.group_size == "tensor" else int(_number(args.group_size, "--group-size", int))
+    hyper = HyperOptions(codebook=args.codebook, tensor_error=args.tensor_error, side=args.side, group_size=group,
+                         index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
+                         bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
+    return CompressOptions(method=args.method, moment=moment, ternary=ternary, hyper=hyper, calib=args.calib,
+                           calib_samples=args.calib_samples, calib_layout=args.calib_layout,
+                           random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
+                           min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
+    from symshrink.pipeline import compress  # noqa: PLC0415
     from symshrink.runtime.diff import format_diffs  # noqa: PLC0415
 
-    options = CompressOptions(
-        method=args.method, selector=args.selector, keep=args.keep, width=args.width, width_rule=args.width_rule,
-        target_size=args.target_size, calib=args.calib, calib_samples=args.calib_samples,
-        random_calib=args.random_calib, plan=args.plan, plan_out=args.plan_out, max_error=args.max_error,
-        min_cosine=args.min_cosine, ridge=args.ridge, block_size=args.block_size, correction=args.correction,
-        layer_error=args.layer_error, activations=args.activations, storage=args.storage, exclude=args.exclude,
-        codebook=args.codebook, codes=args.codes, index_bits=args.index_bits, bands=args.bands,
-        side=args.side, group_size=args.group_size, code_dims=args.code_dims, tensor_error=args.tensor_error,
-        threads=args.threads, progress=not args.quiet and not args.json, calib_layout=args.calib_layout,
-    )
-    report = compress(args.model, args.output, options, force=args.force, report_path=args.report)
+    report = compress(args.model, args.output, compress_options(args), force=args.force, report_path=args.report)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
@@ -231,7 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--method", default="moment",
                       help="moment (width reduction), ternary (2-bit weights), hyper (hyperfunction codes), or "
                            "several comma-separated, run in that order (moment,ternary; moment,hyper)")
-    comp.add_argument("--selector", default="select", choices=["select", "recombine", "fold", "magnitude"],
+    comp.add_argument("--selector", default="select", choices=SELECTORS,
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
                            "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")
     widths = comp.add_argument_group("widths (one of these; --max-error alone is a budget too)")
@@ -242,12 +300,12 @@ def _parser() -> argparse.ArgumentParser:
                                               "widths allocated across groups by error per byte saved")
     ternary = comp.add_argument_group("ternary")
     ternary.add_argument("--block-size", default="64", help="input rows per scale: 32, 64, 128, 256 or channel (default 64)")
-    ternary.add_argument("--correction", default="lstsq", choices=["none", "moments", "lstsq"],
+    ternary.add_argument("--correction", default="lstsq", choices=CORRECTIONS,
                          help="per-unit scale and bias fitted on calibration data: least squares (default), "
                               "mean and variance match, or none")
     ternary.add_argument("--layer-error", type=float,
                          help="per-layer budget on the relative output error: layers over it get 8 bits, then stay fp32")
-    ternary.add_argument("--storage", default="dequantize", choices=["dequantize", "function", "function-base3"],
+    ternary.add_argument("--storage", default="dequantize", choices=STORAGES,
                          help="dequantize: 2-bit DequantizeLinear at opset 25, kept 2-bit in memory by onnxruntime "
                               "(default); function / function-base3: the ai.symshrink.TernaryMatMul function over "
                               "2-bit / base-3 (1.6-bit) bytes at any opset >= 10 (onnxruntime unpacks it to fp32 at load)")
@@ -257,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     ternary.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     hyper = comp.add_argument_group("hyper (hyperfunction codes)")
-    hyper.add_argument("--codebook", default="lattice", choices=["lattice", "winding", "grid"],
+    hyper.add_argument("--codebook", default="lattice", choices=CODEBOOKS,
                        help="lattice: the official v3 sheared lattice with radial bands (default); winding: the paper's "
                             "v1 irrational winding; grid: round-to-nearest at the same bits (the comparison)")
     hyper.add_argument("--tensor-error", type=float, default=0.05,

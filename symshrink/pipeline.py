@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
-from symshrink.calib import LAYOUTS, load_feeds, random_feeds, split_holdout
+from symshrink.calib import load_feeds, random_feeds, split_holdout
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
     claim_outputs,
@@ -29,6 +28,7 @@ from symshrink.modelio import (
     save_model,
     write_atomically,
 )
+from symshrink.options import CompressOptions, HyperOptions
 from symshrink.passes import budget
 from symshrink.passes.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
@@ -41,14 +41,11 @@ from symshrink.passes.qdq import ensure_opset
 from symshrink.passes.selectors import UnitProblem
 from symshrink.passes.stats import UnitStats, subsample_rows
 from symshrink.passes.ternary import (
-    CORRECTIONS,
-    STORAGES,
     Encoded,
     TernaryPass,
     TernaryPlan,
     encode_ternary,
     encode_uint8,
-    parse_block,
     plan_layer,
     ternary_order,
 )
@@ -60,43 +57,6 @@ from symshrink.runtime.ort import input_specs, make_session, run_all, session_fo
 __all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib", "verify"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CompressOptions:
-    method: str = "moment"  # "moment", "ternary" or "moment,ternary"
-    selector: str = "select"
-    keep: float | None = None
-    width: int | None = None
-    width_rule: str | None = None  # "sqrt:C": k = ceil(C sqrt(d))
-    target_size: str | None = None  # bytes ("30MB") or a fraction of the input's size
-    calib: str | None = None  # zoo data set, .npz or folder; None: the zoo model's default
-    calib_samples: int | None = None
-    calib_layout: str = "batch"  # "batch": files split on axis 0; "runs": a leading axis of complete runs
-    random_calib: bool = False
-    plan: str | None = None  # replay this plan file
-    plan_out: str | None = None
-    max_error: float | None = None  # relative L2 on held-out samples: the gate, and the budget without a width rule
-    min_cosine: float | None = None
-    ridge: float = 1e-3
-    block_size: str | None = "64"  # ternary: input rows per scale (32, 64, 128, 256) or "channel"
-    correction: str = "lstsq"  # ternary: per-unit scale and bias fit ("none", "moments", "lstsq")
-    layer_error: float | None = None  # ternary: per-layer relative output error budget (over: 8 bits, then fp32)
-    activations: str = "relu"  # ternary: "two-level" tries the paper's quantized activation after each ReLU layer
-    storage: str = "dequantize"  # ternary: "dequantize" (2-bit DequantizeLinear), "function" or "function-base3"
-    exclude: list[str] = field(default_factory=list)  # ternary: fnmatch patterns of node / weight names kept fp32
-    codebook: str = "lattice"  # hyper: "lattice" (v3), "winding" (v1) or "grid" (round-to-nearest at the same bits)
-    codes: str | None = None  # hyper: comma-separated codebook sizes n (grid: levels per weight); None: fill index_bits
-    index_bits: str = "4,5,6,7,8,9,10,11,12,13"  # hyper: index widths (bits per pair) the codebook sizes fill
-    bands: str = "0,1,2,3"  # hyper: radial band counts K tried (lattice)
-    side: float | None = None  # hyper: the codebook square's absolute side L (the paper's); None: hyper_codec.DEFAULT_SIDES
-    group_size: str = "tensor"  # hyper: weights per centre and span, or "tensor"
-    code_dims: int = 2  # hyper: weights per index (3: the winding only)
-    tensor_error: float | None = 0.05  # hyper: relative error target per tensor (fewest bits within it)
-    rows_per_batch: int = 4096  # activation rows kept per calibration batch and group (conv maps are subsampled)
-    threads: int | None = None
-    progress: bool = True
-    seed: int = 0
 
 
 def default_calib(model_spec: str) -> str | None:
@@ -136,39 +96,23 @@ def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, Uni
           before: int, error_of: Callable[[dict[str, int]], float]) -> Plan:
     """Widths from the rule or the budget the options name."""
     full = {g.name: g.width for g in groups}
-    budgeted = options.target_size is not None or (
-        options.max_error is not None and options.keep is None and options.width is None and options.width_rule is None)
-    if not budgeted:
-        sqrt_c = budget.parse_width_rule(options.width_rule) if options.width_rule else None
-        widths = budget.rule_widths(full, keep=options.keep, width=options.width, sqrt_c=sqrt_c)
+    moment = options.moment
+    rule = moment.keep is not None or moment.width is not None or moment.sqrt_c is not None
+    if rule:
+        widths = budget.rule_widths(full, keep=moment.keep, width=moment.width, sqrt_c=moment.sqrt_c)
     else:
-        if options.keep is not None or options.width is not None or options.width_rule is not None:
-            raise BadInput("--target-size is a budget of its own: give it without --keep, --width or --width-rule")
         curves = {g.name: problems[g.name].curve.relative_error
                   for g in tqdm(groups, desc="error curves", unit="group", disable=not options.progress, leave=False)}
         unit_bytes = {g.name: g.params / g.width * problems[g.name].out_weight.dtype.itemsize for g in groups}
         path = budget.allocation_path(curves, unit_bytes)
-        if options.target_size is not None:
-            moves = budget.path_to_size(path, before - budget.parse_size(options.target_size, before),
+        if options.moment.target_size is not None:
+            moves = budget.path_to_size(path, before - budget.target_bytes(options.moment.target_size, before),
                                         lambda m: bytes_saved(groups, budget.widths_after(full, path, m), nodes))
         else:
             moves = budget.widest_within(len(path), lambda m: error_of(budget.widths_after(full, path, m)),
                                          options.max_error)
         widths = budget.widths_after(full, path, moves)
-    return make_plan(groups, widths, options.method, options.selector, options.ridge)
-
-
-METHODS = ("moment", "ternary", "hyper")
-
-
-def parse_methods(text: str) -> list[str]:
-    """--method: one method or several, comma-separated, run in this order (moment, ternary, hyper)."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if not methods or unknown:
-        raise BadInput(f"unknown method {', '.join(unknown) or repr(text)}; available: {', '.join(METHODS)} "
-                       "(or several, comma-separated: moment,ternary, moment,hyper)")
-    return sorted(set(methods), key=METHODS.index)
+    return make_plan(groups, widths, "moment", options.moment.selector, options.moment.ridge)
 
 
 def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, fit_feeds: list, holdout: list,
@@ -176,9 +120,9 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     """Analyse, calibrate, plan and rewrite the symmetric groups in place; the plan it wrote and the
     candidate groups analysis rejected."""
     groups = analyse(model)
-    candidates = rewritable(groups, "moment", options.selector)
-    if options.plan:
-        plan = Plan.load(options.plan)
+    candidates = rewritable(groups, "moment", options.moment.selector)
+    if options.moment.plan:
+        plan = Plan.load(options.moment.plan)
         plan.check_against(groups)
         candidates = [g for g in candidates if g.name in {p.group for p in plan.groups}]
     nodes = {node.name: node for node in model.graph}
@@ -188,16 +132,16 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
             logger.warning("%s is left as it is: %s", g.name, layouts[g.name])
     candidates = [g for g in candidates if not isinstance(layouts[g.name], str)]
     stats = _calibrate(model, candidates, layouts, fit_feeds, options)
-    problems = {g.name: unit_problem(g, nodes, stats[g.name], options.ridge, options.seed) for g in candidates}
+    problems = {g.name: unit_problem(g, nodes, stats[g.name], options.moment.ridge, options.seed) for g in candidates}
 
     def error_of(widths: dict[str, int]) -> float:
-        plan = make_plan(candidates, widths, "moment", options.selector, options.ridge)
+        plan = make_plan(candidates, widths, "moment", options.moment.selector, options.moment.ridge)
         error = _trial_error(model, MomentReductionPass(plan, groups, problems), holdout, expected, options.threads)
         if options.progress:
             tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
         return error
 
-    if not options.plan:
+    if not options.moment.plan:
         plan = _plan(options, candidates, problems, nodes, model_bytes, error_of)
     MomentReductionPass(plan, groups, problems, options.progress)(model)
     return plan, [g for g in groups if not g.ok]
@@ -207,25 +151,21 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
                    expected: list) -> TernaryPlan:
     """Encode every weight site in place: ternary, or the fallback that the per-layer budget (--layer-error)
     or the held-out error budget (--max-error alone) asks for. The plan it wrote."""
-    block = parse_block(options.block_size)
-    if options.correction not in CORRECTIONS:
-        raise BadInput(f"unknown correction {options.correction!r}; available: {', '.join(CORRECTIONS)}")
-    if options.storage not in STORAGES:
-        raise BadInput(f"unknown storage {options.storage!r}; available: {', '.join(STORAGES)}")
-    sites, passed = find_weight_sites(model, options.exclude)
+    block = options.ternary.block
+    sites, passed = find_weight_sites(model, options.ternary.exclude)
     stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
     ternary, fallbacks = {}, {}
     for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not options.progress, leave=False):
         weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
-        ternary[site.node] = encode_ternary(weight, site_stats, block, options.correction)
+        ternary[site.node] = encode_ternary(weight, site_stats, block, options.ternary.correction)
         # 8 bits is DequantizeLinear: only where that is the storage (the function storage stays at opset 10);
         # 8-bit layers of a per-channel plan take blocks of 32
         fallbacks[site.node] = cache(partial(encode_uint8, weight, site_stats, block or 32)) \
-            if options.storage == "dequantize" else None
+            if options.ternary.storage == "dequantize" else None
 
     def make(allowed: set[str] | None, budget: float | None) -> tuple[TernaryPlan, dict[str, Encoded]]:
-        plan = TernaryPlan(block, options.correction, options.storage, budget, passed_over=passed)
+        plan = TernaryPlan(block, options.ternary.correction, options.ternary.storage, budget, passed_over=passed)
         encodings = {}
         for site in sites:
             layer, encoded = plan_layer(site, ternary[site.node], fallbacks[site.node], budget,
@@ -235,9 +175,9 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
                 encodings[site.node] = encoded
         return plan, encodings
 
-    if options.max_error is not None and options.layer_error is None:
+    if options.max_error is not None and options.ternary.layer_error is None:
         order = ternary_order({s.node: ternary[s.node].relative_error for s in sites})
-        if options.storage == "dequantize":
+        if options.ternary.storage == "dequantize":
             ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
 
         def error_of(count: int) -> float:
@@ -249,7 +189,7 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
 
         plan, encodings = make(set(order[: budget.widest_within(len(order), error_of, options.max_error)]), None)
     else:
-        plan, encodings = make(None, options.layer_error)
+        plan, encodings = make(None, options.ternary.layer_error)
     TernaryPass(plan, sites, encodings, options.progress)(model)
     return plan
 
@@ -282,27 +222,12 @@ def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list
     return outcome
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def hyper_candidates(options: HyperOptions) -> list[HyperSetting]:
+    """The settings the per-tensor choice picks from."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values:
-        raise BadInput(f"{flag} takes comma-separated integers, not {text!r}")
-    return values
-
-
-def hyper_candidates(options: CompressOptions) -> list[HyperSetting]:
-    """The settings the per-tensor choice picks from, as the options name them."""
-    if options.tensor_error is not None and options.tensor_error <= 0:
-        raise BadInput(f"--tensor-error must be positive, not {options.tensor_error:g}")
-    group = None
-    if options.group_size != "tensor":
-        group = _int_list(options.group_size, "--group-size")[0]
-    try:
-        base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, group, options.code_dims)
-        return setting_grid(base, bits=_int_list(options.index_bits, "--index-bits"), bands=_int_list(options.bands, "--bands"),
-                            codes=_int_list(options.codes, "--codes") if options.codes else ())
+        base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, options.group_size,
+                            options.code_dims)
+        return setting_grid(base, bits=options.index_bits, bands=options.bands, codes=options.codes)
     except ValueError as err:
         raise BadInput(f"hyperfunction codes: {err}") from None
 
@@ -311,7 +236,7 @@ def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[Hyp
     """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote. Weights held
     in Constant nodes (PP-OCR's classifier) become initializers first."""
     LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
-    plan, codes = plan_tensors(model, candidates, options.tensor_error, progress=options.progress)
+    plan, codes = plan_tensors(model, candidates, options.hyper.tensor_error, progress=options.progress)
     HyperPass(plan, codes, options.progress)(model)
     return plan
 
@@ -385,8 +310,8 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
                    reference=None) -> CompressReport:
     """Rewrite `model` in place with the options' methods, calibrated on `feeds` (the last 20% held out), and
     verify it: the report's `failures` are the gate's (empty: within tolerance). Nothing is written."""
-    methods = parse_methods(options.method)
-    candidates = hyper_candidates(options) if "hyper" in methods else []
+    methods = list(options.method)
+    candidates = hyper_candidates(options.hyper) if "hyper" in methods else []
     fit_feeds, holdout = split_holdout(feeds)
     expected = _reference_outputs(reference or session_for_model(model, options.threads), holdout)
     del reference  # its weights and arenas are not needed again: keep peak memory down
@@ -395,7 +320,7 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         report.plan, report.skipped = _moment_stage(model, options, bytes_before, fit_feeds, holdout, expected)
     if "ternary" in methods:
         report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
-        if options.activations == "two-level":
+        if options.ternary.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     if "hyper" in methods:
         report.hyper = _hyper_stage(model, options, candidates)
@@ -409,29 +334,20 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
 
 def check_options(options: CompressOptions) -> list[str]:
     """The methods, after the checks that need no model (bad options fail before any work)."""
-    methods = parse_methods(options.method)
-    widths = (options.keep, options.width, options.width_rule, options.target_size, options.plan)
-    if methods == ["moment"] and all(w is None for w in (*widths, options.max_error)):
+    methods = list(options.method)
+    if methods == ["moment"] and not options.moment.has_widths() and options.max_error is None:
         raise BadInput("give the widths: --keep F, --width K, --width-rule sqrt:C, --target-size S, --max-error E "
                        "or --plan plan.json")
-    if "moment" in methods and len(methods) > 1 and all(w is None for w in widths):
+    if "moment" in methods and len(methods) > 1 and not options.moment.has_widths():
         raise BadInput(f"with --method {','.join(methods)} give the moment widths (--keep, --width, --width-rule, "
                        "--target-size or --plan): --max-error is the gate of the whole model")
-    if options.activations not in ("relu", "two-level"):
-        raise BadInput(f"unknown activations {options.activations!r}; available: relu, two-level")
-    if options.activations == "two-level" and ("ternary" not in methods or options.max_error is None):
+    if options.ternary.activations == "two-level" and ("ternary" not in methods or options.max_error is None):
         raise BadInput("--activations two-level comes with --method ternary and --max-error: each ReLU is quantized "
                        "only where the held-out error stays within it")
-    if options.plan and "moment" not in methods:
+    if options.moment.plan and "moment" not in methods:
         raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
-    if options.ridge < 0:
-        raise BadInput(f"--ridge must be >= 0, not {options.ridge:g}")
-    if isinstance(options.exclude, str):
-        options.exclude = [options.exclude]  # one pattern, not its characters
-    if options.calib_layout not in LAYOUTS:
-        raise BadInput(f"unknown calibration layout {options.calib_layout!r}; available: {', '.join(LAYOUTS)}")
     if "hyper" in methods:
-        hyper_candidates(options)
+        hyper_candidates(options.hyper)
     return methods
 
 

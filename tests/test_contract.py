@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from symshrink.cli import main
 from symshrink.errors import BadInput
 from symshrink.modelio import load_model, save_model
-from symshrink.pipeline import CompressOptions, verify
+from symshrink.options import CompressOptions
+from symshrink.pipeline import verify
 from tests.conftest import mlp_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +166,7 @@ def test_non_finite_outputs_fail_verification_without_a_gate():
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--ridge", "-1", "--method", "moment", "--keep", "0.5"], "--ridge"),
+    (["--ridge", "-1", "--method", "moment", "--keep", "0.5"], "ridge must be non-negative"),
     (["--random-calib", "--method", "hyper", "--calib-samples", "1000000000"], "between 1 and"),
     (["--random-calib", "--method", "hyper", "--report", "r.txt"], ".json or .md"),
 ])

@@ -10,8 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.cli import main
+from symshrink.options import options_from
 from symshrink.passes.ternary_function import function_name
-from symshrink.pipeline import CompressOptions, compress
+from symshrink.pipeline import compress
 from symshrink.runtime.formats import QuantizedWeight, unpack_codes
 from symshrink.runtime.ort import make_session
 from tests.conftest import mlp_model
@@ -72,7 +73,7 @@ def _optimized_ops(path, tmp_path) -> list[str]:
 def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_network(tmp_path):
     path, out = tmp_path / "mlp.onnx", tmp_path / "ternary.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
-    report = compress(str(path), out, CompressOptions(method="ternary", calib=str(_calib(tmp_path)), progress=False))
+    report = compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
     assert {o.domain: o.version for o in written.opset_import}[""] == 25
@@ -95,7 +96,7 @@ def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_networ
     (got,) = make_session(out).run(None, {"x": x})
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < INT8_ACTIVATION_TOLERANCE
     # the least-squares correction brings the ternary network closer to the original than plain ternary codes
-    compress(str(path), tmp_path / "plain.onnx", CompressOptions(method="ternary", calib=str(_calib(tmp_path)),
+    compress(str(path), tmp_path / "plain.onnx", options_from(method="ternary", calib=str(_calib(tmp_path)),
                                                                  correction="none", progress=False))
     (plain,) = make_session(tmp_path / "plain.onnx").run(None, {"x": x})
     (original,) = make_session(path).run(None, {"x": x})
@@ -113,11 +114,11 @@ def _gemm_model(inputs=64, outputs=96, seed=0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-@pytest.mark.parametrize("block_size", ["32", "channel"])
+@pytest.mark.parametrize("block_size", [32, None])
 def test_gemm_with_transb_alpha_beta_becomes_matmul_plus_bias_and_keeps_its_output_name(tmp_path, block_size):
     path, out = tmp_path / "gemm.onnx", tmp_path / "ternary.onnx"
     onnx.save(_gemm_model(), path)
-    compress(str(path), out, CompressOptions(method="ternary", calib=str(_calib(tmp_path)), block_size=block_size,
+    compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), block=block_size,
                                              progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
@@ -135,17 +136,17 @@ def test_exclude_and_the_layer_budget_keep_layers_in_higher_precision(tmp_path):
     path, calib = tmp_path / "mlp.onnx", _calib(tmp_path)
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
     report = compress(str(path), tmp_path / "a.onnx",
-                      CompressOptions(method="ternary", calib=str(calib), exclude=["fc2"], progress=False))
+                      options_from(method="ternary", calib=str(calib), exclude=["fc2"], progress=False))
     assert [layer.node for layer in report.ternary.layers] == ["fc1"]
     assert report.ternary.passed_over["fc2"] == "excluded by --exclude"
     report = compress(str(path), tmp_path / "b.onnx",
-                      CompressOptions(method="ternary", calib=str(calib), layer_error=0.05, progress=False))
+                      options_from(method="ternary", calib=str(calib), layer_error=0.05, progress=False))
     assert [layer.codec for layer in report.ternary.layers] == ["uint8", "uint8"]
     written = onnx.load(tmp_path / "b.onnx")
     codes = [i for i in written.graph.initializer if i.name.endswith(".q")]
     assert [c.data_type for c in codes] == [TensorProto.UINT8] * 2
     report = compress(str(path), tmp_path / "c.onnx",
-                      CompressOptions(method="ternary", calib=str(calib), layer_error=1e-6, progress=False))
+                      options_from(method="ternary", calib=str(calib), layer_error=1e-6, progress=False))
     assert [layer.codec for layer in report.ternary.layers] == ["fp32", "fp32"]
     assert not any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "c.onnx").graph.node)
 
@@ -153,12 +154,12 @@ def test_exclude_and_the_layer_budget_keep_layers_in_higher_precision(tmp_path):
 def test_moment_then_ternary_codes_the_reduced_weights(tmp_path):
     path, out = tmp_path / "mlp.onnx", tmp_path / "both.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
-    report = compress(str(path), out, CompressOptions(method="moment,ternary", keep=0.5, calib=str(_calib(tmp_path)),
+    report = compress(str(path), out, options_from(method="moment,ternary", keep=0.5, calib=str(_calib(tmp_path)),
                                                       plan_out=str(tmp_path / "plan.json"), progress=False))
     assert report.plan.groups[0].keep_width == 64
     assert [(layer.rows, layer.cols) for layer in report.ternary.layers] == [(64, 64), (64, 64)]
     onnx.checker.check_model(onnx.load(out), full_check=True)
-    replay = compress(str(path), tmp_path / "again.onnx", CompressOptions(
+    replay = compress(str(path), tmp_path / "again.onnx", options_from(
         method="moment", plan=str(tmp_path / "plan.json"), calib=str(_calib(tmp_path)), progress=False))
     assert replay.plan.groups[0].kept == report.plan.groups[0].kept
 
@@ -213,7 +214,7 @@ def test_resident_memory_of_a_4096x4096_ternary_layer_is_a_fraction_of_fp32(tmp_
     _single_matmul(path, size, size)
     _single_matmul(empty, size, 16)  # the session's own memory: a 256 KiB weight
     np.savez(calib, x=np.random.default_rng(1).standard_normal((64, size)).astype(np.float32))
-    compress(str(path), out, CompressOptions(method="ternary", calib=str(calib), correction="none", progress=False))
+    compress(str(path), out, options_from(method="ternary", calib=str(calib), correction="none", progress=False))
     baseline = _session_rss_kib(empty)
     fp32, ternary = _session_rss_kib(path) - baseline, _session_rss_kib(out) - baseline
     # fp32: 64 MiB of weights. Ternary: 2-bit codes and one fp32 scale per 64 weights (2.5 bits per weight,
@@ -234,7 +235,7 @@ def _function_weight(model: onnx.ModelProto, node: onnx.NodeProto, radix: int) -
 def test_function_storage_keeps_the_opset_and_decodes_to_the_ternary_weights(tmp_path, storage, radix):
     path, out = tmp_path / "mlp.onnx", tmp_path / f"{storage}.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64, opset=17), path)
-    compress(str(path), out, CompressOptions(method="ternary", calib=str(_calib(tmp_path)), storage=storage,
+    compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), storage=storage,
                                              progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
@@ -259,7 +260,7 @@ def test_max_error_alone_makes_the_easiest_layers_ternary_and_keeps_the_rest_at_
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
     # all ternary: held-out error about 0.5; all 8-bit: about 0.005; one ternary layer lands in between
     report = compress(str(path), tmp_path / "mixed.onnx",
-                      CompressOptions(method="ternary", calib=str(calib), max_error=0.4, progress=False))
+                      options_from(method="ternary", calib=str(calib), max_error=0.4, progress=False))
     codecs = sorted(layer.codec for layer in report.ternary.layers)
     assert codecs == ["ternary", "uint8"]
     kept = next(layer for layer in report.ternary.layers if layer.codec == "uint8")
@@ -268,20 +269,20 @@ def test_max_error_alone_makes_the_easiest_layers_ternary_and_keeps_the_rest_at_
     assert ternary.ternary_error < kept.ternary_error  # the easier layer went first
     assert max(d.rel_l2 for d in report.diffs) <= 0.4
     report = compress(str(path), tmp_path / "all.onnx",
-                      CompressOptions(method="ternary", calib=str(calib), max_error=0.9, progress=False))
+                      options_from(method="ternary", calib=str(calib), max_error=0.9, progress=False))
     assert [layer.codec for layer in report.ternary.layers] == ["ternary", "ternary"]
 
 
 def test_two_level_activations_are_kept_only_within_the_error_budget(tmp_path):
     path, calib = tmp_path / "mlp.onnx", _calib(tmp_path)
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
-    report = compress(str(path), tmp_path / "strict.onnx", CompressOptions(
+    report = compress(str(path), tmp_path / "strict.onnx", options_from(
         method="ternary", calib=str(calib), max_error=0.9, activations="two-level", progress=False))
     assert list(report.ternary.activations) == ["act"]
     assert report.ternary.activations["act"].startswith("ReLU kept")  # a step function is far from a trained ReLU
     assert [n.op_type for n in onnx.load(tmp_path / "strict.onnx").graph.node].count("Relu") == 1
     out = tmp_path / "loose.onnx"
-    report = compress(str(path), out, CompressOptions(method="ternary", calib=str(calib), max_error=100.0,
+    report = compress(str(path), out, options_from(method="ternary", calib=str(calib), max_error=100.0,
                                                       activations="two-level", progress=False))
     assert report.ternary.activations["act"].startswith("two-level")
     written = onnx.load(out)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from symshrink.calib import load_feeds
 from symshrink.modelio import model_bytes_on_disk, resolve_model
 from symshrink.models.registry import ZooModel, get_model, get_task
-from symshrink.passes.budget import parse_size
+from symshrink.passes.budget import target_bytes
 from symshrink.passes.plan import SELECTOR_KINDS
 from symshrink.runtime.diff import OutputDiff, compare_outputs
 from symshrink.runtime.ort import input_specs, make_session, run_all
@@ -218,10 +218,12 @@ def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False, gath
 
 
 def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **settings: Any) -> dict[str, Any]:
-    """symshrink.pipeline.compress with these CompressOptions settings; the plans' widths and codecs."""
-    from symshrink.pipeline import CompressOptions, compress  # noqa: PLC0415
+    """symshrink.pipeline.compress with these (flat, typed) options; the plans' widths and codecs. The work folder
+    is the benchmark's own: earlier outputs are replaced."""
+    from symshrink.options import options_from  # noqa: PLC0415
+    from symshrink.pipeline import compress  # noqa: PLC0415
 
-    report = compress(spec, out, CompressOptions(calib=entry.calib, progress=False, threads=threads, **settings))
+    report = compress(spec, out, options_from(calib=entry.calib, progress=False, threads=threads, **settings), force=True)
     result = {"holdout_feeds": report.holdout_feeds, "holdout_diffs": [d.to_dict() for d in report.diffs]}
     if report.hyper is not None:
         coded = report.hyper.coded()
@@ -255,18 +257,18 @@ def build_moment(spec: str, entry: ZooModel, variant: Variant, built: dict[str, 
         ref = built.get(f"moment-{selector}-{budget.removeprefix('size@')}")
         if ref is None or ref.path is None:
             raise RuntimeError(f"size@ needs moment-{selector}-{budget.removeprefix('size@')} built in the same run")
-        target = str(model_bytes_on_disk(ref.path))
-        what = f"global allocation to the size of {ref.name} ({int(target) / MB:.2f} MB)"
+        target = model_bytes_on_disk(ref.path)
+        what = f"global allocation to the size of {ref.name} ({target / MB:.2f} MB)"
     elif budget.startswith("size"):
-        target = budget.removeprefix("size")
-        what = f"global allocation to {float(target):g} of the input's size"
+        target = float(budget.removeprefix("size"))
+        what = f"global allocation to {target:g} of the input's size"
     else:
         keep = float(budget.removeprefix("keep"))
         what = f"keep {keep:g} of each group"
     variant.note = f"symshrink moment reduction, selector {selector}, {what}, calib {entry.calib}"
     before = model_bytes_on_disk(built["fp32"].path)
     variant.extra = {"selector": selector, "budget": budget,
-                     "target_bytes": None if target is None else parse_size(target, before)}
+                     "target_bytes": None if target is None else target_bytes(target, before)}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, selector=selector, keep=keep,
                                             target_size=target))
 
@@ -276,7 +278,8 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
     match = TERNARY_NAME.fullmatch(variant.name)
     assert match and variant.path is not None
     block = match["block"].removeprefix("b")
-    settings: dict[str, Any] = {"method": "ternary", "block_size": block, "correction": match["correction"]}
+    settings: dict[str, Any] = {"method": "ternary", "block": None if block == "channel" else int(block),
+                                "correction": match["correction"]}
     what = f"symshrink ternary, block {block}, correction {match['correction']}"
     if match["moment"]:
         moment = MOMENT_NAME.fullmatch(match["moment"])
@@ -296,12 +299,12 @@ def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     match = HYPER_NAME.fullmatch(variant.name)
     assert match and variant.path is not None
     settings: dict[str, Any] = {"method": "hyper", "codebook": match["codebook"],
-                                "group_size": match["group"] or "tensor"}
+                                "group_size": int(match["group"]) if match["group"] else None}
     group = f"per group of {match['group']}" if match["group"] else "per tensor"
     codec = {"lattice": "HC v3 lattice (K 0-3, side 3/4/6 RMS)", "winding": "HC v1 winding",
              "grid": "round-to-nearest (range or clipped to 4-12 RMS, least error)"}[match["codebook"]] + f", {group}"
     if match["bits"]:
-        settings.update(index_bits=match["bits"], tensor_error=None)
+        settings.update(index_bits=(int(match["bits"]),), tensor_error=None)
         what = f"{codec}, {match['bits']} bits per pair, least error"
     else:
         settings["tensor_error"] = float(match["error"])

@@ -147,7 +147,7 @@ def _variants(spec: str, work: Path, bits: int) -> dict[str, Path]:
     original = Path(entry.materialise(cache_dir()))
     paths = {"fp32": original}
     settings = {"ternary": {"method": "ternary"},
-                f"hyper-b{bits}": {"method": "hyper", "index_bits": str(bits), "tensor_error": None}}
+                f"hyper-b{bits}": {"method": "hyper", "index_bits": (bits,), "tensor_error": None}}
     for name, options in settings.items():
         out = work / f"{spec}-{name}.onnx"
         if not out.exists():

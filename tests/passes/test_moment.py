@@ -9,7 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from symshrink.pipeline import CompressOptions, compress
+from symshrink.options import options_from
+from symshrink.pipeline import compress
 from symshrink.testing import assert_outputs_close
 from tests.conftest import swiglu_nodes
 
@@ -38,7 +39,7 @@ def _dup(array, axis, units, block=1):
 
 def _compress(tmp_path, path, calib, **options):
     out = tmp_path / "small.onnx"
-    report = compress(str(path), out, CompressOptions(calib=str(calib), progress=False, ridge=1e-9, **options))
+    report = compress(str(path), out, options_from(calib=str(calib), progress=False, ridge=1e-9, **options))
     onnx.checker.check_model(onnx.load(out), full_check=True)
     return out, report, {i.name: tuple(i.dims) for i in onnx.load(out).graph.initializer}
 

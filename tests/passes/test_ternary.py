@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from symshrink.errors import BadInput
 from symshrink.passes.stats import UnitStats
-from symshrink.passes.ternary import encode_ternary, encode_uint8, output_error, parse_block, plan_layer
+from symshrink.passes.ternary import encode_ternary, encode_uint8, output_error, plan_layer
 from symshrink.passes.weights import WeightSite
 from symshrink.runtime.formats import quantize_uint8
 
@@ -75,12 +74,6 @@ def test_the_codec_falls_back_by_budget_and_says_why():
     assert layer.codec == "uint8" and chosen is uint8 and "ternary error" in layer.reason
     layer, chosen = plan_layer(site, ternary, lambda: uint8, budget=uint8.relative_error / 2)
     assert layer.codec == "fp32" and chosen is None and "8-bit" in layer.reason
-
-
-def test_block_size_choices():
-    assert parse_block("channel") is None and parse_block("128") == 128
-    with pytest.raises(BadInput):
-        parse_block("48")
 
 
 def test_output_error_without_calibration_is_the_weights_frobenius_error():

@@ -50,9 +50,10 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 # the whole library is imported up front, so that an edit to it during a run cannot mix two versions
 from symshrink.modelio import load_model, model_bytes_on_disk
 from symshrink.models.registry import cache_dir, get_model, get_task
+from symshrink.options import options_from
 from symshrink.passes.hyper import MIN_ELEMENTS, find_weight_tensors
 from symshrink.passes.hyper_codec import DEFAULT_SIDES, HyperSetting, choose_setting, evaluate_settings, setting_grid
-from symshrink.pipeline import CompressOptions, compress
+from symshrink.pipeline import compress
 from symshrink.runtime.formats import decode_values, encode_hyper, relative_error
 from symshrink.runtime.ort import make_session
 
@@ -153,10 +154,10 @@ def paper_run(name: str, setting: PaperSetting, work: Path, baseline: dict) -> d
     if name not in baseline:
         baseline[name] = task.evaluate(make_session(src))
     out = work / f"{name}-{setting.name}.onnx"
-    options = CompressOptions(method="hyper", codes=str(setting.codes), bands=",".join(map(str, range(1, setting.max_bands + 1))),
-                              side=setting.side, tensor_error=None, progress=False, seed=SEED)
+    options = options_from(method="hyper", codes=(setting.codes,), bands=tuple(range(1, setting.max_bands + 1)),
+                           side=setting.side, tensor_error=None, progress=False, seed=SEED)
     start = time.perf_counter()
-    report = compress(name, out, options)  # a zoo name brings its default calibration data
+    report = compress(name, out, options, force=True)  # a zoo name brings its default calibration data
     seconds = time.perf_counter() - start
     coded = report.hyper.coded()
     sizes = np.array([math.prod(t.shape) for t in coded], float)
@@ -506,8 +507,8 @@ def write_report(path: Path, header: list[str], scales: list[dict], paper_rows: 
         "",
         "## A. The paper's settings on zoo models",
         "",
-        "Each model is compressed by `symshrink.pipeline.compress(name, out, CompressOptions(method=\"hyper\", codes=n, "
-        "bands=\"1,..,Kmax\", side=L, tensor_error=None))`: L absolute (`HyperSetting(codebook=\"lattice\", codes=n, bands=K, "
+        "Each model is compressed by `symshrink.pipeline.compress(name, out, options_from(method=\"hyper\", codes=(n,), "
+        "bands=(1, .., Kmax), side=L, tensor_error=None))`: L absolute (`HyperSetting(codebook=\"lattice\", codes=n, bands=K, "
         "side=L, absolute_side=True)`), K chosen per tensor among 1..Kmax by the smallest relative L2 error on a fixed sample of "
         "the tensor (`choose_setting` with no target; ties go to fewer bits). The paper's driver picks K by the smallest mean "
         "absolute error instead. Tensors under 4096 weights, biases and norms stay float32, as the pass does for every setting.",

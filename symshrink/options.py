@@ -1,0 +1,203 @@
+"""Typed options: one small dataclass per method and one for the run. Values are typed here (ints, floats,
+tuples); the CLI parses its strings into them at its edge, the API checks keyword arguments against them.
+
+One meaning per budget: `max_error` is the largest relative L2 error ||y - y'|| / ||y|| of any output on the
+held-out feeds, wherever it appears (the gate, the moment width search, the ternary layer search, the
+two-level activation search); `min_cosine` the smallest cosine of any output there. Per-layer and per-tensor
+budgets have their own names (`layer_error`, `tensor_error`) and say what they measure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from symshrink.calib import LAYOUTS
+from symshrink.errors import BadInput
+from symshrink.passes import ternary
+from symshrink.passes.plan import SELECTOR_KINDS
+from symshrink.passes.ternary import BLOCK_SIZES
+from symshrink.runtime.formats import CODEBOOKS
+
+__all__ = ["MomentOptions", "TernaryOptions", "HyperOptions", "CompressOptions", "METHODS", "SELECTORS",
+           "CORRECTIONS", "STORAGES", "BLOCK_SIZES", "CODEBOOKS", "LAYOUTS", "options_from"]
+
+METHODS = ("moment", "ternary", "hyper")
+SELECTORS = tuple(SELECTOR_KINDS)
+CORRECTIONS = tuple(ternary.CORRECTIONS)
+STORAGES = tuple(ternary.STORAGES)
+
+
+def _one_of(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise BadInput(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+def _positive(name: str, value: float | None, strict: bool = True) -> None:
+    if value is not None and not (value > 0 if strict else value >= 0):
+        raise BadInput(f"{name} must be {'positive' if strict else 'non-negative'}, not {value}")
+
+
+@dataclass(frozen=True)
+class MomentOptions:
+    """Width reduction of symmetric groups. Widths: `keep` (fraction per group), `width` (units per group),
+    `sqrt_c` (k = ceil(C sqrt d)), `target_size` (bytes as an int, or a fraction of the input's size as a
+    float), or the run's `max_error` alone (the widest reduction within it), or a `plan` file to replay."""
+
+    selector: str = "select"
+    keep: float | None = None
+    width: int | None = None
+    sqrt_c: float | None = None
+    target_size: int | float | None = None
+    ridge: float = 1e-3
+    plan: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("selector", self.selector, SELECTORS)
+        if self.keep is not None and not 0 < self.keep <= 1:
+            raise BadInput(f"keep must be in (0, 1], not {self.keep}")
+        _positive("width", self.width)
+        _positive("sqrt_c (--width-rule sqrt:C)", self.sqrt_c)
+        _positive("target_size", self.target_size)
+        if isinstance(self.target_size, float) and self.target_size >= 1:
+            raise BadInput(f"target_size as a fraction must be below 1, not {self.target_size}")
+        _positive("ridge", self.ridge, strict=False)
+        rules = [v for v in (self.keep, self.width, self.sqrt_c) if v is not None]
+        if len(rules) > 1:
+            raise BadInput("give one width rule: keep, width or sqrt_c")
+        if rules and self.target_size is not None:
+            raise BadInput("target_size is a budget of its own: give it without keep, width or sqrt_c")
+
+    def has_widths(self) -> bool:
+        return any(v is not None for v in (self.keep, self.width, self.sqrt_c, self.target_size, self.plan))
+
+
+@dataclass(frozen=True)
+class TernaryOptions:
+    """Ternary codes for MatMul/Gemm weights: `block` input rows per scale (None: one per output column),
+    `correction` per output unit, the `layer_error` budget per layer (over it: 8 bits, then fp32), the
+    `storage` form, `exclude` fnmatch patterns kept fp32, `activations` two-level to try the NTK-LC one."""
+
+    block: int | None = 64
+    correction: str = "lstsq"
+    layer_error: float | None = None
+    activations: str = "relu"
+    storage: str = "dequantize"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.block is not None:
+            _one_of("block (--block-size)", self.block, BLOCK_SIZES)
+        _one_of("correction", self.correction, CORRECTIONS)
+        _one_of("activations", self.activations, ("relu", "two-level"))
+        _one_of("storage", self.storage, STORAGES)
+        _positive("layer_error", self.layer_error)
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))  # one pattern, not its characters
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class HyperOptions:
+    """Hyperfunction codes for every large float weight: per tensor the fewest bits whose relative error is
+    within `tensor_error` among the settings the other fields span (index widths in bits per pair, or explicit
+    codebook sizes `codes`; radial `bands`; the square's absolute `side`; weights per centre and span
+    `group_size`, None: the tensor; `code_dims` weights per index)."""
+
+    codebook: str = "lattice"
+    tensor_error: float | None = 0.05
+    index_bits: tuple[int, ...] = tuple(range(4, 14))
+    codes: tuple[int, ...] = ()
+    bands: tuple[int, ...] = (0, 1, 2, 3)
+    side: float | None = None
+    group_size: int | None = None
+    code_dims: int = 2
+
+    def __post_init__(self) -> None:
+        _one_of("codebook", self.codebook, CODEBOOKS)
+        _positive("tensor_error", self.tensor_error)
+        _positive("side", self.side)
+        _one_of("code_dims", self.code_dims, (2, 3))
+        for name in ("index_bits", "codes", "bands"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.index_bits and not self.codes:
+            raise BadInput("give index_bits or codes")
+
+
+@dataclass
+class CompressOptions:
+    """One compress run: the methods in order, each method's options, calibration, the gate and the run's
+    resources."""
+
+    method: str | tuple[str, ...] = ("moment",)  # "moment,ternary" or a sequence; a tuple in run order after init
+    moment: MomentOptions = field(default_factory=MomentOptions)
+    ternary: TernaryOptions = field(default_factory=TernaryOptions)
+    hyper: HyperOptions = field(default_factory=HyperOptions)
+    calib: object = None  # a zoo data set, a path, feed dicts or a CalibrationDataReader; None: the zoo model's
+    calib_samples: int | None = None
+    calib_layout: str = "batch"  # "batch": files split on axis 0; "runs": a leading axis of complete runs
+    random_calib: bool = False
+    plan_out: str | Path | None = None
+    max_error: float | None = None  # see the module docstring
+    min_cosine: float | None = None
+    rows_per_batch: int = 4096  # activation rows kept per calibration batch and site (conv maps are subsampled)
+    threads: int | None = None
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        methods = [self.method] if isinstance(self.method, str) else list(self.method)
+        methods = [m.strip() for text in methods for m in text.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if not methods or unknown:
+            raise BadInput(f"unknown method {', '.join(unknown) or repr(self.method)}; available: {', '.join(METHODS)} "
+                           "(or several, comma-separated: moment,ternary, moment,hyper)")
+        self.method = tuple(sorted(set(methods), key=METHODS.index))
+        _one_of("calib_layout", self.calib_layout, LAYOUTS)
+        _positive("calib_samples", self.calib_samples)
+        _positive("max_error", self.max_error)
+        _positive("rows_per_batch", self.rows_per_batch)
+        if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
+            raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")
+
+
+_PARTS = {"moment": MomentOptions, "ternary": TernaryOptions, "hyper": HyperOptions}
+
+
+def _check_type(name: str, value: object, hint: object) -> None:
+    """isinstance against a field's annotation (X, X | None, tuple[int, ...]); ints pass where floats are asked,
+    lists where tuples are."""
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    allowed = typing.get_args(hint) if union else (hint,)
+    for kind in allowed:
+        kind = typing.get_origin(kind) or kind
+        if kind is object or kind is type(None) and value is None:
+            return
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is tuple and isinstance(value, (list, tuple)) or kind is tuple and name == "exclude" and isinstance(value, str):
+            return
+        if kind is not type(None) and isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
+            return
+    names = " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    raise BadInput(f"option {name}: {names}, not {type(value).__name__} {value!r}")
+
+
+def options_from(**flat: object) -> CompressOptions:
+    """CompressOptions from flat keyword arguments: each name is a field of the run or of one method's options
+    (keep=0.5, block=32, index_bits=(8, 10)...), checked against its type."""
+    owners: dict[str, type] = {f.name: CompressOptions for f in dataclasses.fields(CompressOptions)
+                               if f.name not in _PARTS}
+    for cls in _PARTS.values():
+        owners.update({f.name: cls for f in dataclasses.fields(cls)})
+    unknown = sorted(set(flat) - set(owners))
+    if unknown:
+        raise BadInput(f"unknown option {', '.join(unknown)}; available: {', '.join(sorted(owners))}")
+    hints = {cls: typing.get_type_hints(cls) for cls in {*owners.values()}}
+    for name, value in flat.items():
+        _check_type(name, value, hints[owners[name]][name])
+    parts = {part: cls(**{k: v for k, v in flat.items() if owners[k] is cls}) for part, cls in _PARTS.items()}
+    return CompressOptions(**{k: v for k, v in flat.items() if owners[k] is CompressOptions}, **parts)
