@@ -10,19 +10,22 @@ threshold, biases and norms stay float, and the plan says why.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from tqdm import tqdm
 
-from symshrink.passes.hyper_codec import ChooseSetting, choose_setting, evaluate_settings
+from symshrink.passes.hyper_codec import evaluate_settings
 from symshrink.passes.hyper_function import check_opset, decode_node
-from symshrink.runtime.formats import HyperCode, HyperSetting, decode_values, encode_hyper, relative_error
+from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.runtime.formats import FORMATS, HyperCode, HyperSetting, decode_values, encode_hyper, relative_error
 
-__all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "plan_tensors", "HyperPass"]
+__all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "hyper_offer",
+           "pick_setting", "plan_tensors", "HyperPass"]
 
 MIN_ELEMENTS = 4096  # smaller tensors stay float (as in the ternary pass): little to gain, and all of it side information
 # op -> the input slots that read a weight
@@ -118,29 +121,70 @@ def find_weight_tensors(model: ir.Model, min_elements: int = MIN_ELEMENTS) -> tu
     return chosen, kept
 
 
-def plan_tensors(model: ir.Model, candidates: Sequence[HyperSetting], target: float | None,
-                 min_elements: int = MIN_ELEMENTS, choose: ChooseSetting = choose_setting,
-                 progress: bool = False) -> tuple[HyperPlan, dict[str, HyperCode]]:
-    """Choose each weight tensor's setting among the candidates (`hyper_codec.setting_grid`) on a sample of
-    it, then encode it whole."""
-    chosen, kept = find_weight_tensors(model, min_elements)
-    plan = HyperPlan(candidates[0].codebook, target)
-    encoded: dict[str, HyperCode] = {}
-    # choose_setting takes the narrowest index width within the target: wider ones need not be tried
-    stop = target if choose is choose_setting else None
-    for value in tqdm(chosen, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
-        weight = value.const_value.numpy()
-        setting = candidates[0] if len(candidates) == 1 else \
-            choose(evaluate_settings(weight, candidates, stop_within=stop), target)[0]
-        code = encode_hyper(weight, setting)
-        row = TensorPlan(value.name, list(weight.shape), [use.node.op_type for use in value.uses()], "hyper",
-                         code.label(), code.bits_per_weight(), relative_error(weight, decode_values(code)))
-        plan.tensors.append(row)
-        encoded[value.name] = code
-    plan.tensors += kept
-    tables = {code.setting.table_key(): code.table_bits() for code in encoded.values()}
-    plan.table_bytes = sum(tables.values()) // 8
-    return plan, encoded
+def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: float | None,
+                min_elements: int = MIN_ELEMENTS, progress: bool = False) -> tuple[Offer, list[TensorPlan]]:
+    """Per weight tensor, each setting as a candidate: bytes from the format table, predicted error measured on a
+    fixed sample of the tensor (`hyper_codec.evaluate_settings`; settings wider than the first within
+    `stop_within` are not offered); with a single setting, the whole tensor's error, once encoded. The float
+    tensors that are not sites come back as plan rows with the reason."""
+    values, kept = find_weight_tensors(model, min_elements)
+    sites, candidates, weights = [], {}, {}
+    for value in tqdm(values, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
+        weight = weights[value.name] = value.const_value.numpy()
+        sites.append(Site(value.name, "tensor", tuple(weight.shape), weight.nbytes))
+        if len(settings) == 1:
+            results = [(settings[0], None, None)]
+        else:
+            results = evaluate_settings(weight, settings, stop_within=stop_within)
+        options = []
+        for setting, error, bits in results:
+            encoded = partial(encode_hyper, weight, setting)
+            row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
+            measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
+            # the sample's bits (exact when the bands are used, as the table's bytes are) where they were measured
+            nbytes = row.predict_bytes(weight.shape, **asdict(setting)) if bits is None else round(bits * weight.size / 8)
+            options.append(Candidate(value.name, "hyper", setting.label(), nbytes, measured, encoded))
+        candidates[value.name] = options
+
+    def rewrite(chosen: Mapping[str, Candidate]) -> HyperPass:
+        plan = HyperPlan(settings[0].codebook, stop_within)
+        codes: dict[str, HyperCode] = {}
+        for site in sites:
+            if site.name not in chosen:
+                continue
+            code = codes[site.name] = chosen[site.name].payload()
+            value = model.graph.initializers[site.name]
+            plan.tensors.append(TensorPlan(site.name, list(site.shape), [use.node.op_type for use in value.uses()], "hyper",
+                                           code.label(), code.bits_per_weight(),
+                                           relative_error(weights[site.name], decode_values(code))))
+        plan.tensors += kept
+        tables = {code.setting.table_key(): code.table_bits() for code in codes.values()}
+        plan.table_bytes = sum(tables.values()) // 8
+        return HyperPass(plan, codes, progress)
+
+    return Offer("hyper", sites, candidates, rewrite), kept
+
+
+def _whole_tensor_error(weight: np.ndarray, encoded: Callable[[], HyperCode]) -> float:
+    return relative_error(weight, decode_values(encoded()))
+
+
+def pick_setting(options: list[Candidate], target: float | None) -> Candidate:
+    """The fewest bytes within the relative error `target` (without one, or when none is within it: the smallest
+    error), as `hyper_codec.choose_setting` picks among settings. Pure: swappable."""
+    within = [c for c in options if target is not None and c.predicted_error() <= target]
+    if len(options) == 1:
+        return options[0]
+    return min(within, key=lambda c: (c.bytes_after, c.predicted_error())) if within else \
+        min(options, key=lambda c: (c.predicted_error(), c.bytes_after))
+
+
+def plan_tensors(model: ir.Model, settings: Sequence[HyperSetting], target: float | None,
+                 min_elements: int = MIN_ELEMENTS, progress: bool = False) -> tuple[HyperPlan, dict[str, HyperCode]]:
+    """The per-tensor rule of the hyper method on its own: each tensor's setting with `pick_setting`, encoded."""
+    offer, _ = hyper_offer(model, settings, target, min_elements, progress)
+    rewrite = offer.rewrite({site: pick_setting(options, target) for site, options in offer.candidates.items()})
+    return rewrite.plan, rewrite.codes
 
 
 class HyperPass(InPlacePass):

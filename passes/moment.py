@@ -10,7 +10,9 @@ an ordinary smaller MatMul/Gemm/Conv with stock ops.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx_ir as ir
@@ -22,12 +24,13 @@ from symshrink.passes.analysis import Group
 from symshrink.passes.fold import fold
 from symshrink.passes.graph import add_initializer, attr, bias_input, constant_array, constant_tensor
 from symshrink.passes.handlers import Cut
-from symshrink.passes.plan import GroupPlan, Plan
+from symshrink.passes.plan import GroupPlan, Plan, make_plan
+from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.recombine import recombine
 from symshrink.passes.selectors import Reduction, Selector, UnitProblem, magnitude, refit, select
 from symshrink.passes.stats import UnitStats, unfold_channels
 
-__all__ = ["MomentReductionPass", "SELECTORS", "ConsumerLayout", "consumer_layout", "unit_problem", "bytes_saved"]
+__all__ = ["MomentReductionPass", "SELECTORS", "ConsumerLayout", "consumer_layout", "unit_problem", "bytes_saved", "moment_offer"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +214,27 @@ def _forget_shapes(graph: ir.Graph, group: Group) -> None:
         for out in node.outputs:
             if out.name in names:
                 out.shape = None
+
+
+def moment_offer(groups: list[Group], all_groups: list[Group], problems: dict[str, UnitProblem], selector: str,
+                 ridge: float, progress: bool = False) -> Offer:
+    """Every width k = d..1 of every group as a candidate: bytes of its producer and consumer slices at k,
+    predicted error the consumer's relative output error after a least-squares refit of k units (the
+    selectors' error curve, computed when first asked for)."""
+    sites, candidates = [], {}
+    for g in groups:
+        problem = problems[g.name]
+        unit_bytes = g.params / g.width * problem.out_weight.dtype.itemsize
+        sites.append(Site(g.name, "group", (g.width,), round(g.params * problem.out_weight.dtype.itemsize)))
+        candidates[g.name] = [Candidate(g.name, "moment", f"{selector} k={k}", round(unit_bytes * k),
+                                        partial(_curve_error, problem, k), known(k)) for k in range(g.width, 0, -1)]
+
+    def rewrite(chosen: Mapping[str, Candidate]) -> MomentReductionPass:
+        widths = {g.name: chosen[g.name].payload() if g.name in chosen else g.width for g in groups}
+        return MomentReductionPass(make_plan(groups, widths, "moment", selector, ridge), all_groups, problems, progress)
+
+    return Offer("moment", sites, candidates, rewrite)
+
+
+def _curve_error(problem: UnitProblem, k: int) -> float:
+    return float(problem.curve.relative_error[k])

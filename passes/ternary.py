@@ -10,8 +10,9 @@ error is ||x (W - W') - c|| / ||x W|| on the calibration moments; over budget th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cache, partial
 
 import numpy as np
 import onnx_ir as ir
@@ -21,14 +22,15 @@ from tqdm import tqdm
 
 from symshrink.passes.moment_correction import Correction, least_squares, match_moments
 from symshrink.passes.products import replace_product
+from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.qdq import dequantize_product, ensure_opset
 from symshrink.passes.stats import UnitStats
 from symshrink.passes.ternary_function import add_function, function_product
-from symshrink.passes.weights import WeightSite
-from symshrink.runtime.formats import QuantizedWeight, quantize_uint8, ternarize
+from symshrink.passes.weights import WeightSite, weight_matrix
+from symshrink.runtime.formats import FORMATS, QuantizedWeight, quantize_uint8, ternarize
 
-__all__ = ["CORRECTIONS", "STORAGES", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary", "encode_uint8",
-           "output_error", "plan_layer", "ternary_order"]
+__all__ = ["CORRECTIONS", "STORAGES", "STORAGE_FORMATS", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary",
+           "encode_uint8", "output_error", "ternary_offer"]
 
 CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
 BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
@@ -129,33 +131,46 @@ class TernaryPlan:
         return "\n".join(lines)
 
 
-def ternary_order(errors: dict[str, float]) -> list[str]:
-    """The order in which the --max-error search makes layers ternary: smallest calibrated error first
-    (pure: swappable)."""
-    return sorted(errors, key=errors.__getitem__)
+STORAGE_FORMATS = {"dequantize": "ternary-dequantize", "function": "ternary-function",
+                   "function-base3": "ternary-function-base3"}  # rows of runtime.formats.FORMATS
 
 
-def plan_layer(site: WeightSite, ternary: Encoded, fallback: Callable[[], Encoded] | None, budget: float | None,
-               allowed: bool = True) -> tuple[LayerPlan, Encoded | None]:
-    """The layer's codec: ternary where `allowed` and within the per-layer budget, else 8 bits within it
-    (when there is a `fallback`), else fp32 (pure: swappable)."""
-    layer = LayerPlan(site.node, site.weight, site.rows, site.cols, "ternary", ternary.relative_error,
-                      ternary.relative_error)
-    if allowed and (budget is None or ternary.relative_error <= budget):
-        return layer, ternary
-    why = f"ternary error {ternary.relative_error:.3f} > budget {budget:g}" if allowed else \
-        "the --max-error search kept it in higher precision"
-    if fallback is None:
-        layer.codec, layer.relative_error = "fp32", None
-        layer.reason = f"{why} (8 bits needs --storage dequantize)"
-        return layer, None
-    uint8 = fallback()
-    if budget is None or uint8.relative_error <= budget:
-        layer.codec, layer.relative_error, layer.reason = "uint8", uint8.relative_error, why
-        return layer, uint8
-    layer.codec, layer.relative_error = "fp32", None
-    layer.reason = f"ternary {ternary.relative_error:.3f} and 8-bit {uint8.relative_error:.3f} errors > budget {budget:g}"
-    return layer, None
+def ternary_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
+                  correction: str, storage: str, passed_over: dict[str, str], progress: bool = False) -> Offer:
+    """Per weight site, in this order: ternary codes (encoded now, with their calibrated output error), 8-bit
+    codes (with the dequantize storage; encoded when first asked for, blocks of 32 under a per-column plan)
+    and fp32. Bytes from the format table."""
+    offered, candidates = [], {}
+    ternary_format, uint8_format = FORMATS[STORAGE_FORMATS[storage]], FORMATS["uint8-dequantize"]
+    for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not progress, leave=False):
+        weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
+        shape, dense = (site.rows, site.cols), 4 * site.elements
+        ternary = encode_ternary(weight, site_stats, block, correction)
+        options = [Candidate(site.node, "ternary", f"ternary b{block or 'channel'}",
+                             ternary_format.predict_bytes(shape, block=block), known(ternary.relative_error), known(ternary))]
+        if STORAGES[storage] is None:  # 8 bits is DequantizeLinear: the function storage stays at opset 10
+            uint8 = cache(partial(encode_uint8, weight, site_stats, block or 32))
+            options.append(Candidate(site.node, "uint8", f"uint8 b{block or 32}",
+                                     uint8_format.predict_bytes(shape, block=block or 32),
+                                     lambda uint8=uint8: uint8().relative_error, uint8))
+        options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
+        offered.append(Site(site.node, "weight", shape, dense))
+        candidates[site.node] = options
+
+    def rewrite(chosen: Mapping[str, Candidate]) -> TernaryPass:
+        plan = TernaryPlan(block, correction, storage, None, passed_over=passed_over)
+        encodings = {}
+        for site in sites:
+            ternary_error = candidates[site.node][0].predicted_error()
+            pick = chosen.get(site.node)
+            codec = "fp32" if pick is None else pick.method
+            error = None if codec == "fp32" else pick.predicted_error()
+            plan.layers.append(LayerPlan(site.node, site.weight, site.rows, site.cols, codec, error, ternary_error))
+            if codec != "fp32":
+                encodings[site.node] = pick.payload()
+        return TernaryPass(plan, sites, encodings, progress)
+
+    return Offer("ternary", offered, candidates, rewrite)
 
 
 class TernaryPass(InPlacePass):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +28,26 @@ from symshrink.modelio import (
     write_atomically,
 )
 from symshrink.options import CompressOptions, HyperOptions
-from symshrink.passes import budget
 from symshrink.passes.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.analysis import Group, analyse
-from symshrink.passes.hyper import MIN_ELEMENTS, HyperPass, HyperPlan, plan_tensors
+from symshrink.passes.hyper import MIN_ELEMENTS, HyperPlan, hyper_offer
 from symshrink.passes.hyper_codec import HyperSetting, setting_grid
-from symshrink.passes.moment import ConsumerLayout, MomentReductionPass, bytes_saved, consumer_layout, unit_problem
-from symshrink.passes.plan import Plan, make_plan, rewritable
-from symshrink.passes.qdq import ensure_opset
-from symshrink.passes.selectors import UnitProblem
-from symshrink.passes.stats import UnitStats, subsample_rows
-from symshrink.passes.ternary import (
-    Encoded,
-    TernaryPass,
-    TernaryPlan,
-    encode_ternary,
-    encode_uint8,
-    plan_layer,
-    ternary_order,
+from symshrink.passes.moment import (
+    ConsumerLayout,
+    MomentReductionPass,
+    bytes_saved,
+    consumer_layout,
+    moment_offer,
+    unit_problem,
 )
-from symshrink.passes.weights import WeightSite, find_weight_sites, weight_matrix
+from symshrink.passes.plan import Plan, rewritable
+from symshrink.passes.qdq import ensure_opset
+from symshrink.passes.stats import UnitStats, subsample_rows
+from symshrink.passes.ternary import TernaryPlan, ternary_offer
+from symshrink.passes.weights import WeightSite, find_weight_sites
 from symshrink.report import CompressReport, check_report_path, write_report
+from symshrink.rules import Choice, hyper_rule, moment_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
@@ -92,33 +89,10 @@ def _calibrate(model: ir.Model, groups: list[Group], layouts: dict[str, Consumer
     return stats
 
 
-def _plan(options: CompressOptions, groups: list[Group], problems: dict[str, UnitProblem], nodes: dict[str, ir.Node],
-          before: int, error_of: Callable[[dict[str, int]], float]) -> Plan:
-    """Widths from the rule or the budget the options name."""
-    full = {g.name: g.width for g in groups}
-    moment = options.moment
-    rule = moment.keep is not None or moment.width is not None or moment.sqrt_c is not None
-    if rule:
-        widths = budget.rule_widths(full, keep=moment.keep, width=moment.width, sqrt_c=moment.sqrt_c)
-    else:
-        curves = {g.name: problems[g.name].curve.relative_error
-                  for g in tqdm(groups, desc="error curves", unit="group", disable=not options.progress, leave=False)}
-        unit_bytes = {g.name: g.params / g.width * problems[g.name].out_weight.dtype.itemsize for g in groups}
-        path = budget.allocation_path(curves, unit_bytes)
-        if options.moment.target_size is not None:
-            moves = budget.path_to_size(path, before - budget.target_bytes(options.moment.target_size, before),
-                                        lambda m: bytes_saved(groups, budget.widths_after(full, path, m), nodes))
-        else:
-            moves = budget.widest_within(len(path), lambda m: error_of(budget.widths_after(full, path, m)),
-                                         options.max_error)
-        widths = budget.widths_after(full, path, moves)
-    return make_plan(groups, widths, "moment", options.moment.selector, options.moment.ridge)
-
-
 def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, fit_feeds: list, holdout: list,
                   expected: list) -> tuple[Plan, list[Group]]:
-    """Analyse, calibrate, plan and rewrite the symmetric groups in place; the plan it wrote and the
-    candidate groups analysis rejected."""
+    """Analyse, calibrate, offer widths, choose by the moment rule (or replay a plan) and rewrite the symmetric
+    groups in place; the plan it wrote and the candidate groups analysis rejected."""
     groups = analyse(model)
     candidates = rewritable(groups, "moment", options.moment.selector)
     if options.moment.plan:
@@ -133,65 +107,54 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     candidates = [g for g in candidates if not isinstance(layouts[g.name], str)]
     stats = _calibrate(model, candidates, layouts, fit_feeds, options)
     problems = {g.name: unit_problem(g, nodes, stats[g.name], options.moment.ridge, options.seed) for g in candidates}
+    if options.moment.plan:  # the recorded widths and units, exactly
+        MomentReductionPass(plan, groups, problems, options.progress)(model)
+        return plan, [g for g in groups if not g.ok]
+    offer = moment_offer(candidates, groups, problems, options.moment.selector, options.moment.ridge, options.progress)
 
-    def error_of(widths: dict[str, int]) -> float:
-        plan = make_plan(candidates, widths, "moment", options.moment.selector, options.moment.ridge)
-        error = _trial_error(model, MomentReductionPass(plan, groups, problems), holdout, expected, options.threads)
+    def error_of(chosen: Choice) -> float:
+        error = _trial_error(model, offer.rewrite(chosen), holdout, expected, options.threads)
         if options.progress:
-            tqdm.write(f"budget search: {sum(widths.values())} units kept, held-out rel. error {error:.4f}")
+            tqdm.write(f"budget search: {sum(c.payload() for c in chosen.values())} units kept, "
+                       f"held-out rel. error {error:.4f}")
         return error
 
-    if not options.moment.plan:
-        plan = _plan(options, candidates, problems, nodes, model_bytes, error_of)
-    MomentReductionPass(plan, groups, problems, options.progress)(model)
-    return plan, [g for g in groups if not g.ok]
+    def saved_after(chosen: Choice) -> float:
+        return bytes_saved(candidates, {site: c.payload() for site, c in chosen.items()}, nodes)
+
+    chosen = moment_rule(offer, options.moment, options.max_error, model_bytes, saved_after, error_of, options.progress)
+    rewrite = offer.rewrite(chosen)
+    rewrite(model)
+    return rewrite.plan, [g for g in groups if not g.ok]
 
 
 def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
                    expected: list) -> TernaryPlan:
-    """Encode every weight site in place: ternary, or the fallback that the per-layer budget (--layer-error)
-    or the held-out error budget (--max-error alone) asks for. The plan it wrote."""
-    block = options.ternary.block
+    """Offer codes for every weight site, choose by the ternary rule (the per-layer budget --layer-error, or the
+    held-out budget --max-error alone) and write them in place. The plan it wrote."""
     sites, passed = find_weight_sites(model, options.ternary.exclude)
     stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
-    ternary, fallbacks = {}, {}
-    for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not options.progress, leave=False):
-        weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
-        ternary[site.node] = encode_ternary(weight, site_stats, block, options.ternary.correction)
-        # 8 bits is DequantizeLinear: only where that is the storage (the function storage stays at opset 10);
-        # 8-bit layers of a per-channel plan take blocks of 32
-        fallbacks[site.node] = cache(partial(encode_uint8, weight, site_stats, block or 32)) \
-            if options.ternary.storage == "dequantize" else None
+    ternary = options.ternary
+    offer = ternary_offer(sites, stats, nodes, ternary.block, ternary.correction, ternary.storage, passed, options.progress)
+    searching = options.max_error is not None and ternary.layer_error is None
+    if searching and ternary.storage == "dequantize":
+        ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
 
-    def make(allowed: set[str] | None, budget: float | None) -> tuple[TernaryPlan, dict[str, Encoded]]:
-        plan = TernaryPlan(block, options.ternary.correction, options.ternary.storage, budget, passed_over=passed)
-        encodings = {}
-        for site in sites:
-            layer, encoded = plan_layer(site, ternary[site.node], fallbacks[site.node], budget,
-                                        allowed is None or site.node in allowed)
-            plan.layers.append(layer)
-            if encoded is not None:
-                encodings[site.node] = encoded
-        return plan, encodings
+    def error_of(chosen: Choice) -> float:
+        error = _trial_error(model, offer.rewrite(chosen), holdout, expected, options.threads)
+        if options.progress:
+            count = sum(c.method == "ternary" for c in chosen.values())
+            tqdm.write(f"budget search: {count} of {len(chosen)} layers ternary, held-out rel. error {error:.4f}")
+        return error
 
-    if options.max_error is not None and options.ternary.layer_error is None:
-        order = ternary_order({s.node: ternary[s.node].relative_error for s in sites})
-        if options.ternary.storage == "dequantize":
-            ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
-
-        def error_of(count: int) -> float:
-            trial_plan, trial_encodings = make(set(order[:count]), None)
-            error = _trial_error(model, TernaryPass(trial_plan, sites, trial_encodings), holdout, expected, options.threads)
-            if options.progress:
-                tqdm.write(f"budget search: {count} of {len(order)} layers ternary, held-out rel. error {error:.4f}")
-            return error
-
-        plan, encodings = make(set(order[: budget.widest_within(len(order), error_of, options.max_error)]), None)
-    else:
-        plan, encodings = make(None, options.ternary.layer_error)
-    TernaryPass(plan, sites, encodings, options.progress)(model)
-    return plan
+    chosen, reasons = ternary_rule(offer, ternary, options.max_error, error_of)
+    rewrite = offer.rewrite(chosen)
+    rewrite.plan.layer_error = None if searching else ternary.layer_error
+    for layer in rewrite.plan.layers:
+        layer.reason = reasons.get(layer.node, "")
+    rewrite(model)
+    return rewrite.plan
 
 
 def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
@@ -236,9 +199,10 @@ def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[Hyp
     """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote. Weights held
     in Constant nodes (PP-OCR's classifier) become initializers first."""
     LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
-    plan, codes = plan_tensors(model, candidates, options.hyper.tensor_error, progress=options.progress)
-    HyperPass(plan, codes, options.progress)(model)
-    return plan
+    offer, _ = hyper_offer(model, candidates, options.hyper.tensor_error, progress=options.progress)
+    rewrite = offer.rewrite(hyper_rule(offer, options.hyper))
+    rewrite(model)
+    return rewrite.plan
 
 
 def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,

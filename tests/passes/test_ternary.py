@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from symshrink.passes.stats import UnitStats
-from symshrink.passes.ternary import encode_ternary, encode_uint8, output_error, plan_layer
-from symshrink.passes.weights import WeightSite
+from symshrink.passes.ternary import encode_ternary, output_error
 from symshrink.runtime.formats import quantize_uint8
 
 
@@ -60,20 +59,6 @@ def test_uint8_error_is_within_half_a_step_and_zero_is_exact():
     step = np.repeat(quantized.scales, 32, axis=0)[:100]
     assert np.all(np.abs(quantized.dequantize() - weight) <= step / 2 + 1e-12)
     assert np.all(quantized.dequantize()[5] == 0.0)
-
-
-def test_the_codec_falls_back_by_budget_and_says_why():
-    _, weight, stats = _layer()
-    site = WeightSite("fc", "MatMul", "W", "x", *weight.shape)
-    ternary = encode_ternary(weight, stats, 32, "lstsq")
-    uint8 = encode_uint8(weight, stats, 32)
-    assert uint8.relative_error < 0.02 < ternary.relative_error
-    layer, chosen = plan_layer(site, ternary, lambda: uint8, budget=None)
-    assert layer.codec == "ternary" and chosen is ternary
-    layer, chosen = plan_layer(site, ternary, lambda: uint8, budget=0.05)
-    assert layer.codec == "uint8" and chosen is uint8 and "ternary error" in layer.reason
-    layer, chosen = plan_layer(site, ternary, lambda: uint8, budget=uint8.relative_error / 2)
-    assert layer.codec == "fp32" and chosen is None and "8-bit" in layer.reason
 
 
 def test_output_error_without_calibration_is_the_weights_frobenius_error():

@@ -1,0 +1,96 @@
+"""Today's per-method rules, as choices over a method's offer: what `--method X` picks on its own.
+
+moment: one width rule for every group (keep, width, k = ceil(C sqrt d)), or the greedy path of least squared
+error increase per byte saved, cut at a size target or at the most moves whose held-out error stays within
+max_error (bisection, each step verified). ternary: ternary codes where within the per-layer budget, else 8 bits
+within it, else fp32; with max_error alone, layers become ternary in order of their calibrated error, as many as
+stay within it (the rest 8 bits). hyper: per tensor the fewest bytes within the tensor error target.
+A rule only chooses: the verified searches get `error_of(chosen)`, the held-out error of a trial rewrite, from
+the caller, and the offer's rewrite writes the choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from symshrink.options import HyperOptions, MomentOptions, TernaryOptions
+from symshrink.passes import budget
+from symshrink.passes.hyper import pick_setting
+from symshrink.passes.protocol import Candidate, Offer
+
+__all__ = ["Choice", "moment_rule", "ternary_rule", "hyper_rule"]
+
+Choice = dict[str, Candidate]  # at most one candidate per site
+ErrorOf = Callable[[Choice], float]
+
+
+def _widths_choice(offer: Offer, widths: dict[str, int]) -> Choice:
+    at = {site: {c.payload(): c for c in options} for site, options in offer.candidates.items()}
+    return {site: at[site][k] for site, k in widths.items()}
+
+
+def moment_rule(offer: Offer, options: MomentOptions, max_error: float | None, model_bytes: int,
+                saved_after: Callable[[Choice], float], error_of: ErrorOf, progress: bool = False) -> Choice:
+    """The width of every group: the options' rule, or the allocation path cut at the target size or within
+    max_error."""
+    full = {site.name: site.shape[0] for site in offer.sites}
+    if any(v is not None for v in (options.keep, options.width, options.sqrt_c)):
+        return _widths_choice(offer, budget.rule_widths(full, keep=options.keep, width=options.width,
+                                                        sqrt_c=options.sqrt_c))
+    curves = {}
+    for site in tqdm(offer.sites, desc="error curves", unit="group", disable=not progress, leave=False):
+        by_width = sorted(offer.candidates[site.name], key=lambda c: c.payload())
+        curves[site.name] = np.array([1.0] + [c.predicted_error() for c in by_width])  # index k: width k (0 unused)
+    unit_bytes = {site.name: site.bytes / site.shape[0] for site in offer.sites}
+    path = budget.allocation_path(curves, unit_bytes)
+
+    def after(moves: int) -> Choice:
+        return _widths_choice(offer, budget.widths_after(full, path, moves))
+
+    if options.target_size is not None:
+        goal = model_bytes - budget.target_bytes(options.target_size, model_bytes)
+        moves = budget.path_to_size(path, goal, lambda m: saved_after(after(m)))
+    else:
+        moves = budget.widest_within(len(path), lambda m: error_of(after(m)), max_error)
+    return after(moves)
+
+
+def _codec(options: list[Candidate], layer_error: float | None, allowed: bool) -> tuple[Candidate, str]:
+    """Ternary where `allowed` and within the per-layer budget, else 8 bits within it (where offered), else fp32;
+    and why, when not ternary."""
+    ternary, fp32 = options[0], options[-1]
+    fallback = next((c for c in options if c.method == "uint8"), None)
+    error = ternary.predicted_error()
+    if allowed and (layer_error is None or error <= layer_error):
+        return ternary, ""
+    why = f"ternary error {error:.3f} > budget {layer_error:g}" if allowed else \
+        "the --max-error search kept it in higher precision"
+    if fallback is None:
+        return fp32, f"{why} (8 bits needs --storage dequantize)"
+    if layer_error is None or fallback.predicted_error() <= layer_error:
+        return fallback, why
+    return fp32, f"ternary {error:.3f} and 8-bit {fallback.predicted_error():.3f} errors > budget {layer_error:g}"
+
+
+def ternary_rule(offer: Offer, options: TernaryOptions, max_error: float | None,
+                 error_of: ErrorOf) -> tuple[Choice, dict[str, str]]:
+    """Each layer's code and, where it is not ternary, why."""
+    def choose(allowed: set[str] | None, layer_error: float | None) -> tuple[Choice, dict[str, str]]:
+        picks = {site: _codec(cands, layer_error, allowed is None or site in allowed)
+                 for site, cands in offer.candidates.items()}
+        return {site: pick for site, (pick, _) in picks.items()}, {site: why for site, (_, why) in picks.items() if why}
+
+    if max_error is not None and options.layer_error is None:
+        errors = {site: cands[0].predicted_error() for site, cands in offer.candidates.items()}
+        order = sorted(errors, key=errors.__getitem__)  # smallest calibrated error first
+        count = budget.widest_within(len(order), lambda n: error_of(choose(set(order[:n]), None)[0]), max_error)
+        return choose(set(order[:count]), None)
+    return choose(None, options.layer_error)
+
+
+def hyper_rule(offer: Offer, options: HyperOptions) -> Choice:
+    """Per tensor the fewest bytes within the tensor error target (without one: the least error)."""
+    return {site: pick_setting(cands, options.tensor_error) for site, cands in offer.candidates.items()}
