@@ -35,12 +35,11 @@ def no_deps_hint(requirement: str) -> str:
 
 def missing(what: str, module: str, hint: str) -> BadInput:
     """The one-line error for a package that is not installed."""
-    return BadInput(f"{what} needs the Python package {module!r}, not installed here: {hint}")
+    return BadInput(f"{what}: the Python package {module!r} is not installed; {hint}")
 
 
 def require(module: str, what: str, extra: str = ZOO_DATA) -> ModuleType:
-    """Import `module` (e.g. "PIL.Image"), or raise BadInput saying that `what` needs it and which extra
-    installs it."""
+    """Import `module` (e.g. "PIL.Image") for `what`, or raise BadInput naming the extra that installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
