@@ -129,6 +129,7 @@ def test_bad_input_spec_ocr():
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_rec_exact_match(tmp_path):
     path = _model("ppocr-rec").materialise(tmp_path)
     sess = _session(path)
@@ -139,12 +140,14 @@ def test_ppocr_rec_exact_match(tmp_path):
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_cls_accuracy(tmp_path):
     sess = _session(_model("ppocr-cls").materialise(tmp_path))
     assert ocr.cls_accuracy(sess, n=64) >= 0.95
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_det_f1(tmp_path):
     sess = _session(_model("ppocr-det").materialise(tmp_path))
     assert ocr.det_f1(sess, n=3) >= 0.6
@@ -152,6 +155,7 @@ def test_ppocr_det_f1(tmp_path):
 
 @pytest.mark.zoo
 @needs_fmnist
+@pytest.mark.slow
 def test_mobilenetv2_export(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
