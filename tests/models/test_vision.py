@@ -199,3 +199,17 @@ def test_logistic_probe_matches_scikit_learn():
         clf = linear_model.LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(x_train), y_train)
         want = clf.score(scaler.transform(x_test), y_test)
         assert vision.logistic_probe(x_train, y_train, x_test, y_test, c=c) == pytest.approx(want, abs=0.01)
+
+
+@needs_fonts
+def test_rendered_words_and_pages_fit_the_ocr_formats():
+    img = ocr.render_text("symshrink", font=1, size=28)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.min() < 128 < img.max()
+    rec = ocr.rec_batch([img, ocr.render_text("a")])
+    assert rec.shape[:3] == (2, 3, ocr.REC_HEIGHT) and rec.shape[3] >= ocr.REC_MIN_WIDTH
+    assert -1.0 <= rec.min() and rec.max() <= 1.0
+    assert ocr.cls_batch([img]).shape == (1, 3, *ocr.CLS_SHAPE)
+    (page, boxes), = ocr.det_pages("eval", 1)
+    assert page.shape == (*ocr.PAGE_SHAPE, 3) and len(boxes) > 0
+    h, w = ocr.PAGE_SHAPE
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
