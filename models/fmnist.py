@@ -3,7 +3,9 @@
 Fashion-MNIST comes as IDX gz files under `/usr/share/datasets/fashion-mnist` (override with
 $SYMSHRINK_FMNIST_DIR). Calibration samples come from the 60k train images, evaluation samples
 from the 10k test images, so the two never share a sample. Digits are split by a fixed permutation
-into disjoint halves.
+into disjoint halves. The digits (1797 8x8 images, the test part of the UCI "Optical Recognition of
+Handwritten Digits" set) ship with scikit-learn and with no package of their own on PyPI or Debian, so
+they need the zoo-data extra: scikit-learn is imported only when they are used.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from symshrink.errors import BadInput
+from symshrink.extras import require
 
 __all__ = [
     "FMNIST_DIR", "fmnist_dir", "load_fmnist", "load_digits_split", "FMNIST_PACKAGE",
@@ -64,12 +67,7 @@ def load_fmnist(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits  # noqa: PLC0415 (scikit-learn only when digits are used)
-    except ImportError as e:
-        raise BadInput("the digits data need scikit-learn (pip install scikit-learn)") from e
-
-    d = load_digits()
+    d = require("sklearn.datasets", "the digits data").load_digits()
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
     perm = np.random.default_rng(DIGITS_SEED).permutation(len(y))

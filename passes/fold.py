@@ -10,12 +10,9 @@ the members' mean norm (1 for normalised units), the data-free form of model fol
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
+from symshrink.passes.kmeans import kmeans
 from symshrink.passes.selectors import Reduction, UnitProblem, check_width
 
 __all__ = ["fold", "cluster_units"]
@@ -24,9 +21,7 @@ __all__ = ["fold", "cluster_units"]
 def cluster_units(points: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
     """k-means clusters of the rows of `points`, each a sorted index array, ordered by first member.
     Fewer than k come back when there are fewer distinct points."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # duplicates: fewer distinct clusters than k
-        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(points.astype(np.float64)).labels_
+    labels = kmeans(points, k, seed=seed, n_init=3)
     clusters = [np.flatnonzero(labels == label) for label in np.unique(labels)]
     return sorted(clusters, key=lambda members: members[0])
 

@@ -81,6 +81,7 @@ def test_diff_of_a_perturbed_model_fails_the_gate(mlp_path, mlp_calib, tmp_path,
         assert_outputs_close(mlp_path, perturbed, _feeds(), max_rel_error=1e-3)
 
 
+@pytest.mark.slow
 def test_minilm_l3_keep_one_within_1e4(tmp_path):
     out = tmp_path / "minilm.onnx"
     report = compress("minilm-l3", out, options_from(keep=1.0, calib="lee", calib_samples=16, progress=False))
@@ -88,6 +89,7 @@ def test_minilm_l3_keep_one_within_1e4(tmp_path):
     assert len(report.plan.groups) == 6  # 3 FFN + 3 head groups
 
 
+@pytest.mark.slow
 def test_minilm_l3_keep_half_is_smaller_and_close(tmp_path):
     out = tmp_path / "minilm.onnx"
     report = compress("minilm-l3", out, options_from(keep=0.5, calib="lee", calib_samples=24, progress=False))
@@ -164,6 +166,7 @@ def test_unreachable_target_size_is_bad_input_and_writes_nothing(tmp_path, mlp_c
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow
 def test_ppocr_cls_conv_groups_are_rewritten(tmp_path):
     # a real conv net (PP-OCR's direction classifier): conv -> BatchNorm -> hard-swish / depthwise chains
     out = tmp_path / "cls.onnx"
@@ -174,6 +177,7 @@ def test_ppocr_cls_conv_groups_are_rewritten(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.zoo
 def test_smollm2_swiglu_groups_are_rewritten(tmp_path):
     pytest.importorskip("torch")

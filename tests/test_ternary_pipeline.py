@@ -208,6 +208,7 @@ def _single_matmul(path, rows: int, cols: int) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+@pytest.mark.slow
 def test_resident_memory_of_a_4096x4096_ternary_layer_is_a_fraction_of_fp32(tmp_path):
     size = 4096
     path, out, empty, calib = (tmp_path / name for name in ("big.onnx", "ternary.onnx", "empty.onnx", "calib.npz"))

@@ -2,6 +2,8 @@
 
     python tools/train_mlps.py [--only fmnist|digits] [--out models/data]
 
+scikit-learn comes with the zoo-data extra (pip install 'symshrink[zoo-data]'), not with the core install.
+
 - `fmnist_mlp.onnx`: 784-512-256-10 ReLU MLP on the full Fashion-MNIST train set (Debian package
   `dataset-fashion-mnist`), pixels scaled to [0, 1]; adam, 35 epochs with a step learning-rate
   schedule (about 2 minutes on 2 cores; test accuracy about 0.899).

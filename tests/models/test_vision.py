@@ -129,6 +129,7 @@ def test_bad_input_spec_ocr():
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_rec_exact_match(tmp_path):
     path = _model("ppocr-rec").materialise(tmp_path)
     sess = _session(path)
@@ -139,12 +140,14 @@ def test_ppocr_rec_exact_match(tmp_path):
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_cls_accuracy(tmp_path):
     sess = _session(_model("ppocr-cls").materialise(tmp_path))
     assert ocr.cls_accuracy(sess, n=64) >= 0.95
 
 
 @needs_fonts
+@pytest.mark.slow
 def test_ppocr_det_f1(tmp_path):
     sess = _session(_model("ppocr-det").materialise(tmp_path))
     assert ocr.det_f1(sess, n=3) >= 0.6
@@ -152,6 +155,7 @@ def test_ppocr_det_f1(tmp_path):
 
 @pytest.mark.zoo
 @needs_fmnist
+@pytest.mark.slow
 def test_mobilenetv2_export(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
@@ -165,3 +169,47 @@ def test_mobilenetv2_export(tmp_path):
     x = vision.fmnist_images("test", np.arange(4), vision.MOBILENET_SIZE)
     logits, feats = sess.run(None, {"input": x})
     assert logits.shape == (4, 1000) and feats.shape == (4, 1280)
+
+
+def _probe_data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, 600)
+    x = rng.standard_normal((600, 20))
+    x[:, 0] += 4.0 * y  # the class shows in one feature, on a scale of 1e3 to test the standardising
+    x[:, 0] *= 1e3
+    x[:, 1] = 7.0  # a constant feature is left as it is
+    return x[:400], y[:400], x[400:], y[400:]
+
+
+def test_logistic_probe_separates_and_standardises():
+    data = _probe_data()
+    assert vision.logistic_probe(*data, c=1.0) > 0.9  # classes 4 sigma apart: about 0.95 at best
+    # a strong ridge (tiny C) pulls the weights to zero: the intercepts alone give the majority class
+    assert vision.logistic_probe(*data, c=1e-9) < 0.5
+
+
+def test_logistic_probe_matches_scikit_learn():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    preprocessing = pytest.importorskip("sklearn.preprocessing")
+    x_train, y_train, x_test, y_test = _probe_data(1)
+    x_train[:, 2:] += 0.3 * y_train[:, None]  # a weak signal everywhere: the ridge matters
+    x_test[:, 2:] += 0.3 * y_test[:, None]
+    for c in (vision.PROBE_C, 0.1):
+        scaler = preprocessing.StandardScaler().fit(x_train)
+        clf = linear_model.LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(x_train), y_train)
+        want = clf.score(scaler.transform(x_test), y_test)
+        assert vision.logistic_probe(x_train, y_train, x_test, y_test, c=c) == pytest.approx(want, abs=0.01)
+
+
+@needs_fonts
+def test_rendered_words_and_pages_fit_the_ocr_formats():
+    img = ocr.render_text("symshrink", font=1, size=28)
+    assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and img.min() < 128 < img.max()
+    rec = ocr.rec_batch([img, ocr.render_text("a")])
+    assert rec.shape[:3] == (2, 3, ocr.REC_HEIGHT) and rec.shape[3] >= ocr.REC_MIN_WIDTH
+    assert -1.0 <= rec.min() and rec.max() <= 1.0
+    assert ocr.cls_batch([img]).shape == (1, 3, *ocr.CLS_SHAPE)
+    (page, boxes), = ocr.det_pages("eval", 1)
+    assert page.shape == (*ocr.PAGE_SHAPE, 3) and len(boxes) > 0
+    h, w = ocr.PAGE_SHAPE
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()

@@ -226,6 +226,7 @@ def test_the_plan_label_names_the_bands_really_used():
     assert len(code.band_scales) == 1 and "-K0-" in code.label()
 
 
+@pytest.mark.slow  # about 6 s: the full search over 60 settings
 def test_stopping_at_the_first_width_within_the_target_chooses_what_the_full_search_chooses():
     w = _weights(shape=(256, 128), tail=True)
     candidates = setting_grid(HyperSetting("lattice"), bits=range(4, 14), bands=(0, 1, 3), sides=(3.0, 6.0))

@@ -173,6 +173,7 @@ ZOO_REL_L2 = 1e-5
     (["--method", "ternary"], {"ternary_matmul": 18}),
     (["--method", "hyper", "--index-bits", "10"], {"hyper_gather": 2, "hyper_matmul": 18}),
 ])
+@pytest.mark.slow
 def test_compressed_minilm_l3_on_lee_sentences(tmp_path, method, kernels):
     """A real transformer compressed by the CLI runs on the runtime with every weight in its kernel and
     reproduces onnxruntime (ONNX semantics, optimisations off) on real sentences."""

@@ -37,6 +37,7 @@ MLP_RTOL = 1e-5  # 2-3 dense layers: measured 8e-8 (digits-mlp), 2e-7 (fmnist-ml
 # 3.0e-6 (ppocr-rec logits), 2.1e-6 (ppocr-cls logits), 1.7e-6 (ppocr-det), 3.3e-6 (mobilenetv2 features)
 DEEP_RTOL = 1e-4
 
+slow = pytest.mark.slow  # a real model from the zoo's packages: minutes on a fresh machine
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                  reason="exported with torch (pip install 'symshrink[zoo]')")
 
@@ -51,12 +52,12 @@ class ZooCase:
 CASES = [
     pytest.param(ZooCase("digits-mlp", 64, MLP_RTOL), id="digits-mlp"),
     pytest.param(ZooCase("fmnist-mlp", 64, MLP_RTOL), id="fmnist-mlp"),
-    pytest.param(ZooCase("minilm-l3", 3, DEEP_RTOL), id="minilm-l3"),  # 3 sentences, batch 1
-    pytest.param(ZooCase("ppocr-rec", 24, DEEP_RTOL), id="ppocr-rec"),  # batches of 16 and 8 words
-    pytest.param(ZooCase("ppocr-cls", 24, DEEP_RTOL), id="ppocr-cls"),  # 12 words, upright and rotated
-    pytest.param(ZooCase("ppocr-det", 2, DEEP_RTOL), id="ppocr-det"),  # 2 pages of 480 x 640
-    pytest.param(ZooCase("minilm-l6", 3, DEEP_RTOL), id="minilm-l6", marks=[pytest.mark.zoo, needs_torch]),
-    pytest.param(ZooCase("mobilenetv2", 16, DEEP_RTOL), id="mobilenetv2", marks=[pytest.mark.zoo, needs_torch]),
+    pytest.param(ZooCase("minilm-l3", 3, DEEP_RTOL), id="minilm-l3", marks=slow),  # 3 sentences, batch 1
+    pytest.param(ZooCase("ppocr-rec", 24, DEEP_RTOL), id="ppocr-rec", marks=slow),  # batches of 16 and 8 words
+    pytest.param(ZooCase("ppocr-cls", 24, DEEP_RTOL), id="ppocr-cls", marks=slow),  # 12 words, upright and rotated
+    pytest.param(ZooCase("ppocr-det", 2, DEEP_RTOL), id="ppocr-det", marks=slow),  # 2 pages of 480 x 640
+    pytest.param(ZooCase("minilm-l6", 3, DEEP_RTOL), id="minilm-l6", marks=[slow, pytest.mark.zoo, needs_torch]),
+    pytest.param(ZooCase("mobilenetv2", 16, DEEP_RTOL), id="mobilenetv2", marks=[slow, pytest.mark.zoo, needs_torch]),
 ]
 
 
@@ -101,7 +102,7 @@ def test_executor_matches_onnxruntime(case: ZooCase):
                                      + format_diffs(diffs)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.marks], ids=lambda c: c.values[0].model)
+@pytest.mark.parametrize("case", [c for c in CASES if not any(m.name == "zoo" for m in c.marks)])
 def test_placement_on_a_strict_stand_in_device(case: ZooCase):
     """With `strict_device` standing in for CuPy (mixing host and device arrays raises, as CuPy does), the
     executor gives the CPU backend's outputs bit for bit, and copies nothing back to the host but the outputs:
