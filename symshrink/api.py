@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from symshrink.calib import load_feeds, random_feeds
+from symshrink.calibration.feeds import load_feeds, random_feeds
 from symshrink.errors import BadInput
 from symshrink.modelio import check_proto, claim_output, load_model, model_bytes_on_disk, resolve_model, save_model
 from symshrink.options import CompressOptions, options_from

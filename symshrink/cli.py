@@ -47,7 +47,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from symshrink.modelio import load_model  # noqa: PLC0415
-    from symshrink.passes.analysis import analyse  # noqa: PLC0415
+    from symshrink.passes.analysis.groups import analyse  # noqa: PLC0415
 
     model, path = load_model(args.model)
     groups = analyse(model)
@@ -142,7 +142,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _feeds(args: argparse.Namespace, model_spec: str, inputs) -> list:
     """Feeds from --data, the zoo model's default data set, or --random."""
-    from symshrink.calib import load_feeds, random_feeds  # noqa: PLC0415
+    from symshrink.calibration.feeds import load_feeds, random_feeds  # noqa: PLC0415
     from symshrink.pipeline import default_calib  # noqa: PLC0415
 
     data = args.data or default_calib(model_spec)

@@ -15,11 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from symshrink.calib import LAYOUTS
+from symshrink.calibration.feeds import LAYOUTS
 from symshrink.errors import BadInput
-from symshrink.passes import ternary
-from symshrink.passes.plan import SELECTOR_KINDS
-from symshrink.passes.ternary import BLOCK_SIZES
+from symshrink.passes.moment.plan import SELECTOR_KINDS
+from symshrink.passes.ternary import codes as ternary
+from symshrink.passes.ternary.codes import BLOCK_SIZES
 from symshrink.runtime.formats import CODEBOOKS
 
 __all__ = ["MomentOptions", "TernaryOptions", "HyperOptions", "CompressOptions", "METHODS", "SELECTORS",

@@ -16,7 +16,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
-from symshrink.calib import load_feeds, random_feeds, split_holdout
+from symshrink.calibration.feeds import load_feeds, random_feeds, split_holdout
+from symshrink.calibration.stats import UnitStats, subsample_rows
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
     claim_outputs,
@@ -28,12 +29,12 @@ from symshrink.modelio import (
     write_atomically,
 )
 from symshrink.options import CompressOptions, HyperOptions
-from symshrink.passes.activation_match import relu_scalars, solve_two_level
-from symshrink.passes.activations import TwoLevelActivationPass, quantizable_relus
-from symshrink.passes.analysis import Group, analyse
-from symshrink.passes.hyper import MIN_ELEMENTS, HyperPlan, hyper_offer
-from symshrink.passes.hyper_codec import HyperSetting, setting_grid
-from symshrink.passes.moment import (
+from symshrink.passes.analysis.groups import Group, analyse
+from symshrink.passes.analysis.weights import WeightSite, find_weight_sites
+from symshrink.passes.hyper.codes import MIN_ELEMENTS, HyperPlan, hyper_offer
+from symshrink.passes.hyper.search import HyperSetting, setting_grid
+from symshrink.passes.moment.plan import Plan, rewritable
+from symshrink.passes.moment.reduce import (
     ConsumerLayout,
     MomentReductionPass,
     bytes_saved,
@@ -41,11 +42,10 @@ from symshrink.passes.moment import (
     moment_offer,
     unit_problem,
 )
-from symshrink.passes.plan import Plan, rewritable
-from symshrink.passes.qdq import ensure_opset
-from symshrink.passes.stats import UnitStats, subsample_rows
-from symshrink.passes.ternary import TernaryPlan, ternary_offer
-from symshrink.passes.weights import WeightSite, find_weight_sites
+from symshrink.passes.quant.qdq import ensure_opset
+from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
+from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
+from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
 from symshrink.report import CompressReport, check_report_path, write_report
 from symshrink.rules import Choice, hyper_rule, moment_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from symshrink.errors import BadInput
 from symshrink.modelio import write_atomically
-from symshrink.passes.analysis import Group
-from symshrink.passes.hyper import HyperPlan
-from symshrink.passes.plan import Plan
-from symshrink.passes.ternary import TernaryPlan
+from symshrink.passes.analysis.groups import Group
+from symshrink.passes.hyper.codes import HyperPlan
+from symshrink.passes.moment.plan import Plan
+from symshrink.passes.ternary.codes import TernaryPlan
 from symshrink.runtime.diff import OutputDiff, format_diffs
 
 __all__ = ["CompressReport", "write_report", "check_report_path", "REPORT_SUFFIXES"]

@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from symshrink.options import HyperOptions, MomentOptions, TernaryOptions
-from symshrink.passes import budget
-from symshrink.passes.hyper import pick_setting
+from symshrink.passes.hyper.codes import pick_setting
+from symshrink.passes.moment import budget
 from symshrink.passes.protocol import Candidate, Offer
 
 __all__ = ["Choice", "moment_rule", "ternary_rule", "hyper_rule"]

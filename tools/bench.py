@@ -44,11 +44,11 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
-from symshrink.calib import load_feeds
+from symshrink.calibration.feeds import load_feeds
 from symshrink.modelio import model_bytes_on_disk, resolve_model
 from symshrink.models.registry import ZooModel, get_model, get_task
-from symshrink.passes.budget import target_bytes
-from symshrink.passes.plan import SELECTOR_KINDS
+from symshrink.passes.moment.budget import target_bytes
+from symshrink.passes.moment.plan import SELECTOR_KINDS
 from symshrink.runtime.diff import OutputDiff, compare_outputs
 from symshrink.runtime.ort import input_specs, make_session, run_all
 

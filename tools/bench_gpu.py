@@ -32,7 +32,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import compress_symshrink, machine_info, one_line  # noqa: E402
 
-from symshrink.calib import load_feeds  # noqa: E402
+from symshrink.calibration.feeds import load_feeds  # noqa: E402
 from symshrink.modelio import load_model  # noqa: E402
 from symshrink.models.registry import cache_dir, get_model  # noqa: E402
 from symshrink.runtime.backend import Backend, get_backend  # noqa: E402

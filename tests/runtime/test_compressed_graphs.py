@@ -16,11 +16,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from symshrink.calib import load_feeds
+from symshrink.calibration.feeds import load_feeds
 from symshrink.cli import main
 from symshrink.models.registry import cache_dir, get_model
-from symshrink.passes.hyper import HyperPass, plan_tensors
-from symshrink.passes.hyper_codec import HyperSetting
+from symshrink.passes.hyper.codes import HyperPass, plan_tensors
+from symshrink.passes.hyper.search import HyperSetting
 from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.diff import compare_outputs, format_diffs
 from symshrink.runtime.executor import Executor

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from symshrink.calib import load_feeds
+from symshrink.calibration.feeds import load_feeds
 from symshrink.errors import BadInput
 from symshrink.models.registry import cache_dir, get_model
 from symshrink.runtime.diff import compare_outputs, format_diffs

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from symshrink.passes import hyper_function, ternary_function
-from symshrink.passes.ternary import STORAGES
+from symshrink.passes.hyper import function as hyper_function
+from symshrink.passes.ternary import function as ternary_function
+from symshrink.passes.ternary.codes import STORAGES
 from symshrink.runtime.formats import FORMATS, FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, relative_error
 from symshrink.runtime.kernels import KERNELS
 from symshrink.runtime.ops import OPS

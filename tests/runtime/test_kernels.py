@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from symshrink.passes.hyper_function import function_inputs
+from symshrink.passes.hyper.function import function_inputs
 from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.formats import HyperSetting, decode_values, pack_codes
 from symshrink.runtime.formats import encode_hyper as encode

@@ -51,8 +51,8 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from symshrink.modelio import load_model, model_bytes_on_disk
 from symshrink.models.registry import cache_dir, get_model, get_task
 from symshrink.options import options_from
-from symshrink.passes.hyper import MIN_ELEMENTS, find_weight_tensors
-from symshrink.passes.hyper_codec import DEFAULT_SIDES, HyperSetting, choose_setting, evaluate_settings, setting_grid
+from symshrink.passes.hyper.codes import MIN_ELEMENTS, find_weight_tensors
+from symshrink.passes.hyper.search import DEFAULT_SIDES, HyperSetting, choose_setting, evaluate_settings, setting_grid
 from symshrink.pipeline import compress
 from symshrink.runtime.formats import decode_values, encode_hyper, relative_error
 from symshrink.runtime.ort import make_session
@@ -480,8 +480,8 @@ def write_report(path: Path, header: list[str], scales: list[dict], paper_rows: 
         "",
         "Paper: F. Fan et al., *Hyper-Compression: Model Compression via Hyperfunction* (arXiv 2409.00592; code:",
         "github.com/Juntongkuki/Hyper-Compression). Summary of the method in `shared/docs/methods.md`, section 4; the codec is",
-        "`symshrink.runtime.formats` (the setting's choice: `symshrink.passes.hyper_codec`), the pass `symshrink.passes.hyper`",
-        "(`symshrink compress --method hyper`).",
+        "`symshrink.runtime.formats` (the setting's choice: `symshrink.passes.hyper.search`), the pass",
+        "`symshrink.passes.hyper.codes` (`symshrink compress --method hyper`).",
         "",
         "## What the paper claims",
         "",

@@ -36,10 +36,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
-from symshrink.passes.fold import fold
-from symshrink.passes.recombine import recombine
-from symshrink.passes.selectors import Reduction, UnitProblem, magnitude, refit, select
-from symshrink.passes.stats import UnitStats
+from symshrink.calibration.stats import UnitStats
+from symshrink.passes.moment.fold import fold
+from symshrink.passes.moment.recombine import recombine
+from symshrink.passes.moment.selectors import Reduction, UnitProblem, magnitude, refit, select
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 0

@@ -59,7 +59,7 @@ from scipy.sparse.linalg import eigsh
 from scipy.special import ndtr
 from tqdm import tqdm
 
-from symshrink.passes.activation_match import (
+from symshrink.passes.ternary.activation_match import (
     SQRT_2PI,
     Scalars,
     TwoLevel,

@@ -1,0 +1,104 @@
+"""Weight sites: the constant matrices a weight codec may replace, read off the graph as plain data.
+
+Every site is a y = x W product with x [..., K] an activation and W [K, N] a constant: MatMul's second
+input, Gemm's B (transposed when transB = 1, scaled by alpha). A registry of per-op handlers says how
+each op holds its weight, so codecs never switch on op types. Analysis only: nothing is changed here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant
+
+__all__ = ["WeightSite", "find_weight_sites", "weight_matrix", "SITE_HANDLERS", "MIN_ELEMENTS"]
+
+MIN_ELEMENTS = 4096  # smaller weights cost less than their codec's scales and an extra node
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """Node `node` multiplies activation `activation` [..., rows] by constant `weight` ([rows, cols] as
+    x W; stored [cols, rows] when `transposed`) times `alpha`."""
+
+    node: str
+    op: str
+    weight: str
+    activation: str
+    rows: int
+    cols: int
+    transposed: bool = False
+    alpha: float = 1.0
+
+    @property
+    def elements(self) -> int:
+        return self.rows * self.cols
+
+
+def _matmul_site(node: ir.Node) -> WeightSite | str:
+    data, weight = node.inputs[0], node.inputs[1]
+    shape = constant_tensor(weight).shape if is_constant(weight) else None
+    if shape is None or len(shape) != 2:
+        return "second input is not a constant matrix"
+    if is_constant(data):
+        return "both inputs are constants"
+    return WeightSite(node.name, node.op_type, weight.name, data.name, int(shape[0]), int(shape[1]))
+
+
+def _gemm_site(node: ir.Node) -> WeightSite | str:
+    if attr(node, "transA", 0):
+        return "Gemm with transA = 1"
+    data, weight = node.inputs[0], node.inputs[1]
+    if not is_constant(weight) or is_constant(data):
+        return "B is not a constant or A is"
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
+        if bias is None or bias.size != constant_tensor(weight).shape[1 - attr(node, "transB", 0)]:
+            return "C is not a constant per-output vector"
+    rows, cols = constant_tensor(weight).shape
+    transposed = bool(attr(node, "transB", 0))
+    if transposed:
+        rows, cols = cols, rows
+    return WeightSite(node.name, node.op_type, weight.name, data.name, int(rows), int(cols), transposed,
+                      float(attr(node, "alpha", 1.0)))
+
+
+# op -> handler(node) answering with the node's weight site or why it has none
+SITE_HANDLERS: dict[str, Callable[[ir.Node], WeightSite | str]] = {"MatMul": _matmul_site, "Gemm": _gemm_site}
+
+
+def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (),
+                      min_elements: int = MIN_ELEMENTS) -> tuple[list[WeightSite], dict[str, str]]:
+    """The graph's weight sites in graph order, and the nodes passed over (label -> why). `exclude` holds
+    fnmatch patterns matched against node and weight names."""
+    ensure_names(model.graph)
+    sites: list[WeightSite] = []
+    passed: dict[str, str] = {}
+    for node in model.graph:
+        handler = SITE_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None:
+            continue
+        site = handler(node)
+        if isinstance(site, str):
+            passed[node.name] = site
+        elif any(fnmatch.fnmatchcase(name, p) for p in exclude for name in (site.node, site.weight)):
+            passed[node.name] = "excluded by --exclude"
+        elif site.elements < min_elements:
+            passed[node.name] = f"{site.rows}x{site.cols} weight is below {min_elements} elements"
+        elif len(node.inputs[1].uses()) > 1:
+            passed[node.name] = f"weight {site.weight} is also read by other nodes (tied)"
+        else:
+            sites.append(site)
+    return sites, passed
+
+
+def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:
+    """The site's effective [rows, cols] matrix (transposed and scaled as the op reads it)."""
+    array = constant_array(nodes[site.node].inputs[1])
+    array = array.T if site.transposed else array
+    return array * np.asarray(site.alpha, array.dtype) if site.alpha != 1.0 else array

@@ -1,0 +1,1 @@
+"""Hyperfunction codes: the per-tensor setting search, the HyperDecode functions and the rewrite."""

@@ -1,0 +1,1 @@
+"""Moment reduction: selectors, their error curves, the width budget, plans and the rewrite."""

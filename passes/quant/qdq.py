@@ -1,0 +1,37 @@
+"""Graph surgery for quantized weights: y = x W becomes y = MatMul(x, DequantizeLinear(q, scale, zero_point)).
+
+q [K, N] is stored in its own narrow type (uint2 for ternary codes, uint8), scales and zero points per
+block of `block` input rows (`axis=0, block_size=block`) or per column (`axis=1`). onnxruntime fuses
+DequantizeLinear -> MatMul into MatMulNBits for 2-, 4- and 8-bit codes and block sizes 32..256 (and
+per-column scales, which it expands to blocks of 32), so the weight stays narrow in memory. uint2 needs
+opset 25: `ensure_opset` upgrades a model or refuses with the converter's reason.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from symshrink.passes.analysis.graph import add_initializer
+from symshrink.passes.analysis.opset import ensure_opset as upgrade
+from symshrink.passes.analysis.products import Product
+from symshrink.runtime.formats import DEQUANTIZE_OPSET, QuantizedWeight, dequantize_arrays
+
+__all__ = ["ensure_opset", "dequantize_product"]
+
+
+def ensure_opset(model: ir.Model) -> bool:
+    """Upgrade the model to the opset of 2-bit DequantizeLinear (`opset.ensure_opset`). True if it changed."""
+    return upgrade(model, DEQUANTIZE_OPSET, "2-bit DequantizeLinear")
+
+
+def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
+    """x @ DequantizeLinear(weight); the codes, scales and zero points become initializers `prefix.*`."""
+    stored = dequantize_arrays(weight)
+    values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
+
+    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        dequantized, result = ir.Value(name=f"{values[0].name}.dequantized"), ir.Value(name=f"{name}.product")
+        return [ir.node("DequantizeLinear", values, stored.attributes, outputs=[dequantized], name=f"{name}.DequantizeLinear"),
+                ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result
+
+    return product
