@@ -30,7 +30,7 @@ def make_session(path: str | os.PathLike, threads: int | None = None, optimize: 
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception classes for invalid graphs
+    except Exception as err:  # noqa: BLE001 (onnxruntime raises its own exception classes for invalid graphs)
         raise BadInput(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
 
 

@@ -20,6 +20,7 @@ from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
 from symshrink.options import (
     CODEBOOKS,
     CORRECTIONS,
+    LAYOUTS,
     SELECTORS,
     STORAGES,
     CompressOptions,
@@ -148,7 +149,9 @@ def _feeds(args: argparse.Namespace, model_spec: str, inputs) -> list:
     data = args.data or default_calib(model_spec)
     if data is None and not args.random:
         raise BadInput("give --data (zoo data set, .npz or folder of .npy) or --random")
-    return random_feeds(inputs, args.samples or 8) if data is None else load_feeds(data, inputs, "eval", args.samples)
+    if data is None:
+        return random_feeds(inputs, args.samples or 8)
+    return load_feeds(data, inputs, "eval", args.samples, args.data_layout)
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
@@ -261,6 +264,14 @@ def _add_gate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int)
 
 
+def _add_data_args(parser: argparse.ArgumentParser, random_help: str) -> None:
+    """The feeds of diff and run: a data set or files (as --calib), or random inputs."""
+    parser.add_argument("--data", help="zoo data set (eval split), .npz, folder of .npy, or folder of .npz runs")
+    parser.add_argument("--data-layout", default="batch", choices=LAYOUTS, help="as compress's --calib-layout")
+    parser.add_argument("--samples", type=int)
+    parser.add_argument("--random", action="store_true", help=random_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="symshrink", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -334,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="weights per centre and span: an even number, or tensor (default)")
     comp.add_argument("--calib", help="zoo data set, .npz (input -> array) or folder of <input>.npy")
     comp.add_argument("--calib-samples", type=int, help="rows (layout batch) or runs to read at most")
-    comp.add_argument("--calib-layout", default="batch", choices=["batch", "runs"],
+    comp.add_argument("--calib-layout", default="batch", choices=LAYOUTS,
                       help="batch (default): arrays of an .npz / .npy folder are split on axis 0; runs: their leading "
                            "axis indexes complete model runs (inputs that are scalars or not batched on axis 0). A "
                            "folder of .npz files is always one run per file")
@@ -349,9 +360,7 @@ def _parser() -> argparse.ArgumentParser:
     diff = sub.add_parser("diff", help="compare two models' outputs; exit 1 outside tolerance")
     diff.add_argument("a")
     diff.add_argument("b")
-    diff.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
-    diff.add_argument("--samples", type=int)
-    diff.add_argument("--random", action="store_true", help="compare on random inputs")
+    _add_data_args(diff, "compare on random inputs")
     diff.add_argument("--device", choices=["cpu", "cuda"],
                       help="run B on the symshrink runtime on this device (weights stay compressed; cuda: CuPy "
                            "kernels) instead of onnxruntime; A always runs in onnxruntime")
@@ -363,9 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("model")
     run.add_argument("--device", required=True, choices=["cpu", "cuda"],
                      help="cuda: the CuPy kernels on an NVIDIA GPU; cpu: the same graph in numpy (their references)")
-    run.add_argument("--data", help="zoo data set (eval split), .npz or folder of .npy")
-    run.add_argument("--samples", type=int)
-    run.add_argument("--random", action="store_true", help="run on random inputs")
+    _add_data_args(run, "run on random inputs")
     run.add_argument("-o", "--output", help="write the outputs to this .npz: each output concatenated over the feeds "
                      "(axis 0), or NAME.i for feed i where the feeds' shapes differ")
     run.add_argument("--force", action="store_true", help="replace an existing -o file")
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _stdout_closed()
-    except Exception as err:  # noqa: BLE001 (the contract: one line, never a traceback, unless --debug)
+    except Exception as err:  # the contract: one line, never a traceback, unless --debug (re-raised then)
         if args.debug:
             raise
         print(f"symshrink: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)

@@ -30,17 +30,17 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import compress_symshrink, machine_info, one_line  # noqa: E402
+from bench import compress_symshrink, machine_info, one_line
 
-from symshrink.calibration.feeds import load_feeds  # noqa: E402
-from symshrink.modelio import load_model  # noqa: E402
-from symshrink.models.registry import cache_dir, get_model  # noqa: E402
-from symshrink.runtime.backend import Backend, get_backend  # noqa: E402
-from symshrink.runtime.diff import compare_outputs  # noqa: E402
-from symshrink.runtime.executor import Executor  # noqa: E402
-from symshrink.runtime.kernels import KERNELS, hyper, ternary  # noqa: E402
-from symshrink.runtime.kernels.launch import launch_config  # noqa: E402
-from symshrink.runtime.ort import input_specs, make_session, run_all  # noqa: E402
+from symshrink.calibration.feeds import load_feeds
+from symshrink.modelio import load_model
+from symshrink.models.registry import cache_dir, get_model
+from symshrink.runtime.backend import Backend, get_backend
+from symshrink.runtime.diff import compare_outputs
+from symshrink.runtime.executor import Executor
+from symshrink.runtime.kernels import KERNELS, hyper, ternary
+from symshrink.runtime.kernels.launch import launch_config
+from symshrink.runtime.ort import input_specs, make_session, run_all
 
 GB = 1e9
 TERNARY_BLOCK = 64

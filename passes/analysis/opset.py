@@ -25,7 +25,7 @@ def ensure_opset(model: ir.Model, version: int, purpose: str) -> bool:
     converter_log.setLevel(logging.ERROR)  # it warns whenever it hands over to onnx's converter, the usual case
     try:
         onnxscript.version_converter.convert_version(model, version, fallback=True)
-    except Exception as err:  # the converters raise their own exception types for unsupported ops
+    except Exception as err:  # noqa: BLE001 (the converters raise their own exception types for unsupported ops)
         raise BadInput(f"cannot upgrade the model from opset {current} to {version}, which {purpose} needs: "
                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     finally:

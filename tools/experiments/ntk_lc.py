@@ -427,7 +427,7 @@ def experiment_a(cfg: Config, design: Design) -> tuple[list[dict], list[dict], d
 def fmnist_data(cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pixels flattened, centred per pixel (train means) and scaled by one global factor so that the mean of
     ||x||^2 / p over the training images is 1. Returns [p, n] arrays: fit, val, test and their labels."""
-    from symshrink.models.fmnist import load_fmnist
+    from symshrink.models.fmnist import load_fmnist  # noqa: PLC0415 (the data only when the experiment runs)
 
     images, labels = load_fmnist("train")
     order = np.random.default_rng([SEED, 2]).permutation(len(images))[: cfg.fm_train]
