@@ -20,7 +20,7 @@ from symshrink.models.types import (
 
 __all__ = [
     "InputSpec", "Feeds", "Split", "Dataset", "Task", "ZooModel", "cache_dir",
-    "ZOO", "DATASETS", "TASKS", "get_model", "get_dataset", "get_task",
+    "ZOO", "DATASETS", "TASKS", "get_model", "get_task",
 ]
 
 
@@ -46,10 +46,6 @@ def _lookup(table: dict, kind: str, name: str):
 
 def get_model(name: str) -> ZooModel:
     return _lookup(ZOO, "zoo model", name)
-
-
-def get_dataset(name: str) -> Dataset:
-    return _lookup(DATASETS, "data set", name)
 
 
 def get_task(name: str) -> Task:

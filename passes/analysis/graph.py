@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from symshrink.runtime.formats import FUNCTION_DOMAIN
 
-__all__ = ["FUNCTION_DOMAIN", "declare_function", "constant_tensor", "constant_array", "is_constant", "readers",
+__all__ = ["FUNCTION_DOMAIN", "declare_function", "constant_tensor", "constant_array", "is_constant",
            "node_label", "attr", "bias_input", "ensure_names", "add_initializer"]
 
 
@@ -47,10 +47,6 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
 
 def is_constant(value: ir.Value | None) -> bool:
     return constant_tensor(value) is not None
-
-
-def readers(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    return [(use.node, use.idx) for use in value.uses()]
 
 
 def node_label(node: ir.Node) -> str:
