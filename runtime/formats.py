@@ -8,8 +8,8 @@ emits, the runtime kernels that read it on the device, and a named budget on its
 The passes write these arrays and nothing else; the runtime reads them and nothing else.
 
 Below the table, the layouts it is made of, moved here from the passes so that the runtime imports none:
-- blocks of input rows and `QuantizedWeight` (codes behind DequantizeLinear, uint2 or uint8), the 8-bit
-  round-to-nearest grid (`quantize_uint8`);
+- blocks of input rows and `QuantizedWeight` (codes behind DequantizeLinear, uint2, uint4 or uint8), the
+  round-to-nearest grids of 8, 4 and 2 bits (`quantize_grid`);
 - ternary codes (`ternarize`: the optimal fit) and their digits t + 1 in bytes: 2 bits (4 per byte, element 0
   in the low bits, ONNX's uint2 packing) or base 3 (5 per byte, 1.6 bits), and the TernaryMatMul inputs;
 - hyperfunction codes (`encode_hyper`: codebooks, frames, bands, nearest codewords), their indices packed in
@@ -31,7 +31,7 @@ from symshrink.errors import BadInput
 __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS", "stored_bytes", "relative_error",
            # DequantizeLinear
            "DEQUANTIZE_OPSET", "STORAGE_DTYPES", "QuantizedWeight", "split_blocks", "expand_scales", "block_count",
-           "quantize_uint8", "UINT8_LEVELS", "dequantize_arrays", "decode_dequantize",
+           "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays", "decode_dequantize",
            # ternary
            "Ternary", "ternarize", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS", "TERNARY_RADIXES",
            "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -60,7 +60,7 @@ def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
 # codes and block sizes 32..256 (and per-column scales), so the weight stays narrow in memory.
 
 DEQUANTIZE_OPSET = 25  # the first opset whose DequantizeLinear takes uint2
-STORAGE_DTYPES = {2: ml_dtypes.uint2, 8: np.uint8}  # code bits -> storage type
+STORAGE_DTYPES = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}  # code bits -> storage type
 
 
 def block_count(rows: int, block: int | None) -> int:
@@ -98,22 +98,28 @@ class QuantizedWeight:
         return (offsets * expand_scales(self.scales, rows, self.block)).astype(self.scales.dtype)
 
 
-UINT8_LEVELS = 255
+GRID_BITS = (8, 4, 2)  # the integer grids written: onnxruntime's MatMulNBits keeps each narrow in memory
 
 
-def quantize_uint8(weight: np.ndarray, block: int | None = None) -> QuantizedWeight:
-    """8-bit round-to-nearest: per output column and block of input rows, w ~ scale * (q - zero_point) with q in
-    0..255 and scale = (max - min) / 255 over the block, the range widened to hold 0 so that zero stays exact.
-    The error per weight is at most scale / 2."""
+def quantize_grid(weight: np.ndarray, block: int | None, bits: int) -> QuantizedWeight:
+    """Round-to-nearest on a grid of 2^bits levels: per output column and block of input rows, w ~ scale * (q -
+    zero_point) with q in 0..2^bits - 1 and scale = (max - min) / (2^bits - 1) over the block, the range widened
+    to hold 0 so that zero stays exact. The error per weight is at most scale / 2."""
+    levels = (1 << bits) - 1
     blocks = split_blocks(weight, block)
     low = np.minimum(blocks.min(axis=1), 0.0)
     high = np.maximum(blocks.max(axis=1), 0.0)
-    scales = (high - low) / UINT8_LEVELS
+    scales = (high - low) / levels
     safe = np.where(scales > 0, scales, 1.0)
-    zero_points = np.clip(np.round(-low / safe), 0, UINT8_LEVELS)
-    codes = np.clip(np.round(blocks / safe[:, None, :]) + zero_points[:, None, :], 0, UINT8_LEVELS)
+    zero_points = np.clip(np.round(-low / safe), 0, levels)
+    codes = np.clip(np.round(blocks / safe[:, None, :]) + zero_points[:, None, :], 0, levels)
     codes = codes.reshape(-1, weight.shape[1])[: weight.shape[0]].astype(np.uint8)
-    return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits=8)
+    return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits=bits)
+
+
+def quantize_uint8(weight: np.ndarray, block: int | None = None) -> QuantizedWeight:
+    """The 8-bit grid (`quantize_grid`), the ternary method's fallback."""
+    return quantize_grid(weight, block, 8)
 
 
 @dataclass(frozen=True)
@@ -656,6 +662,8 @@ class Budget:
 BUDGETS = {budget.name: budget for budget in (
     Budget("ternary", 0.46, "the optimal ternary fit of a Gaussian leaves about 0.43 of its norm, per block or column"),
     Budget("uint8-rtn", 0.01, "255 levels over a block's range (5-6 sd for up to a few hundred rows): sd / 160"),
+    Budget("uint4-rtn", 0.15, "15 levels over a block's range, up to 7.5 sd for a column of 4096 rows: steps of 0.5 sd"),
+    Budget("uint2-rtn", 0.70, "3 levels over a block's range: 0.41 for blocks of 32, 0.68 for a column of 4096 rows"),
     Budget("hyper-4bit", 0.17, "8-bit indices a pair (4 bits a weight): lattice n 63 K 3 in 4 sd, or a 16-level grid "
                                "in 8 sd (steps of 0.53 sd: 0.15)"),
 )}
@@ -695,10 +703,6 @@ def _quantized_bytes(shape: tuple[int, int], block: int | None, bits: int) -> in
 
 def _ternary_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
     return dequantize_arrays(ternarize(weight, block).quantized())
-
-
-def _uint8_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
-    return dequantize_arrays(quantize_uint8(weight, block))
 
 
 def _ternary_function(radix: int) -> tuple[Callable[..., Stored], Callable[[Stored], np.ndarray], Callable[..., int]]:
@@ -745,10 +749,13 @@ def _rows() -> list[Format]:
         Format("ternary-dequantize", "DequantizeLinear (uint2, zero point 1, blocked or per column) -> MatMul",
                "DequantizeLinear", "", ("ternary_matmul",), BUDGETS["ternary"], _ternary_dequantize, decode_dequantize,
                lambda shape, block=32: _quantized_bytes(shape, block, 2), _TERNARY_SETTINGS),
-        Format("uint8-dequantize", "DequantizeLinear (uint8, blocked or per column) -> MatMul", "DequantizeLinear", "",
-               (), BUDGETS["uint8-rtn"], _uint8_dequantize, decode_dequantize,
-               lambda shape, block=32: _quantized_bytes(shape, block, 8), _TERNARY_SETTINGS),
     ]
+    for bits in GRID_BITS:
+        rows.append(Format(f"uint{bits}-dequantize", f"DequantizeLinear (uint{bits}, blocked or per column) -> MatMul",
+                           "DequantizeLinear", "", (), BUDGETS[f"uint{bits}-rtn"],
+                           lambda weight, block=32, bits=bits: dequantize_arrays(quantize_grid(weight, block, bits)),
+                           decode_dequantize, lambda shape, block=32, bits=bits: _quantized_bytes(shape, block, bits),
+                           _TERNARY_SETTINGS))
     for radix in (4, 3):
         encode, decode, nbytes = _ternary_function(radix)
         name = ternary_function_name(radix)

@@ -26,8 +26,11 @@ from symshrink.options import (
     CompressOptions,
     HyperOptions,
     MomentOptions,
+    QuantOptions,
     TernaryOptions,
+    WeightOptions,
 )
+from symshrink.runtime.formats import GRID_BITS
 
 __all__ = ["main", "compress_options"]
 
@@ -112,13 +115,14 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
     """The typed options of `symshrink compress`, parsed from the command line's strings (here only)."""
     moment = MomentOptions(selector=args.selector, keep=args.keep, width=args.width, sqrt_c=_width_rule(args.width_rule),
                            target_size=_size(args.target_size), ridge=args.ridge, plan=args.plan)
-    ternary = TernaryOptions(block=_block(args.block_size), correction=args.correction, layer_error=args.layer_error,
-                             activations=args.activations, storage=args.storage, exclude=tuple(args.exclude))
+    weights = WeightOptions(block=_block(args.block_size), layer_error=args.layer_error, exclude=tuple(args.exclude))
+    ternary = TernaryOptions(correction=args.correction, activations=args.activations, storage=args.storage)
     group = None if args.group_size == "tensor" else int(_number(args.group_size, "--group-size", int))
     hyper = HyperOptions(codebook=args.codebook, tensor_error=args.tensor_error, side=args.side, group_size=group,
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
-    return CompressOptions(method=args.method, moment=moment, ternary=ternary, hyper=hyper, calib=args.calib,
+    return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
+                           quant=QuantOptions(bits=args.bits), hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
@@ -298,8 +302,9 @@ def _parser() -> argparse.ArgumentParser:
                       "also when the gate fails")
     comp.add_argument("--json", action="store_true", help="print the report as one JSON object")
     comp.add_argument("--method", default="moment",
-                      help="moment (width reduction), ternary (2-bit weights), hyper (hyperfunction codes), or "
-                           "several comma-separated, run in that order (moment,ternary; moment,hyper)")
+                      help="moment (width reduction), ternary (2-bit weights), quant (8/4/2-bit round-to-nearest "
+                           "grids), hyper (hyperfunction codes), or several comma-separated, run in that order "
+                           "(moment,ternary; moment,quant; moment,hyper)")
     comp.add_argument("--selector", default="select", choices=SELECTORS,
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
                            "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")
@@ -309,13 +314,19 @@ def _parser() -> argparse.ArgumentParser:
     widths.add_argument("--width-rule", help="sqrt:C keeps ceil(C sqrt(d)) of d units")
     widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); "
                                               "widths allocated across groups by error per byte saved")
+    weights = comp.add_argument_group("weight codes (ternary and quant)")
+    weights.add_argument("--block-size", default="64", help="input rows per scale: 32, 64, 128, 256 or channel (default 64)")
+    weights.add_argument("--layer-error", type=float,
+                         help="per-layer budget on the relative output error on the calibration moments: ternary layers "
+                              "over it get 8 bits, then stay fp32; quant takes the fewest bits within it")
+    weights.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                         help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
+    weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
+                         help="quant: bits per weight of the round-to-nearest grid (default 4)")
     ternary = comp.add_argument_group("ternary")
-    ternary.add_argument("--block-size", default="64", help="input rows per scale: 32, 64, 128, 256 or channel (default 64)")
     ternary.add_argument("--correction", default="lstsq", choices=CORRECTIONS,
                          help="per-unit scale and bias fitted on calibration data: least squares (default), "
                               "mean and variance match, or none")
-    ternary.add_argument("--layer-error", type=float,
-                         help="per-layer budget on the relative output error: layers over it get 8 bits, then stay fp32")
     ternary.add_argument("--storage", default="dequantize", choices=STORAGES,
                          help="dequantize: 2-bit DequantizeLinear at opset 25, kept 2-bit in memory by onnxruntime "
                               "(default); function / function-base3: the ai.symshrink.TernaryMatMul function over "
@@ -323,8 +334,6 @@ def _parser() -> argparse.ArgumentParser:
     ternary.add_argument("--activations", default="relu", choices=["relu", "two-level"],
                          help="two-level: try the NTK-LC paper's quantized activation (ReLU's alpha1, alpha2, alpha3 at "
                               "the input's scale) on each ReLU after a weight, kept only within --max-error")
-    ternary.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                         help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     hyper = comp.add_argument_group("hyper (hyperfunction codes)")
     hyper.add_argument("--codebook", default="lattice", choices=CODEBOOKS,
                        help="lattice: the official v3 sheared lattice with radial bands (default); winding: the paper's "

@@ -20,12 +20,12 @@ from symshrink.errors import BadInput
 from symshrink.passes.moment.plan import SELECTOR_KINDS
 from symshrink.passes.ternary import codes as ternary
 from symshrink.passes.ternary.codes import BLOCK_SIZES
-from symshrink.runtime.formats import CODEBOOKS
+from symshrink.runtime.formats import CODEBOOKS, GRID_BITS
 
-__all__ = ["MomentOptions", "TernaryOptions", "HyperOptions", "CompressOptions", "METHODS", "SELECTORS",
-           "CORRECTIONS", "STORAGES", "BLOCK_SIZES", "CODEBOOKS", "LAYOUTS", "options_from"]
+__all__ = ["MomentOptions", "WeightOptions", "TernaryOptions", "QuantOptions", "HyperOptions", "CompressOptions",
+           "METHODS", "SELECTORS", "CORRECTIONS", "STORAGES", "BLOCK_SIZES", "CODEBOOKS", "LAYOUTS", "options_from"]
 
-METHODS = ("moment", "ternary", "hyper")
+METHODS = ("moment", "ternary", "quant", "hyper")  # the order they run in when stacked
 SELECTORS = tuple(SELECTOR_KINDS)
 CORRECTIONS = tuple(ternary.CORRECTIONS)
 STORAGES = tuple(ternary.STORAGES)
@@ -76,28 +76,48 @@ class MomentOptions:
 
 
 @dataclass(frozen=True)
-class TernaryOptions:
-    """Ternary codes for MatMul/Gemm weights: `block` input rows per scale (None: one per output column),
-    `correction` per output unit, the `layer_error` budget per layer (over it: 8 bits, then fp32), the
-    `storage` form, `exclude` fnmatch patterns kept fp32, `activations` two-level to try the NTK-LC one."""
+class WeightOptions:
+    """What the weight codes (ternary, integer grids) share: `block` input rows per scale (None: one per output
+    column), the `layer_error` budget per layer on its relative output error on the calibration moments, and
+    `exclude`, fnmatch patterns of node or weight names kept fp32."""
 
     block: int | None = 64
-    correction: str = "lstsq"
     layer_error: float | None = None
-    activations: str = "relu"
-    storage: str = "dequantize"
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.block is not None:
             _one_of("block (--block-size)", self.block, BLOCK_SIZES)
-        _one_of("correction", self.correction, CORRECTIONS)
-        _one_of("activations", self.activations, ("relu", "two-level"))
-        _one_of("storage", self.storage, STORAGES)
         _positive("layer_error", self.layer_error)
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))  # one pattern, not its characters
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+
+@dataclass(frozen=True)
+class TernaryOptions:
+    """Ternary codes for MatMul/Gemm weights: `correction` per output unit, the `storage` form, `activations`
+    two-level to try the NTK-LC one. Over the per-layer budget a layer takes 8 bits, then stays fp32."""
+
+    correction: str = "lstsq"
+    activations: str = "relu"
+    storage: str = "dequantize"
+
+    def __post_init__(self) -> None:
+        _one_of("correction", self.correction, CORRECTIONS)
+        _one_of("activations", self.activations, ("relu", "two-level"))
+        _one_of("storage", self.storage, STORAGES)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Integer grids (round to nearest) for MatMul/Gemm weights: `bits` per weight for every layer; with the
+    per-layer budget, the fewest bits within it (else fp32)."""
+
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        _one_of("bits", self.bits, GRID_BITS)
 
 
 @dataclass(frozen=True)
@@ -134,7 +154,9 @@ class CompressOptions:
 
     method: str | tuple[str, ...] = ("moment",)  # "moment,ternary" or a sequence; a tuple in run order after init
     moment: MomentOptions = field(default_factory=MomentOptions)
+    weights: WeightOptions = field(default_factory=WeightOptions)
     ternary: TernaryOptions = field(default_factory=TernaryOptions)
+    quant: QuantOptions = field(default_factory=QuantOptions)
     hyper: HyperOptions = field(default_factory=HyperOptions)
     calib: object = None  # a zoo data set, a path, feed dicts or a CalibrationDataReader; None: the zoo model's
     calib_samples: int | None = None
@@ -164,7 +186,8 @@ class CompressOptions:
             raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")
 
 
-_PARTS = {"moment": MomentOptions, "ternary": TernaryOptions, "hyper": HyperOptions}
+_PARTS = {"moment": MomentOptions, "weights": WeightOptions, "ternary": TernaryOptions, "quant": QuantOptions,
+          "hyper": HyperOptions}
 
 
 def _check_type(name: str, value: object, hint: object) -> None:

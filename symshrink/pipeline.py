@@ -42,12 +42,13 @@ from symshrink.passes.moment.reduce import (
     moment_offer,
     unit_problem,
 )
+from symshrink.passes.quant.grid import GridPlan, grid_offer
 from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
 from symshrink.report import CompressReport, check_report_path, write_report
-from symshrink.rules import Choice, hyper_rule, moment_rule, ternary_rule
+from symshrink.rules import Choice, hyper_rule, moment_rule, quant_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
@@ -132,12 +133,13 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
                    expected: list) -> TernaryPlan:
     """Offer codes for every weight site, choose by the ternary rule (the per-layer budget --layer-error, or the
     held-out budget --max-error alone) and write them in place. The plan it wrote."""
-    sites, passed = find_weight_sites(model, options.ternary.exclude)
+    sites, passed = find_weight_sites(model, options.weights.exclude)
     stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
-    ternary = options.ternary
-    offer = ternary_offer(sites, stats, nodes, ternary.block, ternary.correction, ternary.storage, passed, options.progress)
-    searching = options.max_error is not None and ternary.layer_error is None
+    ternary, layer_error = options.ternary, options.weights.layer_error
+    offer = ternary_offer(sites, stats, nodes, options.weights.block, ternary.correction, ternary.storage, passed,
+                          options.progress)
+    searching = options.max_error is not None and layer_error is None
     if searching and ternary.storage == "dequantize":
         ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
 
@@ -148,9 +150,25 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
             tqdm.write(f"budget search: {count} of {len(chosen)} layers ternary, held-out rel. error {error:.4f}")
         return error
 
-    chosen, reasons = ternary_rule(offer, ternary, options.max_error, error_of)
+    chosen, reasons = ternary_rule(offer, layer_error, options.max_error, error_of)
     rewrite = offer.rewrite(chosen)
-    rewrite.plan.layer_error = None if searching else ternary.layer_error
+    rewrite.plan.layer_error = None if searching else layer_error
+    for layer in rewrite.plan.layers:
+        layer.reason = reasons.get(layer.node, "")
+    rewrite(model)
+    return rewrite.plan
+
+
+def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> GridPlan:
+    """Offer integer grids for every weight site, choose by the quant rule (--bits, or the fewest bits within
+    --layer-error) and write them in place. The plan it wrote."""
+    sites, passed = find_weight_sites(model, options.weights.exclude)
+    stats = _input_moments(model, sites, fit_feeds, options) if options.weights.layer_error is not None else {}
+    nodes = {node.name: node for node in model.graph}
+    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, progress=options.progress)
+    chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
+    rewrite = offer.rewrite(chosen)
+    rewrite.plan.layer_error = options.weights.layer_error
     for layer in rewrite.plan.layers:
         layer.reason = reasons.get(layer.node, "")
     rewrite(model)
@@ -232,6 +250,7 @@ def _sites(report: CompressReport) -> int:
     chose for them: zero means the model offers nothing to these methods."""
     return (len(report.plan.groups) if report.plan is not None else 0) \
         + (len(report.ternary.layers) if report.ternary is not None else 0) \
+        + (len(report.quant.layers) if report.quant is not None else 0) \
         + (len(report.hyper.coded()) if report.hyper is not None else 0)  # every hyper site is coded
 
 
@@ -239,8 +258,9 @@ def _no_site_reasons(report: CompressReport) -> list[str]:
     reasons = [f"{g.name}: {g.reason}" for g in report.skipped]
     if report.plan is not None and not reasons:
         reasons.append("no permutation-symmetric group (`symshrink inspect --all` says why)")
-    if report.ternary is not None:
-        reasons += [f"{node}: {why}" for node, why in report.ternary.passed_over.items()] or ["no MatMul/Gemm node"]
+    for plan in (report.ternary, report.quant):
+        if plan is not None:
+            reasons += [f"{node}: {why}" for node, why in plan.passed_over.items()] or ["no MatMul/Gemm node"]
     if report.hyper is not None:
         reasons += [f"{t.name}: {t.reason}" for t in report.hyper.tensors if len(t.shape) > 1] \
             or ["no float weight matrix"]
@@ -286,6 +306,8 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         report.ternary = _ternary_stage(model, options, fit_feeds, holdout, expected)
         if options.ternary.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
+    if "quant" in methods:
+        report.quant = _quant_stage(model, options, fit_feeds)
     if "hyper" in methods:
         report.hyper = _hyper_stage(model, options, candidates)
     if not _sites(report):

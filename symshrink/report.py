@@ -15,6 +15,7 @@ from symshrink.modelio import write_atomically
 from symshrink.passes.analysis.groups import Group
 from symshrink.passes.hyper.codes import HyperPlan
 from symshrink.passes.moment.plan import Plan
+from symshrink.passes.quant.grid import GridPlan
 from symshrink.passes.ternary.codes import TernaryPlan
 from symshrink.runtime.diff import OutputDiff, format_diffs
 
@@ -32,6 +33,7 @@ class CompressReport:
     methods: list[str] = field(default_factory=list)
     plan: Plan | None = None  # moment reduction's
     ternary: TernaryPlan | None = None
+    quant: GridPlan | None = None
     hyper: HyperPlan | None = None
     diffs: list[OutputDiff] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # the gate's; empty: within tolerance
@@ -42,9 +44,9 @@ class CompressReport:
     def passed(self) -> bool:
         return not self.failures
 
-    def plans(self) -> dict[str, Plan | TernaryPlan | HyperPlan]:
-        return {name: plan for name, plan in (("moment", self.plan), ("ternary", self.ternary), ("hyper", self.hyper))
-                if plan is not None}
+    def plans(self) -> dict[str, Plan | TernaryPlan | GridPlan | HyperPlan]:
+        named = (("moment", self.plan), ("ternary", self.ternary), ("quant", self.quant), ("hyper", self.hyper))
+        return {name: plan for name, plan in named if plan is not None}
 
     def plan_json(self) -> str:
         """The plans as JSON: the moment plan alone (replayable with --plan), the ternary plan alone,

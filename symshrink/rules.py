@@ -4,7 +4,8 @@ moment: one width rule for every group (keep, width, k = ceil(C sqrt d)), or the
 error increase per byte saved, cut at a size target or at the most moves whose held-out error stays within
 max_error (bisection, each step verified). ternary: ternary codes where within the per-layer budget, else 8 bits
 within it, else fp32; with max_error alone, layers become ternary in order of their calibrated error, as many as
-stay within it (the rest 8 bits). hyper: per tensor the fewest bytes within the tensor error target.
+stay within it (the rest 8 bits). quant: every layer on the asked grid, or with a per-layer budget the fewest
+bits within it. hyper: per tensor the fewest bytes within the tensor error target.
 A rule only chooses: the verified searches get `error_of(chosen)`, the held-out error of a trial rewrite, from
 the caller, and the offer's rewrite writes the choice.
 """
@@ -16,12 +17,12 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from symshrink.options import HyperOptions, MomentOptions, TernaryOptions
+from symshrink.options import HyperOptions, MomentOptions
 from symshrink.passes.hyper.codes import pick_setting
 from symshrink.passes.moment import budget
 from symshrink.passes.protocol import Candidate, Offer
 
-__all__ = ["Choice", "moment_rule", "ternary_rule", "hyper_rule"]
+__all__ = ["Choice", "moment_rule", "ternary_rule", "quant_rule", "hyper_rule"]
 
 Choice = dict[str, Candidate]  # at most one candidate per site
 ErrorOf = Callable[[Choice], float]
@@ -75,7 +76,7 @@ def _codec(options: list[Candidate], layer_error: float | None, allowed: bool) -
     return fp32, f"ternary {error:.3f} and 8-bit {fallback.predicted_error():.3f} errors > budget {layer_error:g}"
 
 
-def ternary_rule(offer: Offer, options: TernaryOptions, max_error: float | None,
+def ternary_rule(offer: Offer, layer_error: float | None, max_error: float | None,
                  error_of: ErrorOf) -> tuple[Choice, dict[str, str]]:
     """Each layer's code and, where it is not ternary, why."""
     def choose(allowed: set[str] | None, layer_error: float | None) -> tuple[Choice, dict[str, str]]:
@@ -83,14 +84,31 @@ def ternary_rule(offer: Offer, options: TernaryOptions, max_error: float | None,
                  for site, cands in offer.candidates.items()}
         return {site: pick for site, (pick, _) in picks.items()}, {site: why for site, (_, why) in picks.items() if why}
 
-    if max_error is not None and options.layer_error is None:
+    if max_error is not None and layer_error is None:
         errors = {site: cands[0].predicted_error() for site, cands in offer.candidates.items()}
         order = sorted(errors, key=errors.__getitem__)  # smallest calibrated error first
         count = budget.widest_within(len(order), lambda n: error_of(choose(set(order[:n]), None)[0]), max_error)
         return choose(set(order[:count]), None)
-    return choose(None, options.layer_error)
+    return choose(None, layer_error)
 
 
 def hyper_rule(offer: Offer, options: HyperOptions) -> Choice:
     """Per tensor the fewest bytes within the tensor error target (without one: the least error)."""
     return {site: pick_setting(cands, options.tensor_error) for site, cands in offer.candidates.items()}
+
+
+def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choice, dict[str, str]]:
+    """Every layer on the grid of `bits`; with a per-layer budget, the fewest bits within it, else fp32. And why,
+    where a layer is not on the asked grid."""
+    chosen, reasons = {}, {}
+    for site, options in offer.candidates.items():
+        grids = [c for c in options if c.method != "fp32"]  # widest first
+        if layer_error is None:
+            chosen[site] = next(c for c in grids if c.method == f"uint{bits}")
+            continue
+        within = [c for c in grids if c.predicted_error() <= layer_error]
+        chosen[site] = within[-1] if within else options[-1]
+        if chosen[site].method != f"uint{bits}":
+            reasons[site] = f"fewest bits within budget {layer_error:g}" if within else \
+                f"8-bit error {grids[0].predicted_error():.3f} > budget {layer_error:g}"
+    return chosen, reasons

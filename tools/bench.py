@@ -69,6 +69,8 @@ TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?
 HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
+QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
+                        r"quant-(?P<block>b32|b64|b128|b256|channel)-(?P<bits>8|4|2)")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -149,6 +151,15 @@ def hyper_name(text: str) -> str:
     match = HYPER_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]hyper-<lattice|winding|grid>[-gG]-<bB|eE>: {text!r}")
+    return text
+
+
+def quant_name(text: str) -> str:
+    """Check an integer-grid variant name [moment-<selector>-keep<F>+]quant-<b32|b64|b128|b256|channel>-<8|4|2>:
+    every weight site on symshrink's round-to-nearest grid of that many bits (DequantizeLinear, zero points)."""
+    match = QUANT_NAME.fullmatch(text)
+    if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b32|b64|b128|b256|channel>-<8|4|2>: {text!r}")
     return text
 
 
@@ -294,6 +305,23 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
+def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
+    """Compress `variant` ([moment-<selector>-keep<F>+]quant-<block>-<bits>) into its path."""
+    match = QUANT_NAME.fullmatch(variant.name)
+    assert match and variant.path is not None
+    block = match["block"].removeprefix("b")
+    settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]),
+                                "block": None if block == "channel" else int(block)}
+    what = f"symshrink round-to-nearest grid, {match['bits']} bits, block {block}"
+    if match["moment"]:
+        moment = MOMENT_NAME.fullmatch(match["moment"])
+        settings.update(method="moment,quant", selector=moment["selector"], keep=float(moment["f"]))
+        what = f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
+    variant.note = f"{what}, calib {entry.calib}"
+    variant.extra = {"quant": f"{match['block']}-{match['bits']}"}
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
+
+
 def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
     """Compress `variant` ([moment-<selector>-keep<F>+]hyper-<codebook>[-g<G>]-<b<B>|e<E>>) into its path."""
     match = HYPER_NAME.fullmatch(variant.name)
@@ -352,6 +380,8 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
                 build_ternary(spec, entry, variant, threads)
             elif HYPER_NAME.fullmatch(name):
                 build_hyper(spec, entry, variant, threads)
+            elif QUANT_NAME.fullmatch(name):
+                build_quant(spec, entry, variant, threads)
             else:
                 build_moment(spec, entry, variant, built, threads)
         except Exception as err:  # noqa: BLE001 (any failure becomes a row)
@@ -814,6 +844,8 @@ def main() -> None:
                     metavar="[moment-SELECTOR-keepF+]hyper-CODEBOOK[-gG]-<bB|eE>",
                     help="symshrink hyperfunction variants, e.g. hyper-lattice-b10 hyper-grid-b10 hyper-grid-g64-b10 "
                          "hyper-lattice-e0.05 moment-select-keep0.5+hyper-lattice-b10")
+    ap.add_argument("--quant", nargs="*", type=quant_name, default=[], metavar="[moment-SELECTOR-keepF+]quant-BLOCK-BITS",
+                    help="symshrink integer-grid variants, e.g. quant-b32-4 quant-b32-2")
     ap.add_argument("--batch32", action="store_true",
                     help=f"also time a batch of {BATCH} (the latency feed's first row repeated)")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,
@@ -842,7 +874,7 @@ def main() -> None:
         write_report(json.loads(json_path.read_text()), args.out)
         return
     moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment
-                                 + args.ternary + args.hyper))
+                                 + args.ternary + args.hyper + args.quant))
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))

@@ -17,17 +17,16 @@ from functools import cache, partial
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
 from symshrink.calibration.stats import UnitStats
-from symshrink.passes.analysis.products import replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.passes.quant.grid import Encoded, encode_grid, output_error, write_codes
 from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
 from symshrink.passes.ternary.correction import Correction, least_squares, match_moments
 from symshrink.passes.ternary.function import add_function, function_product
-from symshrink.runtime.formats import FORMATS, QuantizedWeight, quantize_uint8, ternarize
+from symshrink.runtime.formats import FORMATS, ternarize
 
 __all__ = ["CORRECTIONS", "STORAGES", "STORAGE_FORMATS", "Encoded", "LayerPlan", "TernaryPlan", "TernaryPass", "encode_ternary",
            "encode_uint8", "output_error", "ternary_offer"]
@@ -37,28 +36,6 @@ BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits ru
 # how codes are written: 2-bit DequantizeLinear (opset 25, fused by onnxruntime into MatMulNBits), or the
 # TernaryMatMul function with 2-bit or base-3 bytes (opset 10; onnxruntime folds it to dense fp32)
 STORAGES = {"dequantize": None, "function": 4, "function-base3": 3}
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """A weight in a codec, the shift to add to its output, and its relative output error."""
-
-    weight: QuantizedWeight
-    shift: np.ndarray | None
-    relative_error: float
-
-
-def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None, shift: np.ndarray | None) -> float:
-    """||x (W - W') - shift|| / ||x W|| in expectation over the calibration moments (without them: the
-    relative Frobenius error of the weight). A mean-matching shift leaves only the centred part."""
-    diff = weight.astype(np.float64) - approx.astype(np.float64)
-    if stats is None:
-        return float(np.linalg.norm(diff) / max(np.linalg.norm(weight), 1e-30))
-    mean, covariance = stats.mean, stats.covariance
-    residual_mean = mean @ diff - (0.0 if shift is None else shift)
-    error = np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
-    signal = np.einsum("kn,kn->", weight, covariance @ weight) + np.sum((mean @ weight) ** 2)
-    return float(np.sqrt(max(error, 0.0) / max(signal, 1e-30)))
 
 
 def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | None, correction: str) -> Encoded:
@@ -76,8 +53,8 @@ def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | Non
 
 
 def encode_uint8(weight: np.ndarray, stats: UnitStats | None, block: int | None) -> Encoded:
-    quantized = quantize_uint8(weight, block)
-    return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
+    """The 8-bit fallback: the grid of 8 bits."""
+    return encode_grid(weight, stats, block, 8)
 
 
 @dataclass
@@ -192,16 +169,11 @@ class TernaryPass(InPlacePass):
             ensure_opset(model)
         else:
             add_function(model, radix)
-        nodes = {node.name: node for node in model.graph}
-        for layer in tqdm(planned, desc="writing codes", unit="layer", disable=not self.progress, leave=False):
+        writes = []
+        for layer in planned:
             encoded = self.encodings[layer.node]
-            site = self.sites[layer.node]
-            prefix = f"{site.weight}.{layer.codec}"
-            if radix is None or layer.codec != "ternary":
-                product = dequantize_product(model.graph, encoded.weight, prefix)
-            else:
-                product = function_product(model.graph, encoded.weight, radix, prefix)
-            replace_product(model.graph, nodes[layer.node], site, product, encoded.shift, encoded.weight.scales.dtype,
-                            layer.codec)
-        RemoveUnusedNodesPass()(model)  # the fp32 weights are now unread
+            make = partial(dequantize_product, model.graph, encoded.weight) if radix is None or layer.codec != "ternary" \
+                else partial(function_product, model.graph, encoded.weight, radix)
+            writes.append((self.sites[layer.node], encoded, layer.codec, make))
+        write_codes(model, writes, self.progress)
         return PassResult(model, True)

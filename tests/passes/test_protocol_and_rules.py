@@ -6,7 +6,7 @@ import onnx_ir as ir
 import pytest
 
 from symshrink.calibration.stats import UnitStats
-from symshrink.options import HyperOptions, MomentOptions, TernaryOptions
+from symshrink.options import HyperOptions, MomentOptions
 from symshrink.passes.analysis.groups import analyse
 from symshrink.passes.analysis.weights import find_weight_sites
 from symshrink.passes.hyper.codes import hyper_offer
@@ -79,9 +79,9 @@ def test_ternary_rule_falls_back_by_the_layer_budget_and_says_why():
     offer = _codec_offer(ternary.relative_error, uint8.relative_error)
     for budget, method, why in [(None, "ternary", ""), (0.05, "uint8", "ternary error"),
                                 (uint8.relative_error / 2, "fp32", "8-bit")]:
-        chosen, reasons = ternary_rule(offer, TernaryOptions(layer_error=budget), None, _never)
+        chosen, reasons = ternary_rule(offer, budget, None, _never)
         assert chosen["fc"].method == method and why in reasons.get("fc", "")
-    chosen, reasons = ternary_rule(_codec_offer(0.5, None), TernaryOptions(layer_error=0.1), None, _never)
+    chosen, reasons = ternary_rule(_codec_offer(0.5, None), 0.1, None, _never)
     assert chosen["fc"].method == "fp32" and "--storage dequantize" in reasons["fc"]
 
 
@@ -95,7 +95,7 @@ def test_ternary_rule_with_max_error_makes_the_least_damaging_layers_ternary_fir
     def error_of(chosen) -> float:  # the held-out error grows with the ternary layers' errors
         return sum(c.predicted_error() for c in chosen.values() if c.method == "ternary")
 
-    chosen, reasons = ternary_rule(offer, TernaryOptions(), 0.35, error_of)
+    chosen, reasons = ternary_rule(offer, None, 0.35, error_of)
     assert {n: c.method for n, c in chosen.items()} == {"a": "uint8", "b": "ternary", "c": "ternary"}
     assert "search kept it" in reasons["a"]
 

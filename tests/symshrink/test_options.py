@@ -5,7 +5,7 @@ import pytest
 
 from symshrink.cli import _parser, compress_options
 from symshrink.errors import BadInput
-from symshrink.options import CompressOptions, HyperOptions, MomentOptions, TernaryOptions, options_from
+from symshrink.options import CompressOptions, HyperOptions, MomentOptions, TernaryOptions, WeightOptions, options_from
 
 
 def _options(*argv: str) -> CompressOptions:
@@ -16,11 +16,12 @@ def test_cli_strings_become_typed_values():
     options = _options("--method", "moment,ternary", "--width-rule", "sqrt:16", "--block-size", "channel",
                        "--index-bits", "8,10", "--group-size", "64", "--exclude", "fc*")
     assert options.method == ("moment", "ternary")
-    assert options.moment.sqrt_c == 16.0 and options.ternary.block is None and options.ternary.exclude == ("fc*",)
+    assert options.moment.sqrt_c == 16.0 and options.weights.block is None and options.weights.exclude == ("fc*",)
     assert options.hyper.index_bits == (8, 10) and options.hyper.group_size == 64
     assert _options("--target-size", "30MB").moment.target_size == 30_000_000
     assert _options("--target-size", "0.6").moment.target_size == 0.6
-    assert _options("--block-size", "128").ternary.block == 128
+    assert _options("--block-size", "128").weights.block == 128
+    assert _options("--method", "quant", "--bits", "2").quant.bits == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -43,7 +44,7 @@ def test_bad_values_are_bad_input(argv, message):
 def test_flat_keywords_go_to_their_method():
     options = options_from(method=["ternary", "hyper"], block=32, exclude="fc1", index_bits=[8], keep=0.5, seed=3)
     assert options.method == ("ternary", "hyper") and options.seed == 3
-    assert options.ternary == TernaryOptions(block=32, exclude=("fc1",))
+    assert options.weights == WeightOptions(block=32, exclude=("fc1",)) and options.ternary == TernaryOptions()
     assert options.hyper == HyperOptions(index_bits=(8,)) and options.moment == MomentOptions(keep=0.5)
     with pytest.raises(BadInput, match="option block"):
         options_from(block="64")

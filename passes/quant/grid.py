@@ -1,0 +1,160 @@
+"""Integer grids: each weight W [K, N] of a MatMul/Gemm becomes codes of b bits (8, 4 or 2) behind DequantizeLinear.
+
+Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range, rounded to
+nearest (`formats.quantize_grid`); onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits and keeps the
+codes narrow. A layer's error is ||x (W - W') - c|| / ||x W|| on the calibration moments of its input (the same
+measure as every weight code: `output_error`). The writer here also writes the ternary method's codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache, partial
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+from tqdm import tqdm
+
+from symshrink.calibration.stats import UnitStats
+from symshrink.passes.analysis.products import Product, replace_product
+from symshrink.passes.analysis.weights import WeightSite, weight_matrix
+from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
+from symshrink.runtime.formats import FORMATS, GRID_BITS, QuantizedWeight, quantize_grid
+
+__all__ = ["Encoded", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "GridPass", "grid_offer",
+           "GRID_BITS"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A weight in a codec, the shift to add to its output, and its relative output error."""
+
+    weight: QuantizedWeight
+    shift: np.ndarray | None
+    relative_error: float
+
+
+def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None, shift: np.ndarray | None) -> float:
+    """||x (W - W') - shift|| / ||x W|| in expectation over the calibration moments (without them: the
+    relative Frobenius error of the weight). A mean-matching shift leaves only the centred part."""
+    diff = weight.astype(np.float64) - approx.astype(np.float64)
+    if stats is None:
+        return float(np.linalg.norm(diff) / max(np.linalg.norm(weight), 1e-30))
+    mean, covariance = stats.mean, stats.covariance
+    residual_mean = mean @ diff - (0.0 if shift is None else shift)
+    error = np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
+    signal = np.einsum("kn,kn->", weight, covariance @ weight) + np.sum((mean @ weight) ** 2)
+    return float(np.sqrt(max(error, 0.0) / max(signal, 1e-30)))
+
+
+def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, bits: int) -> Encoded:
+    quantized = quantize_grid(weight, block, bits)
+    return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
+
+
+def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int) -> Encoded:
+    return encode_grid(weight(), stats, block, bits)
+
+
+def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
+                progress: bool) -> None:
+    """Replace each site's product by its codes': (site, encoding, codec label, the product's maker, given the
+    prefix of the initializers it adds), in order; the fp32 weights go."""
+    nodes = {node.name: node for node in model.graph}
+    for site, encoded, codec, make in tqdm(writes, desc="writing codes", unit="layer", disable=not progress, leave=False):
+        product = make(f"{site.weight}.{codec}")
+        replace_product(model.graph, nodes[site.node], site, product, encoded.shift, encoded.weight.scales.dtype, codec)
+    RemoveUnusedNodesPass()(model)  # the fp32 weights are now unread
+
+
+@dataclass
+class GridLayer:
+    node: str
+    weight: str
+    rows: int
+    cols: int
+    codec: str  # "uint8", "uint4", "uint2" or "fp32"
+    relative_error: float | None = None  # fp32: None
+    reason: str = ""
+
+
+@dataclass
+class GridPlan:
+    block: int | None
+    layer_error: float | None  # the per-layer budget on the relative output error
+    layers: list[GridLayer] = field(default_factory=list)
+    passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def __str__(self) -> str:
+        block = "channel" if self.block is None else self.block
+        budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
+        lines = [f"plan: method=quant (round to nearest) block={block} layer error budget={budget}",
+                 f"  {'node':<40} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
+        for layer in self.layers:
+            err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
+            lines.append(f"  {layer.node[-40:]:<40} {f'{layer.rows}x{layer.cols}':>11} {layer.codec:<6} {err:>8}  "
+                         f"{layer.reason}")
+        lines.append("  rel.err: the layer's relative output error on the calibration moments")
+        return "\n".join(lines)
+
+
+class GridPass(InPlacePass):
+    """Write each planned layer's grid codes as DequantizeLinear -> MatMul; upgrades the opset to 25."""
+
+    def __init__(self, plan: GridPlan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
+        super().__init__()
+        self.plan = plan
+        self.sites = {s.node: s for s in sites}
+        self.encodings = encodings
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> PassResult:
+        planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
+        if not planned:
+            return PassResult(model, False)
+        ensure_opset(model)
+        writes = [(self.sites[layer.node], self.encodings[layer.node], layer.codec,
+                   partial(dequantize_product, model.graph, self.encodings[layer.node].weight)) for layer in planned]
+        write_codes(model, writes, self.progress)
+        return PassResult(model, True)
+
+
+def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
+               passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, progress: bool = False) -> Offer:
+    """Per weight site, each grid (widest first; encoded when first asked for, with its calibrated output error),
+    then fp32. Bytes from the format table."""
+    offered, candidates = [], {}
+    for site in sites:
+        shape, dense = (site.rows, site.cols), 4 * site.elements
+        weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
+        options = []
+        for b in bits:
+            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b))
+            options.append(Candidate(site.node, f"uint{b}", f"rtn {b}-bit b{block or 'channel'}",
+                                     FORMATS[f"uint{b}-dequantize"].predict_bytes(shape, block=block),
+                                     lambda encoded=encoded: encoded().relative_error, encoded))
+        options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
+        offered.append(Site(site.node, "weight", shape, dense))
+        candidates[site.node] = options
+
+    def rewrite(chosen: Mapping[str, Candidate]) -> GridPass:
+        plan = GridPlan(block, None, passed_over=passed_over)
+        encodings = {}
+        for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
+            pick = chosen.get(site.node)
+            codec = "fp32" if pick is None else pick.method
+            plan.layers.append(GridLayer(site.node, site.weight, site.rows, site.cols, codec,
+                                         None if codec == "fp32" else pick.predicted_error()))
+            if codec != "fp32":
+                encodings[site.node] = pick.payload()
+        return GridPass(plan, sites, encodings, progress)
+
+    return Offer("quant", offered, candidates, rewrite)

@@ -1,0 +1,85 @@
+"""Integer grids: the round-to-nearest codes (numpy), the offer and rule over them, and the rewrite through
+onnxruntime (DequantizeLinear uint8 / uint4 / uint2 -> MatMul)."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from symshrink.passes.analysis.weights import find_weight_sites
+from symshrink.passes.quant.grid import encode_grid, grid_offer
+from symshrink.rules import quant_rule
+from symshrink.runtime.formats import quantize_grid
+from symshrink.runtime.ort import run_all, session_for_model
+from tests.conftest import mlp_model
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_grid_error_is_within_half_a_step_and_zero_is_exact(bits):
+    weight = np.random.default_rng(bits).standard_normal((100, 30))
+    weight[7] = 0.0
+    quantized = quantize_grid(weight, 32, bits)
+    step = np.repeat(quantized.scales, 32, axis=0)[:100]
+    assert quantized.codes.max() <= (1 << bits) - 1
+    assert np.all(np.abs(quantized.dequantize() - weight) <= step / 2 + 1e-12)
+    assert np.all(quantized.dequantize()[7] == 0.0)
+
+
+def _model() -> ir.Model:
+    return ir.from_proto(mlp_model(hidden=256, inputs=64, outputs=32))
+
+
+def _offer(model: ir.Model):
+    sites, passed = find_weight_sites(model)
+    return grid_offer(sites, {}, {node.name: node for node in model.graph}, 32, passed)
+
+
+def test_offer_is_widest_grid_first_then_fp32():
+    offer = _offer(_model())
+    for site in offer.sites:
+        options = offer.candidates[site.name]
+        assert [c.method for c in options] == ["uint8", "uint4", "uint2", "fp32"]
+        uint8, uint4, uint2, fp32 = (c.bytes_after for c in options)
+        assert uint2 < uint4 < uint8 < fp32 == site.bytes
+        errors = [c.predicted_error() for c in options[:3]]
+        assert errors == sorted(errors) and options[-1].predicted_error() == 0
+
+
+def test_rule_takes_the_asked_grid_or_the_fewest_bits_within_the_layer_budget():
+    offer = _offer(_model())
+    chosen, reasons = quant_rule(offer, 4, None)
+    assert {c.method for c in chosen.values()} == {"uint4"} and not reasons
+    budget = 0.05  # between the 4-bit and 8-bit errors of a Gaussian layer
+    chosen, reasons = quant_rule(offer, 2, budget)
+    for site, pick in chosen.items():
+        assert pick.predicted_error() <= budget and pick.method in ("uint8", "uint4")
+        assert "fewest bits" in reasons[site]
+    chosen, reasons = quant_rule(offer, 4, 1e-9)
+    assert {c.method for c in chosen.values()} == {"fp32"} and all("8-bit error" in r for r in reasons.values())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_rewrite_runs_in_onnxruntime_as_the_numpy_grid_network(bits):
+    model = _model()
+    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    weights = {name: model.graph.initializers[name].const_value.numpy() for name in ("W1", "W2")}
+    biases = {name: model.graph.initializers[name].const_value.numpy() for name in ("b1", "b2")}
+    offer = _offer(model)
+    chosen, _ = quant_rule(offer, bits, None)
+    offer.rewrite(chosen)(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    storage = {t.name: t.data_type for t in proto.graph.initializer}
+    assert {onnx.TensorProto.DataType.Name(storage[f"{w}.uint{bits}.q"]) for w in ("W1", "W2")} == {f"UINT{bits}"}
+    (y,) = run_all(session_for_model(model), [{"x": x}])[0].values()
+    w1, w2 = (quantize_grid(weights[w], 32, bits).dequantize() for w in ("W1", "W2"))
+    expected = np.maximum(x @ w1 + biases["b1"], 0) @ w2 + biases["b2"]
+    # onnxruntime's MatMulNBits runs with int8 activations (accuracy level 4): a few 1e-3 relative
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-2
+
+
+def test_encode_grid_error_is_the_calibrated_output_error_without_stats():
+    weight = np.random.default_rng(0).standard_normal((64, 8))
+    encoded = encode_grid(weight, None, 32, 4)
+    approx = encoded.weight.dequantize()
+    assert encoded.relative_error == pytest.approx(np.linalg.norm(weight - approx) / np.linalg.norm(weight))
