@@ -31,7 +31,8 @@ from symshrink.errors import BadInput
 __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS", "stored_bytes", "relative_error",
            # DequantizeLinear
            "DEQUANTIZE_OPSET", "STORAGE_DTYPES", "QuantizedWeight", "split_blocks", "expand_scales", "block_count",
-           "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays", "decode_dequantize",
+           "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
+           "decode_dequantize",
            # ternary
            "Ternary", "ternarize", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS", "TERNARY_RADIXES",
            "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -101,18 +102,29 @@ class QuantizedWeight:
 GRID_BITS = (8, 4, 2)  # the integer grids written: onnxruntime's MatMulNBits keeps each narrow in memory
 
 
+def grid_frame(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points [..., N] of the grid of 2^bits levels over values [..., rows, N]: the range widened
+    to hold 0 (so that zero stays exact), scale = (max - min) / (2^bits - 1)."""
+    levels = (1 << bits) - 1
+    low = np.minimum(blocks.min(axis=-2), 0.0)
+    high = np.maximum(blocks.max(axis=-2), 0.0)
+    scales = (high - low) / levels
+    zero_points = np.clip(np.round(-low / np.where(scales > 0, scales, 1.0)), 0, levels)
+    return scales, zero_points
+
+
+def round_to_grid(values: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Codes 0..2^bits - 1 of the nearest grid points (scales and zero points broadcast against values)."""
+    safe = np.where(scales > 0, scales, 1.0)
+    return np.clip(np.round(values / safe) + zero_points, 0, (1 << bits) - 1)
+
+
 def quantize_grid(weight: np.ndarray, block: int | None, bits: int) -> QuantizedWeight:
     """Round-to-nearest on a grid of 2^bits levels: per output column and block of input rows, w ~ scale * (q -
-    zero_point) with q in 0..2^bits - 1 and scale = (max - min) / (2^bits - 1) over the block, the range widened
-    to hold 0 so that zero stays exact. The error per weight is at most scale / 2."""
-    levels = (1 << bits) - 1
+    zero_point) with q in 0..2^bits - 1 (`grid_frame`). The error per weight is at most scale / 2."""
     blocks = split_blocks(weight, block)
-    low = np.minimum(blocks.min(axis=1), 0.0)
-    high = np.maximum(blocks.max(axis=1), 0.0)
-    scales = (high - low) / levels
-    safe = np.where(scales > 0, scales, 1.0)
-    zero_points = np.clip(np.round(-low / safe), 0, levels)
-    codes = np.clip(np.round(blocks / safe[:, None, :]) + zero_points[:, None, :], 0, levels)
+    scales, zero_points = grid_frame(blocks, bits)
+    codes = round_to_grid(blocks, scales[:, None, :], zero_points[:, None, :], bits)
     codes = codes.reshape(-1, weight.shape[1])[: weight.shape[0]].astype(np.uint8)
     return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits=bits)
 

@@ -30,6 +30,7 @@ from symshrink.options import (
     TernaryOptions,
     WeightOptions,
 )
+from symshrink.passes.quant.grid import ROUNDINGS
 from symshrink.runtime.formats import GRID_BITS
 
 __all__ = ["main", "compress_options"]
@@ -122,7 +123,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
     return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
-                           quant=QuantOptions(bits=args.bits), hyper=hyper, calib=args.calib,
+                           quant=QuantOptions(bits=args.bits, rounding=args.rounding), hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
@@ -322,7 +323,10 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
-                         help="quant: bits per weight of the round-to-nearest grid (default 4)")
+                         help="quant: bits per weight of the integer grid (default 4)")
+    weights.add_argument("--rounding", default="feedback", choices=ROUNDINGS,
+                         help="quant: feedback (default) rounds each input row and feeds its error forward on the "
+                              "calibration second moment E[x x^T] (GPTQ-class); nearest: round to nearest")
     ternary = comp.add_argument_group("ternary")
     ternary.add_argument("--correction", default="lstsq", choices=CORRECTIONS,
                          help="per-unit scale and bias fitted on calibration data: least squares (default), "

@@ -18,6 +18,7 @@ from pathlib import Path
 from symshrink.calibration.feeds import LAYOUTS
 from symshrink.errors import BadInput
 from symshrink.passes.moment.plan import SELECTOR_KINDS
+from symshrink.passes.quant.grid import ROUNDINGS
 from symshrink.passes.ternary import codes as ternary
 from symshrink.passes.ternary.codes import BLOCK_SIZES
 from symshrink.runtime.formats import CODEBOOKS, GRID_BITS
@@ -111,13 +112,15 @@ class TernaryOptions:
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Integer grids (round to nearest) for MatMul/Gemm weights: `bits` per weight for every layer; with the
-    per-layer budget, the fewest bits within it (else fp32)."""
+    """Integer grids for MatMul/Gemm weights: `bits` per weight for every layer; with the per-layer budget, the
+    fewest bits within it (else fp32). `rounding`: with error feedback on the input's second moment, or to nearest."""
 
     bits: int = 4
+    rounding: str = "feedback"  # second-moment rounding on the calibration statistics, or "nearest"
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, GRID_BITS)
+        _one_of("rounding", self.rounding, ROUNDINGS)
 
 
 @dataclass(frozen=True)

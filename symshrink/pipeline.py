@@ -160,12 +160,14 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
 
 
 def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> GridPlan:
-    """Offer integer grids for every weight site, choose by the quant rule (--bits, or the fewest bits within
-    --layer-error) and write them in place. The plan it wrote."""
+    """Offer integer grids for every weight site (rounded with error feedback on the calibration statistics, or to
+    nearest), choose by the quant rule (--bits, or the fewest bits within --layer-error) and write them in place.
+    The plan it wrote."""
     sites, passed = find_weight_sites(model, options.weights.exclude)
-    stats = _input_moments(model, sites, fit_feeds, options) if options.weights.layer_error is not None else {}
+    stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
-    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, progress=options.progress)
+    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.quant.rounding,
+                       progress=options.progress)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     rewrite = offer.rewrite(chosen)
     rewrite.plan.layer_error = options.weights.layer_error

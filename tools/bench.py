@@ -70,7 +70,7 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
-                        r"quant-(?P<block>b32|b64|b128|b256|channel)-(?P<bits>8|4|2)")
+                        r"quant-(?P<block>b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<nearest>nearest))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -155,11 +155,13 @@ def hyper_name(text: str) -> str:
 
 
 def quant_name(text: str) -> str:
-    """Check an integer-grid variant name [moment-<selector>-keep<F>+]quant-<b32|b64|b128|b256|channel>-<8|4|2>:
-    every weight site on symshrink's round-to-nearest grid of that many bits (DequantizeLinear, zero points)."""
+    """Check an integer-grid variant name [moment-<selector>-keep<F>+]quant-<b32|b64|b128|b256|channel>-<8|4|2>[-nearest]:
+    every weight site on symshrink's grid of that many bits (DequantizeLinear, zero points), rounded with error
+    feedback on the calibration second moment, or to nearest."""
     match = QUANT_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
-        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b32|b64|b128|b256|channel>-<8|4|2>: {text!r}")
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b32|b64|b128|b256|channel>-<8|4|2>"
+                                         f"[-nearest]: {text!r}")
     return text
 
 
@@ -310,15 +312,17 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     match = QUANT_NAME.fullmatch(variant.name)
     assert match and variant.path is not None
     block = match["block"].removeprefix("b")
-    settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]),
+    rounding = "nearest" if match["nearest"] else "feedback"
+    settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
                                 "block": None if block == "channel" else int(block)}
-    what = f"symshrink round-to-nearest grid, {match['bits']} bits, block {block}"
+    what = f"symshrink {match['bits']}-bit grid, block {block}, " + \
+        ("rounded to nearest" if match["nearest"] else "second-moment rounding (error feedback)")
     if match["moment"]:
         moment = MOMENT_NAME.fullmatch(match["moment"])
         settings.update(method="moment,quant", selector=moment["selector"], keep=float(moment["f"]))
         what = f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
     variant.note = f"{what}, calib {entry.calib}"
-    variant.extra = {"quant": f"{match['block']}-{match['bits']}"}
+    variant.extra = {"quant": f"{match['block']}-{match['bits']}-{rounding}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
@@ -845,7 +849,7 @@ def main() -> None:
                     help="symshrink hyperfunction variants, e.g. hyper-lattice-b10 hyper-grid-b10 hyper-grid-g64-b10 "
                          "hyper-lattice-e0.05 moment-select-keep0.5+hyper-lattice-b10")
     ap.add_argument("--quant", nargs="*", type=quant_name, default=[], metavar="[moment-SELECTOR-keepF+]quant-BLOCK-BITS",
-                    help="symshrink integer-grid variants, e.g. quant-b32-4 quant-b32-2")
+                    help="symshrink integer-grid variants, e.g. quant-b32-4 quant-b64-2 quant-b64-2-nearest")
     ap.add_argument("--batch32", action="store_true",
                     help=f"also time a batch of {BATCH} (the latency feed's first row repeated)")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,

@@ -1,7 +1,8 @@
 """Integer grids: each weight W [K, N] of a MatMul/Gemm becomes codes of b bits (8, 4 or 2) behind DequantizeLinear.
 
-Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range, rounded to
-nearest (`formats.quantize_grid`); onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits and keeps the
+Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range, rounded with
+error feedback on the input's second moment (`feedback`, GPTQ-class) or to nearest (`formats.quantize_grid`);
+onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits and keeps the
 codes narrow. A layer's error is ||x (W - W') - c|| / ||x W|| on the calibration moments of its input (the same
 measure as every weight code: `output_error`). The writer here also writes the ternary method's codes.
 """
@@ -23,11 +24,12 @@ from symshrink.calibration.stats import UnitStats
 from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.passes.quant.feedback import quantize_with_feedback
 from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
 from symshrink.runtime.formats import FORMATS, GRID_BITS, QuantizedWeight, quantize_grid
 
-__all__ = ["Encoded", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "GridPass", "grid_offer",
-           "GRID_BITS"]
+__all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "GridPass",
+           "grid_offer", "GRID_BITS"]
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,23 @@ def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None
     return float(np.sqrt(max(error, 0.0) / max(signal, 1e-30)))
 
 
-def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, bits: int) -> Encoded:
-    quantized = quantize_grid(weight, block, bits)
+ROUNDINGS = ("feedback", "nearest")  # second-moment rounding on the calibration statistics, or round to nearest
+
+
+def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, bits: int,
+                rounding: str = "nearest") -> Encoded:
+    """The grid codes of `weight`, rounded with error feedback on the input's second moment where asked and
+    known, else to nearest; with their relative output error on the calibration moments."""
+    if rounding == "feedback" and stats is not None:
+        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits)
+    else:
+        quantized = quantize_grid(weight, block, bits)
     return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
 
 
-def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int) -> Encoded:
-    return encode_grid(weight(), stats, block, bits)
+def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int,
+                 rounding: str) -> Encoded:
+    return encode_grid(weight(), stats, block, bits, rounding)
 
 
 def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
@@ -86,6 +98,7 @@ class GridLayer:
 @dataclass
 class GridPlan:
     block: int | None
+    rounding: str  # a ROUNDINGS entry
     layer_error: float | None  # the per-layer budget on the relative output error
     layers: list[GridLayer] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
@@ -96,7 +109,7 @@ class GridPlan:
     def __str__(self) -> str:
         block = "channel" if self.block is None else self.block
         budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
-        lines = [f"plan: method=quant (round to nearest) block={block} layer error budget={budget}",
+        lines = [f"plan: method=quant rounding={self.rounding} block={block} layer error budget={budget}",
                  f"  {'node':<40} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
@@ -128,17 +141,19 @@ class GridPass(InPlacePass):
 
 
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
-               passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, progress: bool = False) -> Offer:
-    """Per weight site, each grid (widest first; encoded when first asked for, with its calibrated output error),
-    then fp32. Bytes from the format table."""
+               passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
+               progress: bool = False) -> Offer:
+    """Per weight site, each grid (widest first; encoded when first asked for, by `rounding`, with its calibrated
+    output error), then fp32. Bytes from the format table."""
     offered, candidates = [], {}
     for site in sites:
         shape, dense = (site.rows, site.cols), 4 * site.elements
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
         options = []
         for b in bits:
-            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b))
-            options.append(Candidate(site.node, f"uint{b}", f"rtn {b}-bit b{block or 'channel'}",
+            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding))
+            label = "fed back" if rounding == "feedback" and site.activation in stats else "nearest"
+            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {label} b{block or 'channel'}",
                                      FORMATS[f"uint{b}-dequantize"].predict_bytes(shape, block=block),
                                      lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
@@ -146,7 +161,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         candidates[site.node] = options
 
     def rewrite(chosen: Mapping[str, Candidate]) -> GridPass:
-        plan = GridPlan(block, None, passed_over=passed_over)
+        plan = GridPlan(block, rounding, None, passed_over=passed_over)
         encodings = {}
         for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
             pick = chosen.get(site.node)
