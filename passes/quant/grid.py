@@ -28,7 +28,7 @@ from symshrink.passes.quant.feedback import quantize_with_feedback
 from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
 from symshrink.runtime.formats import FORMATS, GRID_BITS, QuantizedWeight, quantize_grid
 
-__all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "GridPass",
+__all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
            "grid_offer", "GRID_BITS"]
 
 
@@ -119,23 +119,30 @@ class GridPlan:
         return "\n".join(lines)
 
 
-class GridPass(InPlacePass):
-    """Write each planned layer's grid codes as DequantizeLinear -> MatMul; upgrades the opset to 25."""
+class CodesPass(InPlacePass):
+    """Write each planned layer's codes (`encodings[node]`) as DequantizeLinear -> MatMul; upgrades the opset to 25.
+    `plan.layers` name each layer's codec ("fp32": left alone). Subclasses write other products (`product`)."""
 
-    def __init__(self, plan: GridPlan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
+    def __init__(self, plan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
         super().__init__()
         self.plan = plan
         self.sites = {s.node: s for s in sites}
         self.encodings = encodings
         self.progress = progress
 
+    def prepare(self, model: ir.Model) -> None:
+        ensure_opset(model)
+
+    def product(self, model: ir.Model, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+        return partial(dequantize_product, model.graph, encoded.weight)
+
     def call(self, model: ir.Model) -> PassResult:
         planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
         if not planned:
             return PassResult(model, False)
-        ensure_opset(model)
+        self.prepare(model)
         writes = [(self.sites[layer.node], self.encodings[layer.node], layer.codec,
-                   partial(dequantize_product, model.graph, self.encodings[layer.node].weight)) for layer in planned]
+                   self.product(model, layer.codec, self.encodings[layer.node])) for layer in planned]
         write_codes(model, writes, self.progress)
         return PassResult(model, True)
 
@@ -160,7 +167,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         offered.append(Site(site.node, "weight", shape, dense))
         candidates[site.node] = options
 
-    def rewrite(chosen: Mapping[str, Candidate]) -> GridPass:
+    def rewrite(chosen: Mapping[str, Candidate]) -> CodesPass:
         plan = GridPlan(block, rounding, None, passed_over=passed_over)
         encodings = {}
         for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
@@ -170,6 +177,6 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                                          None if codec == "fp32" else pick.predicted_error()))
             if codec != "fp32":
                 encodings[site.node] = pick.payload()
-        return GridPass(plan, sites, encodings, progress)
+        return CodesPass(plan, sites, encodings, progress)
 
     return Offer("quant", offered, candidates, rewrite)

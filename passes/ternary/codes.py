@@ -16,14 +16,14 @@ from functools import cache, partial
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import InPlacePass, PassResult
 from tqdm import tqdm
 
 from symshrink.calibration.stats import UnitStats
+from symshrink.passes.analysis.products import Product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
-from symshrink.passes.quant.grid import Encoded, encode_grid, output_error, write_codes
-from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
+from symshrink.passes.quant.grid import CodesPass, Encoded, encode_grid, output_error
+from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.correction import Correction, least_squares, match_moments
 from symshrink.passes.ternary.function import add_function, function_product
 from symshrink.runtime.formats import FORMATS, ternarize
@@ -150,30 +150,19 @@ def ternary_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: d
     return Offer("ternary", offered, candidates, rewrite)
 
 
-class TernaryPass(InPlacePass):
-    """Write each planned layer's encoding (`encodings[node]`) into the graph; upgrades the opset to 25."""
+class TernaryPass(CodesPass):
+    """Write each planned layer's encoding (`encodings[node]`): DequantizeLinear codes (opset 25), or with the
+    function storage the TernaryMatMul function over packed digits for the ternary layers."""
 
-    def __init__(self, plan: TernaryPlan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
-        super().__init__()
-        self.plan = plan
-        self.sites = {s.node: s for s in sites}
-        self.encodings = encodings
-        self.progress = progress
-
-    def call(self, model: ir.Model) -> PassResult:
-        planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
-        if not planned:
-            return PassResult(model, False)
+    def prepare(self, model: ir.Model) -> None:
         radix = STORAGES[self.plan.storage]
         if radix is None:
             ensure_opset(model)
         else:
             add_function(model, radix)
-        writes = []
-        for layer in planned:
-            encoded = self.encodings[layer.node]
-            make = partial(dequantize_product, model.graph, encoded.weight) if radix is None or layer.codec != "ternary" \
-                else partial(function_product, model.graph, encoded.weight, radix)
-            writes.append((self.sites[layer.node], encoded, layer.codec, make))
-        write_codes(model, writes, self.progress)
-        return PassResult(model, True)
+
+    def product(self, model: ir.Model, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+        radix = STORAGES[self.plan.storage]
+        if radix is None or codec != "ternary":
+            return super().product(model, codec, encoded)
+        return partial(function_product, model.graph, encoded.weight, radix)
