@@ -34,8 +34,8 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
            "decode_dequantize",
            # ternary
-           "Ternary", "ternarize", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS", "TERNARY_RADIXES",
-           "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
+           "Ternary", "ternarize", "ternary_scales", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS",
+           "TERNARY_RADIXES", "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
            # hyperfunction
            "FIXED_POINT_BITS", "CODEBOOKS", "HyperSetting", "HyperCode", "Frame", "winding_steps", "winding_codebook",
            "lattice_offsets", "winding_offsets", "grid_offsets", "codebook_offsets", "index_bits", "nearest_codeword",
@@ -214,6 +214,11 @@ class Ternary:
         scales = self.scales if scales is None else scales
         return QuantizedWeight((self.codes + 1).astype(np.uint8), scales, np.ones(scales.shape, np.uint8), self.block,
                                bits=2)
+
+
+def ternary_scales(rows: np.ndarray) -> np.ndarray:
+    """The optimal ternary scale of each column of rows [M, N] (`_ternarize_columns`): [N]."""
+    return _ternarize_columns(np.asarray(rows, np.float64))[1]
 
 
 def _ternarize_columns(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

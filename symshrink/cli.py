@@ -116,14 +116,15 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
     """The typed options of `symshrink compress`, parsed from the command line's strings (here only)."""
     moment = MomentOptions(selector=args.selector, keep=args.keep, width=args.width, sqrt_c=_width_rule(args.width_rule),
                            target_size=_size(args.target_size), ridge=args.ridge, plan=args.plan)
-    weights = WeightOptions(block=_block(args.block_size), layer_error=args.layer_error, exclude=tuple(args.exclude))
+    weights = WeightOptions(block=_block(args.block_size), layer_error=args.layer_error, exclude=tuple(args.exclude),
+                            rounding=args.rounding)
     ternary = TernaryOptions(correction=args.correction, activations=args.activations, storage=args.storage)
     group = None if args.group_size == "tensor" else int(_number(args.group_size, "--group-size", int))
     hyper = HyperOptions(codebook=args.codebook, tensor_error=args.tensor_error, side=args.side, group_size=group,
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
     return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
-                           quant=QuantOptions(bits=args.bits, rounding=args.rounding), hyper=hyper, calib=args.calib,
+                           quant=QuantOptions(bits=args.bits), hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
@@ -324,9 +325,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
     weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
                          help="quant: bits per weight of the integer grid (default 4)")
-    weights.add_argument("--rounding", default="feedback", choices=ROUNDINGS,
-                         help="quant: feedback (default) rounds each input row and feeds its error forward on the "
-                              "calibration second moment E[x x^T] (GPTQ-class); nearest: round to nearest")
+    weights.add_argument("--rounding", choices=ROUNDINGS,
+                         help="feedback rounds each input row and feeds its error forward on the calibration second "
+                              "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "
+                              "own (the default of ternary: its optimal fit)")
     ternary = comp.add_argument_group("ternary")
     ternary.add_argument("--correction", default="lstsq", choices=CORRECTIONS,
                          help="per-unit scale and bias fitted on calibration data: least squares (default), "

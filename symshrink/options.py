@@ -79,14 +79,21 @@ class MomentOptions:
 @dataclass(frozen=True)
 class WeightOptions:
     """What the weight codes (ternary, integer grids) share: `block` input rows per scale (None: one per output
-    column), the `layer_error` budget per layer on its relative output error on the calibration moments, and
-    `exclude`, fnmatch patterns of node or weight names kept fp32."""
+    column), the `layer_error` budget per layer on its relative output error on the calibration moments,
+    `exclude`, fnmatch patterns of node or weight names kept fp32, and `rounding`: with error feedback on the
+    input's second moment E[x x^T] (GPTQ-class), or to nearest (for ternary: the optimal ternary fit)."""
 
     block: int | None = 64
     layer_error: float | None = None
     exclude: tuple[str, ...] = ()
+    rounding: str | None = None  # "feedback" or "nearest"; None: each method's default (quant feedback, ternary nearest)
+
+    def rounding_for(self, method: str) -> str:
+        return self.rounding or {"quant": "feedback", "ternary": "nearest"}[method]
 
     def __post_init__(self) -> None:
+        if self.rounding is not None:
+            _one_of("rounding", self.rounding, ROUNDINGS)
         if self.block is not None:
             _one_of("block (--block-size)", self.block, BLOCK_SIZES)
         _positive("layer_error", self.layer_error)
@@ -113,14 +120,12 @@ class TernaryOptions:
 @dataclass(frozen=True)
 class QuantOptions:
     """Integer grids for MatMul/Gemm weights: `bits` per weight for every layer; with the per-layer budget, the
-    fewest bits within it (else fp32). `rounding`: with error feedback on the input's second moment, or to nearest."""
+    fewest bits within it (else fp32)."""
 
     bits: int = 4
-    rounding: str = "feedback"  # second-moment rounding on the calibration statistics, or "nearest"
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, GRID_BITS)
-        _one_of("rounding", self.rounding, ROUNDINGS)
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,7 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
     nodes = {node.name: node for node in model.graph}
     ternary, layer_error = options.ternary, options.weights.layer_error
     offer = ternary_offer(sites, stats, nodes, options.weights.block, ternary.correction, ternary.storage, passed,
-                          options.progress)
+                          options.progress, options.weights.rounding_for("ternary"))
     searching = options.max_error is not None and layer_error is None
     if searching and ternary.storage == "dequantize":
         ensure_opset(model)  # every layer gets ternary or 8-bit codes: upgrade once, not in every trial copy
@@ -166,7 +166,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> 
     sites, passed = find_weight_sites(model, options.weights.exclude)
     stats = _input_moments(model, sites, fit_feeds, options)
     nodes = {node.name: node for node in model.graph}
-    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.quant.rounding,
+    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     rewrite = offer.rewrite(chosen)

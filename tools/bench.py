@@ -65,7 +65,7 @@ OPTIONAL_VARIANTS = ["int8-dynamic-all", "nbits4-rtn-b32-gather"]
 MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
 TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                           r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)"
-                          r"(?:-max(?P<max>[0-9]*\.?[0-9]+))?")
+                          r"(?:-max(?P<max>[0-9]*\.?[0-9]+))?(?:-(?P<fed>fed))?")
 HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
@@ -136,11 +136,12 @@ def moment_name(text: str) -> str:
 
 def ternary_name(text: str) -> str:
     """Check a ternary variant name [moment-<selector>-keep<F>+]ternary-<b32|b64|b128|b256|channel>-<none|moments|lstsq>
-    [-max<E>] (-max<E>: --max-error E, the held-out error budget that picks which layers are ternary)."""
+    [-max<E>][-fed] (-max<E>: --max-error E, the held-out error budget that picks which layers are ternary; -fed:
+    --rounding feedback)."""
     match = TERNARY_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]ternary-<b32|b64|b128|b256|channel>-"
-                                         f"<none|moments|lstsq>[-maxE]: {text!r}")
+                                         f"<none|moments|lstsq>[-maxE][-fed]: {text!r}")
     return text
 
 
@@ -302,6 +303,9 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
     if match["max"]:
         settings["max_error"] = float(match["max"])
         what += f", layers ternary as long as the held-out error stays <= {match['max']} (others 8-bit)"
+    if match["fed"]:
+        settings["rounding"] = "feedback"
+        what += ", second-moment rounding (error feedback) onto the ternary blocks"
     variant.note = f"{what}, calib {entry.calib}"
     variant.extra = {"ternary": match["block"] + "-" + match["correction"]}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))

@@ -2,18 +2,22 @@
 forward onto the rows not yet rounded, so that the output error E||x (W - Q)||^2 = tr((W - Q)^T H (W - Q)),
 H = E[x x^T], is what is kept small. With U the upper Cholesky factor of (H + damp)^-1, row i rounds to q_i and
 rows j > i take w_j -= U[i, j] (w_i - q_i) / U[i, i] (in batches of `batch` rows, the rest updated lazily).
-Scales and zero points of each block of rows are set on the error-fed rows when the block starts. With H = I
-nothing is fed forward and the codes are round-to-nearest's.
+Each block's frame (integer grid: scales and zero points; ternary: the optimal scale) is set on the error-fed rows
+when the block starts. With H = I nothing is fed forward and the codes are round-to-nearest's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import numpy as np
 import scipy.linalg
 
-from symshrink.runtime.formats import QuantizedWeight, block_count, grid_frame, round_to_grid
+from symshrink.runtime.formats import QuantizedWeight, Ternary, grid_frame, round_to_grid, ternary_scales
 
-__all__ = ["DAMPING", "damped_cholesky_inverse", "quantize_with_feedback"]
+__all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "TernaryGrid", "round_with_feedback",
+           "quantize_with_feedback", "ternarize_with_feedback"]
 
 DAMPING = 0.01  # lambda of H + lambda mean(diag H) I: keeps the inverse stable where inputs are nearly collinear
 
@@ -29,27 +33,79 @@ def damped_cholesky_inverse(hessian: np.ndarray, damping: float = DAMPING) -> tu
     return scipy.linalg.cholesky(inverse, lower=False), dead
 
 
-def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
-                           damping: float = DAMPING, batch: int = 128) -> QuantizedWeight:
-    """The grid codes of `weight` [K, N] (blocks of `block` input rows, None: per column) chosen by second-moment
-    rounding against `hessian` [K, K] = E[x x^T] of the layer's input."""
+class Grid(Protocol):
+    """A rounding target: per block of rows, a frame (per-column parameters set on the rows as they are when the
+    block starts), and the nearest point of a row in it."""
+
+    def frame(self, rows: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def round(self, row: np.ndarray, frame: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]: ...  # codes, values
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """2^bits levels over the block's range, zero exact (`formats.grid_frame`)."""
+
+    bits: int
+
+    def frame(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return grid_frame(rows, self.bits)
+
+    def round(self, row: np.ndarray, frame: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+        scales, zero_points = frame
+        codes = round_to_grid(row, scales, zero_points, self.bits)
+        return codes, (codes - zero_points) * scales
+
+
+@dataclass(frozen=True)
+class TernaryGrid:
+    """{-a, 0, +a} per column, a the optimal ternary scale of the block's column (`formats.ternary_scales`)."""
+
+    def frame(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (ternary_scales(rows),)
+
+    def round(self, row: np.ndarray, frame: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+        (scales,) = frame
+        codes = np.clip(np.round(row / np.where(scales > 0, scales, 1.0)), -1, 1) * (scales > 0)
+        return codes, codes * scales
+
+
+def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, grid: Grid,
+                        damping: float = DAMPING, batch: int = 128) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+    """Codes [K, N] of `weight` on `grid` (blocks of `block` input rows, None: per column) chosen by second-moment
+    rounding against `hessian` [K, K] = E[x x^T] of the layer's input, and each block's frame."""
     rows, cols = weight.shape
     u, dead = damped_cholesky_inverse(hessian, damping)
     w = weight.astype(np.float64).copy()
     w[dead] = 0.0
     size = rows if block is None else block
     batch = max(batch, size) if block is not None else batch  # blocks of rows never straddle a lazy batch
-    scales, zero_points = np.zeros((block_count(rows, block), cols)), np.zeros((block_count(rows, block), cols))
+    frames: list[tuple[np.ndarray, ...]] = []
     codes = np.zeros((rows, cols))
     for start in range(0, rows, batch):
         end = min(start + batch, rows)
         errors = np.zeros((end - start, cols))
         for i in range(start, end):
-            b = i // size
-            if i % size == 0:  # a new block: its grid on the rows as they are now
-                scales[b], zero_points[b] = grid_frame(w[i: min(i + size, rows)], bits)
-            codes[i] = round_to_grid(w[i], scales[b], zero_points[b], bits)
-            errors[i - start] = (w[i] - (codes[i] - zero_points[b]) * scales[b]) / u[i, i]
+            if i % size == 0:  # a new block: its frame on the rows as they are now
+                frames.append(grid.frame(w[i: min(i + size, rows)]))
+            codes[i], values = grid.round(w[i], frames[-1])
+            errors[i - start] = (w[i] - values) / u[i, i]
             w[i + 1: end] -= np.outer(u[i, i + 1: end], errors[i - start])
         w[end:] -= u[start:end, end:].T @ errors  # the batch's errors onto every later row at once
+    return codes, frames
+
+
+def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
+                           damping: float = DAMPING) -> QuantizedWeight:
+    """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`)."""
+    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits), damping)
+    scales, zero_points = (np.stack(parts) for parts in zip(*frames))
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits)
+
+
+def ternarize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None,
+                            damping: float = DAMPING) -> Ternary:
+    """Ternary codes of `weight` [K, N] by second-moment rounding: each block's scales are the optimal ternary fit
+    of its error-fed rows, each row rounds to the nearest of {-a, 0, +a}."""
+    codes, frames = round_with_feedback(weight, hessian, block, TernaryGrid(), damping)
+    return Ternary(codes.astype(np.int8), np.stack([f[0] for f in frames]).astype(weight.dtype), block)

@@ -22,6 +22,7 @@ from symshrink.calibration.stats import UnitStats
 from symshrink.passes.analysis.products import Product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.passes.quant.feedback import ternarize_with_feedback
 from symshrink.passes.quant.grid import CodesPass, Encoded, encode_grid, output_error
 from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.correction import Correction, least_squares, match_moments
@@ -38,9 +39,12 @@ BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits ru
 STORAGES = {"dequantize": None, "function": 4, "function-base3": 3}
 
 
-def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | None, correction: str) -> Encoded:
-    """Optimal ternary codes, with the per-unit correction fitted on the calibration moments."""
-    ternary = ternarize(weight, block)
+def encode_ternary(weight: np.ndarray, stats: UnitStats | None, block: int | None, correction: str,
+                   rounding: str = "nearest") -> Encoded:
+    """Optimal ternary codes (or, with rounding "feedback" and statistics, second-moment rounding onto ternary
+    blocks), with the per-unit correction fitted on the calibration moments."""
+    use_feedback = rounding == "feedback" and stats is not None
+    ternary = ternarize_with_feedback(weight, stats.second_moment, block) if use_feedback else ternarize(weight, block)
     scales = ternary.scales.astype(np.float64)
     approx = ternary.dequantize().astype(np.float64)
     shift = None
@@ -113,7 +117,8 @@ STORAGE_FORMATS = {"dequantize": "ternary-dequantize", "function": "ternary-func
 
 
 def ternary_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
-                  correction: str, storage: str, passed_over: dict[str, str], progress: bool = False) -> Offer:
+                  correction: str, storage: str, passed_over: dict[str, str], progress: bool = False,
+                  rounding: str = "nearest") -> Offer:
     """Per weight site, in this order: ternary codes (encoded now, with their calibrated output error), 8-bit
     codes (with the dequantize storage; encoded when first asked for, blocks of 32 under a per-column plan)
     and fp32. Bytes from the format table."""
@@ -122,7 +127,7 @@ def ternary_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: d
     for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not progress, leave=False):
         weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
         shape, dense = (site.rows, site.cols), 4 * site.elements
-        ternary = encode_ternary(weight, site_stats, block, correction)
+        ternary = encode_ternary(weight, site_stats, block, correction, rounding)
         options = [Candidate(site.node, "ternary", f"ternary b{block or 'channel'}",
                              ternary_format.predict_bytes(shape, block=block), known(ternary.relative_error), known(ternary))]
         if STORAGES[storage] is None:  # 8 bits is DequantizeLinear: the function storage stays at opset 10

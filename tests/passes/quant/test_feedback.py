@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from symshrink.passes.quant.feedback import quantize_with_feedback
-from symshrink.runtime.formats import quantize_grid
+from symshrink.passes.quant.feedback import quantize_with_feedback, ternarize_with_feedback
+from symshrink.runtime.formats import quantize_grid, ternarize
 
 # the error budget of the comparison: on correlated inputs the fed-back rounding leaves at most this fraction of
 # round-to-nearest's output error (measured: 0.50-0.58 over the cases below)
@@ -49,3 +49,21 @@ def test_rows_no_input_reaches_are_zero_and_do_not_break_the_factorisation():
     weight = np.random.default_rng(3).standard_normal((32, 8))
     fed = quantize_with_feedback(weight, hessian, 32, 4)
     assert np.all(np.isfinite(fed.dequantize())) and np.all(fed.dequantize()[5] == 0)
+
+
+def test_ternary_feedback_is_the_optimal_fit_under_identity_and_beats_it_on_correlated_inputs():
+    weight = np.random.default_rng(4).standard_normal((96, 40))
+    plain = ternarize(weight, 32)
+    same = ternarize_with_feedback(weight, np.eye(96), 32)
+    np.testing.assert_array_equal(same.codes, plain.codes)  # nearest of {-a, 0, a} is the optimal support
+    np.testing.assert_allclose(same.scales, plain.scales)
+    x = _correlated()
+    hessian = x.T @ x / len(x)
+    fed = ternarize_with_feedback(weight, hessian, 32)
+    assert set(np.unique(fed.codes)) <= {-1, 0, 1}
+
+    def error(t) -> float:
+        e = weight - t.dequantize()
+        return float(np.einsum("kn,kn->", e, hessian @ e))
+
+    assert error(fed) < FEEDBACK_GAIN * error(plain)
