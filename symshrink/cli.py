@@ -152,7 +152,7 @@ def _feeds(args: argparse.Namespace, model_spec: str, inputs) -> list:
     from symshrink.calibration.feeds import load_feeds, random_feeds  # noqa: PLC0415
     from symshrink.pipeline import default_calib  # noqa: PLC0415
 
-    data = args.data or default_calib(model_spec)
+    data = args.data or (None if args.random else default_calib(model_spec))  # --random wins, as --random-calib
     if data is None and not args.random:
         raise BadInput("give --data (zoo data set, .npz or folder of .npy) or --random")
     if data is None:

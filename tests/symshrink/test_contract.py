@@ -260,3 +260,11 @@ def test_staging_folder_of_a_killed_run_is_swept(big_mlp):
     (stale / "o.onnx").write_bytes(b"partial")
     assert main([str(a) for a in _compress(big_mlp, big_mlp.parent / "o.onnx", *_calib(big_mlp))]) == 0
     assert not stale.exists() and (big_mlp.parent / "o.onnx").exists()
+
+
+def test_random_feeds_win_over_a_zoo_models_default_data(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYMSHRINK_FMNIST_DIR", str(tmp_path / "no-data-here"))  # as on a machine without the package
+    out = tmp_path / "t.onnx"
+    assert main(["compress", "fmnist-mlp", "-o", str(out), "--method", "ternary", "--random-calib", "-q"]) == 0
+    assert main(["diff", "fmnist-mlp", str(out), "--random", "--samples", "2"]) == 0
+    capsys.readouterr()
