@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import io
 import json
 import logging
@@ -878,6 +879,8 @@ def main() -> None:
     log.setLevel(logging.INFO)
 
     json_path = args.json or args.out.with_suffix(".json")
+    if importlib.util.find_spec("matplotlib") is None:  # say so now, not after the measurements
+        sys.exit("tools/bench.py draws its plots with matplotlib: pip install 'symshrink[bench]' (./setup.sh zoo bench)")
     if args.render_only:
         write_report(json.loads(json_path.read_text()), args.out)
         return
