@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from symshrink.calibration.feeds import load_feeds, random_feeds
 from symshrink.errors import BadInput
-from symshrink.modelio import check_proto, claim_output, load_model, model_bytes_on_disk, resolve_model, save_model
+from symshrink.modelio import check_proto, claim_output, input_files, load_model, model_bytes_on_disk, resolve_model, save_model
 from symshrink.options import CompressOptions, options_from
 from symshrink.pipeline import check_options, compress_model, default_calib
 from symshrink.report import CompressReport
@@ -70,6 +70,6 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False
     and never one of `inputs` (say, the model it was compressed from)."""
     if not isinstance(model, onnx.ModelProto):
         raise BadInput(f"save: an onnx.ModelProto, not {type(model).__name__}")
-    protected = [resolve_model(p) for p in inputs]
+    protected = [file for p in inputs for file in input_files(resolve_model(p))]
     out = claim_output(path, force=force, inputs=protected)
-    return save_model(ir.from_proto(model), out, force=force)
+    return save_model(ir.from_proto(model), out, force=force, inputs=protected)

@@ -13,7 +13,6 @@ import re
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from symshrink import __version__
 from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
@@ -40,13 +39,13 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     from symshrink.models.registry import ZOO, cache_dir, get_model  # noqa: PLC0415
 
     if args.action == "list":
-        print(f"{'name':<14} {'params':>8} {'needs':<8} {'task':<18} {'fp32 ref':>8}  source")
+        _print(f"{'name':<14} {'params':>8} {'needs':<8} {'task':<18} {'fp32 ref':>8}  source")
         for m in ZOO.values():
-            print(f"{m.name:<14} {m.params:>8} {m.extra or 'core':<8} {m.task:<18} {m.reference_metric:>8.3f}  {m.source}")
+            _print(f"{m.name:<14} {m.params:>8} {m.extra or 'core':<8} {m.task:<18} {m.reference_metric:>8.3f}  {m.source}")
         return 0
     if not args.name:
         raise BadInput("zoo get needs a model name")
-    print(get_model(args.name).materialise(cache_dir()))
+    _print(get_model(args.name).materialise(cache_dir()))
     return 0
 
 
@@ -57,17 +56,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     model, path = load_model(args.model)
     groups = analyse(model)
     if args.json:
-        print(json.dumps({"model": str(path), "groups": [g.to_dict() for g in groups]}, indent=2))
+        _print(json.dumps({"model": str(path), "groups": [g.to_dict() for g in groups]}, indent=2))
         return 0
-    print(f"{path}: {sum(g.ok for g in groups)} symmetric groups, {sum(not g.ok for g in groups)} rejected candidates")
-    print(f"{'group':<10} {'kind':<7} {'width':>6} {'params':>10}  {'status':<44} where")
+    _print(f"{path}: {sum(g.ok for g in groups)} symmetric groups, {sum(not g.ok for g in groups)} rejected candidates")
+    _print(f"{'group':<10} {'kind':<7} {'width':>6} {'params':>10}  {'status':<44} where")
     for g in groups:
         if g.ok or args.all:
             extra = f" (kv heads {g.detail['kv_heads']}, dim {g.detail['head_dim']})" if g.kind == "heads" else ""
             status = "ok" + extra if g.ok else "skip: " + g.reason
-            print(f"{g.name:<10} {g.kind:<7} {g.width:>6} {g.params:>10}  {status:<44} {g.where}")
+            _print(f"{g.name:<10} {g.kind:<7} {g.width:>6} {g.params:>10}  {status:<44} {g.where}")
     if not args.all and any(not g.ok for g in groups):
-        print("(rejected candidates hidden: --all shows them with the reason)")
+        _print("(rejected candidates hidden: --all shows them with the reason)")
     return 0
 
 
@@ -136,14 +135,14 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
     report = compress(args.model, args.output, compress_options(args), force=args.force, report_path=args.report)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _print(json.dumps(report.to_dict(), indent=2))
         return 0
     for plan in report.plans().values():
-        print(plan)
-    print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
-    print(format_diffs(report.diffs))
+        _print(plan)
+    _print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
+    _print(format_diffs(report.diffs))
     ratio = report.bytes_after / report.bytes_before
-    print(f"wrote {report.output}: {report.bytes_after / 1e6:.2f} MB ({ratio:.3f}x of {report.bytes_before / 1e6:.2f} MB)")
+    _print(f"wrote {report.output}: {report.bytes_after / 1e6:.2f} MB ({ratio:.3f}x of {report.bytes_before / 1e6:.2f} MB)")
     return 0
 
 
@@ -186,12 +185,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     feeds = _feeds(args, args.a, inputs)
     outputs_b = run_all(session_b, feeds) if backend is None else [executor.run(feed) for feed in feeds]
     if backend is not None and not args.json:
-        print(f"{args.b} on the symshrink runtime: " + "; ".join(executor.summary().lines()))
+        _print(f"{args.b} on the symshrink runtime: " + "; ".join(executor.summary().lines()))
     diffs = compare_outputs(run_all(session_a, feeds), outputs_b)
     if args.json:
-        print(json.dumps([d.to_dict() for d in diffs], indent=2))
+        _print(json.dumps([d.to_dict() for d in diffs], indent=2))
     else:
-        print(format_diffs(diffs))
+        _print(format_diffs(diffs))
     failures = gate_failures(diffs, args.max_error, args.min_cosine)
     if failures:
         raise OutsideTolerance("outside tolerance: " + "; ".join(failures))
@@ -209,15 +208,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import numpy as np  # noqa: PLC0415
 
-    from symshrink.modelio import claim_output, external_files, load_model, resolve_model, write_atomically  # noqa: PLC0415
+    from symshrink.modelio import claim_output, input_files, load_model, resolve_model, write_atomically  # noqa: PLC0415
     from symshrink.runtime.executor import Executor  # noqa: PLC0415
 
     backend = _backend(args.device)
     if args.output:
         model_path = resolve_model(args.model)
-        inputs = external_files(model_path) if model_path.is_file() else []
-        if args.data and os.path.exists(args.data):
-            inputs.append(Path(args.data))
+        inputs = input_files(model_path) if model_path.is_file() else []
+        if args.data:
+            inputs += input_files(args.data)
         args.output = claim_output(args.output, force=args.force, inputs=inputs, what="-o")
     model, _ = load_model(args.model)
     executor = Executor(model, backend)
@@ -229,12 +228,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seconds.append(time.perf_counter() - start)
     memory = backend.memory_line()  # after the runs: the pool has reserved the peak
     for line in [*executor.summary().lines(), *([memory] if memory else [])]:
-        print(line)
-    print(f"{len(feeds)} feeds; latency per feed: median {1e3 * float(np.median(seconds)):.2f} ms "
+        _print(line)
+    _print(f"{len(feeds)} feeds; latency per feed: median {1e3 * float(np.median(seconds)):.2f} ms "
           f"(first {1e3 * seconds[0]:.2f} ms)")
     for name in executor.output_names():
         first = results[0][name]
-        print(f"  {name}: {first.dtype} {list(first.shape)}")
+        _print(f"  {name}: {first.dtype} {list(first.shape)}")
     if args.output:
         arrays = {}
         for name in executor.output_names():
@@ -244,7 +243,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else:
                 arrays.update({f"{name}.{i}": v for i, v in enumerate(values)})
         write_atomically(args.output, lambda handle: np.savez(handle, **arrays))
-        print(f"wrote {args.output}: {', '.join(arrays)}")
+        _print(f"wrote {args.output}: {', '.join(arrays)}")
     return 0
 
 
@@ -259,7 +258,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise BadInput("give --task NAME")
     task = get_task(task_name)
     value = task.evaluate(make_session(path, args.threads))
-    print(json.dumps({"model": str(path), "task": task.name, "value": value}) if args.json else f"{task.name}: {value:.4f}")
+    _print(json.dumps({"model": str(path), "task": task.name, "value": value}) if args.json else f"{task.name}: {value:.4f}")
     return 0
 
 
@@ -407,6 +406,15 @@ def _terminate(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _print(text: object = "") -> None:
+    """print to stdout, flushed: a reader that went away (`| head`) silences the rest of the output, not the run
+    (a diff outside tolerance still exits 1)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _stdout_closed()
+
+
 def _stdout_closed() -> int:
     """The reader went away (`symshrink inspect m.onnx | head`): not an error. Point stdout at /dev/null so the
     interpreter's final flush does not fail again."""
@@ -438,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_closed()
 
 
 if __name__ == "__main__":

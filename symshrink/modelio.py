@@ -4,7 +4,9 @@ modified, output is written atomically (temporary files in the same folder, then
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +20,7 @@ from google.protobuf.message import DecodeError
 from symshrink.errors import BadInput
 
 __all__ = ["resolve_model", "load_model", "check_proto", "save_model", "claim_output", "claim_outputs", "write_atomically",
-           "external_files", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
+           "external_files", "input_files", "canonical", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
 
 MAX_OPSET = onnx.defs.onnx_opset_version()
 MIN_OPSET = 7
@@ -117,6 +119,8 @@ def claim_output(out: str | os.PathLike, *, force: bool = False, inputs: Sequenc
         raise BadInput(f"{what} {out}: its folder does not exist")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise BadInput(f"{what} {out}: its folder is not writable")
+    if len(f".{out.name}.data{STAGING_TAG}{os.getpid()}.xxxxxxxx".encode()) > 255:
+        raise BadInput(f"{what} {out}: the file name is too long to stage beside it (at most about 200 bytes)")
     if not out.exists() and not out.is_symlink():
         return out
     if any(_same_file(out, p) for p in inputs):
@@ -132,25 +136,45 @@ def claim_outputs(outputs: dict[str, str | os.PathLike | None], *, force: bool, 
     """claim_output for each named output that is given; two outputs may not share a path."""
     claimed = {what: claim_output(path, force=force, inputs=inputs, what=what)
                for what, path in outputs.items() if path is not None}
-    paths = list(claimed.values())
-    for i, a in enumerate(paths):
-        for what, b in list(claimed.items())[i + 1:]:
-            if a == b:
-                raise BadInput(f"{what} {b} is also another output of this run")
+    seen: dict[Path, str] = {}
+    for what, path in claimed.items():
+        real = canonical(path)
+        if real in seen:
+            raise BadInput(f"{what} {path} is the same file as {seen[real]}")
+        seen[real] = what
     return claimed
+
+
+def canonical(path: Path) -> Path:
+    """The path with its folder's symlinks and `..` resolved (the file itself need not exist)."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """What a run reads from a path the user gave: the model and its external data, a file, or a folder's files."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    if path.suffix == ".onnx":
+        return external_files(path)
+    return [path] if path.exists() else []
 
 
 STAGING_TAG = ".symshrink-"
 
 
 def _sweep_stale_staging(folder: Path, name: str) -> None:
-    """Remove staging folders of `name` left by runs that were killed (their process is gone)."""
-    for stale in folder.glob(f".{name}{STAGING_TAG}*"):
-        pid = stale.name[len(f".{name}{STAGING_TAG}"):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    """Remove staging folders of `name` left by runs that were killed: a folder of this user named exactly
+    `.{name}.symshrink-{pid}.{random}` whose process is gone and which holds nothing but `name` and `name.data`."""
+    pattern = re.compile(re.escape(f".{name}{STAGING_TAG}") + r"(\d{1,9})\.[A-Za-z0-9_]{8}")
+    for stale in folder.glob(glob.escape(f".{name}{STAGING_TAG}") + "*"):
+        match = pattern.fullmatch(stale.name)
+        if not match or int(match.group(1)) == os.getpid() or stale.is_symlink() or not stale.is_dir():
+            continue
+        if stale.stat().st_uid != os.getuid() or {p.name for p in stale.iterdir()} - {name, f"{name}.data"}:
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(match.group(1)), 0)
         except ProcessLookupError:
             shutil.rmtree(stale, ignore_errors=True)
         except OSError:
@@ -167,7 +191,8 @@ def _staging(out: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | None = None, force: bool = False) -> Path:
+def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | None = None, force: bool = False,
+               inputs: Sequence[Path] = ()) -> Path:
     """Write atomically. Models whose weights exceed 2 GB (or when asked) get one external data file
     `<name>.data` beside the .onnx; both appear in place only after both are fully written. An existing
     `<name>.data` is replaced only with `force`, and never deleted."""
@@ -180,7 +205,7 @@ def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | No
     use_external = external_data if external_data is not None else _total_initializer_bytes(model) >= TWO_GB - 2**24
     data_name = out.name + ".data"
     if use_external:
-        claim_output(folder / data_name, force=force, what="external data file")
+        claim_output(folder / data_name, force=force, inputs=inputs, what="external data file")
     with _staging(out) as tmp:
         tmp_model = tmp / out.name
         ir.save(model, tmp_model, external_data=data_name if use_external else None)

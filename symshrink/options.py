@@ -153,6 +153,10 @@ class HyperOptions:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not self.index_bits and not self.codes:
             raise BadInput("give index_bits or codes")
+        if any(not 2 <= c <= 1 << 16 for c in self.codes):
+            raise BadInput(f"codes (codebook sizes) must be 2 .. 65536, not {list(self.codes)}")
+        if any(b < 0 for b in self.bands) or (self.codebook == "lattice" and not self.bands):
+            raise BadInput(f"bands must be non-negative counts, at least one for the lattice, not {list(self.bands)}")
 
 
 @dataclass
@@ -180,6 +184,8 @@ class CompressOptions:
 
     def __post_init__(self) -> None:
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
+        if not all(isinstance(m, str) for m in methods):
+            raise BadInput(f"method: a name or names ({', '.join(METHODS)}), not {self.method!r}")
         methods = [m.strip() for text in methods for m in text.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
         if not methods or unknown:
@@ -199,22 +205,35 @@ _PARTS = {"moment": MomentOptions, "weights": WeightOptions, "ternary": TernaryO
 
 
 def _check_type(name: str, value: object, hint: object) -> None:
-    """isinstance against a field's annotation (X, X | None, tuple[int, ...]); ints pass where floats are asked,
-    lists where tuples are."""
+    """isinstance against a field's annotation (X, X | None, tuple[X, ...]); ints pass where floats are asked,
+    lists where tuples are (element by element), and `exclude` takes one string as one pattern."""
     union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    for kind in typing.get_args(hint) if union else (hint,):
+        origin = typing.get_origin(kind) or kind
+        if origin is tuple:
+            element = typing.get_args(kind)[0] if typing.get_args(kind) else object
+            if isinstance(value, str) and name == "exclude":
+                return
+            if isinstance(value, (list, tuple)) and all(_is(v, element) for v in value):
+                return
+        elif _is(value, origin):
+            return
     allowed = typing.get_args(hint) if union else (hint,)
-    for kind in allowed:
-        kind = typing.get_origin(kind) or kind
-        if kind is object or kind is type(None) and value is None:
-            return
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if kind is tuple and isinstance(value, (list, tuple)) or kind is tuple and name == "exclude" and isinstance(value, str):
-            return
-        if kind is not type(None) and isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool)):
-            return
-    names = " or ".join("None" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    names = " or ".join("None" if k is type(None) else str(k) if typing.get_origin(k) else getattr(k, "__name__", str(k))
+                        for k in allowed)
     raise BadInput(f"option {name}: {names}, not {type(value).__name__} {value!r}")
+
+
+def _is(value: object, kind: object) -> bool:
+    if kind is object:
+        return True
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool) and kind in (int, float):
+        return False
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 def options_from(**flat: object) -> CompressOptions:

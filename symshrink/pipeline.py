@@ -21,7 +21,7 @@ from symshrink.calibration.stats import UnitStats, subsample_rows
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
     claim_outputs,
-    external_files,
+    input_files,
     load_model,
     model_bytes_on_disk,
     resolve_model,
@@ -210,9 +210,12 @@ def hyper_candidates(options: HyperOptions) -> list[HyperSetting]:
     try:
         base = HyperSetting(options.codebook, 2, 0, options.side, options.side is not None, options.group_size,
                             options.code_dims)
-        return setting_grid(base, bits=options.index_bits, bands=options.bands, codes=options.codes)
+        grid = setting_grid(base, bits=options.index_bits, bands=options.bands, codes=options.codes)
     except ValueError as err:
         raise BadInput(f"hyperfunction codes: {err}") from None
+    if not grid:
+        raise BadInput("hyperfunction codes: these index widths, bands and codes leave no codebook to choose from")
+    return grid
 
 
 def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[HyperSetting]) -> HyperPlan:
@@ -349,11 +352,14 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     if report_path is not None:
         check_report_path(report_path)
     path = resolve_model(model_spec)
-    inputs = external_files(path) if path.is_file() else []
-    if isinstance(options.calib, (str, Path)) and Path(options.calib).exists():
-        inputs.append(Path(options.calib))
+    inputs = input_files(path) if path.is_file() else []
+    if isinstance(options.calib, (str, Path)):
+        inputs += input_files(options.calib)
     claimed = claim_outputs({"output": output, "--plan-out": options.plan_out, "--report": report_path},
                             force=force, inputs=inputs)
+    data = claimed["output"].with_name(claimed["output"].name + ".data")  # written when the weights pass 2 GB
+    if any(data.exists() and data.samefile(p) for p in inputs):
+        raise BadInput(f"{data} (the output's external data file) is an input of this run: give another -o")
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
@@ -366,7 +372,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
             write_report(report, claimed["--report"])
         raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(report.failures)
                                + (f" (report: {report_path})" if report_path is not None else ""))
-    out = save_model(model, claimed["output"], force=force)
+    out = save_model(model, claimed["output"], force=force, inputs=inputs)
     report.bytes_after = model_bytes_on_disk(out)
     if options.plan_out:
         write_atomically(claimed["--plan-out"], lambda handle: handle.write(report.plan_json().encode()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import onnx_ir as ir
@@ -138,7 +138,7 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
             results = evaluate_settings(weight, settings, stop_within=stop_within)
         options = []
         for setting, error, bits in results:
-            encoded = partial(encode_hyper, weight, setting)
+            encoded = cache(partial(encode_hyper, weight, setting))  # one encoding for the error and the payload
             row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
             measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
             # the sample's bits (exact when the bands are used, as the table's bytes are) where they were measured

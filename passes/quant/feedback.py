@@ -79,7 +79,7 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
     w = weight.astype(np.float64).copy()
     w[dead] = 0.0
     size = rows if block is None else block
-    batch = max(batch, size) if block is not None else batch  # blocks of rows never straddle a lazy batch
+    batch = -(-batch // size) * size if block is not None else batch  # blocks of rows never straddle a lazy batch
     frames: list[tuple[np.ndarray, ...]] = []
     codes = np.zeros((rows, cols))
     for start in range(0, rows, batch):

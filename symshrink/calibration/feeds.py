@@ -7,6 +7,7 @@ inputs only when asked for explicitly."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import zipfile
@@ -32,7 +33,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("an .npy array, not an .npz archive of named arrays")
             return {name: data[name] for name in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise BadInput(f"{path}: not a readable .npz file ({err})") from None
 
 
@@ -43,8 +44,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             raise BadInput(f"{path}: folder has no .npy files (nor .npz files, one per run)")
         try:
             return {f.stem: np.load(f, allow_pickle=False) for f in files}
-        except ValueError as err:
-            raise BadInput(f"{path}: unreadable .npy file ({err})") from None
+        except (ValueError, OSError, EOFError) as err:
+            raise BadInput(f"{path}: unreadable .npy file ({type(err).__name__}: {err})") from None
     return _read_npz(path)
 
 
@@ -104,6 +105,8 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
                     raise BadInput(f"input {name!r}: shape {list(array.shape)}, model expects {list(spec.shape)}")
             if np.dtype(spec.dtype) != array.dtype:
                 raise BadInput(f"input {name!r}: dtype {array.dtype}, model expects {spec.dtype}")
+            if array.size == 0:
+                raise BadInput(f"input {name!r}: calibration feed {i} is empty (shape {list(array.shape)})")
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 raise BadInput(f"input {name!r}: calibration feed {i} has NaN or infinite values")
 
@@ -131,8 +134,9 @@ def random_feeds(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Fee
     return feeds
 
 
-def _feeds_of(source: object) -> list[Feeds]:
-    """An iterable of {input name: array} dicts, or an onnxruntime CalibrationDataReader (get_next until None)."""
+def _feeds_of(source: object, samples: int | None) -> list[Feeds]:
+    """An iterable of {input name: array} dicts, or an onnxruntime CalibrationDataReader (get_next until None);
+    at most `samples` of them are read."""
     if hasattr(source, "get_next"):
         runs = iter(source.get_next, None)
     elif isinstance(source, Iterable) and not isinstance(source, (str, bytes, Mapping)):
@@ -141,10 +145,13 @@ def _feeds_of(source: object) -> list[Feeds]:
         raise BadInput(f"calibration: a zoo data set name, a path (.npz or folder), an iterable of feed dicts or a "
                        f"CalibrationDataReader, not {type(source).__name__}")
     feeds = []
-    for i, run in enumerate(runs):
+    for i, run in enumerate(itertools.islice(runs, samples)):
         if not isinstance(run, Mapping):
             raise BadInput(f"calibration feed {i}: a dict of input name -> array, not {type(run).__name__}")
-        feeds.append({str(k): np.asarray(v) for k, v in run.items()})
+        try:
+            feeds.append({str(k): np.asarray(v) for k, v in run.items()})
+        except ValueError as err:
+            raise BadInput(f"calibration feed {i}: not arrays ({err})") from None
     return feeds
 
 
@@ -165,7 +172,7 @@ def load_feeds(source: object, inputs: Sequence[InputSpec], split: str = "calib"
     elif isinstance(source, os.PathLike):
         raise BadInput(f"{source}: no such file or folder")
     else:
-        feeds = _feeds_of(source)[:samples]
+        feeds = _feeds_of(source, samples)
     check_feeds(feeds, inputs)
     return feeds
 

@@ -121,3 +121,28 @@ def test_batch_layout_splits_rows_and_caps_samples(tmp_path):
     np.savez(tmp_path / "c.npz", x=np.zeros((150, 64), np.float32))
     feeds = load_feeds(str(tmp_path / "c.npz"), [X], samples=100)
     assert [f["x"].shape[0] for f in feeds] == [64, 36]
+
+
+@pytest.mark.parametrize("calibration, options, message", [
+    ([{"x": np.zeros((0, 64), np.float32)}] * 4, {"method": "ternary"}, "empty"),
+    ([{"x": [[1.0, 2.0], [3.0]]}] * 4, {"method": "ternary"}, "not arrays"),
+    ("FEEDS", {"method": "hyper", "index_bits": ("8",)}, "option index_bits"),
+    ("FEEDS", {"method": "ternary", "exclude": [1, 2]}, "option exclude"),
+    ("FEEDS", {"method": ["moment", 1]}, "method"),
+    ("FEEDS", {"method": "hyper", "index_bits": (1,), "bands": (0,)}, "no codebook"),
+    ("FEEDS", {"method": "hyper", "codebook": "grid", "codes": (1 << 20,)}, "codes"),
+])
+def test_odd_values_are_bad_input(calibration, options, message):
+    calibration = _feeds() if calibration == "FEEDS" else calibration
+    with pytest.raises(BadInput, match=message):
+        symshrink.compress(_model(), calibration, progress=False, **options)
+
+
+def test_a_generator_is_read_only_as_far_as_the_samples():
+    def endless():
+        rng = np.random.default_rng(0)
+        while True:
+            yield {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+
+    _, report = symshrink.compress(_model(), endless(), calib_samples=6, method="ternary", progress=False)
+    assert report.holdout_feeds == 1

@@ -255,7 +255,7 @@ def test_sigterm_mid_write_leaves_no_file(big_mlp):
 def test_staging_folder_of_a_killed_run_is_swept(big_mlp):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = big_mlp.parent / f".o.onnx.symshrink-{dead.pid}.abc"
+    stale = big_mlp.parent / f".o.onnx.symshrink-{dead.pid}.abcd_123"
     stale.mkdir()
     (stale / "o.onnx").write_bytes(b"partial")
     assert main([str(a) for a in _compress(big_mlp, big_mlp.parent / "o.onnx", *_calib(big_mlp))]) == 0
@@ -268,3 +268,58 @@ def test_random_feeds_win_over_a_zoo_models_default_data(capsys, tmp_path, monke
     assert main(["compress", "fmnist-mlp", "-o", str(out), "--method", "ternary", "--random-calib", "-q"]) == 0
     assert main(["diff", "fmnist-mlp", str(out), "--random", "--samples", "2"]) == 0
     capsys.readouterr()
+
+
+def test_two_outputs_through_dotdot_or_a_symlinked_folder_are_one_file(capsys, big_mlp):
+    folder = big_mlp.parent
+    (folder / "d").mkdir()
+    (folder / "link").symlink_to(folder)
+    out = folder / "o.onnx"
+    for plan_out in (folder / "d" / ".." / "o.onnx", folder / "link" / "o.onnx"):
+        code, err = _run(capsys, *_compress(big_mlp, out, *_calib(big_mlp), "--plan-out", plan_out))
+        assert code == 2 and "same file" in err, err
+    assert not out.exists()
+
+
+def test_files_in_a_calibration_folder_are_inputs(capsys, big_mlp):
+    folder = big_mlp.parent / "calib"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    digest = _digest(folder / "x.npy")
+    code, err = _run(capsys, *_compress(big_mlp, big_mlp.parent / "o.onnx", "--calib", folder,
+                                        "--plan-out", folder / "x.npy", "--force"))
+    assert code == 2 and "is an input" in err and _digest(folder / "x.npy") == digest
+
+
+def test_an_input_external_data_file_is_never_the_outputs_data(capsys, tmp_path):
+    onnx.save(mlp_model(hidden=512, inputs=64, outputs=16), tmp_path / "v1.onnx", save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)  # an export renamed later: its data keeps the old name
+    np.savez(tmp_path / "calib.npz", x=np.zeros((16, 64), np.float32) + 0.5)
+    digest = _digest(tmp_path / "model.onnx.data")
+    code, err = _run(capsys, *_compress(tmp_path / "v1.onnx", tmp_path / "model.onnx", "--calib",
+                                        tmp_path / "calib.npz", "--force"))
+    assert code == 2 and "external data file" in err and _digest(tmp_path / "model.onnx.data") == digest
+
+
+def test_the_sweep_leaves_what_is_not_a_staging_folder_of_a_dead_run(big_mlp):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = big_mlp.parent
+    keep = [folder / f".o.onnx.symshrink-{dead.pid}.abcdefgh-mine",  # not the staging name
+            folder / f".o.onnx.symshrink-{dead.pid}.notmine1",  # holds something else
+            folder / ".o.onnx.symshrink-99999999999999999999.abcdefgh"]  # no such pid
+    for path in keep:
+        path.mkdir()
+    (keep[1] / "thesis.tex").write_text("mine")
+    assert main([str(a) for a in _compress(big_mlp, folder / "o.onnx", *_calib(big_mlp))]) == 0
+    assert all(path.exists() for path in keep)
+
+
+def test_a_closed_pipe_keeps_the_gates_exit_code(big_mlp, tmp_path):
+    other = tmp_path / "other.onnx"
+    onnx.save(mlp_model(hidden=512, inputs=64, outputs=16, seed=5), other)
+    process = _cli("diff", big_mlp, other, "--random", "--max-error", "0", stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process.stdout.close()
+    assert process.wait(timeout=120) == 1
+    assert b"Traceback" not in process.stderr.read()
