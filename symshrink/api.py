@@ -11,11 +11,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from symshrink.calibration.feeds import load_feeds, random_feeds
 from symshrink.errors import BadInput
 from symshrink.modelio import check_proto, claim_output, input_files, load_model, model_bytes_on_disk, resolve_model, save_model
 from symshrink.options import CompressOptions, options_from
-from symshrink.pipeline import check_options, compress_model, default_calib
+from symshrink.pipeline import calibration_feeds, check_options, compress_model
 from symshrink.report import CompressReport
 from symshrink.runtime.ort import input_specs, session_for_model
 
@@ -46,22 +45,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
     for name in _NOT_OPTIONS & set(options):
         raise BadInput(f"option {name} belongs to the command line; here give `calibration` and call save()")
     settings = options_from(calib_samples=calib_samples, calib_layout=calib_layout, **options)
+    settings.calib, settings.random_calib = calibration, random_calibration
     check_options(settings)
     ir_model, source, before = _load(model)
     session = session_for_model(ir_model, settings.threads)
-    inputs = input_specs(session, ir_model)
-    if calibration is None and isinstance(model, str) and not Path(model).exists():
-        calibration = default_calib(model)
-    if calibration is None:
-        if not random_calibration:
-            raise BadInput("give calibration data (a zoo data set name, a path, feed dicts or a CalibrationDataReader) "
-                           "or random_calibration=True")
-        feeds = random_feeds(inputs, calib_samples or 32, settings.seed)
-    else:
-        feeds = load_feeds(calibration, inputs, "calib", calib_samples, calib_layout)
+    feeds = calibration_feeds(settings, model if isinstance(model, str) else None, input_specs(session, ir_model))
     report = compress_model(ir_model, source, feeds, settings, before, session)
-    report.bytes_after = ir.to_proto(ir_model).ByteSize()
-    return ir.to_proto(ir_model), report
+    compressed = ir.to_proto(ir_model)
+    report.bytes_after = compressed.ByteSize()
+    return compressed, report
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False,

@@ -52,7 +52,8 @@ from symshrink.rules import Choice, hyper_rule, moment_rule, quant_rule, ternary
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
-__all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib", "verify"]
+__all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib",
+           "calibration_feeds", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +65,16 @@ def default_calib(model_spec: str) -> str | None:
     return entry.calib if entry else None
 
 
-def _calibration(options: CompressOptions, model_spec: str, inputs) -> list:
-    # an explicit --random-calib wins over a zoo model's default data set (GPU machines lack the data)
-    spec = options.calib or (None if options.random_calib else default_calib(model_spec))
+def calibration_feeds(options: CompressOptions, model_spec: object, inputs) -> list:
+    """The feeds `options.calib` names (a zoo model's own data set when it names none), or random feeds when asked
+    for: an explicit request for random inputs wins over the zoo model's default (GPU machines lack the data)."""
+    given = options.calib is not None and not (isinstance(options.calib, str) and not options.calib)
+    spec = options.calib if given else None if options.random_calib else default_calib(model_spec)
     if spec is None:
         if not options.random_calib:
-            raise BadInput("give calibration data with --calib (zoo data set, .npz or folder of .npy), "
-                           "or --random-calib to fit random inputs")
-        return random_feeds(inputs, options.calib_samples or 32)
+            raise BadInput("give calibration data (a zoo data set, .npz or folder of .npy, feed dicts or a "
+                           "CalibrationDataReader), or ask for random inputs (--random-calib)")
+        return random_feeds(inputs, options.calib_samples or 32, options.seed)
     return load_feeds(spec, inputs, "calib", options.calib_samples, options.calib_layout)
 
 
@@ -129,13 +132,28 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     return rewrite.plan, [g for g in groups if not g.ok]
 
 
+def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list):
+    """The MatMul/Gemm weight sites (and the nodes passed over, with why), their inputs' calibration moments and
+    the graph's nodes by name: what the weight codes (ternary, quant) offer on."""
+    sites, passed = find_weight_sites(model, options.weights.exclude)
+    return sites, passed, _input_moments(model, sites, fit_feeds, options), {node.name: node for node in model.graph}
+
+
+def _write_choice(model: ir.Model, offer, chosen: Choice, reasons: dict[str, str], layer_error: float | None):
+    """Write a weight-code choice in place; its plan, with the budget and each layer's reason."""
+    rewrite = offer.rewrite(chosen)
+    rewrite.plan.layer_error = layer_error
+    for layer in rewrite.plan.layers:
+        layer.reason = reasons.get(layer.node, "")
+    rewrite(model)
+    return rewrite.plan
+
+
 def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
                    expected: list) -> TernaryPlan:
     """Offer codes for every weight site, choose by the ternary rule (the per-layer budget --layer-error, or the
     held-out budget --max-error alone) and write them in place. The plan it wrote."""
-    sites, passed = find_weight_sites(model, options.weights.exclude)
-    stats = _input_moments(model, sites, fit_feeds, options)
-    nodes = {node.name: node for node in model.graph}
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds)
     ternary, layer_error = options.ternary, options.weights.layer_error
     offer = ternary_offer(sites, stats, nodes, options.weights.block, ternary.correction, ternary.storage, passed,
                           options.progress, options.weights.rounding_for("ternary"))
@@ -151,30 +169,18 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
         return error
 
     chosen, reasons = ternary_rule(offer, layer_error, options.max_error, error_of)
-    rewrite = offer.rewrite(chosen)
-    rewrite.plan.layer_error = None if searching else layer_error
-    for layer in rewrite.plan.layers:
-        layer.reason = reasons.get(layer.node, "")
-    rewrite(model)
-    return rewrite.plan
+    return _write_choice(model, offer, chosen, reasons, None if searching else layer_error)
 
 
 def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> GridPlan:
     """Offer integer grids for every weight site (rounded with error feedback on the calibration statistics, or to
     nearest), choose by the quant rule (--bits, or the fewest bits within --layer-error) and write them in place.
     The plan it wrote."""
-    sites, passed = find_weight_sites(model, options.weights.exclude)
-    stats = _input_moments(model, sites, fit_feeds, options)
-    nodes = {node.name: node for node in model.graph}
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds)
     offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
-    rewrite = offer.rewrite(chosen)
-    rewrite.plan.layer_error = options.weights.layer_error
-    for layer in rewrite.plan.layers:
-        layer.reason = reasons.get(layer.node, "")
-    rewrite(model)
-    return rewrite.plan
+    return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
 
 def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
@@ -363,7 +369,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     model, path = load_model(model_spec)
     before = model_bytes_on_disk(path)
     reference = make_session(path, options.threads)
-    feeds = _calibration(options, model_spec, input_specs(reference, model))
+    feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
     report = compress_model(model, str(path), feeds, options, before, reference)
     report.output = str(claimed["output"])
     if report.failures:

@@ -28,28 +28,28 @@ Choice = dict[str, Candidate]  # at most one candidate per site
 ErrorOf = Callable[[Choice], float]
 
 
-def _widths_choice(offer: Offer, widths: dict[str, int]) -> Choice:
-    at = {site: {c.payload(): c for c in options} for site, options in offer.candidates.items()}
-    return {site: at[site][k] for site, k in widths.items()}
-
-
 def moment_rule(offer: Offer, options: MomentOptions, max_error: float | None, model_bytes: int,
                 saved_after: Callable[[Choice], float], error_of: ErrorOf, progress: bool = False) -> Choice:
     """The width of every group: the options' rule, or the allocation path cut at the target size or within
     max_error."""
     full = {site.name: site.shape[0] for site in offer.sites}
+    at_width = {site: {c.payload(): c for c in options} for site, options in offer.candidates.items()}
+
+    def choice(widths: dict[str, int]) -> Choice:
+        return {site: at_width[site][k] for site, k in widths.items()}
+
     if any(v is not None for v in (options.keep, options.width, options.sqrt_c)):
-        return _widths_choice(offer, budget.rule_widths(full, keep=options.keep, width=options.width,
-                                                        sqrt_c=options.sqrt_c))
+        return choice(budget.rule_widths(full, keep=options.keep, width=options.width, sqrt_c=options.sqrt_c))
     curves = {}
     for site in tqdm(offer.sites, desc="error curves", unit="group", disable=not progress, leave=False):
-        by_width = sorted(offer.candidates[site.name], key=lambda c: c.payload())
-        curves[site.name] = np.array([1.0] + [c.predicted_error() for c in by_width])  # index k: width k (0 unused)
+        by_width = at_width[site.name]
+        curves[site.name] = np.array([1.0] + [by_width[k].predicted_error() for k in range(1, site.shape[0] + 1)])
+        # index k: width k (0 unused)
     unit_bytes = {site.name: site.bytes / site.shape[0] for site in offer.sites}
     path = budget.allocation_path(curves, unit_bytes)
 
     def after(moves: int) -> Choice:
-        return _widths_choice(offer, budget.widths_after(full, path, moves))
+        return choice(budget.widths_after(full, path, moves))
 
     if options.target_size is not None:
         goal = model_bytes - budget.target_bytes(options.target_size, model_bytes)

@@ -172,9 +172,9 @@ def _whole_tensor_error(weight: np.ndarray, encoded: Callable[[], HyperCode]) ->
 def pick_setting(options: list[Candidate], target: float | None) -> Candidate:
     """The fewest bytes within the relative error `target` (without one, or when none is within it: the smallest
     error), as `hyper_codec.choose_setting` picks among settings. Pure: swappable."""
-    within = [c for c in options if target is not None and c.predicted_error() <= target]
     if len(options) == 1:
         return options[0]
+    within = [c for c in options if target is not None and c.predicted_error() <= target]
     return min(within, key=lambda c: (c.bytes_after, c.predicted_error())) if within else \
         min(options, key=lambda c: (c.predicted_error(), c.bytes_after))
 
