@@ -358,7 +358,8 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     if report_path is not None:
         check_report_path(report_path)
     path = resolve_model(model_spec)
-    inputs = input_files(path) if path.is_file() else []
+    model_files = input_files(path) if path.is_file() else []  # the .onnx and its external data, read once
+    inputs = list(model_files)
     if isinstance(options.calib, (str, Path)):
         inputs += input_files(options.calib)
     claimed = claim_outputs({"output": output, "--plan-out": options.plan_out, "--report": report_path},
@@ -367,7 +368,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     if any(data.exists() and data.samefile(p) for p in inputs):
         raise BadInput(f"{data} (the output's external data file) is an input of this run: give another -o")
     model, path = load_model(model_spec)
-    before = model_bytes_on_disk(path)
+    before = sum(f.stat().st_size for f in model_files)
     reference = make_session(path, options.threads)
     feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
     report = compress_model(model, str(path), feeds, options, before, reference)

@@ -288,6 +288,16 @@ def build_moment(spec: str, entry: ZooModel, variant: Variant, built: dict[str, 
                                             target_size=target))
 
 
+def after_moment(match: re.Match, method: str, settings: dict[str, Any], what: str) -> str:
+    """A variant named moment-<selector>-keep<F>+<method>...: width reduction first (the settings say so), and the
+    note's text with it."""
+    if not match["moment"]:
+        return what
+    moment = MOMENT_NAME.fullmatch(match["moment"])
+    settings.update(method=f"moment,{method}", selector=moment["selector"], keep=float(moment["f"]))
+    return f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
+
+
 def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
     """Compress `variant` ([moment-<selector>-keep<F>+]ternary-<block>-<correction>) into its path."""
     match = TERNARY_NAME.fullmatch(variant.name)
@@ -295,12 +305,7 @@ def build_ternary(spec: str, entry: ZooModel, variant: Variant, threads: int) ->
     block = match["block"].removeprefix("b")
     settings: dict[str, Any] = {"method": "ternary", "block": None if block == "channel" else int(block),
                                 "correction": match["correction"]}
-    what = f"symshrink ternary, block {block}, correction {match['correction']}"
-    if match["moment"]:
-        moment = MOMENT_NAME.fullmatch(match["moment"])
-        settings.update(method="moment,ternary", selector=moment["selector"], keep=float(moment["f"]))
-        what = f"symshrink moment reduction ({moment['selector']}, keep {moment['f']}) then ternary, block {block}, " \
-               f"correction {match['correction']}"
+    what = "symshrink " + after_moment(match, "ternary", settings, f"ternary, block {block}, correction {match['correction']}")
     if match["max"]:
         settings["max_error"] = float(match["max"])
         what += f", layers ternary as long as the held-out error stays <= {match['max']} (others 8-bit)"
@@ -320,13 +325,9 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     rounding = "nearest" if match["nearest"] else "feedback"
     settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
                                 "block": None if block == "channel" else int(block)}
-    what = f"symshrink {match['bits']}-bit grid, block {block}, " + \
+    what = f"{match['bits']}-bit grid, block {block}, " + \
         ("rounded to nearest" if match["nearest"] else "second-moment rounding (error feedback)")
-    if match["moment"]:
-        moment = MOMENT_NAME.fullmatch(match["moment"])
-        settings.update(method="moment,quant", selector=moment["selector"], keep=float(moment["f"]))
-        what = f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
-    variant.note = f"{what}, calib {entry.calib}"
+    variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
     variant.extra = {"quant": f"{match['block']}-{match['bits']}-{rounding}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
@@ -346,11 +347,7 @@ def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     else:
         settings["tensor_error"] = float(match["error"])
         what = f"{codec}, per tensor the fewest bits within relative error {match['error']}"
-    if match["moment"]:
-        moment = MOMENT_NAME.fullmatch(match["moment"])
-        settings.update(method="moment,hyper", selector=moment["selector"], keep=float(moment["f"]))
-        what = f"moment reduction ({moment['selector']}, keep {moment['f']}) then {what}"
-    variant.note = f"symshrink {what}"
+    variant.note = f"symshrink {after_moment(match, 'hyper', settings, what)}"
     variant.extra = {"hyper_variant": match["codebook"] + (f"-g{match['group']}" if match["group"] else "")}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
