@@ -22,7 +22,7 @@ from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import Backend, cpu_backend, is_host
 from symshrink.runtime.kernels import KernelStep, plan_kernels
-from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext
+from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext, op_key
 
 __all__ = ["Executor", "ExecutorSummary"]
 
@@ -133,7 +133,7 @@ class Executor:
                     self._bodies[key] = self._compile(function, function.opset_imports.get("", opset), fuse, {})
                 body = self._bodies[key]
                 self._function_counts[node.op_type] += 1
-            elif node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
+            elif op_key(node.domain, node.op_type) not in OPS:
                 self._missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
             steps.append(_NodeStep(node, attrs, inputs, outputs, body))
         inputs = [v.name for v in graph.inputs]
@@ -228,7 +228,7 @@ class Executor:
         return cache[id(array)][1]
 
     def _run_node(self, step: _NodeStep, opset: int, args: list, uploads: dict[int, tuple]) -> list:
-        op_type = step.node.op_type
+        op_type = op_key(step.node.domain, step.node.op_type)
         on_host = self.backend.name != "cpu" and all(a is None or is_host(a) for a in args)
         backend = self.host if on_host else self.backend
         if not on_host:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import ml_dtypes
 import numpy as np
@@ -32,7 +33,10 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            # DequantizeLinear
            "DEQUANTIZE_OPSET", "STORAGE_DTYPES", "QuantizedWeight", "split_blocks", "expand_scales", "block_count",
            "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
-           "decode_dequantize",
+           "decode_dequantize", "SIGNED_DTYPES",
+           # GatherBlockQuantized
+           "GATHER_DOMAIN", "gather_block", "gather_accepts", "pack_low_bits", "unpack_low_bits", "gather_arrays",
+           "decode_gather",
            # ternary
            "Ternary", "ternarize", "ternary_scales", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS",
            "TERNARY_RADIXES", "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -62,6 +66,7 @@ def relative_error(weight: np.ndarray, approx: np.ndarray) -> float:
 
 DEQUANTIZE_OPSET = 25  # the first opset whose DequantizeLinear takes uint2
 STORAGE_DTYPES = {2: ml_dtypes.uint2, 4: ml_dtypes.uint4, 8: np.uint8}  # code bits -> storage type
+SIGNED_DTYPES = {2: ml_dtypes.int2, 4: ml_dtypes.int4, 8: np.int8}  # ... of symmetric grids (no zero points)
 
 
 def block_count(rows: int, block: int | None) -> int:
@@ -92,6 +97,7 @@ class QuantizedWeight:
     zero_points: np.ndarray
     block: int | None
     bits: int
+    symmetric: bool = False  # every zero point 2^(bits-1): stored as signed codes q - 2^(bits-1), without them
 
     def dequantize(self) -> np.ndarray:
         rows = self.codes.shape[0]
@@ -102,10 +108,17 @@ class QuantizedWeight:
 GRID_BITS = (8, 4, 2)  # the integer grids written: onnxruntime's MatMulNBits keeps each narrow in memory
 
 
-def grid_frame(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scales and zero points [..., N] of the grid of 2^bits levels over values [..., rows, N]: the range widened
-    to hold 0 (so that zero stays exact), scale = (max - min) / (2^bits - 1)."""
+def grid_frame(blocks: np.ndarray, bits: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points [..., N] of the grid of 2^bits levels over values [..., rows, N]. Asymmetric: the
+    range widened to hold 0 (so that zero stays exact), scale = (max - min) / (2^bits - 1). Symmetric: zero point
+    2^(bits-1) and scale = -m / 2^(bits-1) for m the value of largest magnitude, so that m takes the lowest level
+    and the other side reaches 2^(bits-1) - 1 steps (a negative scale where m > 0; onnxruntime's RTN does the same)."""
     levels = (1 << bits) - 1
+    if symmetric:
+        rows = np.argmax(np.abs(blocks), axis=-2)[..., None, :]
+        extreme = np.take_along_axis(blocks, rows, axis=-2)[..., 0, :]
+        half = 1 << (bits - 1)
+        return -extreme / half, np.full(extreme.shape, float(half))
     low = np.minimum(blocks.min(axis=-2), 0.0)
     high = np.maximum(blocks.max(axis=-2), 0.0)
     scales = (high - low) / levels
@@ -115,18 +128,18 @@ def grid_frame(blocks: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 def round_to_grid(values: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int) -> np.ndarray:
     """Codes 0..2^bits - 1 of the nearest grid points (scales and zero points broadcast against values)."""
-    safe = np.where(scales > 0, scales, 1.0)
+    safe = np.where(scales != 0, scales, 1.0)
     return np.clip(np.round(values / safe) + zero_points, 0, (1 << bits) - 1)
 
 
-def quantize_grid(weight: np.ndarray, block: int | None, bits: int) -> QuantizedWeight:
+def quantize_grid(weight: np.ndarray, block: int | None, bits: int, symmetric: bool = False) -> QuantizedWeight:
     """Round-to-nearest on a grid of 2^bits levels: per output column and block of input rows, w ~ scale * (q -
-    zero_point) with q in 0..2^bits - 1 (`grid_frame`). The error per weight is at most scale / 2."""
+    zero_point) with q in 0..2^bits - 1 (`grid_frame`). The error per weight is at most |scale| / 2 inside the grid."""
     blocks = split_blocks(weight, block)
-    scales, zero_points = grid_frame(blocks, bits)
+    scales, zero_points = grid_frame(blocks, bits, symmetric)
     codes = round_to_grid(blocks, scales[:, None, :], zero_points[:, None, :], bits)
     codes = codes.reshape(-1, weight.shape[1])[: weight.shape[0]].astype(np.uint8)
-    return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits=bits)
+    return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits, symmetric)
 
 
 def quantize_uint8(weight: np.ndarray, block: int | None = None) -> QuantizedWeight:
@@ -158,11 +171,14 @@ def stored_bytes(arrays) -> int:
 
 def dequantize_arrays(weight: QuantizedWeight) -> Stored:
     """DequantizeLinear's inputs (q, scale, zero_point) and attributes for a quantized weight: per column 1-D
-    scales along the output axis, else blocked along the input axis."""
+    scales along the output axis, else blocked along the input axis. Symmetric: signed codes, no zero point."""
     if weight.block is None:
         scales, zero_points, attributes = weight.scales.reshape(-1), weight.zero_points.reshape(-1), {"axis": 1}
     else:
         scales, zero_points, attributes = weight.scales, weight.zero_points, {"axis": 0, "block_size": weight.block}
+    if weight.symmetric:
+        signed = weight.codes.astype(np.int16) - (1 << (weight.bits - 1))
+        return Stored({"q": signed.astype(SIGNED_DTYPES[weight.bits]), "scale": scales}, attributes)
     dtype = STORAGE_DTYPES[weight.bits]
     return Stored({"q": weight.codes.astype(dtype), "scale": scales, "zero_point": zero_points.astype(dtype)},
                   attributes)
@@ -171,7 +187,8 @@ def dequantize_arrays(weight: QuantizedWeight) -> Stored:
 def decode_dequantize(stored: Stored) -> np.ndarray:
     """numpy reference of DequantizeLinear [K, N] as `dequantize_arrays` writes it: (q - zero_point) * scale in
     float32, the executor's order."""
-    q, scale, zero_point = (stored.arrays[key] for key in ("q", "scale", "zero_point"))
+    q, scale = stored.arrays["q"], stored.arrays["scale"]
+    zero_point = stored.arrays.get("zero_point", np.zeros(scale.shape, np.int32))
     block = stored.attributes.get("block_size", 0)
     if block:
         scale, zero_point = (np.repeat(a, block, axis=0)[: q.shape[0]] for a in (scale, zero_point))
@@ -179,6 +196,71 @@ def decode_dequantize(stored: Stored) -> np.ndarray:
         scale, zero_point = scale.reshape(1, -1), zero_point.reshape(1, -1)
     codes = q.astype(np.int32) - zero_point.astype(np.int32)
     return codes.astype(np.float32) * scale.astype(np.float32)
+
+
+# GatherBlockQuantized (onnxruntime's com.microsoft domain) reads an embedding table E [V, D] kept packed: a row
+# per token, `bits`-bit codes packed low bits first into bytes along D, a scale (and a packed zero point) per
+# block of `block_size` entries of the row (a power of two >= 16; the last block may be short). As a weight
+# site the table is W = E^T [K = D, N = V]: the same blocks of input rows per column as DequantizeLinear's.
+GATHER_DOMAIN = "com.microsoft"
+GATHER_MIN_BLOCK = 16
+
+
+def gather_block(rows: int, block: int | None) -> int:
+    """GatherBlockQuantized's block size for a table of rows of `rows` entries: `block`, or for one scale a row
+    (None) the smallest power of two >= rows (the last block may be short)."""
+    return block if block is not None else max(GATHER_MIN_BLOCK, 1 << (rows - 1).bit_length())
+
+
+def gather_accepts(shape: tuple[int, int], bits: int) -> bool:
+    """Whether a table's rows fill whole bytes (onnxruntime unpacks rows of whole bytes only)."""
+    return shape[0] * bits % 8 == 0
+
+
+def pack_low_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes [R, C] below 2^bits -> bytes [R, ceil(C bits / 8)], element 0 in the low bits (ONNX's uint4/uint2
+    packing, row by row)."""
+    per_byte = 8 // bits
+    rows, cols = codes.shape
+    padded = np.zeros((rows, -(-cols // per_byte) * per_byte), np.uint16)
+    padded[:, :cols] = codes
+    shifts = (bits * np.arange(per_byte)).astype(np.uint16)
+    return (padded.reshape(rows, -1, per_byte) << shifts).sum(axis=-1).astype(np.uint8)
+
+
+def unpack_low_bits(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Inverse of `pack_low_bits`: codes [R, cols] as uint8."""
+    shifts = (bits * np.arange(8 // bits)).astype(np.uint8)
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :cols]
+
+
+def gather_arrays(weight: QuantizedWeight) -> Stored:
+    """GatherBlockQuantized's constant inputs (data, scales[, zero_points]) and attributes for the table E = W^T of
+    a quantized W [D, V]: per token row, codes packed along D, scales [V, blocks]. Symmetric: no zero points
+    (the op's default is 2^(bits-1))."""
+    rows, _ = weight.codes.shape
+    block = gather_block(rows, weight.block)
+    if not gather_accepts(weight.codes.shape, weight.bits):
+        raise ValueError(f"GatherBlockQuantized cannot hold rows of {rows} {weight.bits}-bit codes")
+    arrays = {"data": pack_low_bits(weight.codes.T, weight.bits), "scales": np.ascontiguousarray(weight.scales.T)}
+    if not weight.symmetric:
+        arrays["zero_points"] = pack_low_bits(weight.zero_points.T, weight.bits)
+    return Stored(arrays, {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": weight.bits})
+
+
+def decode_gather(stored: Stored) -> np.ndarray:
+    """numpy reference of GatherBlockQuantized's table as `gather_arrays` writes it, as W = E^T [D, V] float32."""
+    bits, block = stored.attributes["bits"], stored.attributes["block_size"]
+    scales = stored.arrays["scales"]
+    rows = min(stored.arrays["data"].shape[1] * 8 // bits, scales.shape[1] * block)
+    codes = unpack_low_bits(stored.arrays["data"], bits, rows).astype(np.int32)
+    if "zero_points" in stored.arrays:
+        zero_points = unpack_low_bits(stored.arrays["zero_points"], bits, scales.shape[1]).astype(np.int32)
+    else:
+        zero_points = np.full(scales.shape, 1 << (bits - 1), np.int32)
+    offsets = codes - np.repeat(zero_points, block, axis=1)[:, :rows]
+    return (offsets.astype(np.float32) * np.repeat(scales.astype(np.float32), block, axis=1)[:, :rows]).T
 
 
 # -- ternary ----------------------------------------------------------------------------------------------------
@@ -706,16 +788,26 @@ class Format:
     predict_bytes: Callable[..., int]  # (shape, **settings)
     settings: tuple[dict, ...]  # reference settings: the first is the default; the budget holds for each
     shared: tuple[str, ...] = ()
+    accepts: Callable[..., bool] = lambda shape, **settings: True  # (shape, **settings): whether it can hold it
 
     def bits_per_weight(self, shape: tuple[int, ...], **settings) -> float:
         return 8 * self.predict_bytes(shape, **settings) / max(math.prod(shape), 1)
 
 
-def _quantized_bytes(shape: tuple[int, int], block: int | None, bits: int) -> int:
-    """DequantizeLinear: codes and zero points of `bits` bits (packed per tensor), a float scale a block."""
+def _quantized_bytes(shape: tuple[int, int], block: int | None, bits: int, symmetric: bool = False) -> int:
+    """DequantizeLinear: codes and zero points (none when symmetric) of `bits` bits (packed per tensor), a float
+    scale a block."""
     rows, cols = shape
     scales = block_count(rows, block) * cols
-    return -(-rows * cols * bits // 8) + -(-scales * bits // 8) + 4 * scales
+    return -(-rows * cols * bits // 8) + (0 if symmetric else -(-scales * bits // 8)) + 4 * scales
+
+
+def _gather_bytes(shape: tuple[int, int], block: int | None, bits: int, symmetric: bool = False) -> int:
+    """GatherBlockQuantized: a row of packed codes per token, a float scale (and a zero point of `bits` bits,
+    packed per row) a block."""
+    rows, cols = shape
+    blocks = block_count(rows, gather_block(rows, block))
+    return cols * (-(-rows * bits // 8) + 4 * blocks + (0 if symmetric else -(-blocks * bits // 8)))
 
 
 def _ternary_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
@@ -757,6 +849,12 @@ def _hyper(grouped: bool) -> tuple[Callable[..., Stored], Callable[..., int]]:
 
 
 _TERNARY_SETTINGS = ({"block": 32}, {"block": None}, {"block": 64})
+_GRID_SETTINGS = (*_TERNARY_SETTINGS, {"block": 16, "symmetric": True}, {"block": None, "symmetric": True})
+
+
+def _encode_grid(arrays: Callable[[QuantizedWeight], Stored], bits: int, weight: np.ndarray, block: int | None = 32,
+                 symmetric: bool = False) -> Stored:
+    return arrays(quantize_grid(weight, block, bits, symmetric))
 _HYPER_SETTINGS = ({"codebook": "lattice", "codes": 63, "bands": 3, "side": 4.0},
                    {"codebook": "grid", "codes": 16, "bands": 0, "side": 8.0})
 
@@ -768,11 +866,15 @@ def _rows() -> list[Format]:
                lambda shape, block=32: _quantized_bytes(shape, block, 2), _TERNARY_SETTINGS),
     ]
     for bits in GRID_BITS:
-        rows.append(Format(f"uint{bits}-dequantize", f"DequantizeLinear (uint{bits}, blocked or per column) -> MatMul",
-                           "DequantizeLinear", "", (), BUDGETS[f"uint{bits}-rtn"],
-                           lambda weight, block=32, bits=bits: dequantize_arrays(quantize_grid(weight, block, bits)),
-                           decode_dequantize, lambda shape, block=32, bits=bits: _quantized_bytes(shape, block, bits),
-                           _TERNARY_SETTINGS))
+        rows.append(Format(f"uint{bits}-dequantize", f"DequantizeLinear (uint{bits}, or int{bits} when symmetric; "
+                           "blocked or per column) -> MatMul", "DequantizeLinear", "", (), BUDGETS[f"uint{bits}-rtn"],
+                           partial(_encode_grid, dequantize_arrays, bits), decode_dequantize,
+                           partial(_quantized_bytes, bits=bits), _GRID_SETTINGS))
+        rows.append(Format(f"uint{bits}-gather", f"{GATHER_DOMAIN}.GatherBlockQuantized (bits={bits}) in place of "
+                           "Gather, reading the table E = W^T", "GatherBlockQuantized", GATHER_DOMAIN, (),
+                           BUDGETS[f"uint{bits}-rtn"], partial(_encode_grid, gather_arrays, bits), decode_gather,
+                           partial(_gather_bytes, bits=bits), _GRID_SETTINGS,
+                           accepts=lambda shape, bits=bits, **settings: gather_accepts(shape, bits)))
     for radix in (4, 3):
         encode, decode, nbytes = _ternary_function(radix)
         name = ternary_function_name(radix)

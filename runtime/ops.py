@@ -25,7 +25,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.runtime.backend import Backend
 
-__all__ = ["OPS", "HOST_INPUTS", "OpContext", "register", "supported_ops"]
+__all__ = ["OPS", "HOST_INPUTS", "OpContext", "register", "supported_ops", "op_key"]
 
 
 @dataclass
@@ -63,9 +63,15 @@ def _as_array(value):
     return np.asarray(value) if isinstance(value, np.generic) else value
 
 
+def op_key(domain: str, op_type: str) -> str:
+    """The key of an op in `OPS`: its type for the standard domain, else "domain::type"."""
+    return op_type if domain in ("", "ai.onnx") else f"{domain}::{op_type}"
+
+
 def register(*op_types: str, host_inputs: tuple[int, ...] = ()) -> Callable[[OpHandler], OpHandler]:
-    """Register `handler` for `op_types`; `host_inputs` are the input positions it reads with `ctx.ints` /
-    `ctx.floats`, which the executor leaves on the host when they are there (no copy to the device and back)."""
+    """Register `handler` for `op_types` (`op_key`s); `host_inputs` are the input positions it reads with
+    `ctx.ints` / `ctx.floats`, which the executor leaves on the host when they are there (no copy to the device
+    and back)."""
     def add(handler: OpHandler) -> OpHandler:
         def run(ctx: OpContext, *inputs):
             result = handler(ctx, *inputs)
@@ -701,3 +707,29 @@ def _dequantize_linear(ctx: OpContext, x, scale, zero_point=None):
     y = codes.astype(xp.float32) * spread(scale.astype(xp.float32))
     to = ctx.attrs.get("output_dtype", 0)
     return y.astype(ir.DataType(to).numpy() if to else scale.dtype)
+
+
+@register("com.microsoft::GatherBlockQuantized")
+def _gather_block_quantized(ctx: OpContext, data, indices, scales, zero_points=None):
+    """onnxruntime's packed embedding lookup, in the layout `formats.gather_arrays` writes (gather_axis 0,
+    quantize_axis 1, uint8 bytes of `bits`-bit codes, low bits first): only the gathered rows are unpacked."""
+    xp = ctx.xp
+    if ctx.attrs.get("gather_axis", 0) != 0 or ctx.attrs.get("quantize_axis", 1) not in (1, -1) or data.ndim != 2:
+        raise BadInput("GatherBlockQuantized: only 2-D tables with gather_axis 0 and quantize_axis 1 are supported")
+    bits, block = ctx.attrs.get("bits", 4), ctx.attrs["block_size"]
+    rows = xp.where(indices < 0, indices + data.shape[0], indices).reshape(-1)
+
+    def unpack(packed, count):
+        shifts = xp.arange(0, 8, bits, dtype=xp.uint8)
+        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)[:, :count]
+
+    picked_scales = scales[rows].astype(xp.float32)
+    width = min(data.shape[1] * 8 // bits, picked_scales.shape[1] * block)
+    codes = unpack(data[rows], width).astype(xp.int32)
+    if zero_points is None:
+        zeros = xp.full(picked_scales.shape, 1 << (bits - 1), xp.int32)
+    else:
+        zeros = unpack(zero_points[rows], picked_scales.shape[1]).astype(xp.int32)
+    offsets = codes - xp.repeat(zeros, block, axis=1)[:, :width]
+    values = offsets.astype(xp.float32) * xp.repeat(picked_scales, block, axis=1)[:, :width]
+    return values.astype(scales.dtype).reshape(*indices.shape, width)

@@ -123,7 +123,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
     return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
-                           quant=QuantOptions(bits=args.bits), hyper=hyper, calib=args.calib,
+                           quant=QuantOptions(bits=args.bits, zero_points=args.zero_points), hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
@@ -316,14 +316,20 @@ def _parser() -> argparse.ArgumentParser:
     widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); "
                                               "widths allocated across groups by error per byte saved")
     weights = comp.add_argument_group("weight codes (ternary and quant)")
-    weights.add_argument("--block-size", default="64", help="input rows per scale: 32, 64, 128, 256 or channel (default 64)")
+    weights.add_argument("--block-size", default="64",
+                         help="input rows per scale: 16, 32, 64, 128, 256 or channel (default 64)")
     weights.add_argument("--layer-error", type=float,
                          help="per-layer budget on the relative output error on the calibration moments: ternary layers "
                               "over it get 8 bits, then stay fp32; quant takes the fewest bits within it")
     weights.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                         help="keep MatMul/Gemm nodes or weights whose name matches this fnmatch pattern (repeatable)")
+                         help="keep MatMul/Gemm/Gather nodes or weights whose name matches this fnmatch pattern fp32 "
+                              "(repeatable)")
     weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
-                         help="quant: bits per weight of the integer grid (default 4)")
+                         help="quant: bits per weight of the integer grid (default 4); Gather tables (embeddings) "
+                              "take the same grid through onnxruntime's GatherBlockQuantized")
+    weights.add_argument("--zero-points", action="store_true",
+                         help="quant: a zero point per block, the grid over the block's range (default: symmetric "
+                              "grids, no zero points stored)")
     weights.add_argument("--rounding", choices=ROUNDINGS,
                          help="feedback rounds each input row and feeds its error forward on the calibration second "
                               "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "

@@ -132,11 +132,12 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     return rewrite.plan, [g for g in groups if not g.ok]
 
 
-def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list):
-    """The MatMul/Gemm weight sites (and the nodes passed over, with why), their inputs' calibration moments and
-    the graph's nodes by name: what the weight codes (ternary, quant) offer on."""
-    sites, passed = find_weight_sites(model, options.weights.exclude)
-    return sites, passed, _input_moments(model, sites, fit_feeds, options), {node.name: node for node in model.graph}
+def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False):
+    """The MatMul/Gemm weight sites (with `tables`, the Gather tables too) and the nodes passed over, with why,
+    their inputs' calibration moments and the graph's nodes by name: what the weight codes offer on."""
+    sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables)
+    products = [site for site in sites if not site.table]
+    return sites, passed, _input_moments(model, products, fit_feeds, options), {node.name: node for node in model.graph}
 
 
 def _write_choice(model: ir.Model, offer, chosen: Choice, reasons: dict[str, str], layer_error: float | None):
@@ -173,12 +174,12 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
 
 
 def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> GridPlan:
-    """Offer integer grids for every weight site (rounded with error feedback on the calibration statistics, or to
-    nearest), choose by the quant rule (--bits, or the fewest bits within --layer-error) and write them in place.
-    The plan it wrote."""
-    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds)
+    """Offer integer grids for every weight site and Gather table (rounded with error feedback on the calibration
+    statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the fewest
+    bits within --layer-error) and write them in place. The plan it wrote."""
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True)
     offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
-                       progress=options.progress)
+                       progress=options.progress, symmetric=not options.quant.zero_points)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 

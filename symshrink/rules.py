@@ -104,11 +104,15 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
     for site, options in offer.candidates.items():
         grids = [c for c in options if c.method != "fp32"]  # widest first
         if layer_error is None:
-            chosen[site] = next(c for c in grids if c.method == f"uint{bits}")
+            chosen[site] = next((c for c in grids if c.method == f"uint{bits}"), options[-1])
+            if chosen[site] is options[-1]:
+                reasons[site] = f"no {bits}-bit format holds this shape"
             continue
         within = [c for c in grids if c.predicted_error() <= layer_error]
         chosen[site] = within[-1] if within else options[-1]
-        if chosen[site].method != f"uint{bits}":
+        if not grids:
+            reasons[site] = "no grid format holds this shape"
+        elif chosen[site].method != f"uint{bits}":
             reasons[site] = f"fewest bits within budget {layer_error:g}" if within else \
-                f"8-bit error {grids[0].predicted_error():.3f} > budget {layer_error:g}"
+                f"{grids[0].method.removeprefix('uint')}-bit error {grids[0].predicted_error():.3f} > budget {layer_error:g}"
     return chosen, reasons

@@ -1,5 +1,6 @@
-"""Rewriting a weight site y = x W (+ b): new nodes compute the product, then the site's bias and any
-per-output shift are added, and the result takes over the site's output (its name included).
+"""Rewriting a weight site y = x W (+ b): new nodes compute the product (for a table, the lookup of its ids),
+then the site's bias and any per-output shift are added, and the result takes over the site's output (its name
+included).
 
 A MatMul's bias Add is rewritten with it (its constant plus the shift); a Gemm becomes product + beta C
 (alpha is already in the site's W); otherwise a new node adds the shift.
@@ -40,7 +41,7 @@ def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: P
         old_nodes.append(reader)
     if shift is not None:
         bias = shift if bias is None else bias + shift
-    x = node.inputs[0]
+    x = node.inputs[site.data_input]
     new_nodes, result = product(x, node.name)  # the new MatMul keeps the site's name
     if bias is not None:
         biased = ir.Value(name=f"{node.name}.{label}.biased")

@@ -1,8 +1,10 @@
 """Weight sites: the constant matrices a weight codec may replace, read off the graph as plain data.
 
 Every site is a y = x W product with x [..., K] an activation and W [K, N] a constant: MatMul's second
-input, Gemm's B (transposed when transB = 1, scaled by alpha). A registry of per-op handlers says how
-each op holds its weight, so codecs never switch on op types. Analysis only: nothing is changed here.
+input, Gemm's B (transposed when transB = 1, scaled by alpha). An embedding table E [V, D] read by Gather
+(axis 0) is a site too, W = E^T [D, V] (a lookup is x W for x one-hot): a `table` site, asked for apart,
+since its input is token ids and has no second moment. A registry of per-op handlers says how each op holds
+its weight, so codecs never switch on op types. Analysis only: nothing is changed here.
 """
 
 from __future__ import annotations
@@ -34,10 +36,21 @@ class WeightSite:
     cols: int
     transposed: bool = False
     alpha: float = 1.0
+    weight_input: int = 1  # the node's input holding the weight
 
     @property
     def elements(self) -> int:
         return self.rows * self.cols
+
+    @property
+    def data_input(self) -> int:
+        """The node's input holding the activation (a table: the ids)."""
+        return 1 - self.weight_input
+
+    @property
+    def table(self) -> bool:
+        """A lookup table (Gather): its input is indices, not an activation with moments."""
+        return self.op == "Gather"
 
 
 def _matmul_site(node: ir.Node) -> WeightSite | str:
@@ -68,29 +81,45 @@ def _gemm_site(node: ir.Node) -> WeightSite | str:
                       float(attr(node, "alpha", 1.0)))
 
 
-# op -> handler(node) answering with the node's weight site or why it has none
-SITE_HANDLERS: dict[str, Callable[[ir.Node], WeightSite | str]] = {"MatMul": _matmul_site, "Gemm": _gemm_site}
+def _gather_site(node: ir.Node) -> WeightSite | str | None:
+    table, indices = node.inputs[0], node.inputs[1]
+    shape = constant_tensor(table).shape if is_constant(table) else None
+    if shape is None or len(shape) != 2:
+        return None  # a Gather of activations or shapes: no table, nothing to report
+    if attr(node, "axis", 0) not in (0, -2):
+        return "Gather along the table's columns"
+    if is_constant(indices):
+        return "both inputs are constants"
+    return WeightSite(node.name, node.op_type, table.name, indices.name, int(shape[1]), int(shape[0]), True,
+                      weight_input=0)
 
 
-def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (),
-                      min_elements: int = MIN_ELEMENTS) -> tuple[list[WeightSite], dict[str, str]]:
-    """The graph's weight sites in graph order, and the nodes passed over (label -> why). `exclude` holds
-    fnmatch patterns matched against node and weight names."""
+# op -> handler(node) answering with the node's weight site, or why it has none (None: nothing to say)
+SITE_HANDLERS: dict[str, Callable[[ir.Node], WeightSite | str | None]] = {"MatMul": _matmul_site, "Gemm": _gemm_site,
+                                                                   "Gather": _gather_site}
+
+
+def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements: int = MIN_ELEMENTS,
+                      tables: bool = False) -> tuple[list[WeightSite], dict[str, str]]:
+    """The graph's weight sites in graph order (with `tables`, the Gather tables too), and the nodes passed over
+    (label -> why). `exclude` holds fnmatch patterns matched against node and weight names."""
     ensure_names(model.graph)
     sites: list[WeightSite] = []
     passed: dict[str, str] = {}
     for node in model.graph:
         handler = SITE_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if handler is None:
+        if handler is None or (node.op_type == "Gather" and not tables):
             continue
         site = handler(node)
+        if site is None:
+            continue
         if isinstance(site, str):
             passed[node.name] = site
         elif any(fnmatch.fnmatchcase(name, p) for p in exclude for name in (site.node, site.weight)):
             passed[node.name] = "excluded by --exclude"
         elif site.elements < min_elements:
             passed[node.name] = f"{site.rows}x{site.cols} weight is below {min_elements} elements"
-        elif len(node.inputs[1].uses()) > 1:
+        elif len(node.inputs[site.weight_input].uses()) > 1:
             passed[node.name] = f"weight {site.weight} is also read by other nodes (tied)"
         else:
             sites.append(site)
@@ -99,6 +128,6 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (),
 
 def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:
     """The site's effective [rows, cols] matrix (transposed and scaled as the op reads it)."""
-    array = constant_array(nodes[site.node].inputs[1])
+    array = constant_array(nodes[site.node].inputs[site.weight_input])
     array = array.T if site.transposed else array
     return array * np.asarray(site.alpha, array.dtype) if site.alpha != 1.0 else array

@@ -44,12 +44,13 @@ class Grid(Protocol):
 
 @dataclass(frozen=True)
 class IntegerGrid:
-    """2^bits levels over the block's range, zero exact (`formats.grid_frame`)."""
+    """2^bits levels over the block's range, zero exact; or symmetric about zero (`formats.grid_frame`)."""
 
     bits: int
+    symmetric: bool = False
 
     def frame(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
-        return grid_frame(rows, self.bits)
+        return grid_frame(rows, self.bits, self.symmetric)
 
     def round(self, row: np.ndarray, frame: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
         scales, zero_points = frame
@@ -96,11 +97,12 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
 
 
 def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
-                           damping: float = DAMPING) -> QuantizedWeight:
+                           symmetric: bool = False, damping: float = DAMPING) -> QuantizedWeight:
     """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`)."""
-    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits), damping)
+    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits, symmetric), damping)
     scales, zero_points = (np.stack(parts) for parts in zip(*frames))
-    return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits)
+    return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
+                           symmetric)
 
 
 def ternarize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None,

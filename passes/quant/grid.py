@@ -1,10 +1,12 @@
-"""Integer grids: each weight W [K, N] of a MatMul/Gemm becomes codes of b bits (8, 4 or 2) behind DequantizeLinear.
+"""Integer grids: each weight W [K, N] of a MatMul/Gemm becomes codes of b bits (8, 4 or 2) behind DequantizeLinear,
+and each embedding table E [V, D] read by Gather (W = E^T) codes of b bits read by GatherBlockQuantized.
 
-Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range, rounded with
-error feedback on the input's second moment (`feedback`, GPTQ-class) or to nearest (`formats.quantize_grid`);
-onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits and keeps the
-codes narrow. A layer's error is ||x (W - W') - c|| / ||x W|| on the calibration moments of its input (the same
-measure as every weight code: `output_error`). The writer here also writes the ternary method's codes.
+Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range (or
+symmetric: z = 2^(b-1), no zero points stored), rounded with error feedback on the input's second moment
+(`feedback`, GPTQ-class) or to nearest (`formats.quantize_grid`; tables always: their input has no moments).
+onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits and keeps both kinds of codes narrow. A layer's
+error is ||x (W - W') - c|| / ||x W|| on the calibration moments of its input (the same measure as every weight
+code: `output_error`; a table's: ||E - E'|| / ||E||). The writer here also writes the ternary method's codes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.quant.feedback import quantize_with_feedback
-from symshrink.passes.quant.qdq import dequantize_product, ensure_opset
+from symshrink.passes.quant.qdq import PRODUCTS, ensure_gather_domain, ensure_opset
 from symshrink.runtime.formats import FORMATS, GRID_BITS, QuantizedWeight, quantize_grid
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
@@ -58,19 +60,19 @@ ROUNDINGS = ("feedback", "nearest")  # second-moment rounding on the calibration
 
 
 def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, bits: int,
-                rounding: str = "nearest") -> Encoded:
+                rounding: str = "nearest", symmetric: bool = False) -> Encoded:
     """The grid codes of `weight`, rounded with error feedback on the input's second moment where asked and
     known, else to nearest; with their relative output error on the calibration moments."""
     if rounding == "feedback" and stats is not None:
-        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits)
+        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits, symmetric)
     else:
-        quantized = quantize_grid(weight, block, bits)
+        quantized = quantize_grid(weight, block, bits, symmetric)
     return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
 
 
 def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int,
-                 rounding: str) -> Encoded:
-    return encode_grid(weight(), stats, block, bits, rounding)
+                 rounding: str, symmetric: bool) -> Encoded:
+    return encode_grid(weight(), stats, block, bits, rounding, symmetric)
 
 
 def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
@@ -93,6 +95,7 @@ class GridLayer:
     codec: str  # "uint8", "uint4", "uint2" or "fp32"
     relative_error: float | None = None  # fp32: None
     reason: str = ""
+    op: str = "MatMul"  # the site's op: MatMul, Gemm or Gather (a table, read by GatherBlockQuantized)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class GridPlan:
     block: int | None
     rounding: str  # a ROUNDINGS entry
     layer_error: float | None  # the per-layer budget on the relative output error
+    symmetric: bool = False  # zero points 2^(bits-1), not stored
     layers: list[GridLayer] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
 
@@ -109,13 +113,15 @@ class GridPlan:
     def __str__(self) -> str:
         block = "channel" if self.block is None else self.block
         budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
-        lines = [f"plan: method=quant rounding={self.rounding} block={block} layer error budget={budget}",
-                 f"  {'node':<40} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
+        grid = "symmetric" if self.symmetric else "zero points"
+        lines = [f"plan: method=quant rounding={self.rounding} block={block} grid={grid} layer error budget={budget}",
+                 f"  {'node':<40} {'op':<6} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
-            lines.append(f"  {layer.node[-40:]:<40} {f'{layer.rows}x{layer.cols}':>11} {layer.codec:<6} {err:>8}  "
-                         f"{layer.reason}")
-        lines.append("  rel.err: the layer's relative output error on the calibration moments")
+            lines.append(f"  {layer.node[-40:]:<40} {layer.op:<6} {f'{layer.rows}x{layer.cols}':>11} {layer.codec:<6} "
+                         f"{err:>8}  {layer.reason}")
+        lines.append("  rel.err: the layer's relative output error on the calibration moments (a Gather table's: "
+                     "||E - E'|| / ||E||)")
         return "\n".join(lines)
 
 
@@ -132,9 +138,11 @@ class CodesPass(InPlacePass):
 
     def prepare(self, model: ir.Model) -> None:
         ensure_opset(model)
+        if any(site.table for site in self.sites.values()):
+            ensure_gather_domain(model)
 
-    def product(self, model: ir.Model, codec: str, encoded: Encoded) -> Callable[[str], Product]:
-        return partial(dequantize_product, model.graph, encoded.weight)
+    def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+        return partial(PRODUCTS[site.op], model.graph, encoded.weight)
 
     def call(self, model: ir.Model) -> PassResult:
         planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
@@ -142,39 +150,44 @@ class CodesPass(InPlacePass):
             return PassResult(model, False)
         self.prepare(model)
         writes = [(self.sites[layer.node], self.encodings[layer.node], layer.codec,
-                   self.product(model, layer.codec, self.encodings[layer.node])) for layer in planned]
+                   self.product(model, self.sites[layer.node], layer.codec, self.encodings[layer.node]))
+                  for layer in planned]
         write_codes(model, writes, self.progress)
         return PassResult(model, True)
 
 
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
-               progress: bool = False) -> Offer:
-    """Per weight site, each grid (widest first; encoded when first asked for, by `rounding`, with its calibrated
-    output error), then fp32. Bytes from the format table."""
+               progress: bool = False, symmetric: bool = False) -> Offer:
+    """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
+    with its calibrated output error), then fp32. Bytes from the format table (GatherBlockQuantized for tables)."""
     offered, candidates = [], {}
     for site in sites:
         shape, dense = (site.rows, site.cols), 4 * site.elements
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
+        fed = rounding == "feedback" and site.activation in stats
         options = []
         for b in bits:
-            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding))
-            label = "fed back" if rounding == "feedback" and site.activation in stats else "nearest"
-            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {label} b{block or 'channel'}",
-                                     FORMATS[f"uint{b}-dequantize"].predict_bytes(shape, block=block),
+            row = FORMATS[f"uint{b}-{'gather' if site.table else 'dequantize'}"]
+            if not row.accepts(shape, block=block, symmetric=symmetric):
+                continue
+            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric))
+            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'} "
+                                     f"b{block or 'channel'}{' sym' if symmetric else ''}",
+                                     row.predict_bytes(shape, block=block, symmetric=symmetric),
                                      lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
-        offered.append(Site(site.node, "weight", shape, dense))
+        offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))
         candidates[site.node] = options
 
     def rewrite(chosen: Mapping[str, Candidate]) -> CodesPass:
-        plan = GridPlan(block, rounding, None, passed_over=passed_over)
+        plan = GridPlan(block, rounding, None, symmetric, passed_over=passed_over)
         encodings = {}
         for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
             pick = chosen.get(site.node)
             codec = "fp32" if pick is None else pick.method
             plan.layers.append(GridLayer(site.node, site.weight, site.rows, site.cols, codec,
-                                         None if codec == "fp32" else pick.predicted_error()))
+                                         None if codec == "fp32" else pick.predicted_error(), op=site.op))
             if codec != "fp32":
                 encodings[site.node] = pick.payload()
         return CodesPass(plan, sites, encodings, progress)

@@ -1,4 +1,5 @@
-"""Graph surgery for quantized weights: y = x W becomes y = MatMul(x, DequantizeLinear(q, scale, zero_point)).
+"""Graph surgery for quantized weights: y = x W becomes y = MatMul(x, DequantizeLinear(q, scale, zero_point)),
+and a table lookup Gather(E, ids) becomes onnxruntime's GatherBlockQuantized(codes, ids, scales, zero_points).
 
 q [K, N] is stored in its own narrow type (uint2 for ternary codes, uint8), scales and zero points per
 block of `block` input rows (`axis=0, block_size=block`) or per column (`axis=1`). onnxruntime fuses
@@ -14,9 +15,9 @@ import onnx_ir as ir
 from symshrink.passes.analysis.graph import add_initializer
 from symshrink.passes.analysis.opset import ensure_opset as upgrade
 from symshrink.passes.analysis.products import Product
-from symshrink.runtime.formats import DEQUANTIZE_OPSET, QuantizedWeight, dequantize_arrays
+from symshrink.runtime.formats import DEQUANTIZE_OPSET, GATHER_DOMAIN, QuantizedWeight, dequantize_arrays, gather_arrays
 
-__all__ = ["ensure_opset", "dequantize_product"]
+__all__ = ["ensure_opset", "dequantize_product", "gather_product", "ensure_gather_domain", "PRODUCTS"]
 
 
 def ensure_opset(model: ir.Model) -> bool:
@@ -35,3 +36,26 @@ def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) ->
                 ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result
 
     return product
+
+
+def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
+    """GatherBlockQuantized(codes, ids) for the table E = W^T (`formats.gather_arrays`); its arrays become
+    initializers `prefix.*`. The model must import onnxruntime's domain (`ensure_gather_domain`)."""
+    stored = gather_arrays(weight)
+    values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
+
+    def product(ids: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        result = ir.Value(name=f"{name}.rows")
+        return [ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes, domain=GATHER_DOMAIN,
+                        outputs=[result], name=name)], result
+
+    return product
+
+
+def ensure_gather_domain(model: ir.Model) -> None:
+    model.opset_imports.setdefault(GATHER_DOMAIN, 1)
+
+
+# how each kind of site's codes are read: Gather tables through GatherBlockQuantized, products through
+# DequantizeLinear -> MatMul
+PRODUCTS = {"Gather": gather_product, "MatMul": dequantize_product, "Gemm": dequantize_product}

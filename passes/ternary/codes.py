@@ -33,7 +33,7 @@ __all__ = ["CORRECTIONS", "STORAGES", "STORAGE_FORMATS", "Encoded", "LayerPlan",
            "encode_uint8", "output_error", "ternary_offer"]
 
 CORRECTIONS: dict[str, Callable[..., Correction] | None] = {"none": None, "moments": match_moments, "lstsq": least_squares}
-BLOCK_SIZES = (32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # the block sizes onnxruntime's MatMulNBits runs fast
 # how codes are written: 2-bit DequantizeLinear (opset 25, fused by onnxruntime into MatMulNBits), or the
 # TernaryMatMul function with 2-bit or base-3 bytes (opset 10; onnxruntime folds it to dense fp32)
 STORAGES = {"dequantize": None, "function": 4, "function-base3": 3}
@@ -166,8 +166,8 @@ class TernaryPass(CodesPass):
         else:
             add_function(model, radix)
 
-    def product(self, model: ir.Model, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+    def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
         radix = STORAGES[self.plan.storage]
         if radix is None or codec != "ternary":
-            return super().product(model, codec, encoded)
+            return super().product(model, site, codec, encoded)
         return partial(function_product, model.graph, encoded.weight, radix)

@@ -7,24 +7,31 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from symshrink.passes.hyper import function as hyper_function
 from symshrink.passes.ternary import function as ternary_function
 from symshrink.passes.ternary.codes import STORAGES
+from symshrink.runtime.executor import Executor
 from symshrink.runtime.formats import FORMATS, FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, relative_error
 from symshrink.runtime.kernels import KERNELS
-from symshrink.runtime.ops import OPS
+from symshrink.runtime.ops import OPS, op_key
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(64, 32), (130, 24), (96, 48)]  # whole blocks, a ragged last block, per-column sizes that differ
 CASES = [(name, index) for name, row in FORMATS.items() for index in range(len(row.settings))]
 
 
-def _stored_inputs(row) -> tuple[str, ...]:
+def _stored_inputs(row, settings: dict) -> tuple[str, ...]:
     """The names of the inputs the row's node reads from the stored arrays, in order."""
+    symmetric = settings.get("symmetric", False)
     if row.op_type == "DequantizeLinear":
-        return ("q", "scale", "zero_point")
+        return ("q", "scale") if symmetric else ("q", "scale", "zero_point")
+    if row.op_type == "GatherBlockQuantized":
+        return ("data", "scales") if symmetric else ("data", "scales", "zero_points")
     return HYPER_INPUTS[row.op_type] if row.op_type in HYPER_INPUTS else TERNARY_INPUTS[1:]
 
 
@@ -34,8 +41,12 @@ def test_round_trip_within_budget_bytes_as_predicted_and_decode_deterministic(na
     settings = row.settings[index]
     for seed, shape in enumerate(SHAPES):
         weight = (np.random.default_rng(seed).standard_normal(shape) * 0.05).astype(np.float32)
+        if not row.accepts(shape, **settings):
+            with pytest.raises(ValueError):
+                row.encode(weight, **settings)
+            continue
         stored = row.encode(weight, **settings)
-        assert tuple(stored.arrays) == _stored_inputs(row)
+        assert tuple(stored.arrays) == _stored_inputs(row, settings)
         decoded = row.decode(stored)
         assert decoded.dtype == np.float32 and decoded.shape == weight.shape
         error = relative_error(weight, decoded)
@@ -62,7 +73,7 @@ def test_every_format_the_passes_write_has_a_row():
         assert (hyper_function.DOMAIN, hyper_function.function_name(grouped)) in hyper_rows
     for row in FORMATS.values():
         assert set(row.kernels) <= set(KERNELS), row.name
-        assert row.op_type in OPS if row.domain == "" else row.domain == FUNCTION_DOMAIN
+        assert op_key(row.domain, row.op_type) in OPS or row.domain == FUNCTION_DOMAIN, row.name
         assert row.budget.relative_error > 0 and row.settings
 
 
@@ -75,3 +86,56 @@ def test_runtime_imports_nothing_from_the_passes():
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
                           if n.split(".")[:2] == ["symshrink", "passes"] or n.split(".")[0] == "passes"]
     assert not offenders
+
+
+# onnxruntime runs a fused DequantizeLinear -> MatMul as MatMulNBits with int8 activations (accuracy level 4):
+# its products differ from the float32 reference by the activations' rounding, about 2^-8 of their range.
+MATMUL_NBITS_TOLERANCE = 0.02  # relative L2 of x @ W against the reference's
+GRID_CASES = [(name, index) for name, index in CASES if FORMATS[name].op_type in ("DequantizeLinear",
+                                                                                    "GatherBlockQuantized")]
+
+
+def _grid_model(row, stored, shape: tuple[int, int]):
+    """The row's node over its stored arrays: GatherBlockQuantized looking up token ids, or DequantizeLinear ->
+    MatMul over an activation x [.., K]."""
+    rows, cols = shape
+    initializers = [numpy_helper.from_array(a, name) for name, a in stored.arrays.items()]
+    if row.op_type == "GatherBlockQuantized":
+        nodes = [helper.make_node("GatherBlockQuantized", ["data", "ids", *list(stored.arrays)[1:]], ["y"],
+                                  domain=row.domain, **stored.attributes)]
+        feed = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid(row.domain, 1)]
+    else:
+        nodes = [helper.make_node("DequantizeLinear", list(stored.arrays), ["w"], **stored.attributes),
+                 helper.make_node("MatMul", ["x", "w"], ["y"])]
+        feed = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, rows])
+        opsets = [helper.make_opsetid("", 25)]
+    graph = helper.make_graph(nodes, row.name, [feed], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("name, index", GRID_CASES, ids=[f"{name}-{i}" for name, i in GRID_CASES])
+def test_onnxruntime_and_the_executor_read_the_grid_codes_as_the_reference_does(name, index):
+    """GatherBlockQuantized rows give the reference's table rows exactly; DequantizeLinear -> MatMul (MatMulNBits
+    in onnxruntime) gives x @ W within MATMUL_NBITS_TOLERANCE, and exactly on the executor."""
+    row, settings = FORMATS[name], FORMATS[name].settings[index]
+    rng = np.random.default_rng(index)
+    for shape in [s for s in SHAPES if row.accepts(s, **settings)]:
+        weight = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        stored = row.encode(weight, **settings)
+        reference = row.decode(stored)
+        model = _grid_model(row, stored, shape)
+        if row.op_type == "GatherBlockQuantized":
+            feeds = {"ids": np.array([[0, shape[1] - 1, 5], [-1, 2, 2]], np.int64)}
+            expected = reference.T[feeds["ids"]]
+        else:
+            feeds = {"x": rng.standard_normal((4, shape[0])).astype(np.float32)}
+            expected = feeds["x"] @ reference
+        got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        executed = Executor(ir.from_proto(model)).run(feeds)["y"]
+        if row.op_type == "GatherBlockQuantized":
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert relative_error(expected, got) <= MATMUL_NBITS_TOLERANCE, (name, settings, shape)
+        np.testing.assert_allclose(executed, expected, rtol=1e-5, atol=1e-6)

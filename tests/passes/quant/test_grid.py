@@ -83,3 +83,67 @@ def test_encode_grid_error_is_the_calibrated_output_error_without_stats():
     encoded = encode_grid(weight, None, 32, 4)
     approx = encoded.weight.dequantize()
     assert encoded.relative_error == pytest.approx(np.linalg.norm(weight - approx) / np.linalg.norm(weight))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_symmetric_grid_keeps_each_blocks_extreme_and_zero_exact(bits):
+    weight = np.random.default_rng(bits).standard_normal((100, 30))
+    weight[7] = 0.0
+    quantized = quantize_grid(weight, 32, bits, symmetric=True)
+    assert np.all(quantized.zero_points == 1 << (bits - 1)) and quantized.symmetric
+    approx, step = quantized.dequantize(), np.abs(np.repeat(quantized.scales, 32, axis=0)[:100])
+    assert np.all(approx[7] == 0.0)
+    assert np.all(np.abs(approx - weight) <= step + 1e-12)  # one side of zero reaches 2^(bits-1) - 1 steps only
+    for start in range(0, 100, 32):
+        block = weight[start:start + 32]
+        extreme = np.argmax(np.abs(block), axis=0)
+        columns = np.arange(30)
+        np.testing.assert_allclose(approx[start:start + 32][extreme, columns], block[extreme, columns], rtol=1e-12)
+
+
+def _embedding_model(vocab: int = 200, width: int = 64, tied: bool = False) -> ir.Model:
+    """ids -> Gather(E) -> MatMul(W) -> y; `tied`: the output is MatMul(h, Transpose(E)) instead, E read twice."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((vocab, width)) * 0.1).astype(np.float32)
+    weight = (rng.standard_normal((width, width)) * 0.1).astype(np.float32)
+    nodes = [onnx.helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             onnx.helper.make_node("MatMul", ["h", "W"], ["z"], name="proj")]
+    if tied:
+        nodes += [onnx.helper.make_node("Transpose", ["E"], ["Et"], name="head_t"),
+                  onnx.helper.make_node("MatMul", ["z", "Et"], ["y"], name="head")]
+    else:
+        nodes.append(onnx.helper.make_node("Identity", ["z"], ["y"], name="out"))
+    graph = onnx.helper.make_graph(
+        nodes, "embedding", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b", "t"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(table, "E"), onnx.numpy_helper.from_array(weight, "W")])
+    return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (4, True), (4, False), (2, True)])
+def test_gather_tables_become_gather_block_quantized_with_the_numpy_grids_rows(bits, symmetric):
+    model = _embedding_model()
+    table, weight = (model.graph.initializers[name].const_value.numpy() for name in ("E", "W"))
+    sites, passed = find_weight_sites(model, tables=True)
+    assert [(s.node, s.op, s.rows, s.cols) for s in sites] == [("embed", "Gather", 64, 200), ("proj", "MatMul", 64, 64)]
+    offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, 32, passed, symmetric=symmetric)
+    chosen, _ = quant_rule(offer, bits, None)
+    offer.rewrite(chosen)(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)
+    lookups = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(lookups) == 1 and lookups[0].domain == "com.microsoft" and lookups[0].name == "embed"
+    assert (f"E.uint{bits}.zero_points" in {t.name for t in proto.graph.initializer}) != symmetric
+    assert "E" not in {t.name for t in proto.graph.initializer}  # the fp32 table is gone
+    ids = np.array([[0, 199, 5], [7, 7, 1]], np.int64)
+    session = session_for_model(model)
+    rows = quantize_grid(table.T, 32, bits, symmetric).dequantize().T[ids]
+    (y,) = run_all(session, [{"ids": ids}])[0].values()
+    expected = rows @ quantize_grid(weight, 32, bits, symmetric).dequantize()
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-2  # MatMulNBits' int8 activations
+
+
+def test_a_table_read_twice_is_passed_over_as_tied():
+    sites, passed = find_weight_sites(_embedding_model(tied=True), tables=True)
+    assert [s.node for s in sites] == ["proj"] and "tied" in passed["embed"]
+    assert find_weight_sites(_embedding_model(), tables=False)[0][0].node == "proj"
