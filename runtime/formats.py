@@ -35,8 +35,8 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
            "decode_dequantize", "SIGNED_DTYPES",
            # GatherBlockQuantized
-           "GATHER_DOMAIN", "gather_block", "gather_accepts", "pack_low_bits", "unpack_low_bits", "gather_arrays",
-           "decode_gather",
+           "GATHER_DOMAIN", "gather_block", "gather_accepts", "tied_accepts", "TIED_EXTRA_BYTES", "pack_low_bits",
+           "unpack_low_bits", "gather_arrays", "decode_gather",
            # ternary
            "Ternary", "ternarize", "ternary_scales", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS",
            "TERNARY_RADIXES", "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -215,6 +215,15 @@ def gather_block(rows: int, block: int | None) -> int:
 def gather_accepts(shape: tuple[int, int], bits: int) -> bool:
     """Whether a table's rows fill whole bytes (onnxruntime unpacks rows of whole bytes only)."""
     return shape[0] * bits % 8 == 0
+
+
+def tied_accepts(shape: tuple[int, int], block: int | None) -> bool:
+    """Whether onnxruntime's MatMulNBits can read a table's GatherBlockQuantized codes as a tied head's weight:
+    it takes whole blocks only."""
+    return shape[0] % gather_block(shape[0], block) == 0
+
+
+TIED_EXTRA_BYTES = 24  # the int64 [V, blocks, block bytes] shape through which the head reads the table's codes
 
 
 def pack_low_bits(codes: np.ndarray, bits: int) -> np.ndarray:

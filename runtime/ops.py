@@ -709,6 +709,24 @@ def _dequantize_linear(ctx: OpContext, x, scale, zero_point=None):
     return y.astype(ir.DataType(to).numpy() if to else scale.dtype)
 
 
+def _unpack_low_bits(xp, packed, bits: int, count: int):
+    """uint8 rows [R, bytes] of `bits`-bit codes, low bits first -> codes [R, count] (int32)."""
+    shifts = xp.arange(0, 8, bits, dtype=xp.uint8)
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :count].astype(xp.int32)
+
+
+def _blocked_rows(xp, codes, scales, zero_points, bits: int, block: int):
+    """Rows [R, C] of codes with per-block scales [R, blocks] and packed zero points (None: 2^(bits-1)) -> float32."""
+    width = codes.shape[1]
+    if zero_points is None:
+        zeros = xp.full(scales.shape, 1 << (bits - 1), xp.int32)
+    else:
+        zeros = _unpack_low_bits(xp, zero_points, bits, scales.shape[1])
+    offsets = codes - xp.repeat(zeros, block, axis=1)[:, :width]
+    return offsets.astype(xp.float32) * xp.repeat(scales.astype(xp.float32), block, axis=1)[:, :width]
+
+
 @register("com.microsoft::GatherBlockQuantized")
 def _gather_block_quantized(ctx: OpContext, data, indices, scales, zero_points=None):
     """onnxruntime's packed embedding lookup, in the layout `formats.gather_arrays` writes (gather_axis 0,
@@ -718,18 +736,22 @@ def _gather_block_quantized(ctx: OpContext, data, indices, scales, zero_points=N
         raise BadInput("GatherBlockQuantized: only 2-D tables with gather_axis 0 and quantize_axis 1 are supported")
     bits, block = ctx.attrs.get("bits", 4), ctx.attrs["block_size"]
     rows = xp.where(indices < 0, indices + data.shape[0], indices).reshape(-1)
-
-    def unpack(packed, count):
-        shifts = xp.arange(0, 8, bits, dtype=xp.uint8)
-        return ((packed[..., None] >> shifts) & ((1 << bits) - 1)).reshape(packed.shape[0], -1)[:, :count]
-
-    picked_scales = scales[rows].astype(xp.float32)
+    picked_scales = scales[rows]
     width = min(data.shape[1] * 8 // bits, picked_scales.shape[1] * block)
-    codes = unpack(data[rows], width).astype(xp.int32)
-    if zero_points is None:
-        zeros = xp.full(picked_scales.shape, 1 << (bits - 1), xp.int32)
-    else:
-        zeros = unpack(zero_points[rows], picked_scales.shape[1]).astype(xp.int32)
-    offsets = codes - xp.repeat(zeros, block, axis=1)[:, :width]
-    values = offsets.astype(xp.float32) * xp.repeat(picked_scales, block, axis=1)[:, :width]
+    codes = _unpack_low_bits(xp, data[rows], bits, width)
+    picked_zeros = None if zero_points is None else zero_points[rows]
+    values = _blocked_rows(xp, codes, picked_scales, picked_zeros, bits, block)
     return values.astype(scales.dtype).reshape(*indices.shape, width)
+
+
+@register("com.microsoft::MatMulNBits")
+def _matmul_nbits(ctx: OpContext, a, b, scales, zero_points=None, *rest):
+    """y = a @ W^T for W [N, K] held as onnxruntime's MatMulNBits holds it: b [N, blocks, block bytes] of packed
+    codes, scales and packed zero points per row and block (the layout a tied head shares with its table)."""
+    xp = ctx.xp
+    if any(r is not None for r in rest) or (zero_points is not None and zero_points.dtype != xp.uint8):
+        raise BadInput("MatMulNBits: g_idx, bias and float zero points are not supported")
+    k, n, bits, block = (ctx.attrs[key] for key in ("K", "N", "bits", "block_size"))
+    codes = _unpack_low_bits(xp, b.reshape(n, -1), bits, k)
+    weight = _blocked_rows(xp, codes, scales.reshape(n, -1), zero_points, bits, block)
+    return (a.astype(xp.float32) @ weight.T).astype(a.dtype)

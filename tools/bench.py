@@ -71,7 +71,8 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
-                        r"quant-(?P<block>b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<nearest>nearest))?")
+                        r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
+                        r"(?:-(?P<nearest>nearest))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -157,13 +158,14 @@ def hyper_name(text: str) -> str:
 
 
 def quant_name(text: str) -> str:
-    """Check an integer-grid variant name [moment-<selector>-keep<F>+]quant-<b32|b64|b128|b256|channel>-<8|4|2>[-nearest]:
-    every weight site on symshrink's grid of that many bits (DequantizeLinear, zero points), rounded with error
-    feedback on the calibration second moment, or to nearest."""
+    """Check an integer-grid variant name
+    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-nearest]: every weight site and
+    Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized; symmetric, or with
+    zero points: -zp), rounded with error feedback on the calibration second moment, or to nearest."""
     match = QUANT_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
-        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b32|b64|b128|b256|channel>-<8|4|2>"
-                                         f"[-nearest]: {text!r}")
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>"
+                                         f"[-zp][-nearest]: {text!r}")
     return text
 
 
@@ -324,11 +326,11 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     block = match["block"].removeprefix("b")
     rounding = "nearest" if match["nearest"] else "feedback"
     settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
-                                "block": None if block == "channel" else int(block)}
-    what = f"{match['bits']}-bit grid, block {block}, " + \
+                                "block": None if block == "channel" else int(block), "zero_points": bool(match["zp"])}
+    what = f"{match['bits']}-bit {'grid with zero points' if match['zp'] else 'symmetric grid'}, block {block}, " + \
         ("rounded to nearest" if match["nearest"] else "second-moment rounding (error feedback)")
     variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
-    variant.extra = {"quant": f"{match['block']}-{match['bits']}-{rounding}"}
+    variant.extra = {"quant": f"{match['block']}-{match['bits']}-{'zp' if match['zp'] else 'sym'}-{rounding}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 

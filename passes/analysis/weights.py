@@ -3,8 +3,10 @@
 Every site is a y = x W product with x [..., K] an activation and W [K, N] a constant: MatMul's second
 input, Gemm's B (transposed when transB = 1, scaled by alpha). An embedding table E [V, D] read by Gather
 (axis 0) is a site too, W = E^T [D, V] (a lookup is x W for x one-hot): a `table` site, asked for apart,
-since its input is token ids and has no second moment. A registry of per-op handlers says how each op holds
-its weight, so codecs never switch on op types. Analysis only: nothing is changed here.
+since its input is token ids and has no second moment. A table also read as a tied head, y = x E^T through a
+Transpose (SmolLM2's LM head), is one site, the head's, `tied` to the Gather: one set of codes serves both.
+A registry of per-op handlers says how each op holds its weight, so codecs never switch on op types.
+Analysis only: nothing is changed here.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class WeightSite:
     transposed: bool = False
     alpha: float = 1.0
     weight_input: int = 1  # the node's input holding the weight
+    tied: str | None = None  # a head x E^T: the Gather node that looks up rows of the same table E
 
     @property
     def elements(self) -> int:
@@ -99,27 +102,51 @@ SITE_HANDLERS: dict[str, Callable[[ir.Node], WeightSite | str | None]] = {"MatMu
                                                                    "Gather": _gather_site}
 
 
+def _tied_heads(model: ir.Model) -> dict[str, WeightSite]:
+    """Head node -> its tied site, for each table read by exactly one Gather and one MatMul(x, Transpose(E))."""
+    heads = {}
+    for gather in model.graph:
+        site = _gather_site(gather) if gather.op_type == "Gather" and gather.domain in ("", "ai.onnx") else None
+        if not isinstance(site, WeightSite):
+            continue
+        others = [user for user, _ in gather.inputs[0].uses() if user is not gather]
+        if len(others) != 1 or others[0].op_type != "Transpose" or attr(others[0], "perm", [1, 0]) != [1, 0]:
+            continue
+        readers = others[0].outputs[0].uses()
+        head = readers[0][0] if len(readers) == 1 else None
+        if head is None or head.op_type != "MatMul" or readers[0][1] != 1 or is_constant(head.inputs[0]):
+            continue
+        heads[head.name] = WeightSite(head.name, head.op_type, site.weight, head.inputs[0].name, site.rows, site.cols,
+                                      True, tied=gather.name)
+    return heads
+
+
 def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements: int = MIN_ELEMENTS,
                       tables: bool = False) -> tuple[list[WeightSite], dict[str, str]]:
-    """The graph's weight sites in graph order (with `tables`, the Gather tables too), and the nodes passed over
-    (label -> why). `exclude` holds fnmatch patterns matched against node and weight names."""
+    """The graph's weight sites in graph order (with `tables`, the Gather tables and tied heads too), and the nodes
+    passed over (label -> why). `exclude` holds fnmatch patterns matched against node and weight names."""
     ensure_names(model.graph)
+    heads = _tied_heads(model) if tables else {}
+    tied_gathers = {site.tied: site.node for site in heads.values()}
     sites: list[WeightSite] = []
     passed: dict[str, str] = {}
     for node in model.graph:
         handler = SITE_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None or (node.op_type == "Gather" and not tables):
             continue
-        site = handler(node)
+        if node.name in tied_gathers:
+            passed[node.name] = f"table coded with its tied head {tied_gathers[node.name]}"
+            continue
+        site = heads.get(node.name) or handler(node)
         if site is None:
             continue
         if isinstance(site, str):
             passed[node.name] = site
-        elif any(fnmatch.fnmatchcase(name, p) for p in exclude for name in (site.node, site.weight)):
+        elif any(fnmatch.fnmatchcase(name, p) for p in exclude for name in (site.node, site.weight, site.tied) if name):
             passed[node.name] = "excluded by --exclude"
         elif site.elements < min_elements:
             passed[node.name] = f"{site.rows}x{site.cols} weight is below {min_elements} elements"
-        elif len(node.inputs[site.weight_input].uses()) > 1:
+        elif site.tied is None and len(node.inputs[site.weight_input].uses()) > 1:
             passed[node.name] = f"weight {site.weight} is also read by other nodes (tied)"
         else:
             sites.append(site)
@@ -127,7 +154,9 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
 
 
 def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:
-    """The site's effective [rows, cols] matrix (transposed and scaled as the op reads it)."""
-    array = constant_array(nodes[site.node].inputs[site.weight_input])
+    """The site's effective [rows, cols] matrix (transposed and scaled as the op reads it; a tied head: the table
+    its Gather reads, transposed)."""
+    holder = nodes[site.tied].inputs[0] if site.tied else nodes[site.node].inputs[site.weight_input]
+    array = constant_array(holder)
     array = array.T if site.transposed else array
     return array * np.asarray(site.alpha, array.dtype) if site.alpha != 1.0 else array

@@ -27,8 +27,8 @@ from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.quant.feedback import quantize_with_feedback
-from symshrink.passes.quant.qdq import PRODUCTS, ensure_gather_domain, ensure_opset
-from symshrink.runtime.formats import FORMATS, GRID_BITS, QuantizedWeight, quantize_grid
+from symshrink.passes.quant.qdq import PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
+from symshrink.runtime.formats import FORMATS, GRID_BITS, TIED_EXTRA_BYTES, QuantizedWeight, quantize_grid, tied_accepts
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
            "grid_offer", "GRID_BITS"]
@@ -138,10 +138,13 @@ class CodesPass(InPlacePass):
 
     def prepare(self, model: ir.Model) -> None:
         ensure_opset(model)
-        if any(site.table for site in self.sites.values()):
+        if any(site.table or site.tied for site in self.sites.values()):
             ensure_gather_domain(model)
 
     def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+        if site.tied:
+            gather = next(node for node in model.graph if node.name == site.tied)
+            return partial(tied_product, model.graph, encoded.weight, gather=gather)
         return partial(PRODUCTS[site.op], model.graph, encoded.weight)
 
     def call(self, model: ir.Model) -> PassResult:
@@ -168,13 +171,14 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         fed = rounding == "feedback" and site.activation in stats
         options = []
         for b in bits:
-            row = FORMATS[f"uint{b}-{'gather' if site.table else 'dequantize'}"]
-            if not row.accepts(shape, block=block, symmetric=symmetric):
+            row = FORMATS[f"uint{b}-{'gather' if site.table or site.tied else 'dequantize'}"]
+            if not row.accepts(shape, block=block, symmetric=symmetric) or (site.tied and not tied_accepts(shape, block)):
                 continue
             encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric))
             options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'} "
                                      f"b{block or 'channel'}{' sym' if symmetric else ''}",
-                                     row.predict_bytes(shape, block=block, symmetric=symmetric),
+                                     row.predict_bytes(shape, block=block, symmetric=symmetric)
+                                     + (TIED_EXTRA_BYTES if site.tied else 0),
                                      lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
         offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))

@@ -10,14 +10,26 @@ opset 25: `ensure_opset` upgrades a model or refuses with the converter's reason
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from symshrink.passes.analysis.graph import add_initializer
 from symshrink.passes.analysis.opset import ensure_opset as upgrade
 from symshrink.passes.analysis.products import Product
-from symshrink.runtime.formats import DEQUANTIZE_OPSET, GATHER_DOMAIN, QuantizedWeight, dequantize_arrays, gather_arrays
+from symshrink.runtime.formats import (
+    DEQUANTIZE_OPSET,
+    GATHER_DOMAIN,
+    QuantizedWeight,
+    dequantize_arrays,
+    gather_arrays,
+    gather_block,
+    tied_accepts,
+)
 
-__all__ = ["ensure_opset", "dequantize_product", "gather_product", "ensure_gather_domain", "PRODUCTS"]
+__all__ = ["ensure_opset", "dequantize_product", "gather_product", "tied_product", "ensure_gather_domain", "PRODUCTS",
+           "MATMUL_NBITS_ACCURACY"]
+
+MATMUL_NBITS_ACCURACY = 4  # int8 activations: what onnxruntime gives the MatMulNBits it fuses from DequantizeLinear
 
 
 def ensure_opset(model: ir.Model) -> bool:
@@ -48,6 +60,29 @@ def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Pro
         result = ir.Value(name=f"{name}.rows")
         return [ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes, domain=GATHER_DOMAIN,
                         outputs=[result], name=name)], result
+
+    return product
+
+
+def tied_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, gather: ir.Node) -> Product:
+    """A tied head x E^T and its table's lookup from one set of codes: `gather` becomes GatherBlockQuantized (now),
+    the head MatMulNBits over the same bytes seen as [V, blocks, block bytes] (a Reshape onnxruntime folds when
+    the session starts) and the same scales and zero points (their layouts agree)."""
+    rows, cols = weight.codes.shape
+    if not tied_accepts((rows, cols), weight.block):
+        raise ValueError(f"MatMulNBits reads whole blocks: {rows} rows are not a multiple of the block")
+    block, bits = gather_block(rows, weight.block), weight.bits
+    new_nodes, rows_value = gather_product(graph, weight, prefix)(gather.inputs[1], gather.name)
+    ir.convenience.replace_nodes_and_values(graph, gather, [gather], new_nodes, [gather.outputs[0]], [rows_value])
+    data, _, *tables = new_nodes[0].inputs  # codes, ids, scales[, zero points]
+    shape = add_initializer(graph, f"{prefix}.blocks_shape", np.array([cols, rows // block, block * bits // 8]))
+
+    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+        blocks, result = ir.Value(name=f"{data.name}.blocks"), ir.Value(name=f"{name}.product")
+        attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block, "accuracy_level": MATMUL_NBITS_ACCURACY}
+        return [ir.node("Reshape", [data, shape], outputs=[blocks], name=f"{name}.Reshape"),
+                ir.node("MatMulNBits", [x, blocks, *tables], attributes, domain=GATHER_DOMAIN, outputs=[result],
+                        name=name)], result
 
     return product
 

@@ -9,6 +9,7 @@ import pytest
 from symshrink.passes.analysis.weights import find_weight_sites
 from symshrink.passes.quant.grid import encode_grid, grid_offer
 from symshrink.rules import quant_rule
+from symshrink.runtime.executor import Executor
 from symshrink.runtime.formats import quantize_grid
 from symshrink.runtime.ort import run_all, session_for_model
 from tests.conftest import mlp_model
@@ -143,7 +144,37 @@ def test_gather_tables_become_gather_block_quantized_with_the_numpy_grids_rows(b
     assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-2  # MatMulNBits' int8 activations
 
 
-def test_a_table_read_twice_is_passed_over_as_tied():
-    sites, passed = find_weight_sites(_embedding_model(tied=True), tables=True)
-    assert [s.node for s in sites] == ["proj"] and "tied" in passed["embed"]
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (8, False), (2, False)])
+def test_a_tied_head_and_its_table_share_one_set_of_codes(bits, symmetric):
+    """Gather(E) and MatMul(z, Transpose(E)): one site (the head's), one copy of the codes, read by
+    GatherBlockQuantized and MatMulNBits; onnxruntime and the executor give the numpy grid's numbers."""
+    model = _embedding_model(tied=True)
+    table, weight = (model.graph.initializers[name].const_value.numpy() for name in ("E", "W"))
+    sites, passed = find_weight_sites(model, tables=True)
+    assert [(s.node, s.tied, s.rows, s.cols) for s in sites] == [("proj", None, 64, 64), ("head", "embed", 64, 200)]
+    assert "tied head head" in passed["embed"]
+    offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, 32, passed, symmetric=symmetric)
+    chosen, _ = quant_rule(offer, bits, None)
+    offer.rewrite(chosen)(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto)
+    ops = {n.name: n.op_type for n in proto.graph.node}
+    assert ops["embed"] == "GatherBlockQuantized" and ops["head"] == "MatMulNBits" and "head_t" not in ops
+    codes = [t for t in proto.graph.initializer if t.name.startswith("E.")]
+    assert sum(t.name.endswith(".data") for t in codes) == 1 and "E" not in {t.name for t in proto.graph.initializer}
+    ids = np.array([[0, 199, 5], [7, 7, 1]], np.int64)
+    approx_table = quantize_grid(table.T, 32, bits, symmetric).dequantize().T
+    z = approx_table[ids] @ quantize_grid(weight, 32, bits, symmetric).dequantize()
+    expected = z @ approx_table.T
+    (y,) = run_all(session_for_model(model), [{"ids": ids}])[0].values()
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 2e-2  # int8 activations in MatMulNBits
+    executed = Executor(model).run({"ids": ids})["y"]
+    np.testing.assert_allclose(executed, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_table_read_otherwise_twice_is_passed_over_as_tied():
+    proto = ir.to_proto(_embedding_model())
+    proto.graph.node.append(onnx.helper.make_node("Gather", ["E", "ids"], ["h2"], name="embed2"))
+    sites, passed = find_weight_sites(ir.from_proto(proto), tables=True)
+    assert [s.node for s in sites] == ["proj"] and "tied" in passed["embed"] and "tied" in passed["embed2"]
     assert find_weight_sites(_embedding_model(), tables=False)[0][0].node == "proj"
