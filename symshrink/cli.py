@@ -122,8 +122,9 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
     hyper = HyperOptions(codebook=args.codebook, tensor_error=args.tensor_error, side=args.side, group_size=group,
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
+    quant = QuantOptions(bits=args.bits, zero_points=args.zero_points, act_order=args.act_order)
     return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
-                           quant=QuantOptions(bits=args.bits, zero_points=args.zero_points), hyper=hyper, calib=args.calib,
+                           quant=quant, hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
@@ -330,6 +331,9 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--zero-points", action="store_true",
                          help="quant: a zero point per block, the grid over the block's range (default: symmetric "
                               "grids, no zero points stored)")
+    weights.add_argument("--act-order", action="store_true",
+                         help="quant: second-moment rounding takes the input rows in order of decreasing E[x_i^2], "
+                              "each block's scales set first on the weights as given (the stored layout is unchanged)")
     weights.add_argument("--rounding", choices=ROUNDINGS,
                          help="feedback rounds each input row and feeds its error forward on the calibration second "
                               "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "

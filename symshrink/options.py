@@ -121,10 +121,12 @@ class TernaryOptions:
 class QuantOptions:
     """Integer grids for MatMul/Gemm weights and Gather tables: `bits` per weight for every layer; with the
     per-layer budget, the fewest bits within it (else fp32). Symmetric grids (zero point 2^(bits-1), none stored)
-    unless `zero_points`: a zero point per block, the grid over the block's range."""
+    unless `zero_points`: a zero point per block, the grid over the block's range. `act_order`: second-moment
+    rounding takes the input rows in order of decreasing E[x_i^2] (frames set first; the layout is unchanged)."""
 
     bits: int = 4
     zero_points: bool = False
+    act_order: bool = False
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, GRID_BITS)

@@ -179,7 +179,8 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> 
     bits within --layer-error) and write them in place. The plan it wrote."""
     sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True)
     offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
-                       progress=options.progress, symmetric=not options.quant.zero_points)
+                       progress=options.progress, symmetric=not options.quant.zero_points,
+                       act_order=options.quant.act_order)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 

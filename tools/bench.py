@@ -62,7 +62,7 @@ BLOCK = 32  # MatMulNBits block size
 ACCURACY_LEVEL = 4  # int8 compute for MatMulNBits (2- and 8-bit are very slow without it)
 ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbits2", "nbits8"]
 # quantize_dynamic's defaults (Gather and Conv too); MatMulNBits over embedding tables (Gather) too
-OPTIONAL_VARIANTS = ["int8-dynamic-all", "nbits4-rtn-b32-gather"]
+OPTIONAL_VARIANTS = ["int8-dynamic-all", "nbits4-rtn-b32-gather", "int8-static"]
 MOMENT_NAME = re.compile(r"moment-(?P<selector>[a-z]+)-(?P<budget>(?:size@)?(?:keep|size)(?P<f>[0-9]*\.?[0-9]+))")
 TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                           r"ternary-(?P<block>b32|b64|b128|b256|channel)-(?P<correction>none|moments|lstsq)"
@@ -72,7 +72,7 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
-                        r"(?:-(?P<nearest>nearest))?")
+                        r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<nearest>nearest)|-(?P<ao>ao))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -80,6 +80,7 @@ NOTES = {
     "fp32": "original",
     "int8-dynamic": "quantize_dynamic, MatMul only, per-channel, reduce_range",
     "int8-dynamic-all": "quantize_dynamic defaults (MatMul, Gather, Conv...), per-channel, reduce_range",
+    "int8-static": "quantize_static QDQ, per-channel, reduce_range, activation ranges from the zoo calibration data",
     "nbits4-rtn-b32": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
     "nbits4-rtn-b32-gather": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}, and "
                              "Gather tables 4-bit (GatherBlockQuantized)",
@@ -159,13 +160,14 @@ def hyper_name(text: str) -> str:
 
 def quant_name(text: str) -> str:
     """Check an integer-grid variant name
-    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-nearest]: every weight site and
-    Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized; symmetric, or with
-    zero points: -zp), rounded with error feedback on the calibration second moment, or to nearest."""
+    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-eE][-nearest|-ao]: every weight
+    site and Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized; symmetric,
+    or with zero points: -zp), or with -eE the fewest bits within the per-layer error E (--layer-error), rounded with
+    error feedback on the calibration second moment (-ao: in act-order), or to nearest."""
     match = QUANT_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>"
-                                         f"[-zp][-nearest]: {text!r}")
+                                         f"[-zp][-eE][-nearest|-ao]: {text!r}")
     return text
 
 
@@ -213,6 +215,28 @@ def quantize_int8(named: Path, out: Path, matmul_only: bool) -> None:
 
     ops = ["MatMul"] if matmul_only else None
     quantize_dynamic(named, out, per_channel=True, reduce_range=True, op_types_to_quantize=ops)
+
+
+def quantize_static_int8(spec: str, entry: ZooModel, named: Path, out: Path) -> None:
+    """onnxruntime's static int8 (QDQ, per-channel weights, reduce_range) with activation ranges from the same
+    calibration feeds symshrink fits on (the zoo model's data set)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static  # noqa: PLC0415
+
+    from symshrink.options import options_from  # noqa: PLC0415
+    from symshrink.pipeline import calibration_feeds  # noqa: PLC0415
+    from symshrink.runtime.ort import input_specs  # noqa: PLC0415
+
+    session = ort.InferenceSession(str(named), providers=["CPUExecutionProvider"])
+    feeds = calibration_feeds(options_from(calib=entry.calib), spec, input_specs(session))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(named, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True)
 
 
 def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False, gather: bool = False) -> None:
@@ -326,11 +350,19 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     block = match["block"].removeprefix("b")
     rounding = "nearest" if match["nearest"] else "feedback"
     settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
-                                "block": None if block == "channel" else int(block), "zero_points": bool(match["zp"])}
-    what = f"{match['bits']}-bit {'grid with zero points' if match['zp'] else 'symmetric grid'}, block {block}, " + \
-        ("rounded to nearest" if match["nearest"] else "second-moment rounding (error feedback)")
+                                "block": None if block == "channel" else int(block), "zero_points": bool(match["zp"]),
+                                "act_order": bool(match["ao"])}
+    grid = f"{'grids with zero points' if match['zp'] else 'symmetric grids'}, block {block}, "
+    if match["error"]:
+        settings["layer_error"] = float(match["error"])
+        what = f"per layer the fewest bits (8/4/2) within output error {match['error']}, {grid}"
+    else:
+        what = f"{match['bits']}-bit {grid}"
+    what += "rounded to nearest" if match["nearest"] else \
+        f"second-moment rounding (error feedback{', act-order' if match['ao'] else ''})"
     variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
-    variant.extra = {"quant": f"{match['block']}-{match['bits']}-{'zp' if match['zp'] else 'sym'}-{rounding}"}
+    variant.extra = {"quant": f"{match['block']}-{match['bits']}-{'zp' if match['zp'] else 'sym'}-"
+                              f"e{match['error'] or '-'}-{rounding}{'-ao' if match['ao'] else ''}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
@@ -362,6 +394,7 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
     builders: dict[str, Any] = {
         "int8-dynamic": lambda out: quantize_int8(named, out, matmul_only=True),
         "int8-dynamic-all": lambda out: quantize_int8(named, out, matmul_only=False),
+        "int8-static": lambda out: quantize_static_int8(spec, entry, named, out),
         "nbits4-rtn-b32": lambda out: quantize_nbits(named, out, 4),
         "nbits4-rtn-b32-gather": lambda out: quantize_nbits(named, out, 4, gather=True),
         "nbits4-kquant": lambda out: quantize_nbits(named, out, 4, kquant=True),

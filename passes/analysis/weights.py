@@ -110,7 +110,7 @@ def _tied_heads(model: ir.Model) -> dict[str, WeightSite]:
         if not isinstance(site, WeightSite):
             continue
         others = [user for user, _ in gather.inputs[0].uses() if user is not gather]
-        if len(others) != 1 or others[0].op_type != "Transpose" or attr(others[0], "perm", [1, 0]) != [1, 0]:
+        if len(others) != 1 or others[0].op_type != "Transpose" or list(attr(others[0], "perm", [1, 0])) != [1, 0]:
             continue
         readers = others[0].outputs[0].uses()
         head = readers[0][0] if len(readers) == 1 else None

@@ -3,7 +3,10 @@ forward onto the rows not yet rounded, so that the output error E||x (W - Q)||^2
 H = E[x x^T], is what is kept small. With U the upper Cholesky factor of (H + damp)^-1, row i rounds to q_i and
 rows j > i take w_j -= U[i, j] (w_i - q_i) / U[i, i] (in batches of `batch` rows, the rest updated lazily).
 Each block's frame (integer grid: scales and zero points; ternary: the optimal scale) is set on the error-fed rows
-when the block starts. With H = I nothing is fed forward and the codes are round-to-nearest's.
+when the block starts. With H = I nothing is fed forward and the codes are round-to-nearest's. Act-order rounds the
+rows in order of decreasing E[x_i^2] (the inputs that carry most first, so that later rows absorb their error); the
+stored layout is unchanged because each block's frame is then set up front, on the weights as given (GPTQ's static
+groups): no permutation reaches the graph.
 """
 
 from __future__ import annotations
@@ -72,24 +75,32 @@ class TernaryGrid:
 
 
 def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, grid: Grid,
-                        damping: float = DAMPING, batch: int = 128) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+                        damping: float = DAMPING, batch: int = 128,
+                        act_order: bool = False) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
     """Codes [K, N] of `weight` on `grid` (blocks of `block` input rows, None: per column) chosen by second-moment
-    rounding against `hessian` [K, K] = E[x x^T] of the layer's input, and each block's frame."""
+    rounding against `hessian` [K, K] = E[x x^T] of the layer's input, and each block's frame. `act_order`: rows
+    in order of decreasing diag(H), frames set first on the weights as given."""
     rows, cols = weight.shape
-    u, dead = damped_cholesky_inverse(hessian, damping)
-    w = weight.astype(np.float64).copy()
-    w[dead] = 0.0
     size = rows if block is None else block
-    batch = -(-batch // size) * size if block is not None else batch  # blocks of rows never straddle a lazy batch
-    frames: list[tuple[np.ndarray, ...]] = []
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
+    h = np.asarray(hessian)[np.ix_(order, order)]
+    u, dead = damped_cholesky_inverse(h, damping)
+    w = weight.astype(np.float64)[order]
+    w[dead] = 0.0
+    if act_order:  # static frames, one per block of the stored layout
+        given = weight.astype(np.float64)
+        frames = [grid.frame(given[start: start + size]) for start in range(0, rows, size)]
+    else:
+        batch = -(-batch // size) * size if block is not None else batch  # blocks never straddle a lazy batch
+        frames = []
     codes = np.zeros((rows, cols))
     for start in range(0, rows, batch):
         end = min(start + batch, rows)
         errors = np.zeros((end - start, cols))
         for i in range(start, end):
-            if i % size == 0:  # a new block: its frame on the rows as they are now
+            if not act_order and i % size == 0:  # a new block: its frame on the rows as they are now
                 frames.append(grid.frame(w[i: min(i + size, rows)]))
-            codes[i], values = grid.round(w[i], frames[-1])
+            codes[order[i]], values = grid.round(w[i], frames[order[i] // size])
             errors[i - start] = (w[i] - values) / u[i, i]
             w[i + 1: end] -= np.outer(u[i, i + 1: end], errors[i - start])
         w[end:] -= u[start:end, end:].T @ errors  # the batch's errors onto every later row at once
@@ -97,9 +108,10 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
 
 
 def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
-                           symmetric: bool = False, damping: float = DAMPING) -> QuantizedWeight:
+                           symmetric: bool = False, damping: float = DAMPING, act_order: bool = False) -> QuantizedWeight:
     """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`)."""
-    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits, symmetric), damping)
+    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits, symmetric), damping,
+                                        act_order=act_order)
     scales, zero_points = (np.stack(parts) for parts in zip(*frames))
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
                            symmetric)

@@ -60,19 +60,19 @@ ROUNDINGS = ("feedback", "nearest")  # second-moment rounding on the calibration
 
 
 def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, bits: int,
-                rounding: str = "nearest", symmetric: bool = False) -> Encoded:
+                rounding: str = "nearest", symmetric: bool = False, act_order: bool = False) -> Encoded:
     """The grid codes of `weight`, rounded with error feedback on the input's second moment where asked and
-    known, else to nearest; with their relative output error on the calibration moments."""
+    known (in act-order if asked), else to nearest; with their relative output error on the calibration moments."""
     if rounding == "feedback" and stats is not None:
-        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits, symmetric)
+        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits, symmetric, act_order=act_order)
     else:
         quantized = quantize_grid(weight, block, bits, symmetric)
     return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))
 
 
 def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int,
-                 rounding: str, symmetric: bool) -> Encoded:
-    return encode_grid(weight(), stats, block, bits, rounding, symmetric)
+                 rounding: str, symmetric: bool, act_order: bool) -> Encoded:
+    return encode_grid(weight(), stats, block, bits, rounding, symmetric, act_order)
 
 
 def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
@@ -104,6 +104,7 @@ class GridPlan:
     rounding: str  # a ROUNDINGS entry
     layer_error: float | None  # the per-layer budget on the relative output error
     symmetric: bool = False  # zero points 2^(bits-1), not stored
+    act_order: bool = False  # fed-back rows rounded in order of decreasing E[x_i^2]
     layers: list[GridLayer] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
 
@@ -114,7 +115,8 @@ class GridPlan:
         block = "channel" if self.block is None else self.block
         budget = "none" if self.layer_error is None else f"{self.layer_error:g}"
         grid = "symmetric" if self.symmetric else "zero points"
-        lines = [f"plan: method=quant rounding={self.rounding} block={block} grid={grid} layer error budget={budget}",
+        rounding = self.rounding + (" act-order" if self.act_order else "")
+        lines = [f"plan: method=quant rounding={rounding} block={block} grid={grid} layer error budget={budget}",
                  f"  {'node':<40} {'op':<6} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
@@ -161,7 +163,7 @@ class CodesPass(InPlacePass):
 
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
-               progress: bool = False, symmetric: bool = False) -> Offer:
+               progress: bool = False, symmetric: bool = False, act_order: bool = False) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
     with its calibrated output error), then fp32. Bytes from the format table (GatherBlockQuantized for tables)."""
     offered, candidates = [], {}
@@ -174,8 +176,10 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
             row = FORMATS[f"uint{b}-{'gather' if site.table or site.tied else 'dequantize'}"]
             if not row.accepts(shape, block=block, symmetric=symmetric) or (site.tied and not tied_accepts(shape, block)):
                 continue
-            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric))
-            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'} "
+            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric,
+                                    act_order))
+            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
+                                     f"{' act-order' if fed and act_order else ''} "
                                      f"b{block or 'channel'}{' sym' if symmetric else ''}",
                                      row.predict_bytes(shape, block=block, symmetric=symmetric)
                                      + (TIED_EXTRA_BYTES if site.tied else 0),
@@ -185,7 +189,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         candidates[site.node] = options
 
     def rewrite(chosen: Mapping[str, Candidate]) -> CodesPass:
-        plan = GridPlan(block, rounding, None, symmetric, passed_over=passed_over)
+        plan = GridPlan(block, rounding, None, symmetric, act_order, passed_over=passed_over)
         encodings = {}
         for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
             pick = chosen.get(site.node)

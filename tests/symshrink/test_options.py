@@ -22,6 +22,10 @@ def test_cli_strings_become_typed_values():
     assert _options("--target-size", "0.6").moment.target_size == 0.6
     assert _options("--block-size", "128").weights.block == 128
     assert _options("--method", "quant", "--bits", "2").quant.bits == 2
+    assert not _options("--method", "quant").quant.zero_points
+    assert _options("--method", "quant", "--zero-points", "--block-size", "16").quant.zero_points
+    assert _options("--method", "quant", "--act-order").quant.act_order
+    assert _options("--block-size", "16").weights.block == 16
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -67,3 +67,21 @@ def test_ternary_feedback_is_the_optimal_fit_under_identity_and_beats_it_on_corr
         return float(np.einsum("kn,kn->", e, hessian @ e))
 
     assert error(fed) < FEEDBACK_GAIN * error(plain)
+
+
+@pytest.mark.parametrize("bits, block", [(4, 32), (2, 32), (4, None)])
+def test_act_order_beats_nearest_and_keeps_the_stored_layout(bits, block):
+    x = _correlated() * np.linspace(0.2, 3.0, 96)  # inputs of unequal power: the order matters
+    hessian = x.T @ x / len(x)
+    weight = np.random.default_rng(1).standard_normal((96, 40))
+    ordered = quantize_with_feedback(weight, hessian, block, bits, act_order=True)
+    nearest = quantize_grid(weight, block, bits)
+    np.testing.assert_allclose(ordered.scales, nearest.scales)  # static frames: set on the weights as given
+    assert _output_error(weight, ordered, hessian) < FEEDBACK_GAIN * _output_error(weight, nearest, hessian)
+
+
+def test_act_order_under_a_diagonal_second_moment_is_round_to_nearest():
+    weight = np.random.default_rng(2).standard_normal((64, 24))
+    hessian = np.diag(np.random.default_rng(3).uniform(0.5, 2.0, 64))  # an order, nothing to feed forward
+    ordered = quantize_with_feedback(weight, hessian, 32, 4, act_order=True)
+    np.testing.assert_array_equal(ordered.codes, quantize_grid(weight, 32, 4).codes)

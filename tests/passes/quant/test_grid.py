@@ -110,7 +110,7 @@ def _embedding_model(vocab: int = 200, width: int = 64, tied: bool = False) -> i
     nodes = [onnx.helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
              onnx.helper.make_node("MatMul", ["h", "W"], ["z"], name="proj")]
     if tied:
-        nodes += [onnx.helper.make_node("Transpose", ["E"], ["Et"], name="head_t"),
+        nodes += [onnx.helper.make_node("Transpose", ["E"], ["Et"], name="head_t", perm=[1, 0]),
                   onnx.helper.make_node("MatMul", ["z", "Et"], ["y"], name="head")]
     else:
         nodes.append(onnx.helper.make_node("Identity", ["z"], ["y"], name="out"))
