@@ -331,9 +331,10 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--zero-points", action="store_true",
                          help="quant: a zero point per block, the grid over the block's range (default: symmetric "
                               "grids, no zero points stored)")
-    weights.add_argument("--act-order", action="store_true",
+    weights.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                          help="quant: second-moment rounding takes the input rows in order of decreasing E[x_i^2], "
-                              "each block's scales set first on the weights as given (the stored layout is unchanged)")
+                              "each block's scales set first on the weights as given (the stored layout is unchanged; "
+                              "default); --no-act-order: in stored order, each block's scales set on its error-fed rows")
     weights.add_argument("--rounding", choices=ROUNDINGS,
                          help="feedback rounds each input row and feeds its error forward on the calibration second "
                               "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "

@@ -126,7 +126,7 @@ class QuantOptions:
 
     bits: int = 4
     zero_points: bool = False
-    act_order: bool = False
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, GRID_BITS)

@@ -72,7 +72,7 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
-                        r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<nearest>nearest)|-(?P<ao>ao))?")
+                        r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -160,14 +160,15 @@ def hyper_name(text: str) -> str:
 
 def quant_name(text: str) -> str:
     """Check an integer-grid variant name
-    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-eE][-nearest|-ao]: every weight
-    site and Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized; symmetric,
-    or with zero points: -zp), or with -eE the fewest bits within the per-layer error E (--layer-error), rounded with
-    error feedback on the calibration second moment (-ao: in act-order), or to nearest."""
+    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-eE][-nearest|-inorder]: every
+    weight site and Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized;
+    symmetric, or with zero points: -zp), or with -eE the fewest bits within the per-layer error E (--layer-error),
+    rounded with error feedback on the calibration second moment in act-order (-inorder: in stored order), or to
+    nearest."""
     match = QUANT_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>"
-                                         f"[-zp][-eE][-nearest|-ao]: {text!r}")
+                                         f"[-zp][-eE][-nearest|-inorder]: {text!r}")
     return text
 
 
@@ -351,7 +352,7 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     rounding = "nearest" if match["nearest"] else "feedback"
     settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
                                 "block": None if block == "channel" else int(block), "zero_points": bool(match["zp"]),
-                                "act_order": bool(match["ao"])}
+                                "act_order": not match["inorder"]}
     grid = f"{'grids with zero points' if match['zp'] else 'symmetric grids'}, block {block}, "
     if match["error"]:
         settings["layer_error"] = float(match["error"])
@@ -359,10 +360,10 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     else:
         what = f"{match['bits']}-bit {grid}"
     what += "rounded to nearest" if match["nearest"] else \
-        f"second-moment rounding (error feedback{', act-order' if match['ao'] else ''})"
+        f"second-moment rounding (error feedback{', in stored order' if match['inorder'] else ', act-order'})"
     variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
     variant.extra = {"quant": f"{match['block']}-{match['bits']}-{'zp' if match['zp'] else 'sym'}-"
-                              f"e{match['error'] or '-'}-{rounding}{'-ao' if match['ao'] else ''}"}
+                              f"e{match['error'] or '-'}-{rounding}{'-inorder' if match['inorder'] else ''}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 

@@ -24,7 +24,7 @@ def test_cli_strings_become_typed_values():
     assert _options("--method", "quant", "--bits", "2").quant.bits == 2
     assert not _options("--method", "quant").quant.zero_points
     assert _options("--method", "quant", "--zero-points", "--block-size", "16").quant.zero_points
-    assert _options("--method", "quant", "--act-order").quant.act_order
+    assert _options("--method", "quant").quant.act_order and not _options("--no-act-order").quant.act_order
     assert _options("--block-size", "16").weights.block == 16
 
 
