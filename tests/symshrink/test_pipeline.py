@@ -204,8 +204,8 @@ def test_minilm_l3_on_the_4bit_grid_codes_its_embedding_tables_too(tmp_path):
     assert len(lookups) == 3 and {n.domain for n in lookups} == {"com.microsoft"}  # words, positions, token types
     assert not any(n.op_type == "Gather" and n.input[0] in {i.name for i in model.graph.initializer}
                    for n in model.graph.node)
-    # every MatMul weight and table at 4 bits with a float scale per 32 (5 bits a weight): measured 0.159x,
-    # held-out cosine 0.985
+    # every MatMul weight and table at 4 bits with a float scale per 32 (5 bits a weight): measured 0.159x, held-out
+    # cosine 0.990 (2-core AMD EPYC, onnxruntime 1.32)
     assert report.bytes_after < 0.17 * report.bytes_before
     assert min(d.cosine for d in report.diffs) > 0.97
     onnx.checker.check_model(str(out))
