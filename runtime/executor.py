@@ -22,7 +22,7 @@ from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import Backend, cpu_backend, is_host
 from symshrink.runtime.kernels import KernelStep, plan_kernels
-from symshrink.runtime.ops import HOST_INPUTS, OPS, OpContext, op_key
+from symshrink.runtime.ops import HOST_INPUTS, OPS, PACKED_INPUTS, OpContext, op_key
 
 __all__ = ["Executor", "ExecutorSummary"]
 
@@ -65,6 +65,15 @@ class _Program:
     steps: list[_NodeStep | KernelStep]
     drops: list[list[str]] = field(default_factory=list)
     constants: dict[str, Any] = field(default_factory=dict)  # initializers and Constant outputs, placed
+
+
+def _bytes_as_packed(node, constants: dict[str, np.ndarray]) -> bool:
+    """An op that unpacks bytes (`PACKED_INPUTS`) reads a constant of uint8 there (or a computed value)."""
+    index = PACKED_INPUTS.get(op_key(node.domain, node.op_type))
+    if index is None or index >= len(node.inputs) or node.inputs[index] is None:
+        return True
+    array = constants.get(node.inputs[index].name)
+    return array is None or array.dtype == np.uint8
 
 
 @dataclass
@@ -135,6 +144,9 @@ class Executor:
                 self._function_counts[node.op_type] += 1
             elif op_key(node.domain, node.op_type) not in OPS:
                 self._missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
+            elif not _bytes_as_packed(node, constants):
+                packed = constants[inputs[PACKED_INPUTS[op_key(node.domain, node.op_type)]]]
+                self._missing.add(f"{node.op_type} over {packed.dtype} codes")
             steps.append(_NodeStep(node, attrs, inputs, outputs, body))
         inputs = [v.name for v in graph.inputs]
         outputs = [v.name for v in graph.outputs]

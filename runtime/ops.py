@@ -25,7 +25,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.runtime.backend import Backend
 
-__all__ = ["OPS", "HOST_INPUTS", "OpContext", "register", "supported_ops", "op_key"]
+__all__ = ["OPS", "HOST_INPUTS", "PACKED_INPUTS", "OpContext", "register", "supported_ops", "op_key"]
 
 
 @dataclass
@@ -725,6 +725,11 @@ def _blocked_rows(xp, codes, scales, zero_points, bits: int, block: int):
         zeros = _unpack_low_bits(xp, zero_points, bits, scales.shape[1])
     offsets = codes - xp.repeat(zeros, block, axis=1)[:, :width]
     return offsets.astype(xp.float32) * xp.repeat(scales.astype(xp.float32), block, axis=1)[:, :width]
+
+
+# op -> the input holding packed bytes: the handlers unpack uint8 bytes only (onnxruntime's own quantizer may write
+# uint4/int4 tables, which the executor widens to a byte each before any op sees them: refused when compiling)
+PACKED_INPUTS = {"com.microsoft::GatherBlockQuantized": 0, "com.microsoft::MatMulNBits": 1}
 
 
 @register("com.microsoft::GatherBlockQuantized")

@@ -104,9 +104,11 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
     for site, options in offer.candidates.items():
         grids = [c for c in options if c.method != "fp32"]  # widest first
         if layer_error is None:
-            chosen[site] = next((c for c in grids if c.method == f"uint{bits}"), options[-1])
-            if chosen[site] is options[-1]:
-                reasons[site] = f"no {bits}-bit format holds this shape"
+            wider = [c for c in grids if int(c.method.removeprefix("uint")) >= bits]  # widest first
+            chosen[site] = wider[-1] if wider else options[-1]
+            if chosen[site].method != f"uint{bits}":
+                reasons[site] = f"no {bits}-bit format holds this shape: " + \
+                    (chosen[site].method.removeprefix("uint") + " bits" if wider else "no wider grid either")
             continue
         within = [c for c in grids if c.predicted_error() <= layer_error]
         chosen[site] = within[-1] if within else options[-1]

@@ -86,9 +86,10 @@ def _gemm_site(node: ir.Node) -> WeightSite | str:
 
 def _gather_site(node: ir.Node) -> WeightSite | str | None:
     table, indices = node.inputs[0], node.inputs[1]
-    shape = constant_tensor(table).shape if is_constant(table) else None
-    if shape is None or len(shape) != 2:
-        return None  # a Gather of activations or shapes: no table, nothing to report
+    tensor = constant_tensor(table) if is_constant(table) else None
+    if tensor is None or len(tensor.shape) != 2 or not tensor.dtype.is_floating_point():
+        return None  # a Gather of activations, shapes or integer tables: no weights, nothing to report
+    shape = tensor.shape
     if attr(node, "axis", 0) not in (0, -2):
         return "Gather along the table's columns"
     if is_constant(indices):
@@ -135,7 +136,7 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
         if handler is None or (node.op_type == "Gather" and not tables):
             continue
         if node.name in tied_gathers:
-            passed[node.name] = f"table coded with its tied head {tied_gathers[node.name]}"
+            passed[node.name] = f"table read with its tied head {tied_gathers[node.name]} (one site)"
             continue
         site = heads.get(node.name) or handler(node)
         if site is None:

@@ -89,6 +89,7 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
     w[dead] = 0.0
     if act_order:  # static frames, one per block of the stored layout
         given = weight.astype(np.float64)
+        given[order[dead]] = 0.0
         frames = [grid.frame(given[start: start + size]) for start in range(0, rows, size)]
     else:
         batch = -(-batch // size) * size if block is not None else batch  # blocks never straddle a lazy batch

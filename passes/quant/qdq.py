@@ -65,9 +65,10 @@ def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Pro
 
 
 def tied_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, gather: ir.Node) -> Product:
-    """A tied head x E^T and its table's lookup from one set of codes: `gather` becomes GatherBlockQuantized (now),
-    the head MatMulNBits over the same bytes seen as [V, blocks, block bytes] (a Reshape onnxruntime folds when
-    the session starts) and the same scales and zero points (their layouts agree)."""
+    """A tied head x E^T and its table's lookup from one set of codes in the file: `gather` becomes
+    GatherBlockQuantized (now), the head MatMulNBits over the same bytes seen as [V, blocks, block bytes] and the
+    same scales and zero points (their layouts agree). onnxruntime folds the Reshape into a copy when the session
+    starts and MatMulNBits repacks it, so memory holds the codes twice, both low-bit."""
     rows, cols = weight.codes.shape
     if not tied_accepts((rows, cols), weight.block):
         raise ValueError(f"MatMulNBits reads whole blocks: {rows} rows are not a multiple of the block")

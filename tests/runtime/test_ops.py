@@ -333,3 +333,17 @@ def test_runtime_doc_lists_every_supported_op():
     assert listed.rstrip(".\n").replace("\n", " ").split(", ") == [op for op in supported_ops() if "::" not in op]
     others = doc.split("Ops of other domains:", 1)[1].split("\n\n")[0]
     assert [op for op in supported_ops() if "::" in op] == [op.strip(" .`") for op in others.replace("\n", " ").split(",")]
+
+
+def test_gather_block_quantized_refuses_codes_it_does_not_unpack():
+    """onnxruntime's own quantizer writes uint4 tables; the executor reads only the uint8 bytes symshrink writes."""
+    table = numpy_helper.from_array(np.zeros((8, 32), ml_dtypes.uint4), "data")
+    scales = numpy_helper.from_array(np.ones((8, 1), np.float32), "scales")
+    graph = helper.make_graph(
+        [helper.make_node("GatherBlockQuantized", ["data", "ids", "scales"], ["y"], domain="com.microsoft",
+                          block_size=32, bits=4)],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [table, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    with pytest.raises(BadInput, match="GatherBlockQuantized over uint4 codes"):
+        Executor(ir.from_proto(model))

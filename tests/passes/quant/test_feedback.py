@@ -42,13 +42,16 @@ def test_identity_second_moment_is_round_to_nearest(bits, block):
     np.testing.assert_allclose(fed.scales, nearest.scales)
 
 
-def test_rows_no_input_reaches_are_zero_and_do_not_break_the_factorisation():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_rows_no_input_reaches_are_zero_and_do_not_break_the_factorisation(act_order):
     x = _correlated(rows=32)
     x[:, 5] = 0.0  # a dead input: diag H = 0
     hessian = x.T @ x / len(x)
     weight = np.random.default_rng(3).standard_normal((32, 8))
-    fed = quantize_with_feedback(weight, hessian, 32, 4)
+    weight[5] = 50.0  # a dead row's weights must not widen its block's grid
+    fed = quantize_with_feedback(weight, hessian, 32, 4, act_order=act_order)
     assert np.all(np.isfinite(fed.dequantize())) and np.all(fed.dequantize()[5] == 0)
+    assert np.all(np.abs(fed.scales) < 1.0)
 
 
 def test_ternary_feedback_is_the_optimal_fit_under_identity_and_beats_it_on_correlated_inputs():

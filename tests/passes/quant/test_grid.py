@@ -178,3 +178,17 @@ def test_a_table_read_otherwise_twice_is_passed_over_as_tied():
     sites, passed = find_weight_sites(ir.from_proto(proto), tables=True)
     assert [s.node for s in sites] == ["proj"] and "tied" in passed["embed"] and "tied" in passed["embed2"]
     assert find_weight_sites(_embedding_model(), tables=False)[0][0].node == "proj"
+
+
+def test_integer_tables_are_no_sites_and_a_grid_that_cannot_hold_a_table_gives_the_next_wider():
+    proto = ir.to_proto(_embedding_model(width=75))  # rows of 75: whole bytes at 8 bits only
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.arange(400, dtype=np.int64).reshape(200, 2), "T"))
+    proto.graph.node.append(onnx.helper.make_node("Gather", ["T", "ids"], ["t"], name="lookup_ints"))
+    model = ir.from_proto(proto)
+    sites, passed = find_weight_sites(model, tables=True, min_elements=0)
+    assert [s.node for s in sites] == ["embed", "proj"] and "lookup_ints" not in passed
+    offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, 32, passed)
+    assert [c.method for c in offer.candidates["embed"]] == ["uint8", "fp32"]
+    chosen, reasons = quant_rule(offer, 4, None)
+    assert chosen["embed"].method == "uint8" and "8 bits" in reasons["embed"]
+    assert chosen["proj"].method == "uint4" and "proj" not in reasons
