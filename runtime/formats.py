@@ -35,8 +35,9 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
            "decode_dequantize", "SIGNED_DTYPES",
            # GatherBlockQuantized
-           "GATHER_DOMAIN", "gather_block", "gather_accepts", "tied_accepts", "TIED_EXTRA_BYTES", "pack_low_bits",
-           "unpack_low_bits", "gather_arrays", "decode_gather",
+           "CONTRIB_DOMAIN", "gather_block", "gather_accepts", "tied_accepts", "TIED_EXTRA_BYTES", "pack_low_bits",
+           "unpack_low_bits", "gather_arrays", "decode_gather", "MATMUL_NBITS_ACCURACY", "matmul_nbits_accepts",
+           "matmul_nbits_arrays", "decode_matmul_nbits",
            # ternary
            "Ternary", "ternarize", "ternary_scales", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS",
            "TERNARY_RADIXES", "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -202,8 +203,9 @@ def decode_dequantize(stored: Stored) -> np.ndarray:
 # per token, `bits`-bit codes packed low bits first into bytes along D, a scale (and a packed zero point) per
 # block of `block_size` entries of the row (a power of two >= 16; the last block may be short). As a weight
 # site the table is W = E^T [K = D, N = V]: the same blocks of input rows per column as DequantizeLinear's.
-GATHER_DOMAIN = "com.microsoft"
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: GatherBlockQuantized, MatMulNBits
 GATHER_MIN_BLOCK = 16
+MATMUL_NBITS_ACCURACY = 4  # int8 activations: what onnxruntime gives the MatMulNBits it fuses from DequantizeLinear
 
 
 def gather_block(rows: int, block: int | None) -> int:
@@ -244,18 +246,52 @@ def unpack_low_bits(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return codes.reshape(packed.shape[0], -1)[:, :cols]
 
 
+def _token_rows(weight: QuantizedWeight) -> dict[str, np.ndarray]:
+    """The codes of W [K, N] as N rows of packed bytes along K, scales [N, blocks] and (unless symmetric) packed
+    zero points [N, bytes]: the layout GatherBlockQuantized and MatMulNBits share."""
+    arrays = {"data": pack_low_bits(weight.codes.T, weight.bits), "scales": np.ascontiguousarray(weight.scales.T)}
+    if not weight.symmetric:
+        arrays["zero_points"] = pack_low_bits(weight.zero_points.T, weight.bits)
+    return arrays
+
+
 def gather_arrays(weight: QuantizedWeight) -> Stored:
     """GatherBlockQuantized's constant inputs (data, scales[, zero_points]) and attributes for the table E = W^T of
     a quantized W [D, V]: per token row, codes packed along D, scales [V, blocks]. Symmetric: no zero points
     (the op's default is 2^(bits-1))."""
     rows, _ = weight.codes.shape
-    block = gather_block(rows, weight.block)
     if not gather_accepts(weight.codes.shape, weight.bits):
         raise ValueError(f"GatherBlockQuantized cannot hold rows of {rows} {weight.bits}-bit codes")
-    arrays = {"data": pack_low_bits(weight.codes.T, weight.bits), "scales": np.ascontiguousarray(weight.scales.T)}
-    if not weight.symmetric:
-        arrays["zero_points"] = pack_low_bits(weight.zero_points.T, weight.bits)
-    return Stored(arrays, {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": weight.bits})
+    block = gather_block(rows, weight.block)
+    return Stored(_token_rows(weight), {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": weight.bits})
+
+
+def matmul_nbits_accepts(shape: tuple[int, int], block: int | None) -> bool:
+    """Whether MatMulNBits holds a weight [K, N] exactly: whole blocks of K (a power of two >= 16)."""
+    return block is not None and block >= GATHER_MIN_BLOCK and shape[0] % block == 0
+
+
+def matmul_nbits_arrays(weight: QuantizedWeight) -> Stored:
+    """MatMulNBits' constant inputs (B [N, blocks, block bytes], scales [N, blocks][, zero_points]) and attributes:
+    the codes onnxruntime would fuse from DequantizeLinear, written as it holds them (no fusion at load: less
+    memory)."""
+    rows, cols = weight.codes.shape
+    if not matmul_nbits_accepts(weight.codes.shape, weight.block):
+        raise ValueError(f"MatMulNBits cannot hold {rows} rows in blocks of {weight.block}")
+    arrays = _token_rows(weight)
+    blocks = rows // weight.block
+    arrays = {"B": arrays.pop("data").reshape(cols, blocks, weight.block * weight.bits // 8), **arrays}
+    return Stored(arrays, {"K": rows, "N": cols, "bits": weight.bits, "block_size": weight.block,
+                           "accuracy_level": MATMUL_NBITS_ACCURACY})
+
+
+def decode_matmul_nbits(stored: Stored) -> np.ndarray:
+    """numpy reference of MatMulNBits' weight as `matmul_nbits_arrays` writes it: W [K, N] float32."""
+    bits, block = stored.attributes["bits"], stored.attributes["block_size"]
+    codes = stored.arrays["B"].reshape(stored.attributes["N"], -1)
+    table = Stored({"data": codes, **{k: a for k, a in stored.arrays.items() if k != "B"}},
+                   {"bits": bits, "block_size": block})
+    return decode_gather(table)[: stored.attributes["K"]]
 
 
 def decode_gather(stored: Stored) -> np.ndarray:
@@ -879,8 +915,13 @@ def _rows() -> list[Format]:
                            "blocked or per column) -> MatMul", "DequantizeLinear", "", (), BUDGETS[f"uint{bits}-rtn"],
                            partial(_encode_grid, dequantize_arrays, bits), decode_dequantize,
                            partial(_quantized_bytes, bits=bits), _GRID_SETTINGS))
-        rows.append(Format(f"uint{bits}-gather", f"{GATHER_DOMAIN}.GatherBlockQuantized (bits={bits}) in place of "
-                           "Gather, reading the table E = W^T", "GatherBlockQuantized", GATHER_DOMAIN, (),
+        rows.append(Format(f"uint{bits}-matmulnbits", f"{CONTRIB_DOMAIN}.MatMulNBits (bits={bits}) in place of MatMul, "
+                           "whole blocks of input rows", "MatMulNBits", CONTRIB_DOMAIN, (), BUDGETS[f"uint{bits}-rtn"],
+                           partial(_encode_grid, matmul_nbits_arrays, bits), decode_matmul_nbits,
+                           partial(_gather_bytes, bits=bits), _GRID_SETTINGS[:1] + _GRID_SETTINGS[2:4],
+                           accepts=lambda shape, block=32, **settings: matmul_nbits_accepts(shape, block)))
+        rows.append(Format(f"uint{bits}-gather", f"{CONTRIB_DOMAIN}.GatherBlockQuantized (bits={bits}) in place of "
+                           "Gather, reading the table E = W^T", "GatherBlockQuantized", CONTRIB_DOMAIN, (),
                            BUDGETS[f"uint{bits}-rtn"], partial(_encode_grid, gather_arrays, bits), decode_gather,
                            partial(_gather_bytes, bits=bits), _GRID_SETTINGS,
                            accepts=lambda shape, bits=bits, **settings: gather_accepts(shape, bits)))

@@ -28,10 +28,18 @@ from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.quant.feedback import quantize_with_feedback
 from symshrink.passes.quant.qdq import PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
-from symshrink.runtime.formats import FORMATS, GRID_BITS, TIED_EXTRA_BYTES, QuantizedWeight, quantize_grid, tied_accepts
+from symshrink.runtime.formats import (
+    FORMATS,
+    GRID_BITS,
+    TIED_EXTRA_BYTES,
+    QuantizedWeight,
+    matmul_nbits_accepts,
+    quantize_grid,
+    tied_accepts,
+)
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
-           "grid_offer", "GRID_BITS"]
+           "grid_offer", "site_format", "GRID_BITS"]
 
 
 @dataclass(frozen=True)
@@ -127,27 +135,44 @@ class GridPlan:
         return "\n".join(lines)
 
 
-class CodesPass(InPlacePass):
-    """Write each planned layer's codes (`encodings[node]`) as DequantizeLinear -> MatMul; upgrades the opset to 25.
-    `plan.layers` name each layer's codec ("fp32": left alone). Subclasses write other products (`product`)."""
+def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
+    """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in whole
+    blocks, when `packed`) or "dequantize" (DequantizeLinear -> MatMul: per-column scales, ragged blocks)."""
+    if site.table or site.tied:
+        return "gather"
+    return "matmulnbits" if packed and matmul_nbits_accepts((site.rows, site.cols), block) else "dequantize"
 
-    def __init__(self, plan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False):
+
+class CodesPass(InPlacePass):
+    """Write each planned layer's codes (`encodings[node]`): as DequantizeLinear -> MatMul (upgrading the opset to
+    25), or with `packed` as MatMulNBits where whole blocks allow, tables as GatherBlockQuantized. `plan.layers` name
+    each layer's codec ("fp32": left alone). Subclasses write other products (`product`)."""
+
+    def __init__(self, plan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False,
+                 packed: bool = False):
         super().__init__()
         self.plan = plan
         self.sites = {s.node: s for s in sites}
         self.encodings = encodings
         self.progress = progress
+        self.packed = packed
+
+    def _formats(self) -> set[str]:
+        return {site_format(self.sites[layer.node], self.encodings[layer.node].weight.block, self.packed)
+                for layer in self.plan.layers if layer.codec != "fp32"}
 
     def prepare(self, model: ir.Model) -> None:
-        ensure_opset(model)
-        if any(site.table or site.tied for site in self.sites.values()):
+        formats = self._formats()
+        if "dequantize" in formats:
+            ensure_opset(model)
+        if formats - {"dequantize"}:
             ensure_gather_domain(model)
 
     def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
         if site.tied:
             gather = next(node for node in model.graph if node.name == site.tied)
             return partial(tied_product, model.graph, encoded.weight, gather=gather)
-        return partial(PRODUCTS[site.op], model.graph, encoded.weight)
+        return partial(PRODUCTS[site_format(site, encoded.weight.block, self.packed)], model.graph, encoded.weight)
 
     def call(self, model: ir.Model) -> PassResult:
         planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
@@ -173,7 +198,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         fed = rounding == "feedback" and site.activation in stats
         options = []
         for b in bits:
-            row = FORMATS[f"uint{b}-{'gather' if site.table or site.tied else 'dequantize'}"]
+            row = FORMATS[f"uint{b}-{site_format(site, block, packed=True)}"]
             if not row.accepts(shape, block=block, symmetric=symmetric) or (site.tied and not tied_accepts(shape, block)):
                 continue
             encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric,
@@ -198,6 +223,6 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                                          None if codec == "fp32" else pick.predicted_error(), op=site.op))
             if codec != "fp32":
                 encodings[site.node] = pick.payload()
-        return CodesPass(plan, sites, encodings, progress)
+        return CodesPass(plan, sites, encodings, progress, packed=True)
 
     return Offer("quant", offered, candidates, rewrite)

@@ -30,8 +30,9 @@ def _stored_inputs(row, settings: dict) -> tuple[str, ...]:
     symmetric = settings.get("symmetric", False)
     if row.op_type == "DequantizeLinear":
         return ("q", "scale") if symmetric else ("q", "scale", "zero_point")
-    if row.op_type == "GatherBlockQuantized":
-        return ("data", "scales") if symmetric else ("data", "scales", "zero_points")
+    if row.op_type in ("GatherBlockQuantized", "MatMulNBits"):
+        data = "data" if row.op_type == "GatherBlockQuantized" else "B"
+        return (data, "scales") if symmetric else (data, "scales", "zero_points")
     return HYPER_INPUTS[row.op_type] if row.op_type in HYPER_INPUTS else TERNARY_INPUTS[1:]
 
 
@@ -92,7 +93,8 @@ def test_runtime_imports_nothing_from_the_passes():
 # its products differ from the float32 reference by the activations' rounding, about 2^-8 of their range.
 MATMUL_NBITS_TOLERANCE = 0.02  # relative L2 of x @ W against the reference's
 GRID_CASES = [(name, index) for name, index in CASES if FORMATS[name].op_type in ("DequantizeLinear",
-                                                                                    "GatherBlockQuantized")]
+                                                                                    "GatherBlockQuantized",
+                                                                                    "MatMulNBits")]
 
 
 def _grid_model(row, stored, shape: tuple[int, int]):
@@ -104,6 +106,10 @@ def _grid_model(row, stored, shape: tuple[int, int]):
         nodes = [helper.make_node("GatherBlockQuantized", ["data", "ids", *list(stored.arrays)[1:]], ["y"],
                                   domain=row.domain, **stored.attributes)]
         feed = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+        opsets = [helper.make_opsetid("", 21), helper.make_opsetid(row.domain, 1)]
+    elif row.op_type == "MatMulNBits":
+        nodes = [helper.make_node("MatMulNBits", ["x", *stored.arrays], ["y"], domain=row.domain, **stored.attributes)]
+        feed = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, rows])
         opsets = [helper.make_opsetid("", 21), helper.make_opsetid(row.domain, 1)]
     else:
         nodes = [helper.make_node("DequantizeLinear", list(stored.arrays), ["w"], **stored.attributes),
@@ -117,8 +123,9 @@ def _grid_model(row, stored, shape: tuple[int, int]):
 
 @pytest.mark.parametrize("name, index", GRID_CASES, ids=[f"{name}-{i}" for name, i in GRID_CASES])
 def test_onnxruntime_and_the_executor_read_the_grid_codes_as_the_reference_does(name, index):
-    """GatherBlockQuantized rows give the reference's table rows exactly; DequantizeLinear -> MatMul (MatMulNBits
-    in onnxruntime) gives x @ W within MATMUL_NBITS_TOLERANCE, and exactly on the executor."""
+    """GatherBlockQuantized rows give the reference's table rows exactly; MatMulNBits and DequantizeLinear -> MatMul
+    (MatMulNBits in onnxruntime) give x @ W within MATMUL_NBITS_TOLERANCE, and the reference's numbers on the
+    executor."""
     row, settings = FORMATS[name], FORMATS[name].settings[index]
     rng = np.random.default_rng(index)
     for shape in [s for s in SHAPES if row.accepts(s, **settings)]:

@@ -70,8 +70,8 @@ def test_rewrite_runs_in_onnxruntime_as_the_numpy_grid_network(bits):
     offer.rewrite(chosen)(model)
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
-    storage = {t.name: t.data_type for t in proto.graph.initializer}
-    assert {onnx.TensorProto.DataType.Name(storage[f"{w}.uint{bits}.q"]) for w in ("W1", "W2")} == {f"UINT{bits}"}
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]  # whole blocks: onnxruntime's own layout
+    assert len(nbits) == 2 and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
     (y,) = run_all(session_for_model(model), [{"x": x}])[0].values()
     w1, w2 = (quantize_grid(weights[w], 32, bits).dequantize() for w in ("W1", "W2"))
     expected = np.maximum(x @ w1 + biases["b1"], 0) @ w2 + biases["b2"]
@@ -116,7 +116,7 @@ def _embedding_model(vocab: int = 200, width: int = 64, tied: bool = False) -> i
         nodes.append(onnx.helper.make_node("Identity", ["z"], ["y"], name="out"))
     graph = onnx.helper.make_graph(
         nodes, "embedding", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["b", "t"])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", "t", "n"])],
         [onnx.numpy_helper.from_array(table, "E"), onnx.numpy_helper.from_array(weight, "W")])
     return ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
 
@@ -192,3 +192,14 @@ def test_integer_tables_are_no_sites_and_a_grid_that_cannot_hold_a_table_gives_t
     chosen, reasons = quant_rule(offer, 4, None)
     assert chosen["embed"].method == "uint8" and "8 bits" in reasons["embed"]
     assert chosen["proj"].method == "uint4" and "proj" not in reasons
+
+
+def test_codes_matmulnbits_cannot_hold_stay_behind_dequantize_linear():
+    """Per-column scales and ragged blocks: DequantizeLinear -> MatMul at opset 25; whole blocks: MatMulNBits."""
+    for block, op in ((None, "DequantizeLinear"), (128, "DequantizeLinear"), (32, "MatMulNBits")):
+        model = _model()  # K = 64 and 256: blocks of 128 leave the first layer ragged
+        sites, passed = find_weight_sites(model)
+        offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, block, passed)
+        offer.rewrite(quant_rule(offer, 4, None)[0])(model)
+        ops = [n.op_type for n in model.graph]
+        assert op in ops and (model.opset_imports[""] == 25) == (op == "DequantizeLinear")
