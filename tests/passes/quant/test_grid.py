@@ -203,3 +203,12 @@ def test_codes_matmulnbits_cannot_hold_stay_behind_dequantize_linear():
         offer.rewrite(quant_rule(offer, 4, None)[0])(model)
         ops = [n.op_type for n in model.graph]
         assert op in ops and (model.opset_imports[""] == 25) == (op == "DequantizeLinear")
+
+
+def test_a_tied_pair_whose_head_cannot_read_the_blocks_stays_fp32_and_says_why():
+    model = _embedding_model(width=96, tied=True)  # per-column: one block of 128 over 96 columns, not whole
+    sites, passed = find_weight_sites(model, tables=True)
+    offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, None, passed)
+    assert [c.method for c in offer.candidates["head"]] == ["fp32"]
+    chosen, reasons = quant_rule(offer, 4, None)
+    assert chosen["head"].method == "fp32" and "whole blocks of 128" in passed["embed"]
