@@ -67,13 +67,14 @@ class _Program:
     constants: dict[str, Any] = field(default_factory=dict)  # initializers and Constant outputs, placed
 
 
-def _bytes_as_packed(node, constants: dict[str, np.ndarray]) -> bool:
-    """An op that unpacks bytes (`PACKED_INPUTS`) reads a constant of uint8 there (or a computed value)."""
+def _unpackable_codes(node, constants: dict[str, np.ndarray]) -> np.dtype | None:
+    """The type of the constant an op that unpacks bytes (`PACKED_INPUTS`) would misread there (not uint8), else
+    None (no such op, a uint8 constant or a computed value)."""
     index = PACKED_INPUTS.get(op_key(node.domain, node.op_type))
     if index is None or index >= len(node.inputs) or node.inputs[index] is None:
-        return True
+        return None
     array = constants.get(node.inputs[index].name)
-    return array is None or array.dtype == np.uint8
+    return None if array is None or array.dtype == np.uint8 else array.dtype
 
 
 @dataclass
@@ -144,9 +145,8 @@ class Executor:
                 self._function_counts[node.op_type] += 1
             elif op_key(node.domain, node.op_type) not in OPS:
                 self._missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
-            elif not _bytes_as_packed(node, constants):
-                packed = constants[inputs[PACKED_INPUTS[op_key(node.domain, node.op_type)]]]
-                self._missing.add(f"{node.op_type} over {packed.dtype} codes")
+            elif (misread := _unpackable_codes(node, constants)) is not None:
+                self._missing.add(f"{node.op_type} over {misread} codes")
             steps.append(_NodeStep(node, attrs, inputs, outputs, body))
         inputs = [v.name for v in graph.inputs]
         outputs = [v.name for v in graph.outputs]

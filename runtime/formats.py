@@ -37,7 +37,7 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            # GatherBlockQuantized
            "CONTRIB_DOMAIN", "gather_block", "gather_accepts", "tied_accepts", "TIED_EXTRA_BYTES", "pack_low_bits",
            "unpack_low_bits", "gather_arrays", "decode_gather", "MATMUL_NBITS_ACCURACY", "matmul_nbits_accepts",
-           "matmul_nbits_arrays", "decode_matmul_nbits",
+           "matmul_nbits_arrays", "matmul_nbits_layout", "decode_matmul_nbits",
            # ternary
            "Ternary", "ternarize", "ternary_scales", "DIGITS_PER_BYTE", "pack_codes", "unpack_codes", "TERNARY_INPUTS",
            "TERNARY_RADIXES", "ternary_function_name", "ternary_function_arrays", "unpack_ternary_function",
@@ -221,8 +221,8 @@ def gather_accepts(shape: tuple[int, int], bits: int) -> bool:
 
 def tied_accepts(shape: tuple[int, int], block: int | None) -> bool:
     """Whether onnxruntime's MatMulNBits can read a table's GatherBlockQuantized codes as a tied head's weight:
-    it takes whole blocks only."""
-    return shape[0] % gather_block(shape[0], block) == 0
+    in the table's blocks (`gather_block`), it takes whole blocks only (`matmul_nbits_accepts`)."""
+    return matmul_nbits_accepts(shape, gather_block(shape[0], block))
 
 
 TIED_EXTRA_BYTES = 24  # the int64 [V, blocks, block bytes] shape through which the head reads the table's codes
@@ -275,14 +275,19 @@ def matmul_nbits_arrays(weight: QuantizedWeight) -> Stored:
     """MatMulNBits' constant inputs (B [N, blocks, block bytes], scales [N, blocks][, zero_points]) and attributes:
     the codes onnxruntime would fuse from DequantizeLinear, written as it holds them (no fusion at load: less
     memory)."""
-    rows, cols = weight.codes.shape
-    if not matmul_nbits_accepts(weight.codes.shape, weight.block):
-        raise ValueError(f"MatMulNBits cannot hold {rows} rows in blocks of {weight.block}")
     arrays = _token_rows(weight)
-    blocks = rows // weight.block
-    arrays = {"B": arrays.pop("data").reshape(cols, blocks, weight.block * weight.bits // 8), **arrays}
-    return Stored(arrays, {"K": rows, "N": cols, "bits": weight.bits, "block_size": weight.block,
-                           "accuracy_level": MATMUL_NBITS_ACCURACY})
+    shape, attributes = matmul_nbits_layout(weight.codes.shape, weight.bits, weight.block)
+    return Stored({"B": arrays.pop("data").reshape(shape), **arrays}, attributes)
+
+
+def matmul_nbits_layout(shape: tuple[int, int], bits: int, block: int | None) -> tuple[tuple[int, int, int], dict]:
+    """MatMulNBits' view of W [K, N] in blocks of `block` rows: the shape of B [N, blocks, block bytes] (the rows of
+    packed bytes `_token_rows` writes, cut into blocks) and the node's attributes."""
+    rows, cols = shape
+    if not matmul_nbits_accepts(shape, block):
+        raise ValueError(f"MatMulNBits cannot hold {rows} rows in blocks of {block}")
+    attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block, "accuracy_level": MATMUL_NBITS_ACCURACY}
+    return (cols, rows // block, block * bits // 8), attributes
 
 
 def decode_matmul_nbits(stored: Stored) -> np.ndarray:

@@ -97,6 +97,10 @@ def hyper_rule(offer: Offer, options: HyperOptions) -> Choice:
     return {site: pick_setting(cands, options.tensor_error) for site, cands in offer.candidates.items()}
 
 
+def _grid_bits(candidate: Candidate) -> int:
+    return int(candidate.method.removeprefix("uint"))  # a grid candidate's method is "uint<bits>"
+
+
 def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choice, dict[str, str]]:
     """Every layer on the grid of `bits`; with a per-layer budget, the fewest bits within it, else fp32. And why,
     where a layer is not on the asked grid."""
@@ -104,11 +108,11 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
     for site, options in offer.candidates.items():
         grids = [c for c in options if c.method != "fp32"]  # widest first
         if layer_error is None:
-            wider = [c for c in grids if int(c.method.removeprefix("uint")) >= bits]  # widest first
+            wider = [c for c in grids if _grid_bits(c) >= bits]  # widest first
             chosen[site] = wider[-1] if wider else options[-1]
             if chosen[site].method != f"uint{bits}":
                 reasons[site] = f"no {bits}-bit format holds this shape: " + \
-                    (chosen[site].method.removeprefix("uint") + " bits" if wider else "no wider grid either")
+                    (f"{_grid_bits(chosen[site])} bits" if wider else "no wider grid either")
             continue
         within = [c for c in grids if c.predicted_error() <= layer_error]
         chosen[site] = within[-1] if within else options[-1]
@@ -116,5 +120,5 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
             reasons[site] = "no grid format holds this shape"
         elif chosen[site].method != f"uint{bits}":
             reasons[site] = f"fewest bits within budget {layer_error:g}" if within else \
-                f"{grids[0].method.removeprefix('uint')}-bit error {grids[0].predicted_error():.3f} > budget {layer_error:g}"
+                f"{_grid_bits(grids[0])}-bit error {grids[0].predicted_error():.3f} > budget {layer_error:g}"
     return chosen, reasons

@@ -198,12 +198,13 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
         fed = rounding == "feedback" and site.activation in stats
         options = []
-        if site.tied and not tied_accepts(shape, block):
+        readable = not site.tied or tied_accepts(shape, block)
+        if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
         for b in bits:
             row = FORMATS[f"uint{b}-{site_format(site, block, packed=True)}"]
-            if not row.accepts(shape, block=block, symmetric=symmetric) or (site.tied and not tied_accepts(shape, block)):
+            if not readable or not row.accepts(shape, block=block, symmetric=symmetric):
                 continue
             encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric,
                                     act_order))

@@ -20,13 +20,12 @@ from symshrink.passes.analysis.products import Product
 from symshrink.runtime.formats import (
     CONTRIB_DOMAIN,
     DEQUANTIZE_OPSET,
-    MATMUL_NBITS_ACCURACY,
     QuantizedWeight,
     dequantize_arrays,
     gather_arrays,
     gather_block,
     matmul_nbits_arrays,
-    tied_accepts,
+    matmul_nbits_layout,
 )
 
 __all__ = ["ensure_opset", "dequantize_product", "nbits_product", "gather_product", "tied_product",
@@ -85,18 +84,15 @@ def tied_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, gather: 
     GatherBlockQuantized (now), the head MatMulNBits over the same bytes seen as [V, blocks, block bytes] and the
     same scales and zero points (their layouts agree). onnxruntime folds the Reshape into a copy when the session
     starts and MatMulNBits repacks it, so memory holds the codes twice, both low-bit."""
-    rows, cols = weight.codes.shape
-    if not tied_accepts((rows, cols), weight.block):
-        raise ValueError(f"MatMulNBits reads whole blocks: {rows} rows are not a multiple of the block")
-    block, bits = gather_block(rows, weight.block), weight.bits
+    blocks_shape, attributes = matmul_nbits_layout(weight.codes.shape, weight.bits,
+                                                   gather_block(weight.codes.shape[0], weight.block))
     new_nodes, rows_value = gather_product(graph, weight, prefix)(gather.inputs[1], gather.name)
     ir.convenience.replace_nodes_and_values(graph, gather, [gather], new_nodes, [gather.outputs[0]], [rows_value])
     data, _, *tables = new_nodes[0].inputs  # codes, ids, scales[, zero points]
-    shape = add_initializer(graph, f"{prefix}.blocks_shape", np.array([cols, rows // block, block * bits // 8]))
+    shape = add_initializer(graph, f"{prefix}.blocks_shape", np.array(blocks_shape))
 
     def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
         blocks, result = ir.Value(name=f"{data.name}.blocks"), ir.Value(name=f"{name}.product")
-        attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block, "accuracy_level": MATMUL_NBITS_ACCURACY}
         return [ir.node("Reshape", [data, shape], outputs=[blocks], name=f"{name}.Reshape"),
                 ir.node("MatMulNBits", [x, blocks, *tables], attributes, domain=CONTRIB_DOMAIN, outputs=[result],
                         name=name)], result
