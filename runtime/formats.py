@@ -34,6 +34,8 @@ __all__ = ["FUNCTION_DOMAIN", "Stored", "Budget", "Format", "FORMATS", "BUDGETS"
            "DEQUANTIZE_OPSET", "STORAGE_DTYPES", "QuantizedWeight", "split_blocks", "expand_scales", "block_count",
            "grid_frame", "round_to_grid", "quantize_grid", "quantize_uint8", "GRID_BITS", "dequantize_arrays",
            "decode_dequantize", "SIGNED_DTYPES",
+           # DequantizeLinear -> Conv
+           "conv_weight", "conv_matrix", "conv_accepts", "conv_arrays", "decode_conv",
            # GatherBlockQuantized
            "CONTRIB_DOMAIN", "gather_block", "gather_accepts", "tied_accepts", "TIED_EXTRA_BYTES", "pack_low_bits",
            "unpack_low_bits", "gather_arrays", "decode_gather", "MATMUL_NBITS_ACCURACY", "matmul_nbits_accepts",
@@ -197,6 +199,52 @@ def decode_dequantize(stored: Stored) -> np.ndarray:
         scale, zero_point = scale.reshape(1, -1), zero_point.reshape(1, -1)
     codes = q.astype(np.int32) - zero_point.astype(np.int32)
     return codes.astype(np.float32) * scale.astype(np.float32)
+
+
+# A Conv weight [Cout, Cin, kh, kw] is the site W [K = kh kw Cin, N = Cout] with its rows tap-major (each tap's Cin
+# input channels in one run, the order of the patches the calibration takes), so that a block of input rows is a
+# block of input channels at one tap: DequantizeLinear blocks axis 1 of the 4-D codes directly, scales
+# [Cout, ceil(Cin / block), kh, kw] (per output channel: [Cout] along axis 0). Whole blocks of channels per tap
+# unless the kernel is 1x1 (then the last block may be short, as for a MatMul).
+
+
+def conv_weight(matrix: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
+    """W [kh kw Cin, Cout] (rows tap-major) -> the Conv weight [Cout, Cin, kh, kw]; any per-row array likewise."""
+    kh, kw = kernel
+    return matrix.reshape(kh, kw, -1, matrix.shape[1]).transpose(3, 2, 0, 1)
+
+
+def conv_matrix(weight: np.ndarray) -> np.ndarray:
+    """The Conv weight [Cout, Cin, kh, kw] -> W [kh kw Cin, Cout], rows tap-major (inverse of `conv_weight`)."""
+    return weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
+
+
+def conv_accepts(shape: tuple[int, int], block: int | None = 32, kernel: tuple[int, int] = (1, 1), **settings) -> bool:
+    """Whether DequantizeLinear can block a Conv weight of kernel `kernel` as W [K, N] is blocked: K whole taps, and
+    whole blocks of input channels per tap unless the kernel is 1x1 or the scales are per output channel."""
+    taps = kernel[0] * kernel[1]
+    return shape[0] % taps == 0 and (block is None or taps == 1 or shape[0] // taps % block == 0)
+
+
+def conv_arrays(weight: QuantizedWeight, kernel: tuple[int, int]) -> Stored:
+    """DequantizeLinear's inputs for a Conv weight of kernel `kernel` from its site's codes (`dequantize_arrays`
+    laid out as [Cout, Cin, kh, kw]): blocked along axis 1, or per output channel along axis 0."""
+    if not conv_accepts(weight.codes.shape, weight.block, kernel):
+        raise ValueError(f"a {kernel[0]}x{kernel[1]} Conv weight of {weight.codes.shape[0]} input rows cannot be cut "
+                         f"into blocks of {weight.block} input channels per tap")
+    stored = dequantize_arrays(weight)
+    if weight.block is None:
+        return Stored({"q": conv_weight(stored.arrays["q"], kernel), **{k: a for k, a in stored.arrays.items()
+                                                                         if k != "q"}}, {"axis": 0})
+    return Stored({k: np.ascontiguousarray(conv_weight(a, kernel)) for k, a in stored.arrays.items()},
+                  {"axis": 1, "block_size": weight.block})
+
+
+def decode_conv(stored: Stored) -> np.ndarray:
+    """numpy reference of DequantizeLinear over `conv_arrays`' arrays, as the site's W [kh kw Cin, Cout] float32."""
+    block = stored.attributes.get("block_size")
+    arrays = {k: conv_matrix(a) if a.ndim == 4 else a for k, a in stored.arrays.items()}
+    return decode_dequantize(Stored(arrays, {"axis": 0, "block_size": block} if block else {"axis": 1}))
 
 
 # GatherBlockQuantized (onnxruntime's com.microsoft domain) reads an embedding table E [V, D] kept packed: a row
@@ -905,6 +953,22 @@ _GRID_SETTINGS = (*_TERNARY_SETTINGS, {"block": 16, "symmetric": True}, {"block"
 def _encode_grid(arrays: Callable[[QuantizedWeight], Stored], bits: int, weight: np.ndarray, block: int | None = 32,
                  symmetric: bool = False) -> Stored:
     return arrays(quantize_grid(weight, block, bits, symmetric))
+
+
+_CONV_SETTINGS = ({"block": 32, "kernel": (1, 1)}, {"block": None, "kernel": (3, 3)},
+                  {"block": 16, "symmetric": True, "kernel": (3, 3)}, {"block": 16, "kernel": (2, 2)})
+
+
+def _encode_conv(bits: int, weight: np.ndarray, block: int | None = 32, symmetric: bool = False,
+                 kernel: tuple[int, int] = (1, 1)) -> Stored:
+    return _encode_grid(partial(conv_arrays, kernel=kernel), bits, weight, block, symmetric)
+
+
+def _conv_bytes(shape: tuple[int, int], bits: int, block: int | None = 32, symmetric: bool = False,
+                kernel: tuple[int, int] = (1, 1)) -> int:
+    return _quantized_bytes(shape, block, bits, symmetric)  # the same arrays as DequantizeLinear's, laid out 4-D
+
+
 _HYPER_SETTINGS = ({"codebook": "lattice", "codes": 63, "bands": 3, "side": 4.0},
                    {"codebook": "grid", "codes": 16, "bands": 0, "side": 8.0})
 
@@ -925,6 +989,10 @@ def _rows() -> list[Format]:
                            partial(_encode_grid, matmul_nbits_arrays, bits), decode_matmul_nbits,
                            partial(_gather_bytes, bits=bits), _GRID_SETTINGS[:1] + _GRID_SETTINGS[2:4],
                            accepts=lambda shape, block=32, **settings: matmul_nbits_accepts(shape, block)))
+        rows.append(Format(f"uint{bits}-conv", f"DequantizeLinear (uint{bits}, or int{bits} when symmetric; "
+                           "[Cout, Cin, kh, kw], blocks of input channels per tap or per output channel) -> Conv",
+                           "DequantizeLinear", "", (), BUDGETS[f"uint{bits}-rtn"], partial(_encode_conv, bits),
+                           decode_conv, partial(_conv_bytes, bits=bits), _CONV_SETTINGS, accepts=conv_accepts))
         rows.append(Format(f"uint{bits}-gather", f"{CONTRIB_DOMAIN}.GatherBlockQuantized (bits={bits}) in place of "
                            "Gather, reading the table E = W^T", "GatherBlockQuantized", CONTRIB_DOMAIN, (),
                            BUDGETS[f"uint{bits}-rtn"], partial(_encode_grid, gather_arrays, bits), decode_gather,

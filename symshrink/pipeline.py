@@ -17,7 +17,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
 from symshrink.calibration.feeds import load_feeds, random_feeds, split_holdout
-from symshrink.calibration.stats import UnitStats, subsample_rows
+from symshrink.calibration.stats import UnitStats, sample_patches, subsample_rows
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
     claim_outputs,
@@ -132,10 +132,11 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     return rewrite.plan, [g for g in groups if not g.ok]
 
 
-def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False):
-    """The MatMul/Gemm weight sites (with `tables`, the Gather tables too) and the nodes passed over, with why,
-    their inputs' calibration moments and the graph's nodes by name: what the weight codes offer on."""
-    sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables)
+def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False, convs: bool = False):
+    """The MatMul/Gemm weight sites (with `tables`, the Gather tables too; with `convs`, the Conv weights) and the
+    nodes passed over, with why, their inputs' calibration moments and the graph's nodes by name: what the weight
+    codes offer on."""
+    sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables, convs=convs)
     products = [site for site in sites if not site.table]
     return sites, passed, _input_moments(model, products, fit_feeds, options), {node.name: node for node in model.graph}
 
@@ -177,7 +178,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> 
     """Offer integer grids for every weight site and Gather table (rounded with error feedback on the calibration
     statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the fewest
     bits within --layer-error) and write them in place. The plan it wrote."""
-    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True)
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True)
     offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
                        act_order=options.quant.act_order)
@@ -245,16 +246,26 @@ def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout
     return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(trial, threads), holdout)))
 
 
+def _input_rows(site: WeightSite, values: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` of the rows [m, K] a site's weight multiplies in one batch: its activation's rows, or the
+    patches of a Conv's input maps."""
+    if site.patch is None:
+        return subsample_rows(values.reshape(-1, site.rows), limit, rng)
+    patch = site.patch
+    return sample_patches(values, patch.kernel, patch.strides, patch.pads, patch.dilations, limit, rng)
+
+
 def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, options: CompressOptions) -> dict[str, UnitStats]:
-    """Mean and covariance of each site's input rows [.., K], streamed batch by batch."""
-    width = {s.activation: s.rows for s in sites}
-    stats = {name: UnitStats(rows) for name, rows in width.items()}
+    """Mean and covariance of each site's input rows [.., K] (a Conv's: sampled patches), streamed batch by batch,
+    by `WeightSite.statistic`."""
+    probes = {site.statistic: site for site in sites}
+    stats = {key: UnitStats(site.rows) for key, site in probes.items()}
     rng = np.random.default_rng(options.seed)
-    batches = tqdm(stream_probes(model, sorted(width), feeds, options.threads), total=len(feeds),
-                   desc="calibrating weights", unit="batch", disable=not options.progress, leave=False)
+    batches = tqdm(stream_probes(model, sorted({site.activation for site in sites}), feeds, options.threads),
+                   total=len(feeds), desc="calibrating weights", unit="batch", disable=not options.progress, leave=False)
     for arrays in batches:
-        for name, rows in width.items():
-            stats[name].add(subsample_rows(arrays[name].reshape(-1, rows), options.rows_per_batch, rng))
+        for key, site in probes.items():
+            stats[key].add(_input_rows(site, arrays[site.activation], options.rows_per_batch, rng))
     return stats
 
 

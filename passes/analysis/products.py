@@ -3,7 +3,7 @@ then the site's bias and any per-output shift are added, and the result takes ov
 included).
 
 A MatMul's bias Add is rewritten with it (its constant plus the shift); a Gemm becomes product + beta C
-(alpha is already in the site's W); otherwise a new node adds the shift.
+(alpha is already in the site's W); a Conv, product + B over [Cout, 1, 1]; otherwise a new node adds the shift.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ __all__ = ["Product", "replace_product"]
 Product = Callable[[ir.Value, str], tuple[list[ir.Node], ir.Value]]
 
 
-def _bias_op(x: ir.Value) -> str:
-    """Add where the activation has rank >= 3, else Sum: over a 2-D input, onnxruntime (1.32) fuses MatMul + Add
-    into Gemm before it fuses DequantizeLinear + MatMul into MatMulNBits, which would dequantize the weight on
-    every run. Sum is the same sum and is not fused."""
+def _bias_op(x: ir.Value, site: WeightSite) -> str:
+    """Add where the activation has rank >= 3 (a Conv's maps always), else Sum: over a 2-D input, onnxruntime
+    (1.32) fuses MatMul + Add into Gemm before it fuses DequantizeLinear + MatMul into MatMulNBits, which would
+    dequantize the weight on every run. Sum is the same sum and is not fused."""
+    if site.patch is not None:
+        return "Add"
     rank = x.shape.rank() if x.shape is not None else None
     return "Add" if rank is not None and rank >= 3 else "Sum"
 
@@ -35,6 +37,8 @@ def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: P
     old_nodes, bias = [node], None
     if site.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
         bias = constant_array(node.inputs[2]).reshape(-1) * dtype.type(node.attributes.get_float("beta", 1.0))
+    elif site.op == "Conv" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        bias = constant_array(node.inputs[2])
     elif site.op == "MatMul" and bias_input(node) is not None:  # the bias Add is rewritten with the product
         reader, index, _ = bias_input(node)
         bias = constant_array(reader.inputs[index])
@@ -45,8 +49,10 @@ def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: P
     new_nodes, result = product(x, node.name)  # the new MatMul keeps the site's name
     if bias is not None:
         biased = ir.Value(name=f"{node.name}.{label}.biased")
+        if site.patch is not None:  # per output channel of NCHW maps
+            bias = np.reshape(bias, (-1, 1, 1))
         constant = add_initializer(graph, f"{site.weight}.{label}.bias", np.asarray(bias, dtype))
         name = old_nodes[1].name if len(old_nodes) > 1 else f"{node.name}.bias"
-        new_nodes.append(ir.node(_bias_op(x), [result, constant], outputs=[biased], name=name))
+        new_nodes.append(ir.node(_bias_op(x, site), [result, constant], outputs=[biased], name=name))
         result = biased
     ir.convenience.replace_nodes_and_values(graph, old_nodes[-1], old_nodes, new_nodes, [old_nodes[-1].outputs[0]], [result])

@@ -5,6 +5,8 @@ input, Gemm's B (transposed when transB = 1, scaled by alpha). An embedding tabl
 (axis 0) is a site too, W = E^T [D, V] (a lookup is x W for x one-hot): a `table` site, asked for apart,
 since its input is token ids and has no second moment. A table also read as a tied head, y = x E^T through a
 Transpose (SmolLM2's LM head), is one site, the head's, `tied` to the Gather: one set of codes serves both.
+A Conv (group 1) of weight [Cout, Cin, kh, kw] is a site W [kh kw Cin, Cout] read by the patches of its input maps
+(`patch`: x is a patch, taps first), asked for apart; grouped convs are passed over (per-group statistics).
 A registry of per-op handlers says how each op holds its weight, so codecs never switch on op types.
 Analysis only: nothing is changed here.
 """
@@ -19,10 +21,31 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant
+from symshrink.runtime.formats import conv_matrix
 
-__all__ = ["WeightSite", "find_weight_sites", "weight_matrix", "SITE_HANDLERS", "MIN_ELEMENTS"]
+__all__ = ["Patch", "WeightSite", "find_weight_sites", "weight_matrix", "SITE_HANDLERS", "MIN_ELEMENTS"]
 
 MIN_ELEMENTS = 4096  # smaller weights cost less than their codec's scales and an extra node
+
+
+@dataclass(frozen=True)
+class Patch:
+    """The patches a Conv multiplies its weight by: kh x kw taps of its input maps, `strides` apart, over the maps
+    padded by `pads` (ONNX order: top, left, bottom, right), `dilations` between taps."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv, stride 1, no pads: a MatMul over the channels at every pixel."""
+        return self == Patch((1, 1))
+
+    def __str__(self) -> str:
+        return (f"k{self.kernel[0]}x{self.kernel[1]} s{self.strides[0]}x{self.strides[1]} "
+                f"p{'.'.join(map(str, self.pads))} d{self.dilations[0]}x{self.dilations[1]}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,7 @@ class WeightSite:
     alpha: float = 1.0
     weight_input: int = 1  # the node's input holding the weight
     tied: str | None = None  # a head x E^T: the Gather node that looks up rows of the same table E
+    patch: Patch | None = None  # a Conv: the patches of its input that its weight multiplies
 
     @property
     def elements(self) -> int:
@@ -49,6 +73,11 @@ class WeightSite:
     def data_input(self) -> int:
         """The node's input holding the activation (a table: the ids)."""
         return 1 - self.weight_input
+
+    @property
+    def statistic(self) -> str:
+        """The name of the input rows whose moments the site's codes see: the activation, or its conv patches."""
+        return self.activation if self.patch is None else f"{self.activation} {self.patch}"
 
     @property
     def table(self) -> bool:
@@ -98,9 +127,32 @@ def _gather_site(node: ir.Node) -> WeightSite | str | None:
                       weight_input=0)
 
 
+def _conv_site(node: ir.Node) -> WeightSite | str | None:
+    data, weight = node.inputs[0], node.inputs[1]
+    tensor = constant_tensor(weight) if is_constant(weight) else None
+    if tensor is None or not tensor.dtype.is_floating_point():
+        return None  # weights computed in the graph: nothing to code
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) != 4:
+        return f"{len(shape) - 2}-D convolution (2-D only)"
+    if attr(node, "group", 1) != 1:
+        return f"grouped convolution (group={attr(node, 'group', 1)}): per-group statistics are not taken"
+    if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return f"auto_pad={attr(node, 'auto_pad', 'NOTSET')} (explicit pads only)"
+    if is_constant(data):
+        return "both inputs are constants"
+    if len(node.inputs) > 2 and node.inputs[2] is not None and constant_array(node.inputs[2]) is None:
+        return "its bias is not a constant"
+    kernel = shape[2:]
+    patch = Patch(kernel, tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "pads", [0, 0, 0, 0])),
+                  tuple(attr(node, "dilations", [1, 1])))
+    return WeightSite(node.name, node.op_type, weight.name, data.name, shape[1] * kernel[0] * kernel[1], shape[0],
+                      patch=patch)
+
+
 # op -> handler(node) answering with the node's weight site, or why it has none (None: nothing to say)
 SITE_HANDLERS: dict[str, Callable[[ir.Node], WeightSite | str | None]] = {"MatMul": _matmul_site, "Gemm": _gemm_site,
-                                                                   "Gather": _gather_site}
+                                                                   "Gather": _gather_site, "Conv": _conv_site}
 
 
 def _tied_heads(model: ir.Model) -> dict[str, WeightSite]:
@@ -123,9 +175,11 @@ def _tied_heads(model: ir.Model) -> dict[str, WeightSite]:
 
 
 def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements: int = MIN_ELEMENTS,
-                      tables: bool = False) -> tuple[list[WeightSite], dict[str, str]]:
-    """The graph's weight sites in graph order (with `tables`, the Gather tables and tied heads too), and the nodes
-    passed over (label -> why). `exclude` holds fnmatch patterns matched against node and weight names."""
+                      tables: bool = False, convs: bool = False) -> tuple[list[WeightSite], dict[str, str]]:
+    """The graph's weight sites in graph order (with `tables`, the Gather tables and tied heads too; with `convs`,
+    the Conv weights), and the nodes passed over (label -> why). `exclude` holds fnmatch patterns matched against
+    node and weight names."""
+    asked = {"Gather": tables, "Conv": convs}
     ensure_names(model.graph)
     heads = _tied_heads(model) if tables else {}
     tied_gathers = {site.tied: site.node for site in heads.values()}
@@ -133,7 +187,7 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
     passed: dict[str, str] = {}
     for node in model.graph:
         handler = SITE_HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        if handler is None or (node.op_type == "Gather" and not tables):
+        if handler is None or not asked.get(node.op_type, True):
             continue
         if node.name in tied_gathers:
             passed[node.name] = f"table read with its tied head {tied_gathers[node.name]} (one site)"
@@ -156,8 +210,10 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
 
 def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:
     """The site's effective [rows, cols] matrix (transposed and scaled as the op reads it; a tied head: the table
-    its Gather reads, transposed)."""
+    its Gather reads, transposed; a Conv: `formats.conv_matrix`, rows tap-major)."""
     holder = nodes[site.tied].inputs[0] if site.tied else nodes[site.node].inputs[site.weight_input]
     array = constant_array(holder)
+    if site.patch is not None:
+        return conv_matrix(array)
     array = array.T if site.transposed else array
     return array * np.asarray(site.alpha, array.dtype) if site.alpha != 1.0 else array

@@ -1,5 +1,7 @@
 """Integer grids: each weight W [K, N] of a MatMul/Gemm becomes codes of b bits (8, 4 or 2) behind DequantizeLinear,
-and each embedding table E [V, D] read by Gather (W = E^T) codes of b bits read by GatherBlockQuantized.
+each embedding table E [V, D] read by Gather (W = E^T) codes of b bits read by GatherBlockQuantized, and each
+Conv weight (W [kh kw Cin, Cout] over the patches of its input) codes behind DequantizeLinear -> Conv, or, 1x1,
+MatMulNBits over the channels.
 
 Per output column and block of input rows, w ~ s (q - z) with q on 2^b levels over the block's range (or
 symmetric: z = 2^(b-1), no zero points stored), rounded with error feedback on the input's second moment
@@ -27,7 +29,7 @@ from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.quant.feedback import quantize_with_feedback
-from symshrink.passes.quant.qdq import PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
+from symshrink.passes.quant.qdq import CONV_PRODUCTS, PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
 from symshrink.runtime.formats import (
     FORMATS,
     GRID_BITS,
@@ -40,7 +42,7 @@ from symshrink.runtime.formats import (
 )
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
-           "grid_offer", "site_format", "GRID_BITS"]
+           "grid_offer", "site_format", "format_settings", "GRID_BITS"]
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,20 @@ class GridPlan:
 
 def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
     """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in whole
-    blocks, when `packed`) or "dequantize" (DequantizeLinear -> MatMul: per-column scales, ragged blocks)."""
+    blocks, when `packed`; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the
+    other Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales, ragged blocks)."""
     if site.table or site.tied:
         return "gather"
-    return "matmulnbits" if packed and matmul_nbits_accepts((site.rows, site.cols), block) else "dequantize"
+    nbits = packed and matmul_nbits_accepts((site.rows, site.cols), block)
+    if site.patch is not None:
+        return "matmulnbits" if nbits and site.patch.pointwise else "conv"
+    return "matmulnbits" if nbits else "dequantize"
+
+
+def format_settings(site: WeightSite, form: str, block: int | None, symmetric: bool) -> dict:
+    """The settings a format row takes for a site in stored form `form` (a Conv's kernel where it is laid out 4-D)."""
+    settings = {"block": block, "symmetric": symmetric}
+    return {**settings, "kernel": site.patch.kernel} if form == "conv" else settings
 
 
 class CodesPass(InPlacePass):
@@ -164,16 +176,21 @@ class CodesPass(InPlacePass):
 
     def prepare(self, model: ir.Model) -> None:
         formats = self._formats()
-        if "dequantize" in formats:
+        if formats & {"dequantize", "conv"}:
             ensure_opset(model)
-        if formats - {"dequantize"}:
+        if formats - {"dequantize", "conv"}:
             ensure_gather_domain(model)
 
     def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
+        form = site_format(site, encoded.weight.block, self.packed)
         if site.tied:
             gather = next(node for node in model.graph if node.name == site.tied)
             return partial(tied_product, model.graph, encoded.weight, gather=gather)
-        return partial(PRODUCTS[site_format(site, encoded.weight.block, self.packed)], model.graph, encoded.weight)
+        if site.patch is not None:
+            conv = next(node for node in model.graph if node.name == site.node)
+            extra = {"conv": conv} if form == "conv" else {}
+            return partial(CONV_PRODUCTS[form], model.graph, encoded.weight, **extra)
+        return partial(PRODUCTS[form], model.graph, encoded.weight)
 
     def call(self, model: ir.Model) -> PassResult:
         planned = [layer for layer in self.plan.layers if layer.codec != "fp32"]
@@ -196,22 +213,24 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
     for site in sites:
         shape, dense = (site.rows, site.cols), 4 * site.elements
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
-        fed = rounding == "feedback" and site.activation in stats
+        fed = rounding == "feedback" and site.statistic in stats
         options = []
         readable = not site.tied or tied_accepts(shape, block)
         if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
+        form = site_format(site, block, packed=True)
+        settings = format_settings(site, form, block, symmetric)
         for b in bits:
-            row = FORMATS[f"uint{b}-{site_format(site, block, packed=True)}"]
-            if not readable or not row.accepts(shape, block=block, symmetric=symmetric):
+            row = FORMATS[f"uint{b}-{form}"]
+            if not readable or not row.accepts(shape, **settings):
                 continue
-            encoded = cache(partial(_encode_site, weight, stats.get(site.activation), block, b, rounding, symmetric,
+            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), block, b, rounding, symmetric,
                                     act_order))
             options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
                                      f"{' act-order' if fed and act_order else ''} "
                                      f"b{block or 'channel'}{' sym' if symmetric else ''}",
-                                     row.predict_bytes(shape, block=block, symmetric=symmetric)
+                                     row.predict_bytes(shape, **settings)
                                      + (TIED_EXTRA_BYTES if site.tied else 0),
                                      lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))

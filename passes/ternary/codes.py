@@ -125,7 +125,7 @@ def ternary_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: d
     offered, candidates = [], {}
     ternary_format, uint8_format = FORMATS[STORAGE_FORMATS[storage]], FORMATS["uint8-dequantize"]
     for site in tqdm(sites, desc="ternary codes", unit="layer", disable=not progress, leave=False):
-        weight, site_stats = weight_matrix(site, nodes), stats.get(site.activation)
+        weight, site_stats = weight_matrix(site, nodes), stats.get(site.statistic)
         shape, dense = (site.rows, site.cols), 4 * site.elements
         ternary = encode_ternary(weight, site_stats, block, correction, rounding)
         options = [Candidate(site.node, "ternary", f"ternary b{block or 'channel'}",

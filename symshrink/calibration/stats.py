@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["UnitStats", "unfold_channels", "subsample_rows"]
+__all__ = ["UnitStats", "unfold_channels", "subsample_rows", "sample_patches"]
 
 
 @dataclass
@@ -93,3 +93,25 @@ def subsample_rows(rows: np.ndarray, limit: int, rng: np.random.Generator) -> np
     if rows.shape[0] <= limit:
         return rows
     return rows[np.sort(rng.choice(rows.shape[0], limit, replace=False))]
+
+
+def sample_patches(maps: np.ndarray, kernel: tuple[int, int], strides, pads, dilations, limit: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """The patches a conv with these attributes multiplies by its weight, at most `limit` of them drawn without
+    replacement over images and output positions: rows [m, kh * kw * C], taps first (each tap's C channels in a
+    run, the row order of `formats.conv_matrix`). Only the drawn patches are gathered (no full im2col)."""
+    n, _, height, width = maps.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    top, left, bottom, right = pads
+    out_h = (height + top + bottom - (kh - 1) * dh - 1) // sh + 1
+    out_w = (width + left + right - (kw - 1) * dw - 1) // sw + 1
+    total = n * out_h * out_w
+    picked = np.arange(total) if total <= limit else np.sort(rng.choice(total, limit, replace=False))
+    image, position = np.divmod(picked, out_h * out_w)
+    oh, ow = np.divmod(position, out_w)
+    padded = np.pad(maps, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    taps_h, taps_w = (grid.reshape(-1) for grid in np.meshgrid(np.arange(kh) * dh, np.arange(kw) * dw, indexing="ij"))
+    rows = oh[:, None] * sh + taps_h[None, :]
+    cols = ow[:, None] * sw + taps_w[None, :]
+    patches = padded[image[:, None], :, rows, cols]  # [m, taps, C]: the indexed axes come first
+    return patches.reshape(len(picked), -1)

@@ -21,7 +21,8 @@ from symshrink.runtime.kernels import KERNELS
 from symshrink.runtime.ops import OPS, op_key
 
 ROOT = Path(__file__).resolve().parents[2]
-SHAPES = [(64, 32), (130, 24), (96, 48)]  # whole blocks, a ragged last block, per-column sizes that differ
+SHAPES = [(64, 32), (130, 24), (96, 48), (288, 16)]  # whole blocks, a ragged last block, per-column sizes that
+# differ, and a 3x3 or 2x2 Conv's taps of 32 or 72 input channels
 CASES = [(name, index) for name, row in FORMATS.items() for index in range(len(row.settings))]
 
 
@@ -98,8 +99,8 @@ GRID_CASES = [(name, index) for name, index in CASES if FORMATS[name].op_type in
 
 
 def _grid_model(row, stored, shape: tuple[int, int]):
-    """The row's node over its stored arrays: GatherBlockQuantized looking up token ids, or DequantizeLinear ->
-    MatMul over an activation x [.., K]."""
+    """The row's node over its stored arrays: GatherBlockQuantized looking up token ids, DequantizeLinear -> Conv
+    over maps x [2, Cin, 5, 6], or DequantizeLinear -> MatMul over an activation x [.., K]."""
     rows, cols = shape
     initializers = [numpy_helper.from_array(a, name) for name, a in stored.arrays.items()]
     if row.op_type == "GatherBlockQuantized":
@@ -111,6 +112,11 @@ def _grid_model(row, stored, shape: tuple[int, int]):
         nodes = [helper.make_node("MatMulNBits", ["x", *stored.arrays], ["y"], domain=row.domain, **stored.attributes)]
         feed = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, rows])
         opsets = [helper.make_opsetid("", 21), helper.make_opsetid(row.domain, 1)]
+    elif stored.arrays["q"].ndim == 4:
+        nodes = [helper.make_node("DequantizeLinear", list(stored.arrays), ["w"], **stored.attributes),
+                 helper.make_node("Conv", ["x", "w"], ["y"])]
+        feed = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, stored.arrays["q"].shape[1], 5, 6])
+        opsets = [helper.make_opsetid("", 25)]
     else:
         nodes = [helper.make_node("DequantizeLinear", list(stored.arrays), ["w"], **stored.attributes),
                  helper.make_node("MatMul", ["x", "w"], ["y"])]
@@ -119,6 +125,13 @@ def _grid_model(row, stored, shape: tuple[int, int]):
     graph = helper.make_graph(nodes, row.name, [feed], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               initializers)
     return helper.make_model(graph, opset_imports=opsets)
+
+
+def _conv_reference(x: np.ndarray, weight: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
+    """Conv (no pads, stride 1) of maps x [n, Cin, h, w] by a site's W [kh kw Cin, Cout] (rows tap-major)."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, kernel, axis=(2, 3))  # [n, Cin, ho, wo, kh, kw]
+    patches = windows.transpose(0, 2, 3, 4, 5, 1).reshape(*windows.shape[:1], *windows.shape[2:4], -1)
+    return (patches @ weight).transpose(0, 3, 1, 2)
 
 
 @pytest.mark.parametrize("name, index", GRID_CASES, ids=[f"{name}-{i}" for name, i in GRID_CASES])
@@ -136,6 +149,9 @@ def test_onnxruntime_and_the_executor_read_the_grid_codes_as_the_reference_does(
         if row.op_type == "GatherBlockQuantized":
             feeds = {"ids": np.array([[0, shape[1] - 1, 5], [-1, 2, 2]], np.int64)}
             expected = reference.T[feeds["ids"]]
+        elif "kernel" in settings:
+            feeds = {"x": rng.standard_normal((2, shape[0] // np.prod(settings["kernel"]), 5, 6)).astype(np.float32)}
+            expected = _conv_reference(feeds["x"], reference, settings["kernel"])
         else:
             feeds = {"x": rng.standard_normal((4, shape[0])).astype(np.float32)}
             expected = feeds["x"] @ reference
