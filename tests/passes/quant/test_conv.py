@@ -1,0 +1,144 @@
+"""Conv weights as integer-grid sites: W [kh kw Cin, Cout] over the patches of the input maps (taps first), the
+numpy grid's numbers through onnxruntime and the executor, and second-moment rounding on the patches."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from symshrink.api import compress
+from symshrink.calibration.stats import UnitStats, sample_patches
+from symshrink.passes.analysis.weights import Patch, find_weight_sites, weight_matrix
+from symshrink.passes.quant.grid import encode_grid, grid_offer
+from symshrink.rules import quant_rule
+from symshrink.runtime.executor import Executor
+from symshrink.runtime.formats import conv_matrix, quantize_grid
+from symshrink.runtime.ort import run_all, session_for_model
+
+CHANNELS, WIDE = 16, 32  # the 3x3 conv's input channels (whole blocks of 16 per tap), the 1x1 conv's
+
+
+def _conv_model(seed: int = 0) -> onnx.ModelProto:
+    """x [n, 16, 9, 11] -> Conv 3x3 (pads 1, bias) -> Relu -> Conv 1x1 (bias) -> Relu -> depthwise 3x3 -> y."""
+    rng = np.random.default_rng(seed)
+    arrays = {"W1": rng.standard_normal((WIDE, CHANNELS, 3, 3)) * 0.1, "b1": rng.standard_normal(WIDE) * 0.1,
+              "W2": rng.standard_normal((CHANNELS, WIDE, 1, 1)) * 0.2, "b2": rng.standard_normal(CHANNELS) * 0.1,
+              "W3": rng.standard_normal((CHANNELS, 1, 3, 3)) * 0.3}
+    nodes = [onnx.helper.make_node("Conv", ["x", "W1", "b1"], ["h1"], name="conv3", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+             onnx.helper.make_node("Conv", ["a1", "W2", "b2"], ["h2"], name="conv1"),
+             onnx.helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+             onnx.helper.make_node("Conv", ["a2", "W3"], ["y"], name="depthwise", group=CHANNELS, pads=[1, 1, 1, 1])]
+    graph = onnx.helper.make_graph(
+        nodes, "convs", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", CHANNELS, 9, 11])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in _conv_model().graph.initializer}
+
+
+def _depthwise(maps: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The 3x3 depthwise Conv (pads 1) of `_conv_model`, in numpy."""
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(maps, ((0, 0), (0, 0), (1, 1), (1, 1))), (3, 3),
+                                                       axis=(2, 3))
+    return np.einsum("nchwij,cij->nchw", windows, weight[:, 0])
+
+
+def _smooth_maps(count: int, seed: int) -> np.ndarray:
+    """Maps whose neighbouring pixels and channels are correlated (as images are): a blurred random field, its
+    channels mixed the same way whatever the seed (one distribution)."""
+    noise = np.random.default_rng(seed).standard_normal((count, CHANNELS, 11, 13))
+    blurred = sum(noise[:, :, i: i + 9, j: j + 11] for i in range(3) for j in range(3)) / 3
+    mixing = np.random.default_rng(99).standard_normal((CHANNELS, CHANNELS)) * 0.5 + np.eye(CHANNELS)
+    mixed = np.einsum("dc,nchw->ndhw", mixing, blurred)
+    return mixed.astype(np.float32)
+
+
+def _conv(maps: np.ndarray, weight: np.ndarray, patch: Patch, bias: np.ndarray | None = None) -> np.ndarray:
+    """A Conv as the product of every patch (`sample_patches`, taps first) and a site's W [kh kw Cin, Cout]."""
+    n, _, height, width = maps.shape
+    rows = sample_patches(maps, patch.kernel, patch.strides, patch.pads, patch.dilations, 10**9, None)
+    out = rows @ weight + (0 if bias is None else bias)
+    out_h = height + patch.pads[0] + patch.pads[2] - patch.kernel[0] + 1
+    return out.reshape(n, out_h, -1, weight.shape[1]).transpose(0, 3, 1, 2)
+
+
+def test_dense_convs_are_sites_over_their_patches_and_grouped_ones_are_passed_over():
+    model = ir.from_proto(_conv_model())
+    sites, passed = find_weight_sites(model, convs=True, min_elements=0)
+    assert [(s.node, s.rows, s.cols, s.patch) for s in sites] == [
+        ("conv3", 9 * CHANNELS, WIDE, Patch((3, 3), pads=(1, 1, 1, 1))), ("conv1", WIDE, CHANNELS, Patch((1, 1)))]
+    assert sites[1].patch.pointwise and not sites[0].patch.pointwise
+    assert "grouped convolution (group=16)" in passed["depthwise"]
+    assert find_weight_sites(model, min_elements=0)[0] == []  # convs only when asked for
+    nodes = {node.name: node for node in model.graph}
+    maps = _smooth_maps(2, 1)
+    weight = weight_matrix(sites[0], nodes)
+    np.testing.assert_array_equal(weight, conv_matrix(nodes["conv3"].inputs[1].const_value.numpy()))
+    # the patches in the order the weight's rows take: their product is the Conv's output
+    expected = _conv(maps, weight, sites[0].patch, _arrays()["b1"])
+    proto = _conv_model()
+    proto.graph.output[0].name = "h1"
+    del proto.graph.node[1:]
+    h1 = run_all(session_for_model(ir.from_proto(proto)), [{"x": maps}])[0]["h1"]
+    np.testing.assert_allclose(h1, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, False), (4, True), (2, True)])
+def test_conv_codes_run_in_onnxruntime_and_the_executor_as_the_numpy_grid(bits, symmetric):
+    """The 3x3 conv behind DequantizeLinear (4-D codes, blocks of 16 channels per tap), the 1x1 conv as
+    Transpose -> MatMulNBits -> Transpose: onnxruntime within MatMulNBits' int8 activations of the numpy grid's
+    network, the executor within float rounding; the ONNX checker passes; the fp32 weights are gone."""
+    model = ir.from_proto(_conv_model())
+    sites, passed = find_weight_sites(model, convs=True, min_elements=0)
+    nodes = {node.name: node for node in model.graph}
+    weights = {s.node: weight_matrix(s, nodes) for s in sites}
+    offer = grid_offer(sites, {}, nodes, 16, passed, symmetric=symmetric)
+    chosen, _ = quant_rule(offer, bits, None)
+    offer.rewrite(chosen)(model)
+    proto = ir.to_proto(model)
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("Transpose") == 2 and ops.count("DequantizeLinear") == 1
+    assert {"W1", "W2"}.isdisjoint(t.name for t in proto.graph.initializer)
+    maps = _smooth_maps(3, 2)
+    approx = {name: quantize_grid(w, 16, bits, symmetric).dequantize() for name, w in weights.items()}
+    arrays = _arrays()
+    a1 = np.maximum(_conv(maps, approx["conv3"], sites[0].patch, arrays["b1"]), 0)
+    a2 = np.maximum(_conv(a1, approx["conv1"], sites[1].patch, arrays["b2"]), 0)
+    expected = _depthwise(a2, arrays["W3"])
+    got = run_all(session_for_model(model), [{"x": maps}])[0]["y"]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 2e-2  # MatMulNBits' int8 activations
+    executed = Executor(model).run({"x": maps})["y"]
+    np.testing.assert_allclose(executed, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_second_moment_rounding_of_a_conv_beats_nearest_on_held_out_patches(bits):
+    model = ir.from_proto(_conv_model())
+    site = find_weight_sites(model, convs=True, min_elements=0)[0][0]
+    weight = weight_matrix(site, {node.name: node for node in model.graph})
+    patch = site.patch
+    stats = UnitStats(site.rows)
+    stats.add(sample_patches(_smooth_maps(16, 3), patch.kernel, patch.strides, patch.pads, patch.dilations, 2000,
+                             np.random.default_rng(0)))
+    held_out = sample_patches(_smooth_maps(8, 4), patch.kernel, patch.strides, patch.pads, patch.dilations, 10**9, None)
+    errors = {}
+    for rounding in ("feedback", "nearest"):
+        codes = encode_grid(weight, stats, 16, bits, rounding, symmetric=True, act_order=True).weight.dequantize()
+        errors[rounding] = np.linalg.norm(held_out @ (weight - codes)) / np.linalg.norm(held_out @ weight)
+    assert errors["feedback"] < 0.8 * errors["nearest"], errors
+
+
+def test_compress_calibrates_convs_on_their_patches_and_verifies_through_onnxruntime():
+    feeds = [{"x": maps[None]} for maps in _smooth_maps(20, 5)]
+    proto, report = compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False)
+    (layer,) = report.quant.layers  # the 1x1 conv is below the 4096 elements worth a codec
+    assert (layer.node, layer.op, layer.codec) == ("conv3", "Conv", "uint4") and layer.relative_error < 0.1
+    assert "below 4096" in report.quant.passed_over["conv1"]
+    assert "grouped convolution" in report.quant.passed_over["depthwise"]
+    assert report.failures == [] and report.diffs[0].cosine > 0.99
+    onnx.checker.check_model(proto)
