@@ -269,8 +269,9 @@ def gather_accepts(shape: tuple[int, int], bits: int) -> bool:
 
 def tied_accepts(shape: tuple[int, int], block: int | None) -> bool:
     """Whether onnxruntime's MatMulNBits can read a table's GatherBlockQuantized codes as a tied head's weight:
-    in the table's blocks (`gather_block`), it takes whole blocks only (`matmul_nbits_accepts`)."""
-    return matmul_nbits_accepts(shape, gather_block(shape[0], block))
+    in the table's blocks (`gather_block`), whole ones (its rows of bytes are read as [blocks, block bytes])."""
+    size = gather_block(shape[0], block)
+    return matmul_nbits_accepts(shape, size) and shape[0] % size == 0
 
 
 TIED_EXTRA_BYTES = 24  # the int64 [V, blocks, block bytes] shape through which the head reads the table's codes
@@ -315,15 +316,20 @@ def gather_arrays(weight: QuantizedWeight) -> Stored:
 
 
 def matmul_nbits_accepts(shape: tuple[int, int], block: int | None) -> bool:
-    """Whether MatMulNBits holds a weight [K, N] exactly: whole blocks of K (a power of two >= 16)."""
-    return block is not None and block >= GATHER_MIN_BLOCK and shape[0] % block == 0
+    """Whether MatMulNBits holds a weight [K, N]: blocks of K of a power of two >= 16 (the last one may be short:
+    its codes are padded to a whole block, which the op never reads)."""
+    return block is not None and block >= GATHER_MIN_BLOCK and block & (block - 1) == 0
 
 
 def matmul_nbits_arrays(weight: QuantizedWeight) -> Stored:
     """MatMulNBits' constant inputs (B [N, blocks, block bytes], scales [N, blocks][, zero_points]) and attributes:
     the codes onnxruntime would fuse from DequantizeLinear, written as it holds them (no fusion at load: less
-    memory)."""
-    arrays = _token_rows(weight)
+    memory). A short last block is padded with code 0."""
+    rows, cols = weight.codes.shape
+    whole = block_count(rows, weight.block) * weight.block if weight.block else rows
+    padded = np.zeros((whole, cols), weight.codes.dtype)
+    padded[:rows] = weight.codes
+    arrays = _token_rows(replace(weight, codes=padded))
     shape, attributes = matmul_nbits_layout(weight.codes.shape, weight.bits, weight.block)
     return Stored({"B": arrays.pop("data").reshape(shape), **arrays}, attributes)
 
@@ -335,7 +341,7 @@ def matmul_nbits_layout(shape: tuple[int, int], bits: int, block: int | None) ->
     if not matmul_nbits_accepts(shape, block):
         raise ValueError(f"MatMulNBits cannot hold {rows} rows in blocks of {block}")
     attributes = {"K": rows, "N": cols, "bits": bits, "block_size": block, "accuracy_level": MATMUL_NBITS_ACCURACY}
-    return (cols, rows // block, block * bits // 8), attributes
+    return (cols, block_count(rows, block), block * bits // 8), attributes
 
 
 def decode_matmul_nbits(stored: Stored) -> np.ndarray:
@@ -908,6 +914,14 @@ def _gather_bytes(shape: tuple[int, int], block: int | None, bits: int, symmetri
     return cols * (-(-rows * bits // 8) + 4 * blocks + (0 if symmetric else -(-blocks * bits // 8)))
 
 
+def _matmul_nbits_bytes(shape: tuple[int, int], block: int | None, bits: int, symmetric: bool = False) -> int:
+    """MatMulNBits: a row of packed codes per output column in whole blocks (the last one padded), a float scale
+    (and a zero point of `bits` bits, packed per row) a block."""
+    rows, cols = shape
+    blocks = block_count(rows, block)
+    return _gather_bytes((blocks * block, cols), block, bits, symmetric)
+
+
 def _ternary_dequantize(weight: np.ndarray, block: int | None = 32) -> Stored:
     return dequantize_arrays(ternarize(weight, block).quantized())
 
@@ -985,9 +999,9 @@ def _rows() -> list[Format]:
                            partial(_encode_grid, dequantize_arrays, bits), decode_dequantize,
                            partial(_quantized_bytes, bits=bits), _GRID_SETTINGS))
         rows.append(Format(f"uint{bits}-matmulnbits", f"{CONTRIB_DOMAIN}.MatMulNBits (bits={bits}) in place of MatMul, "
-                           "whole blocks of input rows", "MatMulNBits", CONTRIB_DOMAIN, (), BUDGETS[f"uint{bits}-rtn"],
+                           "blocks of input rows (the last one padded)", "MatMulNBits", CONTRIB_DOMAIN, (), BUDGETS[f"uint{bits}-rtn"],
                            partial(_encode_grid, matmul_nbits_arrays, bits), decode_matmul_nbits,
-                           partial(_gather_bytes, bits=bits), _GRID_SETTINGS[:1] + _GRID_SETTINGS[2:4],
+                           partial(_matmul_nbits_bytes, bits=bits), _GRID_SETTINGS[:1] + _GRID_SETTINGS[2:4],
                            accepts=lambda shape, block=32, **settings: matmul_nbits_accepts(shape, block)))
         rows.append(Format(f"uint{bits}-conv", f"DequantizeLinear (uint{bits}, or int{bits} when symmetric; "
                            "[Cout, Cin, kh, kw], blocks of input channels per tap or per output channel) -> Conv",

@@ -140,8 +140,8 @@ class GridPlan:
 
 def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
     """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in whole
-    blocks, when `packed`; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the
-    other Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales, ragged blocks)."""
+    blocks, when `packed`, the last one may be short; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the
+    other Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales)."""
     if site.table or site.tied:
         return "gather"
     nbits = packed and matmul_nbits_accepts((site.rows, site.cols), block)
@@ -158,7 +158,7 @@ def format_settings(site: WeightSite, form: str, block: int | None, symmetric: b
 
 class CodesPass(InPlacePass):
     """Write each planned layer's codes (`encodings[node]`): as DequantizeLinear -> MatMul (upgrading the opset to
-    25), or with `packed` as MatMulNBits where whole blocks allow, tables as GatherBlockQuantized. `plan.layers` name
+    25), or with `packed` as MatMulNBits where blocks allow, tables as GatherBlockQuantized. `plan.layers` name
     each layer's codec ("fp32": left alone). Subclasses write other products (`product`)."""
 
     def __init__(self, plan, sites: list[WeightSite], encodings: dict[str, Encoded], progress: bool = False,
