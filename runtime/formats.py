@@ -999,7 +999,8 @@ def _rows() -> list[Format]:
                            partial(_encode_grid, dequantize_arrays, bits), decode_dequantize,
                            partial(_quantized_bytes, bits=bits), _GRID_SETTINGS))
         rows.append(Format(f"uint{bits}-matmulnbits", f"{CONTRIB_DOMAIN}.MatMulNBits (bits={bits}) in place of MatMul, "
-                           "blocks of input rows (the last one padded)", "MatMulNBits", CONTRIB_DOMAIN, (), BUDGETS[f"uint{bits}-rtn"],
+                           "blocks of input rows, the last one padded",
+                           "MatMulNBits", CONTRIB_DOMAIN, (), BUDGETS[f"uint{bits}-rtn"],
                            partial(_encode_grid, matmul_nbits_arrays, bits), decode_matmul_nbits,
                            partial(_matmul_nbits_bytes, bits=bits), _GRID_SETTINGS[:1] + _GRID_SETTINGS[2:4],
                            accepts=lambda shape, block=32, **settings: matmul_nbits_accepts(shape, block)))

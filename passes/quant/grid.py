@@ -139,9 +139,9 @@ class GridPlan:
 
 
 def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
-    """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in whole
-    blocks, when `packed`, the last one may be short; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the
-    other Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales)."""
+    """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in blocks,
+    when `packed`; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the other
+    Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales)."""
     if site.table or site.tied:
         return "gather"
     nbits = packed and matmul_nbits_accepts((site.rows, site.cols), block)
