@@ -137,7 +137,7 @@ def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, ta
     nodes passed over, with why, their inputs' calibration moments and the graph's nodes by name: what the weight
     codes offer on."""
     sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables, convs=convs)
-    products = [site for site in sites if not site.table]
+    products = [site for site in sites if site.moments]
     return sites, passed, _input_moments(model, products, fit_feeds, options), {node.name: node for node in model.graph}
 
 

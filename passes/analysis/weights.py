@@ -5,8 +5,9 @@ input, Gemm's B (transposed when transB = 1, scaled by alpha). An embedding tabl
 (axis 0) is a site too, W = E^T [D, V] (a lookup is x W for x one-hot): a `table` site, asked for apart,
 since its input is token ids and has no second moment. A table also read as a tied head, y = x E^T through a
 Transpose (SmolLM2's LM head), is one site, the head's, `tied` to the Gather: one set of codes serves both.
-A Conv (group 1) of weight [Cout, Cin, kh, kw] is a site W [kh kw Cin, Cout] read by the patches of its input maps
-(`patch`: x is a patch, taps first), asked for apart; grouped convs are passed over (per-group statistics).
+A Conv of weight [Cout, Cin / g, kh, kw] is a site W [kh kw Cin / g, Cout] read by the patches of its input maps
+(`patch`: x is a patch, taps first), asked for apart. With g > 1 groups (depthwise convs) each column reads its own
+group's patches: no one second moment serves them, so their codes are rounded to nearest, per output channel.
 A registry of per-op handlers says how each op holds its weight, so codecs never switch on op types.
 Analysis only: nothing is changed here.
 """
@@ -64,6 +65,7 @@ class WeightSite:
     weight_input: int = 1  # the node's input holding the weight
     tied: str | None = None  # a head x E^T: the Gather node that looks up rows of the same table E
     patch: Patch | None = None  # a Conv: the patches of its input that its weight multiplies
+    groups: int = 1  # a grouped Conv: rows are one group's patch, each column reads its own group's
 
     @property
     def elements(self) -> int:
@@ -75,9 +77,17 @@ class WeightSite:
         return 1 - self.weight_input
 
     @property
-    def statistic(self) -> str:
-        """The name of the input rows whose moments the site's codes see: the activation, or its conv patches."""
+    def statistic(self) -> str | None:
+        """The name of the input rows whose moments the site's codes see: the activation, or its conv patches (None:
+        no one second moment serves the site, `moments`)."""
+        if not self.moments:
+            return None
         return self.activation if self.patch is None else f"{self.activation} {self.patch}"
+
+    @property
+    def moments(self) -> bool:
+        """Whether one second moment of its input rows serves every column (not for ids, nor grouped convs)."""
+        return not self.table and self.groups == 1
 
     @property
     def table(self) -> bool:
@@ -135,8 +145,6 @@ def _conv_site(node: ir.Node) -> WeightSite | str | None:
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) != 4:
         return f"{len(shape) - 2}-D convolution (2-D only)"
-    if attr(node, "group", 1) != 1:
-        return f"grouped convolution (group={attr(node, 'group', 1)}): per-group statistics are not taken"
     if attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         return f"auto_pad={attr(node, 'auto_pad', 'NOTSET')} (explicit pads only)"
     if is_constant(data):
@@ -147,7 +155,7 @@ def _conv_site(node: ir.Node) -> WeightSite | str | None:
     patch = Patch(kernel, tuple(attr(node, "strides", [1, 1])), tuple(attr(node, "pads", [0, 0, 0, 0])),
                   tuple(attr(node, "dilations", [1, 1])))
     return WeightSite(node.name, node.op_type, weight.name, data.name, shape[1] * kernel[0] * kernel[1], shape[0],
-                      patch=patch)
+                      patch=patch, groups=int(attr(node, "group", 1)))
 
 
 # op -> handler(node) answering with the node's weight site, or why it has none (None: nothing to say)

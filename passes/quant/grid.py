@@ -219,17 +219,18 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
-        form = site_format(site, block, packed=True)
-        settings = format_settings(site, form, block, symmetric)
+        size = block if site.groups == 1 else None  # a grouped conv's columns read 1 to a few channels: per column
+        form = site_format(site, size, packed=True)
+        settings = format_settings(site, form, size, symmetric)
         for b in bits:
             row = FORMATS[f"uint{b}-{form}"]
             if not readable or not row.accepts(shape, **settings):
                 continue
-            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), block, b, rounding, symmetric,
+            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
                                     act_order))
             options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
                                      f"{' act-order' if fed and act_order else ''} "
-                                     f"b{block or 'channel'}{' sym' if symmetric else ''}",
+                                     f"b{size or 'channel'}{' sym' if symmetric else ''}",
                                      row.predict_bytes(shape, **settings)
                                      + (TIED_EXTRA_BYTES if site.tied else 0),
                                      lambda encoded=encoded: encoded().relative_error, encoded))

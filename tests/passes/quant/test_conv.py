@@ -12,7 +12,7 @@ from symshrink.passes.analysis.weights import Patch, find_weight_sites, weight_m
 from symshrink.passes.quant.grid import encode_grid, grid_offer
 from symshrink.rules import quant_rule
 from symshrink.runtime.executor import Executor
-from symshrink.runtime.formats import conv_matrix, quantize_grid
+from symshrink.runtime.formats import conv_matrix, conv_weight, quantize_grid
 from symshrink.runtime.ort import run_all, session_for_model
 
 CHANNELS, WIDE = 16, 32  # the 3x3 conv's input channels (whole blocks of 16 per tap), the 1x1 conv's
@@ -66,13 +66,15 @@ def _conv(maps: np.ndarray, weight: np.ndarray, patch: Patch, bias: np.ndarray |
     return out.reshape(n, out_h, -1, weight.shape[1]).transpose(0, 3, 1, 2)
 
 
-def test_dense_convs_are_sites_over_their_patches_and_grouped_ones_are_passed_over():
+def test_convs_are_sites_over_their_patches_and_grouped_ones_have_no_shared_moments():
     model = ir.from_proto(_conv_model())
     sites, passed = find_weight_sites(model, convs=True, min_elements=0)
-    assert [(s.node, s.rows, s.cols, s.patch) for s in sites] == [
-        ("conv3", 9 * CHANNELS, WIDE, Patch((3, 3), pads=(1, 1, 1, 1))), ("conv1", WIDE, CHANNELS, Patch((1, 1)))]
+    three, pad = Patch((3, 3), pads=(1, 1, 1, 1)), (1, 1, 1, 1)
+    assert [(s.node, s.rows, s.cols, s.patch, s.groups) for s in sites] == [
+        ("conv3", 9 * CHANNELS, WIDE, three, 1), ("conv1", WIDE, CHANNELS, Patch((1, 1)), 1),
+        ("depthwise", 9, CHANNELS, Patch((3, 3), pads=pad), CHANNELS)]
     assert sites[1].patch.pointwise and not sites[0].patch.pointwise
-    assert "grouped convolution (group=16)" in passed["depthwise"]
+    assert [s.moments for s in sites] == [True, True, False] and not passed
     assert find_weight_sites(model, min_elements=0)[0] == []  # convs only when asked for
     nodes = {node.name: node for node in model.graph}
     maps = _smooth_maps(2, 1)
@@ -90,8 +92,9 @@ def test_dense_convs_are_sites_over_their_patches_and_grouped_ones_are_passed_ov
 @pytest.mark.parametrize("bits, symmetric", [(8, False), (4, True), (2, True)])
 def test_conv_codes_run_in_onnxruntime_and_the_executor_as_the_numpy_grid(bits, symmetric):
     """The 3x3 conv behind DequantizeLinear (4-D codes, blocks of 16 channels per tap), the 1x1 conv as
-    Transpose -> MatMulNBits -> Transpose: onnxruntime within MatMulNBits' int8 activations of the numpy grid's
-    network, the executor within float rounding; the ONNX checker passes; the fp32 weights are gone."""
+    Transpose -> MatMulNBits -> Transpose, the depthwise conv behind DequantizeLinear per output channel:
+    onnxruntime within MatMulNBits' int8 activations of the numpy grid's network, the executor within float
+    rounding; the ONNX checker passes; the fp32 weights are gone."""
     model = ir.from_proto(_conv_model())
     sites, passed = find_weight_sites(model, convs=True, min_elements=0)
     nodes = {node.name: node for node in model.graph}
@@ -102,14 +105,15 @@ def test_conv_codes_run_in_onnxruntime_and_the_executor_as_the_numpy_grid(bits, 
     proto = ir.to_proto(model)
     onnx.checker.check_model(proto, full_check=True)
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("MatMulNBits") == 1 and ops.count("Transpose") == 2 and ops.count("DequantizeLinear") == 1
-    assert {"W1", "W2"}.isdisjoint(t.name for t in proto.graph.initializer)
+    assert ops.count("MatMulNBits") == 1 and ops.count("Transpose") == 2 and ops.count("DequantizeLinear") == 2
+    assert {"W1", "W2", "W3"}.isdisjoint(t.name for t in proto.graph.initializer)
     maps = _smooth_maps(3, 2)
-    approx = {name: quantize_grid(w, 16, bits, symmetric).dequantize() for name, w in weights.items()}
+    approx = {s.node: quantize_grid(weights[s.node], 16 if s.groups == 1 else None, bits, symmetric).dequantize()
+              for s in sites}
     arrays = _arrays()
     a1 = np.maximum(_conv(maps, approx["conv3"], sites[0].patch, arrays["b1"]), 0)
     a2 = np.maximum(_conv(a1, approx["conv1"], sites[1].patch, arrays["b2"]), 0)
-    expected = _depthwise(a2, arrays["W3"])
+    expected = _depthwise(a2, conv_weight(approx["depthwise"], (3, 3)))
     got = run_all(session_for_model(model), [{"x": maps}])[0]["y"]
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 2e-2  # MatMulNBits' int8 activations
     executed = Executor(model).run({"x": maps})["y"]
@@ -136,9 +140,8 @@ def test_second_moment_rounding_of_a_conv_beats_nearest_on_held_out_patches(bits
 def test_compress_calibrates_convs_on_their_patches_and_verifies_through_onnxruntime():
     feeds = [{"x": maps[None]} for maps in _smooth_maps(20, 5)]
     proto, report = compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False)
-    (layer,) = report.quant.layers  # the 1x1 conv is below the 4096 elements worth a codec
+    (layer,) = report.quant.layers  # the 1x1 and depthwise convs are below the 4096 elements worth a codec
     assert (layer.node, layer.op, layer.codec) == ("conv3", "Conv", "uint4") and layer.relative_error < 0.1
-    assert "below 4096" in report.quant.passed_over["conv1"]
-    assert "grouped convolution" in report.quant.passed_over["depthwise"]
+    assert all("below 4096" in report.quant.passed_over[name] for name in ("conv1", "depthwise"))
     assert report.failures == [] and report.diffs[0].cosine > 0.99
     onnx.checker.check_model(proto)
