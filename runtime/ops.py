@@ -750,13 +750,14 @@ def _gather_block_quantized(ctx: OpContext, data, indices, scales, zero_points=N
 
 
 @register("com.microsoft::MatMulNBits")
-def _matmul_nbits(ctx: OpContext, a, b, scales, zero_points=None, *rest):
-    """y = a @ W^T for W [N, K] held as onnxruntime's MatMulNBits holds it: b [N, blocks, block bytes] of packed
-    codes, scales and packed zero points per row and block (the layout a tied head shares with its table)."""
+def _matmul_nbits(ctx: OpContext, a, b, scales, zero_points=None, g_idx=None, bias=None):
+    """y = a @ W^T (+ bias) for W [N, K] held as onnxruntime's MatMulNBits holds it: b [N, blocks, block bytes] of
+    packed codes, scales and packed zero points per row and block (the layout a tied head shares with its table)."""
     xp = ctx.xp
-    if any(r is not None for r in rest) or (zero_points is not None and zero_points.dtype != xp.uint8):
-        raise BadInput("MatMulNBits: g_idx, bias and float zero points are not supported")
+    if g_idx is not None or (zero_points is not None and zero_points.dtype != xp.uint8):
+        raise BadInput("MatMulNBits: g_idx and float zero points are not supported")
     k, n, bits, block = (ctx.attrs[key] for key in ("K", "N", "bits", "block_size"))
     codes = _unpack_low_bits(xp, b.reshape(n, -1), bits, k)
     weight = _blocked_rows(xp, codes, scales.reshape(n, -1), zero_points, bits, block)
-    return (a.astype(xp.float32) @ weight.T).astype(a.dtype)
+    product = a.astype(xp.float32) @ weight.T
+    return (product if bias is None else product + bias.astype(xp.float32)).astype(a.dtype)

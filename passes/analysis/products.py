@@ -3,12 +3,13 @@ then the site's bias and any per-output shift are added, and the result takes ov
 included).
 
 A MatMul's bias Add is rewritten with it (its constant plus the shift); a Gemm becomes product + beta C
-(alpha is already in the site's W); a Conv, product + B over [Cout, 1, 1]; otherwise a new node adds the shift.
+(alpha is already in the site's W); a Conv, product + B; the product adds the bias (and any shift) its own way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -16,20 +17,36 @@ import onnx_ir as ir
 from symshrink.passes.analysis.graph import add_initializer, bias_input, constant_array
 from symshrink.passes.analysis.weights import WeightSite
 
-__all__ = ["Product", "replace_product"]
+__all__ = ["Bias", "Product", "add_bias", "replace_product"]
 
-# (activation x, name prefix) -> (new nodes in order, the value holding x @ W)
-Product = Callable[[ir.Value, str], tuple[list[ir.Node], ir.Value]]
+@dataclass(frozen=True)
+class Bias:
+    """A site's bias [N] (its constant plus any shift) and the name of a node that adds it (a rewritten bias Add's)."""
+
+    value: ir.Value
+    node: str
 
 
-def _bias_op(x: ir.Value, site: WeightSite) -> str:
-    """Add where the activation has rank >= 3 (a Conv's maps always), else Sum: over a 2-D input, onnxruntime
-    (1.32) fuses MatMul + Add into Gemm before it fuses DequantizeLinear + MatMul into MatMulNBits, which would
-    dequantize the weight on every run. Sum is the same sum and is not fused."""
-    if site.patch is not None:
-        return "Add"
+# (activation x, name prefix, bias or None) -> (new nodes in order, the value holding x @ W + bias): each product
+# adds the bias where onnxruntime runs it best (MatMulNBits' and Conv's bias inputs, else `add_bias`)
+Product = Callable[[ir.Value, str, Bias | None], tuple[list[ir.Node], ir.Value]]
+
+
+def _bias_op(x: ir.Value) -> str:
+    """Add where the activation has rank >= 3, else Sum: over a 2-D input, onnxruntime (1.32) fuses MatMul + Add
+    into Gemm before it fuses DequantizeLinear + MatMul into MatMulNBits, which would dequantize the weight on
+    every run. Sum is the same sum and is not fused."""
     rank = x.shape.rank() if x.shape is not None else None
     return "Add" if rank is not None and rank >= 3 else "Sum"
+
+
+def add_bias(nodes: list[ir.Node], result: ir.Value, bias: Bias | None, x: ir.Value,
+             name: str) -> tuple[list[ir.Node], ir.Value]:
+    """A product's nodes and result, then + bias by its own node (none without a bias)."""
+    if bias is None:
+        return nodes, result
+    biased = ir.Value(name=f"{name}.biased")
+    return [*nodes, ir.node(_bias_op(x), [result, bias.value], outputs=[biased], name=bias.node)], biased
 
 
 def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: Product, shift: np.ndarray | None,
@@ -45,14 +62,9 @@ def replace_product(graph: ir.Graph, node: ir.Node, site: WeightSite, product: P
         old_nodes.append(reader)
     if shift is not None:
         bias = shift if bias is None else bias + shift
-    x = node.inputs[site.data_input]
-    new_nodes, result = product(x, node.name)  # the new MatMul keeps the site's name
-    if bias is not None:
-        biased = ir.Value(name=f"{node.name}.{label}.biased")
-        if site.patch is not None:  # per output channel of NCHW maps
-            bias = np.reshape(bias, (-1, 1, 1))
-        constant = add_initializer(graph, f"{site.weight}.{label}.bias", np.asarray(bias, dtype))
-        name = old_nodes[1].name if len(old_nodes) > 1 else f"{node.name}.bias"
-        new_nodes.append(ir.node(_bias_op(x, site), [result, constant], outputs=[biased], name=name))
-        result = biased
+    if bias is not None:  # one value per output column
+        value = add_initializer(graph, f"{site.weight}.{label}.bias",
+                                np.broadcast_to(np.asarray(bias, dtype).reshape(-1), (site.cols,)).copy())
+        bias = Bias(value, old_nodes[1].name if len(old_nodes) > 1 else f"{node.name}.bias")
+    new_nodes, result = product(node.inputs[site.data_input], node.name, bias)  # the new node keeps the site's name
     ir.convenience.replace_nodes_and_values(graph, old_nodes[-1], old_nodes, new_nodes, [old_nodes[-1].outputs[0]], [result])

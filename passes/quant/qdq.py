@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from symshrink.passes.analysis.graph import add_initializer
 from symshrink.passes.analysis.opset import ensure_opset as upgrade
-from symshrink.passes.analysis.products import Product
+from symshrink.passes.analysis.products import Bias, Product, add_bias
 from symshrink.runtime.formats import (
     CONTRIB_DOMAIN,
     DEQUANTIZE_OPSET,
@@ -44,10 +44,11 @@ def dequantize_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) ->
     stored = dequantize_arrays(weight)
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
         dequantized, result = ir.Value(name=f"{values[0].name}.dequantized"), ir.Value(name=f"{name}.product")
-        return [ir.node("DequantizeLinear", values, stored.attributes, outputs=[dequantized], name=f"{name}.DequantizeLinear"),
-                ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result
+        return add_bias([ir.node("DequantizeLinear", values, stored.attributes, outputs=[dequantized],
+                                 name=f"{name}.DequantizeLinear"),
+                         ir.node("MatMul", [x, dequantized], outputs=[result], name=name)], result, bias, x, name)
 
     return product
 
@@ -59,12 +60,20 @@ def nbits_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Prod
     stored = matmul_nbits_arrays(weight)
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
-        result = ir.Value(name=f"{name}.product")
-        return [ir.node("MatMulNBits", [x, *values], stored.attributes, domain=CONTRIB_DOMAIN, outputs=[result],
-                        name=name)], result
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
+        return _matmul_nbits(x, values, stored.attributes, bias, name)
 
     return product
+
+
+def _matmul_nbits(x: ir.Value, constants: list[ir.Value], attributes: dict, bias: Bias | None,
+                  name: str) -> tuple[list[ir.Node], ir.Value]:
+    """MatMulNBits(x, B, scales[, zero_points]) with the bias as its own input (index 5, after g_idx)."""
+    result = ir.Value(name=f"{name}.product")
+    inputs = [x, *constants]
+    if bias is not None:
+        inputs += [None] * (5 - len(inputs)) + [bias.value]
+    return [ir.node("MatMulNBits", inputs, attributes, domain=CONTRIB_DOMAIN, outputs=[result], name=name)], result
 
 
 def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
@@ -73,10 +82,10 @@ def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Pro
     stored = gather_arrays(weight)
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
 
-    def product(ids: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    def product(ids: ir.Value, name: str, bias: Bias | None = None) -> tuple[list[ir.Node], ir.Value]:
         result = ir.Value(name=f"{name}.rows")
-        return [ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes, domain=CONTRIB_DOMAIN,
-                        outputs=[result], name=name)], result
+        return add_bias([ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes,
+                                 domain=CONTRIB_DOMAIN, outputs=[result], name=name)], result, bias, ids, name)
 
     return product
 
@@ -88,16 +97,15 @@ def tied_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, gather: 
     starts and MatMulNBits repacks it, so memory holds the codes twice, both low-bit."""
     blocks_shape, attributes = matmul_nbits_layout(weight.codes.shape, weight.bits,
                                                    gather_block(weight.codes.shape[0], weight.block))
-    new_nodes, rows_value = gather_product(graph, weight, prefix)(gather.inputs[1], gather.name)
+    new_nodes, rows_value = gather_product(graph, weight, prefix)(gather.inputs[1], gather.name, None)
     ir.convenience.replace_nodes_and_values(graph, gather, [gather], new_nodes, [gather.outputs[0]], [rows_value])
     data, _, *tables = new_nodes[0].inputs  # codes, ids, scales[, zero points]
     shape = add_initializer(graph, f"{prefix}.blocks_shape", np.array(blocks_shape))
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
-        blocks, result = ir.Value(name=f"{data.name}.blocks"), ir.Value(name=f"{name}.product")
-        return [ir.node("Reshape", [data, shape], outputs=[blocks], name=f"{name}.Reshape"),
-                ir.node("MatMulNBits", [x, blocks, *tables], attributes, domain=CONTRIB_DOMAIN, outputs=[result],
-                        name=name)], result
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
+        blocks = ir.Value(name=f"{data.name}.blocks")
+        nodes, result = _matmul_nbits(x, [blocks, *tables], attributes, bias, name)
+        return [ir.node("Reshape", [data, shape], outputs=[blocks], name=f"{name}.Reshape"), *nodes], result
 
     return product
 
@@ -109,28 +117,29 @@ def pointwise_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> 
     a Conv over a computed weight loses onnxruntime's prepacked NCHWc kernels and dequantizes on every run."""
     matmul = nbits_product(graph, weight, prefix)
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
         pixels, maps = ir.Value(name=f"{name}.nhwc"), ir.Value(name=f"{name}.nchw")
-        nodes, result = matmul(pixels, name)
+        nodes, result = matmul(pixels, name, bias)
         return [ir.node("Transpose", [x], {"perm": [0, 2, 3, 1]}, outputs=[pixels], name=f"{name}.to_nhwc"), *nodes,
                 ir.node("Transpose", [result], {"perm": [0, 3, 1, 2]}, outputs=[maps], name=f"{name}.to_nchw")], maps
     return product
 
 
 def conv_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, conv: ir.Node) -> Product:
-    """Conv(x, DequantizeLinear(codes)) with `conv`'s attributes, the codes laid out 4-D (`formats.conv_arrays`) and
-    no bias (the site's writer adds it). Small on disk and in memory; slow on onnxruntime's CPU provider, which
+    """Conv(x, DequantizeLinear(codes), bias) with `conv`'s attributes, the codes laid out 4-D
+    (`formats.conv_arrays`). Small on disk and in memory; slow on onnxruntime's CPU provider, which
     dequantizes on every run and cannot prepack the weight (`pointwise_product` where the kernel allows)."""
     kernel = tuple(int(d) for d in conv.inputs[1].shape[2:])
     stored = conv_arrays(weight, kernel)
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
     attributes = {name: attribute.value for name, attribute in conv.attributes.items()}
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
         dequantized, result = ir.Value(name=f"{values[0].name}.dequantized"), ir.Value(name=f"{name}.product")
+        inputs = [x, dequantized] + ([bias.value] if bias is not None else [])
         return [ir.node("DequantizeLinear", values, stored.attributes, outputs=[dequantized],
                         name=f"{name}.DequantizeLinear"),
-                ir.node("Conv", [x, dequantized], attributes, outputs=[result], name=name)], result
+                ir.node("Conv", inputs, attributes, outputs=[result], name=name)], result
 
     return product
 

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from symshrink.errors import BadInput
 from symshrink.passes.analysis.graph import FUNCTION_DOMAIN, add_initializer, declare_function
-from symshrink.passes.analysis.products import Product
+from symshrink.passes.analysis.products import Bias, Product, add_bias
 from symshrink.runtime.formats import DIGITS_PER_BYTE, QuantizedWeight, ternary_function_arrays
 from symshrink.runtime.formats import TERNARY_INPUTS as INPUTS
 from symshrink.runtime.formats import ternary_function_name as function_name
@@ -73,8 +73,9 @@ def function_product(graph: ir.Graph, weight: QuantizedWeight, radix: int, prefi
     arrays = ternary_function_arrays(weight, radix).arrays
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in arrays.items()]
 
-    def product(x: ir.Value, name: str) -> tuple[list[ir.Node], ir.Value]:
+    def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
         result = ir.Value(name=f"{name}.product")
-        return [ir.node(function_name(radix), [x, *values], domain=DOMAIN, outputs=[result], name=name)], result
+        return add_bias([ir.node(function_name(radix), [x, *values], domain=DOMAIN, outputs=[result], name=name)],
+                        result, bias, x, name)
 
     return product
