@@ -122,7 +122,8 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
     hyper = HyperOptions(codebook=args.codebook, tensor_error=args.tensor_error, side=args.side, group_size=group,
                          index_bits=_ints(args.index_bits, "--index-bits"), codes=_ints(args.codes, "--codes"),
                          bands=_ints(args.bands, "--bands"), code_dims=args.code_dims)
-    quant = QuantOptions(bits=args.bits, zero_points=args.zero_points, act_order=args.act_order)
+    quant = QuantOptions(bits=args.bits, zero_points=args.zero_points, act_order=args.act_order,
+                         dequantize_convs=args.dequantize_convs)
     return CompressOptions(method=args.method, moment=moment, weights=weights, ternary=ternary,
                            quant=quant, hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
@@ -323,7 +324,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="per-layer budget on the relative output error on the calibration moments: ternary layers "
                               "over it get 8 bits, then stay fp32; quant takes the fewest bits within it")
     weights.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                         help="keep MatMul/Gemm/Gather nodes or weights whose name matches this fnmatch pattern fp32 "
+                         help="keep MatMul/Gemm/Conv/Gather nodes or weights whose name matches this fnmatch pattern fp32 "
                               "(repeatable)")
     weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
                          help="quant: bits per weight of the integer grid (default 4); Gather tables (embeddings) "
@@ -335,6 +336,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="quant: second-moment rounding takes the input rows in order of decreasing E[x_i^2], "
                               "each block's scales set first on the weights as given (the stored layout is unchanged; "
                               "default); --no-act-order: in stored order, each block's scales set on its error-fed rows")
+    weights.add_argument("--dequantize-convs", action="store_true",
+                         help="quant: code the convs MatMulNBits cannot run (kxk, grouped, strided) too, as "
+                              "DequantizeLinear -> Conv: smaller on disk, no smaller in memory, and slower in "
+                              "onnxruntime, whose CPU Conv then loses its prepacked kernels (default: they stay fp32)")
     weights.add_argument("--rounding", choices=ROUNDINGS,
                          help="feedback rounds each input row and feeds its error forward on the calibration second "
                               "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "

@@ -119,14 +119,17 @@ class TernaryOptions:
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Integer grids for MatMul/Gemm weights and Gather tables: `bits` per weight for every layer; with the
+    """Integer grids for MatMul/Gemm/Conv weights and Gather tables: `bits` per weight for every layer; with the
     per-layer budget, the fewest bits within it (else fp32). Symmetric grids (zero point 2^(bits-1), none stored)
     unless `zero_points`: a zero point per block, the grid over the block's range. `act_order`: second-moment
-    rounding takes the input rows in order of decreasing E[x_i^2] (frames set first; the layout is unchanged)."""
+    rounding takes the input rows in order of decreasing E[x_i^2] (frames set first; the layout is unchanged).
+    Convs other than 1x1 (which become MatMulNBits) stay fp32 unless `dequantize_convs`: DequantizeLinear -> Conv,
+    smaller on disk, slower in onnxruntime."""
 
     bits: int = 4
     zero_points: bool = False
     act_order: bool = True
+    dequantize_convs: bool = False
 
     def __post_init__(self) -> None:
         _one_of("bits", self.bits, GRID_BITS)

@@ -181,7 +181,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> 
     sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True)
     offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
-                       act_order=options.quant.act_order)
+                       act_order=options.quant.act_order, dequantize_convs=options.quant.dequantize_convs)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 

@@ -8,8 +8,9 @@ import pytest
 
 from symshrink.api import compress
 from symshrink.calibration.stats import UnitStats, sample_patches
+from symshrink.errors import NothingToCompress
 from symshrink.passes.analysis.weights import Patch, find_weight_sites, weight_matrix
-from symshrink.passes.quant.grid import encode_grid, grid_offer
+from symshrink.passes.quant.grid import encode_grid, grid_offer, site_format
 from symshrink.rules import quant_rule
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.formats import conv_matrix, conv_weight, quantize_grid
@@ -139,9 +140,24 @@ def test_second_moment_rounding_of_a_conv_beats_nearest_on_held_out_patches(bits
 
 def test_compress_calibrates_convs_on_their_patches_and_verifies_through_onnxruntime():
     feeds = [{"x": maps[None]} for maps in _smooth_maps(20, 5)]
-    proto, report = compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False)
+    proto, report = compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False,
+                             dequantize_convs=True)
     (layer,) = report.quant.layers  # the 1x1 and depthwise convs are below the 4096 elements worth a codec
     assert (layer.node, layer.op, layer.codec) == ("conv3", "Conv", "uint4") and layer.relative_error < 0.1
     assert all("below 4096" in report.quant.passed_over[name] for name in ("conv1", "depthwise"))
     assert report.failures == [] and report.diffs[0].cosine > 0.99
     onnx.checker.check_model(proto)
+    with pytest.raises(NothingToCompress, match="3x3 conv: onnxruntime's CPU Conv"):  # by default: kept fp32
+        compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False)
+
+
+def test_a_grouped_1x1_conv_is_no_matmul():
+    proto = _conv_model()
+    proto.graph.node[4].attribute[0].CopyFrom(onnx.helper.make_attribute("group", 4))
+    proto.graph.initializer[4].CopyFrom(onnx.numpy_helper.from_array(
+        np.full((CHANNELS, 4, 1, 1), 0.1, np.float32), "W3"))
+    del proto.graph.node[4].attribute[1:]  # no pads: a 1x1, stride 1 conv in four groups
+    model = ir.from_proto(proto)
+    sites, _ = find_weight_sites(model, convs=True, min_elements=0)
+    grouped = next(s for s in sites if s.node == "depthwise")
+    assert grouped.patch.pointwise and grouped.groups == 4 and site_format(grouped, 16, True) == "conv"
