@@ -72,7 +72,7 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
-                        r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
+                        r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<dq>dq))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -160,15 +160,15 @@ def hyper_name(text: str) -> str:
 
 def quant_name(text: str) -> str:
     """Check an integer-grid variant name
-    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-eE][-nearest|-inorder]: every
-    weight site and Gather table on symshrink's grid of that many bits (DequantizeLinear or GatherBlockQuantized;
-    symmetric, or with zero points: -zp), or with -eE the fewest bits within the per-layer error E (--layer-error),
-    rounded with error feedback on the calibration second moment in act-order (-inorder: in stored order), or to
-    nearest."""
+    [moment-<selector>-keep<F>+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>[-zp][-eE][-dq][-nearest|-inorder]:
+    every weight site, 1x1 conv and Gather table on symshrink's grid of that many bits (MatMulNBits,
+    DequantizeLinear or GatherBlockQuantized; symmetric, or with zero points: -zp), or with -eE the fewest bits
+    within the per-layer error E (--layer-error), -dq the other convs too (--dequantize-convs), rounded with error
+    feedback on the calibration second moment in act-order (-inorder: in stored order), or to nearest."""
     match = QUANT_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
         raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]quant-<b16|b32|b64|b128|b256|channel>-<8|4|2>"
-                                         f"[-zp][-eE][-nearest|-inorder]: {text!r}")
+                                         f"[-zp][-eE][-dq][-nearest|-inorder]: {text!r}")
     return text
 
 
@@ -352,8 +352,9 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     rounding = "nearest" if match["nearest"] else "feedback"
     settings: dict[str, Any] = {"method": "quant", "bits": int(match["bits"]), "rounding": rounding,
                                 "block": None if block == "channel" else int(block), "zero_points": bool(match["zp"]),
-                                "act_order": not match["inorder"]}
+                                "act_order": not match["inorder"], "dequantize_convs": bool(match["dq"])}
     grid = f"{'grids with zero points' if match['zp'] else 'symmetric grids'}, block {block}, "
+    grid += "every conv (DequantizeLinear -> Conv where not 1x1), " if match["dq"] else ""
     if match["error"]:
         settings["layer_error"] = float(match["error"])
         what = f"per layer the fewest bits (8/4/2) within output error {match['error']}, {grid}"
@@ -363,7 +364,8 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
         f"second-moment rounding (error feedback{', in stored order' if match['inorder'] else ', act-order'})"
     variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
     variant.extra = {"quant": f"{match['block']}-{match['bits']}-{'zp' if match['zp'] else 'sym'}-"
-                              f"e{match['error'] or '-'}-{rounding}{'-inorder' if match['inorder'] else ''}"}
+                              f"e{match['error'] or '-'}{'-dq' if match['dq'] else ''}-{rounding}"
+                              f"{'-inorder' if match['inorder'] else ''}"}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
@@ -732,6 +734,25 @@ def ternary_section(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def quant_section(result: dict[str, Any]) -> list[str]:
+    """What the integer-grid rows are, for runs that built [moment-...+]quant-... variants."""
+    if not any("quant" in r for model in result["models"] for r in model.get("rows", [])):
+        return []
+    return [
+        "## Integer-grid rows", "",
+        "`quant-<block>-<bits>` rows (`symshrink compress --method quant`): every MatMul/Gemm weight, 1x1 Conv and "
+        "Gather table of at least 4096 elements on a grid of 8, 4 or 2 bits per output column and block of input "
+        "rows (`<block>`: b16 to b256, or `channel`), symmetric (`-zp`: with zero points), rounded with error "
+        "feedback on the calibration second moment of the layer's input (a conv's: of its patches) in act-order "
+        "(`-inorder`: in stored order; `-nearest`: to nearest). Products are written as onnxruntime's "
+        "`MatMulNBits` (a 1x1 Conv between two Transposes, over the channels of every pixel), tables as "
+        "`GatherBlockQuantized`, a tied LM head as MatMulNBits over its table's codes. `-e<E>`: per layer the "
+        "fewest bits within relative output error E on the calibration moments (`--layer-error`). `-dq`: the other "
+        "convs (kxk, grouped) too, as `DequantizeLinear -> Conv` (`--dequantize-convs`: smaller on disk, slower in "
+        "onnxruntime); without it they stay fp32.", "",
+    ]
+
+
 def hyper_section(result: dict[str, Any]) -> list[str]:
     """What the hyperfunction rows are, for runs that built hyper-... variants."""
     if not any("hyper_variant" in r for model in result["models"] for r in model.get("rows", [])):
@@ -753,6 +774,17 @@ def hyper_section(result: dict[str, Any]) -> list[str]:
         "per-tensor side information included; the codebook tables, shared by every tensor of the same size, are "
         "in the file size. **load s**: session creation time (where the decode is folded).", "",
     ]
+
+
+def other_outputs(model: dict[str, Any]) -> list[str]:
+    """The cosine against fp32 of each output besides the primary one (MobileNetV2's pooled features), per row."""
+    rows = [r for r in model["rows"] if not r.get("error")]
+    names = [d["name"] for d in rows[0]["diffs"] if d["name"] != model["primary_output"]] if rows else []
+    if not names:
+        return []
+    cells = [f"{r['variant']} " + ", ".join(f"{d['cosine']:.4f}" for d in r["diffs"] if d["name"] in names)
+             for r in rows]
+    return ["", f"Cosine against fp32 of the other outputs ({', '.join(names)}): " + "; ".join(cells) + "."]
 
 
 def hyper_comparison(model: dict[str, Any]) -> list[str]:
@@ -799,6 +831,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                   "timing, and trust ratios more than absolute milliseconds.", ""]
     lines += moment_section(result)
     lines += ternary_section(result)
+    lines += quant_section(result)
     lines += hyper_section(result)
     for model in result["models"]:
         lines.append(f"## {model['model']}")
@@ -844,6 +877,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                          f"| {r['build_s']:.1f} |")
         if notes:
             lines += ["", "Not available:", *notes]
+        lines += other_outputs(model)
         lines += hyper_comparison(model)
         lines += ["", near_lossless(model)]
         if model["model"] in images:
