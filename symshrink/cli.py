@@ -342,8 +342,9 @@ def _parser() -> argparse.ArgumentParser:
                               "onnxruntime, whose CPU Conv then loses its prepacked kernels (default: they stay fp32)")
     weights.add_argument("--rounding", choices=ROUNDINGS,
                          help="feedback rounds each input row and feeds its error forward on the calibration second "
-                              "moment E[x x^T] (GPTQ-class; the default of quant); nearest rounds each weight on its "
-                              "own (the default of ternary: its optimal fit)")
+                              "moment E[x x^T] (GPTQ-class; the default of quant; hyper: pairs of a MatMul weight's "
+                              "row to their codewords, one frame a tensor); nearest rounds each weight on its own (the "
+                              "default of ternary, its optimal fit, and of hyper)")
     ternary = comp.add_argument_group("ternary")
     ternary.add_argument("--correction", default="lstsq", choices=CORRECTIONS,
                          help="per-unit scale and bias fitted on calibration data: least squares (default), "

@@ -86,10 +86,10 @@ class WeightOptions:
     block: int | None = 64
     layer_error: float | None = None
     exclude: tuple[str, ...] = ()
-    rounding: str | None = None  # "feedback" or "nearest"; None: each method's default (quant feedback, ternary nearest)
+    rounding: str | None = None  # "feedback" or "nearest"; None: each method's default (quant feedback, the others nearest)
 
     def rounding_for(self, method: str) -> str:
-        return self.rounding or {"quant": "feedback", "ternary": "nearest"}[method]
+        return self.rounding or {"quant": "feedback", "ternary": "nearest", "hyper": "nearest"}[method]
 
     def __post_init__(self) -> None:
         if self.rounding is not None:

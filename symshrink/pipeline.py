@@ -227,11 +227,17 @@ def hyper_candidates(options: HyperOptions) -> list[HyperSetting]:
     return grid
 
 
-def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[HyperSetting]) -> HyperPlan:
-    """Code every large weight tensor in place (data-free: the weights alone); the plan it wrote. Weights held
-    in Constant nodes (PP-OCR's classifier) become initializers first."""
+def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[HyperSetting], fit_feeds: list) -> HyperPlan:
+    """Code every large weight tensor in place (the weights alone; with --rounding feedback, a MatMul weight's codes
+    fed back on its input's second moment); the plan it wrote. Weights held in Constant nodes (PP-OCR's
+    classifier) become initializers first."""
     LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
-    offer, _ = hyper_offer(model, candidates, options.hyper.tensor_error, progress=options.progress)
+    hessians = {}
+    if options.weights.rounding_for("hyper") == "feedback":
+        sites, _, stats, _ = _weight_sites(model, options, fit_feeds)
+        hessians = {site.weight: stats[site.statistic].second_moment for site in sites
+                    if site.op == "MatMul" and site.statistic in stats}
+    offer, _ = hyper_offer(model, candidates, options.hyper.tensor_error, progress=options.progress, hessians=hessians)
     rewrite = offer.rewrite(hyper_rule(offer, options.hyper))
     rewrite(model)
     return rewrite.plan
@@ -333,7 +339,7 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
     if "quant" in methods:
         report.quant = _quant_stage(model, options, fit_feeds)
     if "hyper" in methods:
-        report.hyper = _hyper_stage(model, options, candidates)
+        report.hyper = _hyper_stage(model, options, candidates, fit_feeds)
     if not _sites(report):
         reasons = _no_site_reasons(report)
         more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""

@@ -4,7 +4,9 @@ A weight is a float32 initializer whose every reader reads it as a weight (MatMu
 ConvTranspose W, Gather data, through a Transpose): tied weights, such as an embedding that is also the
 LM head, are coded once. Per tensor the setting (n, K, side) is the fewest bits per weight whose relative
 error ||W - W'|| / ||W|| is within the target (`hyper_codec.choose_setting`). Tensors under the size
-threshold, biases and norms stay float, and the plan says why.
+threshold, biases and norms stay float, and the plan says why. Given the second moment H of a MatMul weight's
+input, its codes are rounded with error feedback row by row (`feedback.hyperize_with_feedback`), the setting still
+chosen by the weight's own error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from symshrink.passes.hyper.function import check_opset, decode_node
 from symshrink.passes.hyper.search import evaluate_settings
 from symshrink.passes.protocol import Candidate, Offer, Site, known
+from symshrink.passes.quant.feedback import hyper_feeds_back, hyperize_with_feedback
 from symshrink.runtime.formats import FORMATS, HyperCode, HyperSetting, decode_values, encode_hyper, relative_error
 
 __all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "hyper_offer",
@@ -56,6 +59,7 @@ class TensorPlan:
     bits_per_weight: float | None = None  # side information included
     relative_error: float | None = None
     reason: str = ""
+    fed_back: bool = False  # rounded with error feedback on the input's second moment
 
 
 @dataclass
@@ -80,7 +84,8 @@ class HyperPlan:
             bits = "-" if t.bits_per_weight is None else f"{t.bits_per_weight:.2f}"
             err = "-" if t.relative_error is None else f"{t.relative_error:.2e}"
             shape = "x".join(map(str, t.shape)) or "scalar"
-            lines.append(f"  {t.name[-40:]:<40} {shape:>16} {t.codec:<6} {bits:>6} {err:>8}  {t.setting or t.reason}")
+            what = f"{t.setting}{', fed back' if t.fed_back else ''}" if t.setting else t.reason
+            lines.append(f"  {t.name[-40:]:<40} {shape:>16} {t.codec:<6} {bits:>6} {err:>8}  {what}")
         coded = sum(int(np.prod(t.shape)) for t in self.coded())
         total = sum(int(np.prod(t.shape)) for t in self.tensors) or 1
         bits = sum(int(np.prod(t.shape)) * t.bits_per_weight for t in self.coded()) / max(coded, 1)
@@ -122,11 +127,15 @@ def find_weight_tensors(model: ir.Model, min_elements: int = MIN_ELEMENTS) -> tu
 
 
 def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: float | None,
-                min_elements: int = MIN_ELEMENTS, progress: bool = False) -> tuple[Offer, list[TensorPlan]]:
+                min_elements: int = MIN_ELEMENTS, progress: bool = False,
+                hessians: Mapping[str, np.ndarray] | None = None) -> tuple[Offer, list[TensorPlan]]:
     """Per weight tensor, each setting as a candidate: bytes from the format table, predicted error measured on a
     fixed sample of the tensor (`hyper_codec.evaluate_settings`; settings wider than the first within
-    `stop_within` are not offered); with a single setting, the whole tensor's error, once encoded. The float
-    tensors that are not sites come back as plan rows with the reason."""
+    `stop_within` are not offered); with a single setting, the whole tensor's error, once encoded. Tensors in
+    `hessians` (name -> E[x x^T] of the input that multiplies them, stored [K, N]) are encoded with error feedback
+    where the setting allows (`feedback.hyper_feeds_back`). The float tensors that are not sites come back as plan
+    rows with the reason."""
+    hessians = hessians or {}
     values, kept = find_weight_tensors(model, min_elements)
     sites, candidates, weights = [], {}, {}
     for value in tqdm(values, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
@@ -138,7 +147,10 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
             results = evaluate_settings(weight, settings, stop_within=stop_within)
         options = []
         for setting, error, bits in results:
-            encoded = cache(partial(encode_hyper, weight, setting))  # one encoding for the error and the payload
+            if value.name in hessians and hyper_feeds_back(weight.shape, setting):
+                encoded = cache(partial(hyperize_with_feedback, weight, hessians[value.name], setting))
+            else:
+                encoded = cache(partial(encode_hyper, weight, setting))  # one encoding for the error and the payload
             row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
             measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
             # the sample's bits (exact when the bands are used, as the table's bytes are) where they were measured
@@ -154,9 +166,10 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
                 continue
             code = codes[site.name] = chosen[site.name].payload()
             value = model.graph.initializers[site.name]
+            fed = site.name in hessians and hyper_feeds_back(site.shape, code.setting)
             plan.tensors.append(TensorPlan(site.name, list(site.shape), [use.node.op_type for use in value.uses()], "hyper",
                                            code.label(), code.bits_per_weight(),
-                                           relative_error(weights[site.name], decode_values(code))))
+                                           relative_error(weights[site.name], decode_values(code)), fed_back=fed))
         plan.tensors += kept
         tables = {code.setting.table_key(): code.table_bits() for code in codes.values()}
         plan.table_bytes = sum(tables.values()) // 8

@@ -3,24 +3,40 @@ forward onto the rows not yet rounded, so that the output error E||x (W - Q)||^2
 H = E[x x^T], is what is kept small. With U the upper Cholesky factor of (H + damp)^-1, row i rounds to q_i and
 rows j > i take w_j -= U[i, j] (w_i - q_i) / U[i, i] (in batches of `batch` rows, the rest updated lazily).
 Each block's frame (integer grid: scales and zero points; ternary: the optimal scale) is set on the error-fed rows
-when the block starts. With H = I nothing is fed forward and the codes are round-to-nearest's. Act-order rounds the
-rows in order of decreasing E[x_i^2] (the inputs that carry most first, so that later rows absorb their error); the
-stored layout is unchanged because each block's frame is then set up front, on the weights as given (GPTQ's static
-groups): no permutation reaches the graph.
+when the block starts; a hyperfunction code's frame (centre, span, bands) is the whole weight's, set first, and each
+row's pairs of weights go to their nearest codewords (GPTVQ-style: a vector code fed back row by row). With H = I
+nothing is fed forward and the codes are round-to-nearest's. Act-order rounds the rows in order of decreasing
+E[x_i^2] (the inputs that carry most first, so that later rows absorb their error); the stored layout is
+unchanged because each block's frame is then set up front, on the weights as given (GPTQ's static groups): no
+permutation reaches the graph.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 import scipy.linalg
 
-from symshrink.runtime.formats import QuantizedWeight, Ternary, grid_frame, round_to_grid, ternary_scales
+from symshrink.runtime.formats import (
+    Frame,
+    HyperCode,
+    HyperSetting,
+    QuantizedWeight,
+    Ternary,
+    decode_values,
+    encode_pairs,
+    frame_of,
+    grid_frame,
+    hyper_pairs,
+    round_to_grid,
+    ternary_scales,
+)
 
-__all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "TernaryGrid", "round_with_feedback",
-           "quantize_with_feedback", "ternarize_with_feedback"]
+__all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "TernaryGrid", "HyperGrid",
+           "round_with_feedback", "quantize_with_feedback", "ternarize_with_feedback", "hyper_feeds_back",
+           "hyperize_with_feedback"]
 
 DAMPING = 0.01  # lambda of H + lambda mean(diag H) I: keeps the inverse stable where inputs are nearly collinear
 
@@ -74,6 +90,21 @@ class TernaryGrid:
         return codes, codes * scales
 
 
+@dataclass(frozen=True)
+class HyperGrid:
+    """Pairs of neighbouring weights of a row to their nearest codewords of a hyperfunction codebook, in the frame
+    (centre, span, bands) of the whole weight (one group: `hyper_feeds_back`)."""
+
+    setting: HyperSetting
+
+    def frame(self, rows: np.ndarray) -> tuple[Frame]:
+        return (frame_of(hyper_pairs(rows.reshape(-1), self.setting.dims, None), self.setting),)
+
+    def round(self, row: np.ndarray, frame: tuple[Frame]) -> tuple[np.ndarray, np.ndarray]:
+        code = encode_pairs(row.reshape(1, -1, self.setting.dims), frame[0], self.setting, row.shape)
+        return code.indices, decode_values(code).astype(np.float64)
+
+
 def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, grid: Grid,
                         damping: float = DAMPING, batch: int = 128,
                         act_order: bool = False) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
@@ -94,14 +125,17 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
     else:
         batch = -(-batch // size) * size if block is not None else batch  # blocks never straddle a lazy batch
         frames = []
-    codes = np.zeros((rows, cols))
+    codes: np.ndarray | None = None  # [rows, codes a row]: a row's codes are its values, or its pairs' indices
     for start in range(0, rows, batch):
         end = min(start + batch, rows)
         errors = np.zeros((end - start, cols))
         for i in range(start, end):
             if not act_order and i % size == 0:  # a new block: its frame on the rows as they are now
                 frames.append(grid.frame(w[i: min(i + size, rows)]))
-            codes[order[i]], values = grid.round(w[i], frames[order[i] // size])
+            row_codes, values = grid.round(w[i], frames[order[i] // size])
+            if codes is None:
+                codes = np.zeros((rows, *np.shape(row_codes)), np.asarray(row_codes).dtype)
+            codes[order[i]] = row_codes
             errors[i - start] = (w[i] - values) / u[i, i]
             w[i + 1: end] -= np.outer(u[i, i + 1: end], errors[i - start])
         w[end:] -= u[start:end, end:].T @ errors  # the batch's errors onto every later row at once
@@ -124,3 +158,20 @@ def ternarize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int 
     of its error-fed rows, each row rounds to the nearest of {-a, 0, +a}."""
     codes, frames = round_with_feedback(weight, hessian, block, TernaryGrid(), damping)
     return Ternary(codes.astype(np.int8), np.stack([f[0] for f in frames]).astype(weight.dtype), block)
+
+
+def hyper_feeds_back(shape: tuple[int, ...], setting: HyperSetting) -> bool:
+    """Whether a weight [K, N] can be coded row by row: one group (one frame) and rows of whole pairs."""
+    return len(shape) == 2 and setting.group is None and shape[1] % setting.dims == 0
+
+
+def hyperize_with_feedback(weight: np.ndarray, hessian: np.ndarray, setting: HyperSetting,
+                           damping: float = DAMPING) -> HyperCode:
+    """Hyperfunction codes of `weight` [K, N] (stored as is: pairs along N) by second-moment rounding: the frame of
+    the weight as given, then each input row's pairs to their nearest codewords, the row's error fed forward."""
+    if not hyper_feeds_back(weight.shape, setting):
+        raise ValueError(f"a {weight.shape} weight in {setting.label()} is not coded row by row")
+    indices, [(frame,)] = round_with_feedback(weight, hessian, None, HyperGrid(setting), damping)
+    template = encode_pairs(hyper_pairs(weight.astype(np.float64).reshape(-1), setting.dims, None), frame, setting,
+                            tuple(weight.shape))  # the codebook, bands, centre and span of that frame
+    return replace(template, indices=indices.reshape(-1))

@@ -209,3 +209,22 @@ def test_hyper_upgrades_models_below_opset_13(tmp_path, capsys):
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
     assert {o.domain: o.version for o in written.opset_import}[""] == 13
+
+
+def test_rounding_feedback_codes_matmul_weights_on_their_inputs_second_moment():
+    """--rounding feedback: the same codes' format and bytes, each MatMul weight's plan row fed back, and a smaller
+    held-out output error than nearest rounding on correlated inputs (the last 20% of the feeds)."""
+    from symshrink.api import compress  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    mixing = rng.standard_normal((64, 64)) / 8 + np.eye(64)
+    feeds = [{"x": (rng.standard_normal((8, 64)) @ mixing).astype(np.float32)} for _ in range(40)]
+    model = mlp_model(hidden=256, inputs=64, outputs=32, seed=4)
+    runs = {rounding: compress(model, feeds, method="hyper", index_bits=(8,), rounding=rounding, progress=False)
+            for rounding in ("nearest", "feedback")}
+    (_, nearest), (fed_model, fed) = runs["nearest"], runs["feedback"]
+    assert [t.fed_back for t in fed.hyper.coded()] == [True, True] and not any(t.fed_back for t in nearest.hyper.coded())
+    assert [t.bits_per_weight for t in fed.hyper.coded()] == [t.bits_per_weight for t in nearest.hyper.coded()]
+    # measured: 0.118 against 0.153 (a random MLP; fmnist-mlp at 8 bits a pair: 0.023 against 0.086)
+    assert fed.diffs[0].rel_l2 < 0.85 * nearest.diffs[0].rel_l2, (fed.diffs[0].rel_l2, nearest.diffs[0].rel_l2)
+    onnx.checker.check_model(fed_model)

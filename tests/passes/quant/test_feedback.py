@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from symshrink.passes.quant.feedback import quantize_with_feedback, ternarize_with_feedback
-from symshrink.runtime.formats import quantize_grid, ternarize
+from symshrink.passes.quant.feedback import (
+    hyper_feeds_back,
+    hyperize_with_feedback,
+    quantize_with_feedback,
+    ternarize_with_feedback,
+)
+from symshrink.runtime.formats import HyperSetting, decode_values, encode_hyper, quantize_grid, ternarize
 
 # the error budget of the comparison: on correlated inputs the fed-back rounding leaves at most this fraction of
 # round-to-nearest's output error (measured: 0.50-0.58 over the cases below)
@@ -88,3 +93,30 @@ def test_act_order_under_a_diagonal_second_moment_is_round_to_nearest():
     hessian = np.diag(np.random.default_rng(3).uniform(0.5, 2.0, 64))  # an order, nothing to feed forward
     ordered = quantize_with_feedback(weight, hessian, 32, 4, act_order=True)
     np.testing.assert_array_equal(ordered.codes, quantize_grid(weight, 32, 4).codes)
+
+
+@pytest.mark.parametrize("setting", [HyperSetting("lattice", 63, 3, 4.0), HyperSetting("grid", 16, 0, 8.0)],
+                         ids=["lattice", "grid"])
+def test_hyper_codes_fed_back_are_nearest_under_identity_and_beat_it_on_correlated_inputs(setting):
+    weight = np.random.default_rng(3).standard_normal((96, 40)) * 0.05
+    nearest = encode_hyper(weight, setting)
+    np.testing.assert_array_equal(hyperize_with_feedback(weight, np.eye(96), setting).indices, nearest.indices)
+    x = _correlated()
+    hessian = x.T @ x / len(x)
+    fed = hyperize_with_feedback(weight, hessian, setting)
+    assert fed.indices.shape == nearest.indices.shape and fed.bits == nearest.bits  # the same format and bytes
+
+    def error(code) -> float:
+        e = weight - decode_values(code).astype(np.float64)
+        return float(np.einsum("kn,kn->", e, hessian @ e))
+
+    assert error(fed) < FEEDBACK_GAIN * error(nearest)
+
+
+def test_hyper_feedback_needs_one_frame_and_rows_of_whole_pairs():
+    weight = np.zeros((8, 6))
+    assert hyper_feeds_back(weight.shape, HyperSetting("lattice", 63, 3, 4.0))
+    assert not hyper_feeds_back((8, 5), HyperSetting("lattice", 63, 3, 4.0))  # a pair would straddle two rows
+    assert not hyper_feeds_back(weight.shape, HyperSetting("lattice", 63, 3, 4.0, group=64))
+    with pytest.raises(ValueError, match="row by row"):
+        hyperize_with_feedback(np.zeros((8, 5)), np.eye(8), HyperSetting("lattice", 63, 3, 4.0))
