@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from symshrink.passes.moment.reduce import (
     moment_offer,
     unit_problem,
 )
-from symshrink.passes.quant.grid import GridPlan, grid_offer
+from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites
 from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
@@ -132,11 +133,14 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
     return rewrite.plan, [g for g in groups if not g.ok]
 
 
-def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False, convs: bool = False):
-    """The MatMul/Gemm weight sites (with `tables`, the Gather tables too; with `convs`, the Conv weights) and the
-    nodes passed over, with why, their inputs' calibration moments and the graph's nodes by name: what the weight
-    codes offer on."""
+def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False, convs: bool = False,
+                  select: Callable[[list[WeightSite], dict[str, str]], list[WeightSite]] | None = None):
+    """The MatMul/Gemm weight sites (with `tables`, the Gather tables too; with `convs`, the Conv weights; those
+    `select` keeps, the others passed over by it) and the nodes passed over, with why, their inputs' calibration
+    moments and the graph's nodes by name: what the weight codes offer on."""
     sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables, convs=convs)
+    if select is not None:
+        sites = select(sites, passed)
     products = [site for site in sites if site.moments]
     return sites, passed, _input_moments(model, products, fit_feeds, options), {node.name: node for node in model.graph}
 
@@ -178,10 +182,12 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> 
     """Offer integer grids for every weight site and Gather table (rounded with error feedback on the calibration
     statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the fewest
     bits within --layer-error) and write them in place. The plan it wrote."""
-    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True)
-    offer = grid_offer(sites, stats, nodes, options.weights.block, passed, rounding=options.weights.rounding_for("quant"),
+    block = options.weights.block
+    select = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select)
+    offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
-                       act_order=options.quant.act_order, dequantize_convs=options.quant.dequantize_convs)
+                       act_order=options.quant.act_order)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 

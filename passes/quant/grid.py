@@ -42,7 +42,7 @@ from symshrink.runtime.formats import (
 )
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
-           "grid_offer", "site_format", "format_settings", "GRID_BITS"]
+           "grid_offer", "site_format", "site_block", "packed_sites", "format_settings", "CONV_FP32", "GRID_BITS"]
 
 
 @dataclass(frozen=True)
@@ -139,15 +139,16 @@ class GridPlan:
 
 
 def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
-    """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in blocks,
-    when `packed`; a Conv too where it is 1x1, stride 1, no pads), "conv" (DequantizeLinear -> Conv: the other
-    Convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales)."""
+    """The stored form of a site's grid codes: "gather" (tables and tied heads), "matmulnbits" (products in whole
+    blocks, when `packed`; a 1x1 conv, stride 1, no pads, one group, its short last block padded), "conv"
+    (DequantizeLinear -> Conv: the other convs) or "dequantize" (DequantizeLinear -> MatMul: per-column scales and a
+    product's short last block, held unpadded in the file; onnxruntime pads it when it fuses them into MatMulNBits)."""
     if site.table or site.tied:
         return "gather"
     nbits = packed and matmul_nbits_accepts((site.rows, site.cols), block)
     if site.patch is not None:
         return "matmulnbits" if nbits and site.patch.pointwise and site.groups == 1 else "conv"
-    return "matmulnbits" if nbits else "dequantize"
+    return "matmulnbits" if nbits and site.rows % block == 0 else "dequantize"
 
 
 def format_settings(site: WeightSite, form: str, block: int | None, symmetric: bool) -> dict:
@@ -184,11 +185,9 @@ class CodesPass(InPlacePass):
     def product(self, model: ir.Model, site: WeightSite, codec: str, encoded: Encoded) -> Callable[[str], Product]:
         form = site_format(site, encoded.weight.block, self.packed)
         if site.tied:
-            gather = next(node for node in model.graph if node.name == site.tied)
-            return partial(tied_product, model.graph, encoded.weight, gather=gather)
+            return partial(tied_product, model.graph, encoded.weight, gather=self.nodes[site.tied])
         if site.patch is not None:
-            conv = next(node for node in model.graph if node.name == site.node)
-            extra = {"conv": conv} if form == "conv" else {}
+            extra = {"conv": self.nodes[site.node], "kernel": site.patch.kernel} if form == "conv" else {}
             return partial(CONV_PRODUCTS[form], model.graph, encoded.weight, **extra)
         return partial(PRODUCTS[form], model.graph, encoded.weight)
 
@@ -197,6 +196,7 @@ class CodesPass(InPlacePass):
         if not planned:
             return PassResult(model, False)
         self.prepare(model)
+        self.nodes = {node.name: node for node in model.graph}
         writes = [(self.sites[layer.node], self.encodings[layer.node], layer.codec,
                    self.product(model, self.sites[layer.node], layer.codec, self.encodings[layer.node]))
                   for layer in planned]
@@ -205,23 +205,45 @@ class CodesPass(InPlacePass):
 
 
 CONV_FP32 = ("onnxruntime's CPU Conv over a DequantizeLinear'd weight loses its prepacked kernels and dequantizes on "
-             "every run (MobileNetV2: 1.7 ms against 0.96 ms) for no memory saving: kept fp32 (--dequantize-convs "
-             "codes it, for disk)")
+             "every run (MobileNetV2, docs/methods.md#convolutions: 1.57 ms a run with its depthwise convs so coded, "
+             "0.98 ms without) for no memory saving: kept fp32 (--dequantize-convs codes it, for disk)")
+
+
+def site_block(site: WeightSite, block: int | None) -> int | None:
+    """The rows per scale a site takes for `block`: a product or table `block`; a grouped conv one scale per output
+    column; another conv the largest power of two from `block` down to 16 that divides its input channels (so that
+    blocks stay within a tap and none is padded: about the bytes of the padded block, less error), failing that
+    `block` for a 1x1 conv (its short last block padded) and one scale per output column for a kxk one."""
+    if site.patch is None or block is None:
+        return block
+    if site.groups != 1:
+        return None
+    taps = site.patch.kernel[0] * site.patch.kernel[1]
+    size = block
+    while size >= 16 and site.rows // taps % size:
+        size //= 2
+    return size if size >= 16 else block if taps == 1 else None
+
+
+def packed_sites(sites: list[WeightSite], passed_over: dict[str, str], block: int | None) -> list[WeightSite]:
+    """The sites whose codes onnxruntime keeps packed and runs fast: all but the convs that only DequantizeLinear ->
+    Conv can hold (`CONV_FP32`), which go to `passed_over` with the reason."""
+    kept = []
+    for site in sites:
+        if site.patch is not None and site_format(site, site_block(site, block), True) == "conv":
+            passed_over[site.node] = f"conv {site.patch}, group {site.groups}: {CONV_FP32}"
+        else:
+            kept.append(site)
+    return kept
 
 
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
-               progress: bool = False, symmetric: bool = False, act_order: bool = False,
-               dequantize_convs: bool = True) -> Offer:
+               progress: bool = False, symmetric: bool = False, act_order: bool = False) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
-    with its calibrated output error), then fp32. Bytes from the format table (GatherBlockQuantized for tables).
-    Without `dequantize_convs`, convs whose codes would sit behind DequantizeLinear are passed over (`CONV_FP32`)."""
+    with its calibrated output error), then fp32; rows per scale by `site_block`. Bytes from the format table
+    (GatherBlockQuantized for tables)."""
     offered, candidates = [], {}
-    if not dequantize_convs:
-        dequantized = [site for site in sites if site.patch is not None and site_format(site, block, True) == "conv"]
-        for site in dequantized:
-            passed_over[site.node] = f"{site.patch.kernel[0]}x{site.patch.kernel[1]} conv: {CONV_FP32}"
-        sites = [site for site in sites if site not in dequantized]
     for site in sites:
         shape, dense = (site.rows, site.cols), 4 * site.elements
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
@@ -231,7 +253,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
-        size = block if site.groups == 1 else None  # a grouped conv's columns read 1 to a few channels: per column
+        size = site_block(site, block)
         form = site_format(site, size, packed=True)
         settings = format_settings(site, form, size, symmetric)
         for b in bits:

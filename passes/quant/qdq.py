@@ -83,9 +83,10 @@ def gather_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Pro
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
 
     def product(ids: ir.Value, name: str, bias: Bias | None = None) -> tuple[list[ir.Node], ir.Value]:
+        assert bias is None, "a table lookup has no bias"
         result = ir.Value(name=f"{name}.rows")
-        return add_bias([ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes,
-                                 domain=CONTRIB_DOMAIN, outputs=[result], name=name)], result, bias, ids, name)
+        return [ir.node("GatherBlockQuantized", [values[0], ids, *values[1:]], stored.attributes, domain=CONTRIB_DOMAIN,
+                        outputs=[result], name=name)], result
 
     return product
 
@@ -113,8 +114,8 @@ def tied_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, gather: 
 def pointwise_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> Product:
     """A 1x1 Conv (stride 1, no pads) over NCHW maps as MatMulNBits over the channels of every pixel: Transpose to
     NHWC, MatMulNBits (`nbits_product`), Transpose back; onnxruntime cancels the Transposes between neighbours.
-    On MobileNetV2 (onnxruntime 1.32, 2-core EPYC) 0.75 ms a run where DequantizeLinear -> Conv took 4.4 ms:
-    a Conv over a computed weight loses onnxruntime's prepacked NCHWc kernels and dequantizes on every run."""
+    A Conv over a DequantizeLinear'd weight would lose onnxruntime's prepacked NCHWc kernels and dequantize on
+    every run (`conv_product`); this runs about as fast as fp32's convs (docs/methods.md#convolutions)."""
     matmul = nbits_product(graph, weight, prefix)
 
     def product(x: ir.Value, name: str, bias: Bias | None) -> tuple[list[ir.Node], ir.Value]:
@@ -125,11 +126,11 @@ def pointwise_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str) -> 
     return product
 
 
-def conv_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, conv: ir.Node) -> Product:
+def conv_product(graph: ir.Graph, weight: QuantizedWeight, prefix: str, conv: ir.Node,
+                 kernel: tuple[int, int]) -> Product:
     """Conv(x, DequantizeLinear(codes), bias) with `conv`'s attributes, the codes laid out 4-D
     (`formats.conv_arrays`). Small on disk and in memory; slow on onnxruntime's CPU provider, which
     dequantizes on every run and cannot prepack the weight (`pointwise_product` where the kernel allows)."""
-    kernel = tuple(int(d) for d in conv.inputs[1].shape[2:])
     stored = conv_arrays(weight, kernel)
     values = [add_initializer(graph, f"{prefix}.{key}", array) for key, array in stored.arrays.items()]
     attributes = {name: attribute.value for name, attribute in conv.attributes.items()}

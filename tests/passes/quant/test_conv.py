@@ -1,6 +1,8 @@
 """Conv weights as integer-grid sites: W [kh kw Cin, Cout] over the patches of the input maps (taps first), the
 numpy grid's numbers through onnxruntime and the executor, and second-moment rounding on the patches."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -10,7 +12,7 @@ from symshrink.api import compress
 from symshrink.calibration.stats import UnitStats, sample_patches
 from symshrink.errors import NothingToCompress
 from symshrink.passes.analysis.weights import Patch, find_weight_sites, weight_matrix
-from symshrink.passes.quant.grid import encode_grid, grid_offer, site_format
+from symshrink.passes.quant.grid import encode_grid, grid_offer, packed_sites, site_block, site_format
 from symshrink.rules import quant_rule
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.formats import conv_matrix, conv_weight, quantize_grid
@@ -59,7 +61,8 @@ def _smooth_maps(count: int, seed: int) -> np.ndarray:
 
 
 def _conv(maps: np.ndarray, weight: np.ndarray, patch: Patch, bias: np.ndarray | None = None) -> np.ndarray:
-    """A Conv as the product of every patch (`sample_patches`, taps first) and a site's W [kh kw Cin, Cout]."""
+    """A Conv of stride 1 as the product of every patch (`sample_patches`, taps first) and a site's W [kh kw Cin,
+    Cout]."""
     n, _, height, width = maps.shape
     rows = sample_patches(maps, patch.kernel, patch.strides, patch.pads, patch.dilations, 10**9, None)
     out = rows @ weight + (0 if bias is None else bias)
@@ -147,17 +150,80 @@ def test_compress_calibrates_convs_on_their_patches_and_verifies_through_onnxrun
     assert all("below 4096" in report.quant.passed_over[name] for name in ("conv1", "depthwise"))
     assert report.failures == [] and report.diffs[0].cosine > 0.99
     onnx.checker.check_model(proto)
-    with pytest.raises(NothingToCompress, match="3x3 conv: onnxruntime's CPU Conv"):  # by default: kept fp32
+    with pytest.raises(NothingToCompress, match="conv k3x3 s1x1 p1.1.1.1 d1x1, group 1: onnxruntime's CPU Conv"):
         compress(_conv_model(), feeds, method="quant", bits=4, block=16, progress=False)
 
 
-def test_a_grouped_1x1_conv_is_no_matmul():
+def _grouped_pointwise_model() -> onnx.ModelProto:
+    """`_conv_model` whose last conv is a 1x1, stride 1 conv in four groups (a MatMul per group, not one MatMul)."""
     proto = _conv_model()
     proto.graph.node[4].attribute[0].CopyFrom(onnx.helper.make_attribute("group", 4))
-    proto.graph.initializer[4].CopyFrom(onnx.numpy_helper.from_array(
-        np.full((CHANNELS, 4, 1, 1), 0.1, np.float32), "W3"))
-    del proto.graph.node[4].attribute[1:]  # no pads: a 1x1, stride 1 conv in four groups
-    model = ir.from_proto(proto)
-    sites, _ = find_weight_sites(model, convs=True, min_elements=0)
+    del proto.graph.node[4].attribute[1:]
+    weight = np.random.default_rng(5).standard_normal((CHANNELS, 4, 1, 1)).astype(np.float32)
+    proto.graph.initializer[4].CopyFrom(onnx.numpy_helper.from_array(weight, "W3"))
+    return proto
+
+
+def test_a_grouped_1x1_conv_is_no_matmul_and_reads_its_codes_per_output_channel():
+    model = ir.from_proto(_grouped_pointwise_model())
+    sites, passed = find_weight_sites(model, convs=True, min_elements=0)
     grouped = next(s for s in sites if s.node == "depthwise")
-    assert grouped.patch.pointwise and grouped.groups == 4 and site_format(grouped, 16, True) == "conv"
+    assert grouped.patch.pointwise and grouped.groups == 4 and site_block(grouped, 16) is None
+    assert site_format(grouped, None, True) == "conv"
+    nodes = {node.name: node for node in model.graph}
+    weights = {s.node: weight_matrix(s, nodes) for s in sites}
+    offer = grid_offer(sites, {}, nodes, 16, passed)
+    offer.rewrite(quant_rule(offer, 8, None)[0])(model)
+    ops = {n.name: n.op_type for n in ir.to_proto(model).graph.node}
+    assert ops["depthwise"] == "Conv" and ops["conv1"] == "MatMulNBits"
+    maps = _smooth_maps(2, 6)
+    arrays = _arrays()
+    approx = {s.node: quantize_grid(weights[s.node], site_block(s, 16), 8).dequantize() for s in sites}
+    a1 = np.maximum(_conv(maps, approx["conv3"], sites[0].patch, arrays["b1"]), 0)
+    a2 = np.maximum(_conv(a1, approx["conv1"], sites[1].patch, arrays["b2"]), 0)
+    w3 = conv_weight(approx["depthwise"], (1, 1))[:, :, 0, 0]  # [16 out, 4 in a group]
+    expected = np.einsum("ngchw,gdc->ngdhw", a2.reshape(2, 4, 4, 9, 11), w3.reshape(4, 4, 4)).reshape(2, 16, 9, 11)
+    executed = Executor(model).run({"x": maps})["y"]
+    np.testing.assert_allclose(executed, expected, rtol=1e-4, atol=1e-4)
+    got = run_all(session_for_model(model), [{"x": maps}])[0]["y"]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 2e-2
+
+
+def test_by_default_only_1x1_convs_of_stride_1_without_pads_are_coded():
+    proto = _conv_model()
+    proto.graph.node[2].attribute.append(onnx.helper.make_attribute("strides", [2, 2]))  # conv1: 1x1, strided
+    model = ir.from_proto(proto)
+    sites, passed = find_weight_sites(model, convs=True, min_elements=0)
+    kept = packed_sites(sites, passed, 16)
+    assert kept == [] and all("prepacked kernels" in passed[name] for name in ("conv3", "conv1", "depthwise"))
+    assert "conv k1x1 s2x2" in passed["conv1"]
+
+
+def test_a_site_takes_the_largest_block_that_divides_its_rows():
+    model = ir.from_proto(_conv_model())
+    conv3, conv1, depthwise = find_weight_sites(model, convs=True, min_elements=0)[0]
+    assert [site_block(conv3, b) for b in (64, 16, None)] == [16, 16, None]  # 16 channels a tap
+    assert [site_block(conv1, b) for b in (64, 32)] == [32, 32] and site_block(depthwise, 64) is None
+    assert site_block(replace(conv1, rows=48), 64) == 16 and site_block(replace(conv1, rows=50), 64) == 64  # padded
+    assert site_block(replace(conv3, rows=9 * 24), 64) is None  # 24 channels a tap: one scale per output column
+    assert site_block(replace(conv1, patch=None, rows=48), 64) == 64  # a product: as asked, its last block short
+
+
+@pytest.mark.parametrize("kernel, strides, pads, dilations", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1, 2, 0), (1, 2)), ((3, 2), (3, 2), (0, 0, 0, 0), (2, 1)),
+])
+def test_patches_are_onnxruntimes_conv_inputs_at_any_stride_pad_and_dilation(kernel, strides, pads, dilations):
+    rng = np.random.default_rng(8)
+    maps = rng.standard_normal((2, 5, 11, 12)).astype(np.float32)
+    weight = rng.standard_normal((7, 5, *kernel)).astype(np.float32)
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], strides=list(strides), pads=list(pads),
+                                 dilations=list(dilations))
+    graph = onnx.helper.make_graph([node], "conv", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                   [onnx.numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    y = run_all(session_for_model(ir.from_proto(model)), [{"x": maps}])[0]["y"]
+    rows = sample_patches(maps, kernel, strides, pads, dilations, 10**9, None)
+    np.testing.assert_allclose(rows @ conv_matrix(weight), y.transpose(0, 2, 3, 1).reshape(-1, 7), rtol=1e-4, atol=1e-4)
+    drawn = sample_patches(maps, kernel, strides, pads, dilations, 9, np.random.default_rng(0))
+    assert len(drawn) == 9 and all((rows == row).all(axis=1).any() for row in drawn)  # drawn among them

@@ -195,9 +195,9 @@ def test_integer_tables_are_no_sites_and_a_grid_that_cannot_hold_a_table_gives_t
 
 
 def test_codes_matmulnbits_cannot_hold_stay_behind_dequantize_linear():
-    """Per-column scales: DequantizeLinear -> MatMul at opset 25; blocks, whole or with a short last one:
-    MatMulNBits."""
-    for block, op in ((None, "DequantizeLinear"), (128, "MatMulNBits"), (32, "MatMulNBits")):
+    """Per-column scales and a short last block: DequantizeLinear -> MatMul at opset 25 (unpadded in the file);
+    whole blocks: MatMulNBits."""
+    for block, op in ((None, "DequantizeLinear"), (128, "DequantizeLinear"), (32, "MatMulNBits")):
         model = _model()  # K = 64 and 256: blocks of 128 leave the first layer ragged
         sites, passed = find_weight_sites(model)
         offer = grid_offer(sites, {}, {node.name: node for node in model.graph}, block, passed)
