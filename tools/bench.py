@@ -69,7 +69,7 @@ TERNARY_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?
                           r"(?:-max(?P<max>[0-9]*\.?[0-9]+))?(?:-(?P<fed>fed))?")
 HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"hyper-(?P<codebook>lattice|winding|grid)(?:-g(?P<group>[0-9]+))?"
-                        r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))")
+                        r"-(?:b(?P<bits>[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+))(?:-(?P<fed>fed))?")
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
                         r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<dq>dq))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
@@ -149,12 +149,15 @@ def ternary_name(text: str) -> str:
 
 
 def hyper_name(text: str) -> str:
-    """Check a hyperfunction variant name [moment-<selector>-keep<F>+]hyper-<lattice|winding|grid>[-g<G>]-<b<B>|e<E>>:
-    b<B>: every tensor at B bits per pair of weights, the setting of least error; e<E>: per tensor the fewest bits
-    (4 to 13 per pair) within relative error E. grid is round-to-nearest in the same format; g<G>: per group of G."""
+    """Check a hyperfunction variant name
+    [moment-<selector>-keep<F>+]hyper-<lattice|winding|grid>[-g<G>]-<b<B>|e<E>>[-fed]: b<B>: every tensor at B bits
+    per pair of weights, the setting of least error; e<E>: per tensor the fewest bits (4 to 13 per pair) within
+    relative error E. grid is round-to-nearest in the same format; g<G>: per group of G; -fed: each MatMul weight's
+    codes rounded with error feedback on its input's second moment (--rounding feedback)."""
     match = HYPER_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
-        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]hyper-<lattice|winding|grid>[-gG]-<bB|eE>: {text!r}")
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]hyper-<lattice|winding|grid>[-gG]-<bB|eE>[-fed]: "
+                                         f"{text!r}")
     return text
 
 
@@ -370,7 +373,7 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
 
 
 def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
-    """Compress `variant` ([moment-<selector>-keep<F>+]hyper-<codebook>[-g<G>]-<b<B>|e<E>>) into its path."""
+    """Compress `variant` ([moment-<selector>-keep<F>+]hyper-<codebook>[-g<G>]-<b<B>|e<E>>[-fed]) into its path."""
     match = HYPER_NAME.fullmatch(variant.name)
     assert match and variant.path is not None
     settings: dict[str, Any] = {"method": "hyper", "codebook": match["codebook"],
@@ -384,8 +387,12 @@ def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     else:
         settings["tensor_error"] = float(match["error"])
         what = f"{codec}, per tensor the fewest bits within relative error {match['error']}"
+    if match["fed"]:
+        settings["rounding"] = "feedback"
+        what += ", MatMul weights rounded with error feedback on their input's second moment"
     variant.note = f"symshrink {after_moment(match, 'hyper', settings, what)}"
-    variant.extra = {"hyper_variant": match["codebook"] + (f"-g{match['group']}" if match["group"] else "")}
+    variant.extra = {"hyper_variant": match["codebook"] + (f"-g{match['group']}" if match["group"] else "")
+                     + ("-fed" if match["fed"] else "")}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
@@ -740,16 +747,17 @@ def quant_section(result: dict[str, Any]) -> list[str]:
         return []
     return [
         "## Integer-grid rows", "",
-        "`quant-<block>-<bits>` rows (`symshrink compress --method quant`): every MatMul/Gemm weight, 1x1 Conv and "
-        "Gather table of at least 4096 elements on a grid of 8, 4 or 2 bits per output column and block of input "
-        "rows (`<block>`: b16 to b256, or `channel`), symmetric (`-zp`: with zero points), rounded with error "
-        "feedback on the calibration second moment of the layer's input (a conv's: of its patches) in act-order "
-        "(`-inorder`: in stored order; `-nearest`: to nearest). Products are written as onnxruntime's "
+        "`quant-<block>-<bits>` rows (`symshrink compress --method quant`): every MatMul/Gemm weight, 1x1 Conv "
+        "(stride 1, no pads, one group) and Gather table of at least 4096 elements on a grid of 8, 4 or 2 bits per "
+        "output column and block of input rows (`<block>`: b16 to b256, or `channel`; a conv's block the largest "
+        "power of two up to it that divides its input channels), symmetric (`-zp`: with zero points), rounded with "
+        "error feedback on the calibration second moment of the layer's input (a conv's: of its patches) in "
+        "act-order (`-inorder`: in stored order; `-nearest`: to nearest). Products are written as onnxruntime's "
         "`MatMulNBits` (a 1x1 Conv between two Transposes, over the channels of every pixel), tables as "
         "`GatherBlockQuantized`, a tied LM head as MatMulNBits over its table's codes. `-e<E>`: per layer the "
         "fewest bits within relative output error E on the calibration moments (`--layer-error`). `-dq`: the other "
-        "convs (kxk, grouped) too, as `DequantizeLinear -> Conv` (`--dequantize-convs`: smaller on disk, slower in "
-        "onnxruntime); without it they stay fp32.", "",
+        "convs (kxk, strided, grouped) too, as `DequantizeLinear -> Conv` (`--dequantize-convs`: smaller on disk, "
+        "slower in onnxruntime); without it they stay fp32.", "",
     ]
 
 
