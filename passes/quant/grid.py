@@ -205,8 +205,8 @@ class CodesPass(InPlacePass):
 
 
 CONV_FP32 = ("onnxruntime's CPU Conv over a DequantizeLinear'd weight loses its prepacked kernels and dequantizes on "
-             "every run (MobileNetV2, docs/methods.md#convolutions: 1.57 ms a run with its depthwise convs so coded, "
-             "0.98 ms without) for no memory saving: kept fp32 (--dequantize-convs codes it, for disk)")
+             "every run (MobileNetV2, docs/methods.md#convolutions: 1.7-2.0 ms a run with its depthwise convs so coded, "
+             "1.1-1.2 ms without) for no memory saving: kept fp32 (--dequantize-convs codes it, for disk)")
 
 
 def site_block(site: WeightSite, block: int | None) -> int | None:
