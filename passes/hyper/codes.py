@@ -133,8 +133,9 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
     fixed sample of the tensor (`hyper_codec.evaluate_settings`; settings wider than the first within
     `stop_within` are not offered); with a single setting, the whole tensor's error, once encoded. Tensors in
     `hessians` (name -> E[x x^T] of the input that multiplies them, stored [K, N]) are encoded with error feedback
-    where the setting allows (`feedback.hyper_feeds_back`). The float tensors that are not sites come back as plan
-    rows with the reason."""
+    where the setting allows (`feedback.hyper_feeds_back`), each setting's error then the relative output error on
+    those moments (every setting encoded whole): the setting is chosen by what the codes do to the layer's output.
+    The float tensors that are not sites come back as plan rows with the reason."""
     hessians = hessians or {}
     values, kept = find_weight_tensors(model, min_elements)
     sites, candidates, weights = [], {}, {}
@@ -147,12 +148,13 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
             results = evaluate_settings(weight, settings, stop_within=stop_within)
         options = []
         for setting, error, bits in results:
+            row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
             if value.name in hessians and hyper_feeds_back(weight.shape, setting):
                 encoded = cache(partial(hyperize_with_feedback, weight, hessians[value.name], setting))
+                measured = partial(_output_error, weight, hessians[value.name], encoded)
             else:
                 encoded = cache(partial(encode_hyper, weight, setting))  # one encoding for the error and the payload
-            row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
-            measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
+                measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
             # the sample's bits (exact when the bands are used, as the table's bytes are) where they were measured
             nbytes = row.predict_bytes(weight.shape, **asdict(setting)) if bits is None else round(bits * weight.size / 8)
             options.append(Candidate(value.name, "hyper", setting.label(), nbytes, measured, encoded))
@@ -180,6 +182,14 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
 
 def _whole_tensor_error(weight: np.ndarray, encoded: Callable[[], HyperCode]) -> float:
     return relative_error(weight, decode_values(encoded()))
+
+
+def _output_error(weight: np.ndarray, hessian: np.ndarray, encoded: Callable[[], HyperCode]) -> float:
+    """sqrt(tr(E^T H E) / tr(W^T H W)): the relative output error on the calibration moments of the codes fed back
+    against them, the error by which a fed-back tensor's setting is chosen."""
+    w = weight.astype(np.float64)
+    e = w - decode_values(encoded()).astype(np.float64)
+    return float(np.sqrt(np.einsum("kn,kn->", e, hessian @ e) / max(np.einsum("kn,kn->", w, hessian @ w), 1e-30)))
 
 
 def pick_setting(options: list[Candidate], target: float | None) -> Candidate:
