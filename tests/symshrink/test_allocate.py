@@ -1,0 +1,91 @@
+"""The Lagrangian allocator on synthetic candidate lists: each plan optimal for its own distortion (checked by brute
+force), monotone in the multiplier, and the search never returning a plan its test rejects."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from symshrink.allocate import allocate, breakpoints, lagrangian_choice, squared_error
+from symshrink.passes.protocol import Candidate, known
+
+
+def _instance(seed: int, sites: int = 4, options: int = 4) -> dict[str, list[Candidate]]:
+    """Sites with fp32 (no error) and codes of fewer bytes and more error, at random."""
+    rng = np.random.default_rng(seed)
+    instance = {}
+    for s in range(sites):
+        dense = int(rng.integers(1000, 5000))
+        codes = [Candidate(f"s{s}", "fp32", "fp32", dense, known(0.0), known(None))]
+        for o in range(options - 1):
+            codes.append(Candidate(f"s{s}", "code", f"c{o}", int(rng.integers(50, dense)), known(float(rng.uniform(0, 0.3))),
+                                   known(None)))
+        instance[f"s{s}"] = codes
+    return instance
+
+
+def _totals(choice) -> tuple[int, float]:
+    return sum(c.bytes_after for c in choice.values()), sum(squared_error(c) for c in choice.values())
+
+
+def _plans(instance):
+    """Every lagrangian plan: one per interval between breakpoints, and the two ends."""
+    points = breakpoints(instance)
+    multipliers = [0.0] + [(a + b) / 2 for a, b in zip(points, points[1:])] + [math.inf]
+    return [lagrangian_choice(instance, lam) for lam in multipliers]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_each_plan_has_the_fewest_bytes_of_all_choices_within_its_distortion(seed):
+    instance = _instance(seed)
+    every = [dict(zip(instance, combo)) for combo in itertools.product(*instance.values())]  # 4^4 choices
+    for plan in _plans(instance):
+        nbytes, distortion = _totals(plan)
+        rivals = [_totals(c)[0] for c in every if _totals(c)[1] <= distortion + 1e-12]
+        assert nbytes == min(rivals)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bytes_rise_and_distortion_falls_with_the_multiplier(seed):
+    plans = _plans(_instance(seed, sites=6, options=5))
+    totals = [_totals(plan) for plan in plans]
+    assert all(a[0] <= b[0] and a[1] >= b[1] for a, b in zip(totals, totals[1:]))
+    labels = [tuple(c.setting for c in plan.values()) for plan in plans]
+    assert len(set(labels)) == len(labels)  # every breakpoint changes the plan: none is missing or spurious
+    assert totals[-1][1] == 0.0  # at the far end every site keeps fp32 (no error)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_finds_the_smallest_plan_within_the_budget_in_few_tests(seed):
+    instance = _instance(seed, sites=8, options=4)
+    plans = _plans(instance)
+    budget = float(np.median([_totals(p)[1] for p in plans]))
+    calls = []
+
+    def accepts(choice) -> bool:
+        calls.append(choice)
+        return _totals(choice)[1] <= budget
+
+    result = allocate(instance, accepts)
+    within = [p for p in plans if _totals(p)[1] <= budget]
+    assert result.choice is not None and _totals(result.choice)[1] <= budget
+    assert _totals(result.choice)[0] == min(_totals(p)[0] for p in within)
+    assert result.tests == len(calls) <= 2 + math.ceil(math.log2(len(plans)))
+
+
+def test_allocate_returns_nothing_when_even_the_least_distortion_fails():
+    result = allocate(_instance(0), lambda choice: False)
+    assert result.choice is None and result.tests == 1
+
+
+def test_a_site_with_one_option_and_dominated_options_are_handled():
+    only = [Candidate("a", "fp32", "fp32", 100, known(0.0), known(None))]
+    dominated = [Candidate("b", "fp32", "fp32", 100, known(0.0), known(None)),
+                 Candidate("b", "code", "worse", 120, known(0.2), known(None)),  # more bytes and more error
+                 Candidate("b", "code", "good", 40, known(0.1), known(None))]
+    instance = {"a": only, "b": dominated}
+    assert breakpoints(instance) == pytest.approx([60 / 0.01])
+    assert [c.setting for c in lagrangian_choice(instance, 0.0).values()] == ["fp32", "good"]
+    assert [c.setting for c in lagrangian_choice(instance, math.inf).values()] == ["fp32", "fp32"]
+    assert all(c.setting != "worse" for plan in _plans(instance) for c in plan.values())
