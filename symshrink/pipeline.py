@@ -49,7 +49,7 @@ from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_le
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
 from symshrink.report import CompressReport, check_report_path, write_report
-from symshrink.rules import Choice, hyper_rule, moment_rule, quant_rule, ternary_rule
+from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
@@ -178,17 +178,29 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
     return _write_choice(model, offer, chosen, reasons, None if searching else layer_error)
 
 
-def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list) -> GridPlan:
-    """Offer integer grids for every weight site and Gather table (rounded with error feedback on the calibration
-    statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the fewest
-    bits within --layer-error) and write them in place. The plan it wrote."""
+def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
+                 expected: list) -> GridPlan:
+    """Offer integer grids for every weight site, 1x1 conv and Gather table (rounded with error feedback on the
+    calibration statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the
+    fewest bits within --layer-error) or, with --max-error alone, by the allocator (verified trial rewrites on the
+    held-out feeds), and write them in place. The plan it wrote."""
     block = options.weights.block
     select = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
     sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select)
     offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
                        act_order=options.quant.act_order)
-    chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
+    if options.max_error is not None and options.weights.layer_error is None:
+        def error_of(chosen: Choice) -> float:
+            error = _trial_error(model, offer.rewrite(chosen), holdout, expected, options.threads)
+            if options.progress:
+                nbytes = sum(c.bytes_after for c in chosen.values()) / 1e6
+                tqdm.write(f"allocation: {nbytes:.2f} MB of weights, held-out rel. error {error:.4f}")
+            return error
+
+        chosen, reasons = allocation_rule(offer, options.max_error, error_of)
+    else:
+        chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
 
@@ -343,7 +355,7 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         if options.ternary.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     if "quant" in methods:
-        report.quant = _quant_stage(model, options, fit_feeds)
+        report.quant = _quant_stage(model, options, fit_feeds, holdout, expected)
     if "hyper" in methods:
         report.hyper = _hyper_stage(model, options, candidates, fit_feeds)
     if not _sites(report):

@@ -89,3 +89,22 @@ def test_a_site_with_one_option_and_dominated_options_are_handled():
     assert [c.setting for c in lagrangian_choice(instance, 0.0).values()] == ["fp32", "good"]
     assert [c.setting for c in lagrangian_choice(instance, math.inf).values()] == ["fp32", "fp32"]
     assert all(c.setting != "worse" for plan in _plans(instance) for c in plan.values())
+
+
+def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out_budget():
+    from symshrink.api import compress  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(20)]
+    sizes, plans = [], []
+    for budget in (0.02, 0.08, 0.2, 0.4):
+        proto, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), feeds, method="quant",
+                                 max_error=budget, block=32, progress=False)
+        assert report.failures == [] and max(d.rel_l2 for d in report.diffs) <= budget
+        assert all("allocated within" in layer.reason for layer in report.quant.layers)
+        sizes.append(proto.ByteSize())
+        plans.append([layer.codec for layer in report.quant.layers])
+    # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
+    assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
