@@ -20,6 +20,7 @@ LAYERS = [
     ["symshrink.passes.analysis"],
     ["symshrink.passes.quant"],
     ["symshrink.passes.moment", "symshrink.passes.ternary", "symshrink.passes.hyper"],
+    ["symshrink.allocate"],  # chooses among the methods' candidates
     ["symshrink.calibration.feeds", "symshrink.modelio"],
     ["symshrink.options"],
     ["symshrink.rules", "symshrink.report"],
