@@ -328,9 +328,9 @@ def _parser() -> argparse.ArgumentParser:
                               "(repeatable)")
     weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
                          help="quant: bits per weight of the integer grid (default 4); Gather tables (embeddings) "
-                              "take the same grid through onnxruntime's GatherBlockQuantized. With --max-error and "
-                              "no --layer-error the allocator picks 8/4/2 bits or fp32 per layer instead: the fewest "
-                              "bytes whose held-out error stays within --max-error")
+                              "take the same grid through onnxruntime's GatherBlockQuantized. With --max-error or "
+                              "--min-cosine and no --layer-error the allocator picks 8/4/2 bits or fp32 per layer "
+                              "instead: a plan within them on the held-out feeds, by bisection over its multiplier")
     weights.add_argument("--zero-points", action="store_true",
                          help="quant: a zero point per block, the grid over the block's range (default: symmetric "
                               "grids, no zero points stored)")

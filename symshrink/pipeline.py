@@ -190,15 +190,18 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
                        act_order=options.quant.act_order)
-    if options.max_error is not None and options.weights.layer_error is None:
-        def error_of(chosen: Choice) -> float:
-            error = _trial_error(model, offer.rewrite(chosen), holdout, expected, options.threads)
+    if (options.max_error is not None or options.min_cosine is not None) and options.weights.layer_error is None \
+            and "hyper" not in options.method:  # hyper codes after quant: its error would come on top of the budget
+        def within(chosen: Choice) -> bool:
+            diffs = _trial_diffs(model, offer.rewrite(chosen), holdout, expected, options.threads)
+            failures = gate_failures(diffs, options.max_error, options.min_cosine)
             if options.progress:
                 nbytes = sum(c.bytes_after for c in chosen.values()) / 1e6
-                tqdm.write(f"allocation: {nbytes:.2f} MB of weights, held-out rel. error {error:.4f}")
-            return error
+                tqdm.write(f"allocation: {nbytes:.2f} MB of weights, held-out rel. error "
+                           f"{max(d.rel_l2 for d in diffs):.4f}, {'within' if not failures else 'outside'}")
+            return not failures
 
-        chosen, reasons = allocation_rule(offer, options.max_error, error_of)
+        chosen, reasons = allocation_rule(offer, within, _budget_text(options))
     else:
         chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
@@ -261,13 +264,25 @@ def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[Hyp
     return rewrite.plan
 
 
-def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
-                 threads: int | None) -> float:
-    """The largest relative L2 error over the outputs on the held-out feeds after `rewrite` (an in-place pass)
-    on a copy of the model: the budget searches try rewrites without touching the model itself."""
+def _trial_diffs(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
+                 threads: int | None) -> list[OutputDiff]:
+    """The outputs' diffs on the held-out feeds after `rewrite` (an in-place pass) on a copy of the model: the
+    budget searches try rewrites without touching the model itself."""
     trial = ir.from_proto(ir.to_proto(model))
     rewrite(trial)
-    return max(d.rel_l2 for d in compare_outputs(expected, run_all(session_for_model(trial, threads), holdout)))
+    return compare_outputs(expected, run_all(session_for_model(trial, threads), holdout))
+
+
+def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
+                 threads: int | None) -> float:
+    """The largest relative L2 error over the outputs on the held-out feeds after a trial `rewrite`."""
+    return max(d.rel_l2 for d in _trial_diffs(model, rewrite, holdout, expected, threads))
+
+
+def _budget_text(options: CompressOptions) -> str:
+    gates = [f"rel. error {options.max_error:g}" if options.max_error is not None else "",
+             f"cosine {options.min_cosine:g}" if options.min_cosine is not None else ""]
+    return "held-out " + " and ".join(g for g in gates if g)
 
 
 def _input_rows(site: WeightSite, values: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,8 +5,9 @@ error increase per byte saved, cut at a size target or at the most moves whose h
 max_error (bisection, each step verified). ternary: ternary codes where within the per-layer budget, else 8 bits
 within it, else fp32; with max_error alone, layers become ternary in order of their calibrated error, as many as
 stay within it (the rest 8 bits). quant: every layer on the asked grid, or with a per-layer budget the fewest
-bits within it, or with max_error alone the allocator's plan (`symshrink.allocate`: per layer 8/4/2 bits or fp32,
-the fewest bytes whose held-out error stays within it). hyper: per tensor the fewest bytes within the tensor error target.
+bits within it, or with a held-out budget alone the allocator's plan (`symshrink.allocate`: per layer 8/4/2 bits or
+fp32, a plan within it found by bisection, the fewest bytes when the error falls monotonically). hyper: per tensor
+the fewest bytes within the tensor error target.
 A rule only chooses: the verified searches get `error_of(chosen)`, the held-out error of a trial rewrite, from
 the caller, and the offer's rewrite writes the choice.
 """
@@ -126,13 +127,13 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
     return chosen, reasons
 
 
-def allocation_rule(offer: Offer, max_error: float, error_of: ErrorOf) -> tuple[Choice, dict[str, str]]:
-    """The allocator's plan over every site's candidates: the fewest bytes of the Lagrangian plans whose held-out
-    error (`error_of`, measured) stays within max_error, a few verified trials by bisection; all fp32 when none
-    does. And why, per site."""
-    result = allocate(offer.candidates, lambda choice: error_of(choice) <= max_error)
+def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str) -> tuple[Choice, dict[str, str]]:
+    """The allocator's plan over every site's candidates: a Lagrangian plan that `within` (the held-out gates,
+    measured on a trial rewrite) accepts, found by bisection: the fewest bytes of those plans when the measured error
+    falls as the multiplier rises; all fp32 when no plan passes. And why, per site."""
+    result = allocate(offer.candidates, within)
     if result.choice is None:
         fp32 = {site: options[-1] for site, options in offer.candidates.items()}
-        return fp32, dict.fromkeys(fp32, f"no plan within held-out error {max_error:g}, even the least distorted")
-    why = f"allocated within held-out error {max_error:g} (multiplier {result.multiplier:.3g}, {result.tests} trials)"
+        return fp32, dict.fromkeys(fp32, f"no plan within {budget}, even the least distorted")
+    why = f"allocated within {budget} (multiplier {result.multiplier:.3g}, {result.tests} trials)"
     return result.choice, dict.fromkeys(result.choice, why)

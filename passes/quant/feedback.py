@@ -92,13 +92,14 @@ class TernaryGrid:
 
 @dataclass(frozen=True)
 class HyperGrid:
-    """Pairs of neighbouring weights of a row to their nearest codewords of a hyperfunction codebook, in the frame
-    (centre, span, bands) of the whole weight (one group: `hyper_feeds_back`)."""
+    """Pairs of neighbouring weights of a row to their nearest codewords of a hyperfunction codebook, in `fixed`: the
+    frame (centre, span, bands) of the whole weight as given, so that the codes take nearest rounding's bytes."""
 
     setting: HyperSetting
+    fixed: Frame
 
     def frame(self, rows: np.ndarray) -> tuple[Frame]:
-        return (frame_of(hyper_pairs(rows.reshape(-1), self.setting.dims, None), self.setting),)
+        return (self.fixed,)
 
     def round(self, row: np.ndarray, frame: tuple[Frame]) -> tuple[np.ndarray, np.ndarray]:
         code = encode_pairs(row.reshape(1, -1, self.setting.dims), frame[0], self.setting, row.shape)
@@ -168,10 +169,12 @@ def hyper_feeds_back(shape: tuple[int, ...], setting: HyperSetting) -> bool:
 def hyperize_with_feedback(weight: np.ndarray, hessian: np.ndarray, setting: HyperSetting,
                            damping: float = DAMPING) -> HyperCode:
     """Hyperfunction codes of `weight` [K, N] (stored as is: pairs along N) by second-moment rounding: the frame of
-    the weight as given, then each input row's pairs to their nearest codewords, the row's error fed forward."""
+    the weight as given (nearest rounding's, so the same bytes), then each input row's pairs to their nearest
+    codewords, the row's error fed forward."""
     if not hyper_feeds_back(weight.shape, setting):
         raise ValueError(f"a {weight.shape} weight in {setting.label()} is not coded row by row")
-    indices, [(frame,)] = round_with_feedback(weight, hessian, None, HyperGrid(setting), damping)
-    template = encode_pairs(hyper_pairs(weight.astype(np.float64).reshape(-1), setting.dims, None), frame, setting,
-                            tuple(weight.shape))  # the codebook, bands, centre and span of that frame
+    pairs = hyper_pairs(weight.astype(np.float64).reshape(-1), setting.dims, None)
+    frame = frame_of(pairs, setting)  # nearest rounding's frame: the same bands, centre, span and index width
+    indices, _ = round_with_feedback(weight, hessian, None, HyperGrid(setting, frame), damping)
+    template = encode_pairs(pairs, frame, setting, tuple(weight.shape))
     return replace(template, indices=indices.reshape(-1))

@@ -108,3 +108,18 @@ def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out
     # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
     assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_the_allocation_holds_the_cosine_gate_and_leaves_stacked_hyper_to_the_grid_rule():
+    from symshrink.api import compress  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(20)]
+    _, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), feeds, method="quant", min_cosine=0.999,
+                         block=32, progress=False)
+    assert report.failures == [] and min(d.cosine for d in report.diffs) >= 0.999
+    assert all("allocated within held-out cosine 0.999" in layer.reason for layer in report.quant.layers)
+    _, stacked = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), feeds, method="quant,hyper",
+                          max_error=0.5, bits=4, block=32, index_bits=(12,), progress=False)
+    assert {layer.codec for layer in stacked.quant.layers} == {"uint4"}  # the asked grid: --max-error is the gate

@@ -113,6 +113,19 @@ def test_hyper_codes_fed_back_are_nearest_under_identity_and_beat_it_on_correlat
     assert error(fed) < FEEDBACK_GAIN * error(nearest)
 
 
+def test_hyper_feedback_keeps_nearest_roundings_frame_when_an_input_is_dead():
+    """A large row that no input reaches is zeroed by the feedback, but the frame (and so the bytes) stay the weight's
+    as given."""
+    weight = np.random.default_rng(4).standard_normal((64, 32)) * 0.05
+    weight[5] = 3.0
+    hessian = np.eye(64)
+    hessian[5, 5] = 0.0
+    setting = HyperSetting("lattice", 63, 3, None)
+    fed, nearest = hyperize_with_feedback(weight, hessian, setting), encode_hyper(weight, setting)
+    assert fed.bits == nearest.bits and fed.bits_per_weight() == nearest.bits_per_weight()
+    np.testing.assert_array_equal(fed.centres, nearest.centres)
+
+
 def test_hyper_feedback_needs_one_frame_and_rows_of_whole_pairs():
     weight = np.zeros((8, 6))
     assert hyper_feeds_back(weight.shape, HyperSetting("lattice", 63, 3, 4.0))
