@@ -143,8 +143,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         _print(plan)
     _print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
     _print(format_diffs(report.diffs))
-    ratio = report.bytes_after / report.bytes_before
-    _print(f"wrote {report.output}: {report.bytes_after / 1e6:.2f} MB ({ratio:.3f}x of {report.bytes_before / 1e6:.2f} MB)")
+    _print(f"wrote {report.output}: {report.size_line()}")
     return 0
 
 

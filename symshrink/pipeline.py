@@ -8,6 +8,7 @@ written unless the verify gate passes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -308,6 +309,12 @@ def _input_moments(model: ir.Model, sites: list[WeightSite], feeds: list, option
     return stats
 
 
+def float_parameters(model: ir.Model) -> int:
+    """The float weights a model stores (its float initializers' elements, external data left unread)."""
+    return sum(math.prod(int(d) for d in value.const_value.shape) for value in model.graph.initializers.values()
+               if value.const_value is not None and value.const_value.dtype.is_floating_point())
+
+
 def _sites(report: CompressReport) -> int:
     """How many sites the methods found (groups planned, weight layers, float weight tensors), whatever they
     chose for them: zero means the model offers nothing to these methods."""
@@ -362,7 +369,8 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
     fit_feeds, holdout = split_holdout(feeds)
     expected = _reference_outputs(reference or session_for_model(model, options.threads), holdout)
     del reference  # its weights and arenas are not needed again: keep peak memory down
-    report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=methods)
+    report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=methods,
+                            parameters=float_parameters(model))
     if "moment" in methods:
         report.plan, report.skipped = _moment_stage(model, options, bytes_before, fit_feeds, holdout, expected)
     if "ternary" in methods:

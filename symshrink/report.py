@@ -39,6 +39,7 @@ class CompressReport:
     failures: list[str] = field(default_factory=list)  # the gate's; empty: within tolerance
     bytes_after: int = 0  # on disk; when the gate failed, what the file would have been
     skipped: list[Group] = field(default_factory=list)
+    parameters: int = 0  # float weights of the original model (initializers): the denominator of bits per weight
 
     @property
     def passed(self) -> bool:
@@ -56,15 +57,24 @@ class CompressReport:
             return next(iter(plans.values())).to_json()
         return json.dumps({name: json.loads(plan.to_json()) for name, plan in plans.items()}, indent=2)
 
-    def summary(self) -> str:
+    def bits_per_weight(self, nbytes: int) -> str:
+        """llama.cpp's measure: bits of the file per weight of the original model (" (32.08 bpw)"; "" unknown)."""
+        return f" ({8 * nbytes / self.parameters:.2f} bpw)" if self.parameters else ""
+
+    def size_line(self) -> str:
+        """`90.39 MB (32.01 bpw) -> 14.35 MB (5.08 bpw), 0.159x`, as llama.cpp's quantizer reports it."""
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+        return (f"{self.bytes_before / 1e6:.2f} MB{self.bits_per_weight(self.bytes_before)} -> "
+                f"{self.bytes_after / 1e6:.2f} MB{self.bits_per_weight(self.bytes_after)}, {ratio:.3f}x")
+
+    def summary(self) -> str:
         verdict = "within tolerance" if self.passed else "OUTSIDE tolerance, nothing written"
-        return (f"{self.source} -> {self.output or '(in memory)'}: {self.bytes_before / 1e6:.2f} MB -> "
-                f"{self.bytes_after / 1e6:.2f} MB ({ratio:.3f}x), {verdict}")
+        return f"{self.source} -> {self.output or '(in memory)'}: {self.size_line()}, {verdict}"
 
     def to_dict(self) -> dict:
         return {"source": self.source, "output": self.output, "methods": self.methods,
-                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "passed": self.passed,
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, "parameters": self.parameters,
+                "passed": self.passed,
                 "failures": self.failures, "holdout_feeds": self.holdout_feeds,
                 "diffs": [d.to_dict() for d in self.diffs],
                 "plans": {name: json.loads(plan.to_json()) for name, plan in self.plans().items()},

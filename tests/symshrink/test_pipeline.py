@@ -26,6 +26,16 @@ def test_keep_one_reproduces_the_original(mlp_path, mlp_calib, tmp_path):
     assert_outputs_close(mlp_path, out, _feeds(), max_rel_error=1e-4)
 
 
+def test_the_report_gives_bits_per_weight_of_the_original_models_weights(mlp_path, mlp_calib, tmp_path):
+    out = tmp_path / "half.onnx"
+    report = compress(str(mlp_path), out, options_from(keep=0.5, calib=str(mlp_calib), progress=False))
+    weights = sum(int(np.prod(t.dims)) for t in onnx.load(mlp_path).graph.initializer)
+    assert report.parameters == weights
+    before, after = (8 * n / weights for n in (report.bytes_before, report.bytes_after))
+    assert 32 < before < 40 and after < before  # fp32 and the graph's few bytes
+    assert f"({before:.2f} bpw) -> " in report.summary() and f"({after:.2f} bpw), " in report.size_line()
+
+
 def test_keep_half_halves_the_hidden_layer_and_refits(mlp_path, mlp_calib, tmp_path):
     out = tmp_path / "half.onnx"
     report = compress(str(mlp_path), out, options_from(keep=0.5, calib=str(mlp_calib), progress=False))
