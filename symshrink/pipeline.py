@@ -193,18 +193,25 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
                        act_order=options.quant.act_order)
     if (options.max_error is not None or options.min_cosine is not None) and options.weights.layer_error is None \
             and "hyper" not in options.method:  # hyper codes after quant: its error would come on top of the budget
+        trials = []
+
         def within(chosen: Choice) -> bool:
             diffs = _trial_diffs(model, offer.rewrite(chosen), holdout, expected, options.threads)
             failures = gate_failures(diffs, options.max_error, options.min_cosine)
+            trials.append({"bytes": sum(c.bytes_after for c in chosen.values()),
+                           "predicted": float(np.sqrt(sum(c.predicted_error() ** 2 for c in chosen.values()))),
+                           "measured": max(d.rel_l2 for d in diffs), "within": not failures})
             if options.progress:
-                nbytes = sum(c.bytes_after for c in chosen.values()) / 1e6
-                tqdm.write(f"allocation: {nbytes:.2f} MB of weights, held-out rel. error "
-                           f"{max(d.rel_l2 for d in diffs):.4f}, {'within' if not failures else 'outside'}")
+                tqdm.write(f"allocation: {trials[-1]['bytes'] / 1e6:.2f} MB of weights, predicted "
+                           f"{trials[-1]['predicted']:.4f}, held-out rel. error {trials[-1]['measured']:.4f}, "
+                           f"{'within' if not failures else 'outside'}")
             return not failures
 
         chosen, reasons = allocation_rule(offer, within, _budget_text(options))
-    else:
-        chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
+        plan = _write_choice(model, offer, chosen, reasons, None)
+        plan.trials = trials  # predicted against measured: the calibration the allocator still lacks
+        return plan
+    chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
 

@@ -118,6 +118,9 @@ class GridPlan:
     act_order: bool = False  # fed-back rows rounded in order of decreasing E[x_i^2]
     layers: list[GridLayer] = field(default_factory=list)
     passed_over: dict[str, str] = field(default_factory=dict)  # MatMul/Gemm nodes that are not weight sites, and why
+    # the allocator's verified trials: bytes of the weights, predicted sqrt(sum of squared layer errors), measured
+    # held-out relative error, within the gates
+    trials: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -135,6 +138,9 @@ class GridPlan:
                          f"{err:>8}  {layer.reason}")
         lines.append("  rel.err: the layer's relative output error on the calibration moments (a Gather table's: "
                      "||E - E'|| / ||E||)")
+        for t in self.trials:
+            lines.append(f"  allocation trial: {t['bytes'] / 1e6:.3f} MB of weights, predicted {t['predicted']:.4f}, "
+                         f"measured {t['measured']:.4f}, {'within' if t['within'] else 'outside'}")
         return "\n".join(lines)
 
 

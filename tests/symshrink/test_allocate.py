@@ -105,6 +105,9 @@ def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out
         assert all("allocated within" in layer.reason for layer in report.quant.layers)
         sizes.append(proto.ByteSize())
         plans.append([layer.codec for layer in report.quant.layers])
+        trials = report.quant.trials
+        assert trials and all(t["measured"] <= budget for t in trials if t["within"]) and "allocation trial" in str(report.quant)
+        assert trials[0]["predicted"] == 0.0 and trials[0]["measured"] == 0.0  # the least distortion first: fp32
     # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
     assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
