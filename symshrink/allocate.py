@@ -80,9 +80,8 @@ def allocate(candidates: Mapping[str, Sequence[Candidate]], accepts: Callable[[C
     passes one: a budget on a measured error), by bisection over the breakpoints. The least-distortion plan is
     tested first; when it fails, nothing is returned (never a plan outside the budget)."""
     points = breakpoints(candidates, distortion)
-    # the plan at each interval: below the first breakpoint, between two, above the last (lam = inf)
-    multipliers = [0.0] + [(a + b) / 2 for a, b in zip(points, points[1:])] + ([math.inf] if points else [])
-    multipliers = multipliers if points else [math.inf]
+    # a multiplier in each interval: below the first breakpoint, between two, above the last (lam = inf)
+    multipliers = [0.0, *((a + b) / 2 for a, b in zip(points, points[1:])), math.inf] if points else [math.inf]
     tests = 1
     best = lagrangian_choice(candidates, multipliers[-1], distortion)
     if not accepts(best):

@@ -44,7 +44,7 @@ from symshrink.passes.moment.reduce import (
     moment_offer,
     unit_problem,
 )
-from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites
+from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites, trial_line
 from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
@@ -202,9 +202,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
                            "predicted": float(np.sqrt(sum(c.predicted_error() ** 2 for c in chosen.values()))),
                            "measured": max(d.rel_l2 for d in diffs), "within": not failures})
             if options.progress:
-                tqdm.write(f"allocation: {trials[-1]['bytes'] / 1e6:.2f} MB of weights, predicted "
-                           f"{trials[-1]['predicted']:.4f}, held-out rel. error {trials[-1]['measured']:.4f}, "
-                           f"{'within' if not failures else 'outside'}")
+                tqdm.write(f"allocation: {trial_line(trials[-1])}")
             return not failures
 
         chosen, reasons = allocation_rule(offer, within, _budget_text(options))
@@ -261,12 +259,12 @@ def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[Hyp
     fed back on its input's second moment); the plan it wrote. Weights held in Constant nodes (PP-OCR's
     classifier) become initializers first."""
     LiftConstantsToInitializersPass(size_limit=MIN_ELEMENTS)(model)
-    hessians = {}
-    if options.weights.rounding_for("hyper") == "feedback":
-        sites, _, stats, _ = _weight_sites(model, options, fit_feeds)
-        hessians = {site.weight: stats[site.statistic].second_moment for site in sites
-                    if site.op == "MatMul" and site.statistic in stats}
-    offer, _ = hyper_offer(model, candidates, options.hyper.tensor_error, progress=options.progress, hessians=hessians)
+    moments = {}
+    if options.weights.rounding_for("hyper") == "feedback":  # MatMul weights only: stored [K, N], pairs along N
+        sites, _, stats, _ = _weight_sites(model, options, fit_feeds,
+                                           select=lambda sites, _: [site for site in sites if site.op == "MatMul"])
+        moments = {site.weight: stats[site.statistic] for site in sites}
+    offer, _ = hyper_offer(model, candidates, options.hyper.tensor_error, progress=options.progress, moments=moments)
     rewrite = offer.rewrite(hyper_rule(offer, options.hyper))
     rewrite(model)
     return rewrite.plan

@@ -721,12 +721,9 @@ def moment_section(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def ternary_section(result: dict[str, Any]) -> list[str]:
-    """What the ternary rows are, for runs that built [moment-...+]ternary-<block>-<correction>[-max<E>] variants."""
-    if not any("ternary" in r for model in result["models"] for r in model.get("rows", [])):
-        return []
-    return [
-        "## Ternary rows", "",
+# the explanation of each family of rows, shown when a run built one: (the key its rows carry, title, text)
+ROW_SECTIONS = [
+    ("ternary", "Ternary rows",
         "`ternary-<block>-<correction>` rows: every MatMul/Gemm weight of at least 4096 elements becomes 2-bit "
         "codes t+1 (t in {-1, 0, 1}) behind `DequantizeLinear(uint2, zero point 1)` at opset 25, which onnxruntime "
         "fuses into its 2-bit `MatMulNBits` (accuracy_level 4: int8 activations). `<block>`: input rows per scale "
@@ -737,16 +734,8 @@ def ternary_section(result: dict[str, Any]) -> list[str]:
         "become ternary as long as the held-out error stays within E; the others get 8 bits. "
         "`moment-<selector>-keep<F>+ternary-...`: `--method moment,ternary`, moment reduction first. Weights that "
         "are not MatMul/Gemm constants (embedding tables, convolutions) stay fp32. **batch-32** timings repeat the "
-        "latency feed's first row 32 times.", "",
-    ]
-
-
-def quant_section(result: dict[str, Any]) -> list[str]:
-    """What the integer-grid rows are, for runs that built [moment-...+]quant-... variants."""
-    if not any("quant" in r for model in result["models"] for r in model.get("rows", [])):
-        return []
-    return [
-        "## Integer-grid rows", "",
+        "latency feed's first row 32 times."),
+    ("quant", "Integer-grid rows",
         "`quant-<block>-<bits>` rows (`symshrink compress --method quant`): every MatMul/Gemm weight, 1x1 Conv "
         "(stride 1, no pads, one group) and Gather table of at least 4096 elements on a grid of 8, 4 or 2 bits per "
         "output column and block of input rows (`<block>`: b16 to b256, or `channel`; a conv's block the largest "
@@ -757,16 +746,8 @@ def quant_section(result: dict[str, Any]) -> list[str]:
         "`GatherBlockQuantized`, a tied LM head as MatMulNBits over its table's codes. `-e<E>`: per layer the "
         "fewest bits within relative output error E on the calibration moments (`--layer-error`). `-dq`: the other "
         "convs (kxk, strided, grouped) too, as `DequantizeLinear -> Conv` (`--dequantize-convs`: smaller on disk, "
-        "slower in onnxruntime); without it they stay fp32.", "",
-    ]
-
-
-def hyper_section(result: dict[str, Any]) -> list[str]:
-    """What the hyperfunction rows are, for runs that built hyper-... variants."""
-    if not any("hyper_variant" in r for model in result["models"] for r in model.get("rows", [])):
-        return []
-    return [
-        "## Hyperfunction rows", "",
+        "slower in onnxruntime); without it they stay fp32."),
+    ("hyper_variant", "Hyperfunction rows",
         "`hyper-<codebook>[-g<G>]-b<B>` rows: every float32 weight tensor of at least 4096 elements that the graph "
         "reads as a weight (MatMul/Gemm B, Conv W, Gather tables, tied or not) becomes indices of B bits per pair of "
         "weights into a fixed codebook, decoded by the `ai.symshrink.HyperDecode` function (stock ops; onnxruntime "
@@ -780,8 +761,14 @@ def hyper_section(result: dict[str, Any]) -> list[str]:
         "of b8, b10, b12). `-e<E>`: per tensor the fewest bits (4-13 per pair) whose relative weight error is "
         "within E. `moment-...+hyper-...`: `--method moment,hyper`. **bits/w**: bits per coded weight, index and "
         "per-tensor side information included; the codebook tables, shared by every tensor of the same size, are "
-        "in the file size. **load s**: session creation time (where the decode is folded).", "",
-    ]
+        "in the file size. **load s**: session creation time (where the decode is folded)."),
+]
+
+
+def row_sections(result: dict[str, Any]) -> list[str]:
+    """What the ternary, integer-grid and hyperfunction rows are, for the families this run built."""
+    rows = [r for model in result["models"] for r in model.get("rows", [])]
+    return [line for key, title, text in ROW_SECTIONS if any(key in r for r in rows) for line in (f"## {title}", "", text, "")]
 
 
 def other_outputs(model: dict[str, Any]) -> list[str]:
@@ -838,9 +825,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
                   "machine): latencies are inflated and noisy; compare each model's first and final fp32 "
                   "timing, and trust ratios more than absolute milliseconds.", ""]
     lines += moment_section(result)
-    lines += ternary_section(result)
-    lines += quant_section(result)
-    lines += hyper_section(result)
+    lines += row_sections(result)
     for model in result["models"]:
         lines.append(f"## {model['model']}")
         lines.append("")

@@ -4,9 +4,9 @@ A weight is a float32 initializer whose every reader reads it as a weight (MatMu
 ConvTranspose W, Gather data, through a Transpose): tied weights, such as an embedding that is also the
 LM head, are coded once. Per tensor the setting (n, K, side) is the fewest bits per weight whose relative
 error ||W - W'|| / ||W|| is within the target (`hyper_codec.choose_setting`). Tensors under the size
-threshold, biases and norms stay float, and the plan says why. Given the second moment H of a MatMul weight's
-input, its codes are rounded with error feedback row by row (`feedback.hyperize_with_feedback`), the setting still
-chosen by the weight's own error.
+threshold, biases and norms stay float, and the plan says why. Given the calibration moments of a MatMul weight's
+input, its codes are rounded with error feedback row by row (`feedback.hyperize_with_feedback`) and its setting
+chosen by the layer's relative output error on those moments (`grid.output_error`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 from tqdm import tqdm
 
+from symshrink.calibration.stats import UnitStats
 from symshrink.passes.hyper.function import check_opset, decode_node
 from symshrink.passes.hyper.search import evaluate_settings
 from symshrink.passes.protocol import Candidate, Offer, Site, known
 from symshrink.passes.quant.feedback import hyper_feeds_back, hyperize_with_feedback
+from symshrink.passes.quant.grid import output_error
 from symshrink.runtime.formats import FORMATS, HyperCode, HyperSetting, decode_values, encode_hyper, relative_error
 
 __all__ = ["MIN_ELEMENTS", "WEIGHT_INPUTS", "TensorPlan", "HyperPlan", "find_weight_tensors", "hyper_offer",
@@ -128,15 +130,15 @@ def find_weight_tensors(model: ir.Model, min_elements: int = MIN_ELEMENTS) -> tu
 
 def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: float | None,
                 min_elements: int = MIN_ELEMENTS, progress: bool = False,
-                hessians: Mapping[str, np.ndarray] | None = None) -> tuple[Offer, list[TensorPlan]]:
+                moments: Mapping[str, UnitStats] | None = None) -> tuple[Offer, list[TensorPlan]]:
     """Per weight tensor, each setting as a candidate: bytes from the format table, predicted error measured on a
     fixed sample of the tensor (`hyper_codec.evaluate_settings`; settings wider than the first within
     `stop_within` are not offered); with a single setting, the whole tensor's error, once encoded. Tensors in
-    `hessians` (name -> E[x x^T] of the input that multiplies them, stored [K, N]) are encoded with error feedback
-    where the setting allows (`feedback.hyper_feeds_back`), each setting's error then the relative output error on
-    those moments (every setting encoded whole): the setting is chosen by what the codes do to the layer's output.
-    The float tensors that are not sites come back as plan rows with the reason."""
-    hessians = hessians or {}
+    `moments` (name -> the calibration moments of the input that multiplies them, stored [K, N]) are encoded with
+    error feedback on E[x x^T] where the setting allows (`feedback.hyper_feeds_back`), each setting's error then the
+    relative output error on those moments (every setting encoded whole): the setting is chosen by what the codes do
+    to the layer's output. The float tensors that are not sites come back as plan rows with the reason."""
+    moments = moments or {}
     values, kept = find_weight_tensors(model, min_elements)
     sites, candidates, weights = [], {}, {}
     for value in tqdm(values, desc="hyperfunction codes", unit="tensor", disable=not progress, leave=False):
@@ -147,11 +149,13 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
         else:
             results = evaluate_settings(weight, settings, stop_within=stop_within)
         options = []
+        stats = moments.get(value.name)
+        hessian = stats.second_moment if stats is not None else None  # one copy for every setting's encoding
         for setting, error, bits in results:
             row = FORMATS["hyper-grouped" if setting.group is not None else "hyper"]
-            if value.name in hessians and hyper_feeds_back(weight.shape, setting):
-                encoded = cache(partial(hyperize_with_feedback, weight, hessians[value.name], setting))
-                measured = partial(_output_error, weight, hessians[value.name], encoded)
+            if stats is not None and hyper_feeds_back(weight.shape, setting):
+                encoded = cache(partial(hyperize_with_feedback, weight, hessian, setting))
+                measured = partial(_output_error, weight, stats, encoded)
             else:
                 encoded = cache(partial(encode_hyper, weight, setting))  # one encoding for the error and the payload
                 measured = partial(_whole_tensor_error, weight, encoded) if error is None else known(error)
@@ -168,7 +172,7 @@ def hyper_offer(model: ir.Model, settings: Sequence[HyperSetting], stop_within: 
                 continue
             code = codes[site.name] = chosen[site.name].payload()
             value = model.graph.initializers[site.name]
-            fed = site.name in hessians and hyper_feeds_back(site.shape, code.setting)
+            fed = site.name in moments and hyper_feeds_back(site.shape, code.setting)
             plan.tensors.append(TensorPlan(site.name, list(site.shape), [use.node.op_type for use in value.uses()], "hyper",
                                            code.label(), code.bits_per_weight(),
                                            relative_error(weights[site.name], decode_values(code)), fed_back=fed))
@@ -184,12 +188,10 @@ def _whole_tensor_error(weight: np.ndarray, encoded: Callable[[], HyperCode]) ->
     return relative_error(weight, decode_values(encoded()))
 
 
-def _output_error(weight: np.ndarray, hessian: np.ndarray, encoded: Callable[[], HyperCode]) -> float:
-    """sqrt(tr(E^T H E) / tr(W^T H W)): the relative output error on the calibration moments of the codes fed back
-    against them, the error by which a fed-back tensor's setting is chosen."""
-    w = weight.astype(np.float64)
-    e = w - decode_values(encoded()).astype(np.float64)
-    return float(np.sqrt(np.einsum("kn,kn->", e, hessian @ e) / max(np.einsum("kn,kn->", w, hessian @ w), 1e-30)))
+def _output_error(weight: np.ndarray, stats: UnitStats, encoded: Callable[[], HyperCode]) -> float:
+    """The relative output error on the calibration moments of the codes fed back against them: the error by which a
+    fed-back tensor's setting is chosen."""
+    return output_error(weight, decode_values(encoded()), stats, None)
 
 
 def pick_setting(options: list[Candidate], target: float | None) -> Candidate:

@@ -176,5 +176,6 @@ def hyperize_with_feedback(weight: np.ndarray, hessian: np.ndarray, setting: Hyp
     pairs = hyper_pairs(weight.astype(np.float64).reshape(-1), setting.dims, None)
     frame = frame_of(pairs, setting)  # nearest rounding's frame: the same bands, centre, span and index width
     indices, _ = round_with_feedback(weight, hessian, None, HyperGrid(setting, frame), damping)
-    template = encode_pairs(pairs, frame, setting, tuple(weight.shape))
+    # the codebook, band scales, centre and span come from the frame alone: encode one pair for them
+    template = encode_pairs(pairs[:, :1], frame, setting, tuple(weight.shape))
     return replace(template, indices=indices.reshape(-1))

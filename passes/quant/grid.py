@@ -42,7 +42,7 @@ from symshrink.runtime.formats import (
 )
 
 __all__ = ["Encoded", "ROUNDINGS", "output_error", "encode_grid", "write_codes", "GridLayer", "GridPlan", "CodesPass",
-           "grid_offer", "site_format", "site_block", "packed_sites", "format_settings", "CONV_FP32", "GRID_BITS"]
+           "grid_offer", "trial_line", "site_format", "site_block", "packed_sites", "format_settings", "CONV_FP32", "GRID_BITS"]
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,14 @@ class GridPlan:
                          f"{err:>8}  {layer.reason}")
         lines.append("  rel.err: the layer's relative output error on the calibration moments (a Gather table's: "
                      "||E - E'|| / ||E||)")
-        for t in self.trials:
-            lines.append(f"  allocation trial: {t['bytes'] / 1e6:.3f} MB of weights, predicted {t['predicted']:.4f}, "
-                         f"measured {t['measured']:.4f}, {'within' if t['within'] else 'outside'}")
+        lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials]
         return "\n".join(lines)
+
+
+def trial_line(trial: dict) -> str:
+    """One verified allocation trial (`GridPlan.trials`), as the plan and the progress print it."""
+    return (f"{trial['bytes'] / 1e6:.3f} MB of weights, predicted {trial['predicted']:.4f}, measured "
+            f"{trial['measured']:.4f}, {'within' if trial['within'] else 'outside'}")
 
 
 def site_format(site: WeightSite, block: int | None, packed: bool) -> str:
