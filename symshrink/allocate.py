@@ -6,8 +6,9 @@ bytes of all choices whose total distortion is at most its own (whatever else a 
 bytes per unit of distortion saved), and as lam grows its bytes never fall and its distortion never rises. Between
 the `breakpoints`, where some site's pick changes (the slopes of each site's lower convex hull of (bytes,
 distortion)), the choice is constant, so a bisection over them visits each distinct plan at most once: `allocate`
-finds the smallest lam whose plan a (measured, monotone) test accepts in O(log n) tests. Plans between hull points
-(a knapsack's exact optimum) are not reached: the rate-distortion allocator's known gap, small when sites are many.
+finds the smallest lam whose plan a (measured, monotone) test accepts in O(log n) tests; `allocate_bytes` the largest
+lam whose plan fits a byte budget (no test: bytes are known). Plans between hull points (a knapsack's exact optimum)
+are not reached: the rate-distortion allocator's known gap, small when sites are many.
 Pure: no graph, no sessions; the caller measures.
 """
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 from symshrink.passes.protocol import Candidate
 
-__all__ = ["squared_error", "lagrangian_choice", "breakpoints", "Allocation", "allocate"]
+__all__ = ["squared_error", "scaled_error", "lagrangian_choice", "breakpoints", "Allocation", "allocate",
+           "allocate_bytes", "plan_bytes"]
 
 Choice = dict[str, Candidate]
 
@@ -28,6 +31,16 @@ def squared_error(candidate: Candidate) -> float:
     """The default distortion: the predicted relative output error, squared (errors of independent layers add in
     power)."""
     return candidate.predicted_error() ** 2
+
+
+def scaled_error(scales: Mapping[str, float], default: float = 1.0) -> Callable[[Candidate], float]:
+    """The squared predicted error times a site's calibration scale squared (`scales` by site; others `default`): the
+    distortion once the predictions of a kind of site have been measured against the model's output."""
+    return lambda c: (scales.get(c.site, default) * c.predicted_error()) ** 2
+
+
+def plan_bytes(choice: Choice) -> int:
+    return sum(c.bytes_after for c in choice.values())
 
 
 def lagrangian_choice(candidates: Mapping[str, Sequence[Candidate]], lam: float,
@@ -74,25 +87,46 @@ class Allocation:
     tests: int  # how many plans were tested
 
 
+def _multipliers(candidates: Mapping[str, Sequence[Candidate]], distortion: Callable[[Candidate], float]) -> list[float]:
+    """One multiplier in each interval between breakpoints, ascending: below the first, between two, above the last
+    (lam = inf). Each stands for one distinct Lagrangian plan."""
+    points = breakpoints(candidates, distortion)
+    return [0.0, *((a + b) / 2 for a, b in zip(points, points[1:])), math.inf] if points else [math.inf]
+
+
+def _first(count: int, passes: Callable[[int], bool]) -> int:
+    """The first index in range(count) that `passes` (monotone: False ... False True ... True; count - 1 passes)."""
+    low, high = 0, count - 1
+    while low < high:
+        middle = (low + high) // 2
+        if passes(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
 def allocate(candidates: Mapping[str, Sequence[Candidate]], accepts: Callable[[Choice], bool],
              distortion: Callable[[Candidate], float] = squared_error) -> Allocation:
     """The fewest-bytes Lagrangian plan that `accepts` passes (it must pass every plan of lower distortion when it
     passes one: a budget on a measured error), by bisection over the breakpoints. The least-distortion plan is
     tested first; when it fails, nothing is returned (never a plan outside the budget)."""
-    points = breakpoints(candidates, distortion)
-    # a multiplier in each interval: below the first breakpoint, between two, above the last (lam = inf)
-    multipliers = [0.0, *((a + b) / 2 for a, b in zip(points, points[1:])), math.inf] if points else [math.inf]
-    tests = 1
-    best = lagrangian_choice(candidates, multipliers[-1], distortion)
-    if not accepts(best):
-        return Allocation(None, multipliers[-1], tests)
-    low, high = 0, len(multipliers) - 1  # multipliers[high] passes; find the first that does
-    while low < high:
-        middle = (low + high) // 2
-        tests += 1
-        choice = lagrangian_choice(candidates, multipliers[middle], distortion)
-        if accepts(choice):
-            high, best = middle, choice
-        else:
-            low = middle + 1
-    return Allocation(best, multipliers[high], tests)
+    multipliers = _multipliers(candidates, distortion)
+    plan = cache(lambda index: lagrangian_choice(candidates, multipliers[index], distortion))
+    passes = cache(lambda index: accepts(plan(index)))
+    if not passes(len(multipliers) - 1):
+        return Allocation(None, multipliers[-1], 1)
+    found = _first(len(multipliers), passes)
+    return Allocation(plan(found), multipliers[found], passes.cache_info().currsize)
+
+
+def allocate_bytes(candidates: Mapping[str, Sequence[Candidate]], max_bytes: float,
+                   distortion: Callable[[Candidate], float] = squared_error) -> Allocation:
+    """The least-distortion Lagrangian plan of at most `max_bytes` (bytes rise with the multiplier: the last plan
+    that fits); None when even the fewest-bytes plan does not fit."""
+    multipliers = _multipliers(candidates, distortion)
+    plan = cache(lambda index: lagrangian_choice(candidates, multipliers[index], distortion))
+    if plan_bytes(plan(0)) > max_bytes:
+        return Allocation(None, multipliers[0], 0)
+    over = _first(len(multipliers) + 1, lambda i: i == len(multipliers) or plan_bytes(plan(i)) > max_bytes)
+    return Allocation(plan(over - 1), multipliers[over - 1], 0)

@@ -19,6 +19,7 @@ from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
 from symshrink.options import (
     CODEBOOKS,
     CORRECTIONS,
+    DEFAULT_MIN_COSINE,
     LAYOUTS,
     SELECTORS,
     STORAGES,
@@ -303,10 +304,12 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", help="write the report (plans, held-out errors, gate) to this .json or .md file, "
                       "also when the gate fails")
     comp.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    comp.add_argument("--method", default="moment",
-                      help="moment (width reduction), ternary (2-bit weights), quant (8/4/2-bit round-to-nearest "
-                           "grids), hyper (hyperfunction codes), or several comma-separated, run in that order "
-                           "(moment,ternary; moment,quant; moment,hyper)")
+    comp.add_argument("--method",
+                      help="moment (width reduction), ternary (2-bit weights), quant (8/4/2-bit integer grids), hyper "
+                           "(hyperfunction codes), or several comma-separated, run in that order (moment,ternary; "
+                           "moment,quant; moment,hyper). Default: moment when widths are given, else the allocator: per "
+                           "weight the integer grid (8/4/2 bits, blocks of 32/64/128) or fp32 that gives the smallest "
+                           f"model within --max-error / --min-cosine (default: cosine >= {DEFAULT_MIN_COSINE})")
     comp.add_argument("--selector", default="select", choices=SELECTORS,
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
                            "fold: data-free k-means merge; magnitude: pruning without refit (baseline)")

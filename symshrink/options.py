@@ -24,9 +24,11 @@ from symshrink.passes.ternary.codes import BLOCK_SIZES
 from symshrink.runtime.formats import CODEBOOKS, GRID_BITS
 
 __all__ = ["MomentOptions", "WeightOptions", "TernaryOptions", "QuantOptions", "HyperOptions", "CompressOptions",
-           "METHODS", "SELECTORS", "CORRECTIONS", "STORAGES", "BLOCK_SIZES", "CODEBOOKS", "LAYOUTS", "options_from"]
+           "METHODS", "DEFAULT_MIN_COSINE", "SELECTORS", "CORRECTIONS", "STORAGES", "BLOCK_SIZES", "CODEBOOKS", "LAYOUTS",
+           "options_from"]
 
 METHODS = ("moment", "ternary", "quant", "hyper")  # the order they run in when stacked
+DEFAULT_MIN_COSINE = 0.99  # the budget of a run that names no method and no budget: cosine of every held-out output
 SELECTORS = tuple(SELECTOR_KINDS)
 CORRECTIONS = tuple(ternary.CORRECTIONS)
 STORAGES = tuple(ternary.STORAGES)
@@ -171,7 +173,9 @@ class CompressOptions:
     """One compress run: the methods in order, each method's options, calibration, the gate and the run's
     resources."""
 
-    method: str | tuple[str, ...] = ("moment",)  # "moment,ternary" or a sequence; a tuple in run order after init
+    method: str | tuple[str, ...] | None = None  # "moment,ternary" or a sequence; a tuple in run order after init;
+    # None: moment when widths are given, else the allocator over every packed code within the run's budget
+    # (DEFAULT_MIN_COSINE when none is given)
     moment: MomentOptions = field(default_factory=MomentOptions)
     weights: WeightOptions = field(default_factory=WeightOptions)
     ternary: TernaryOptions = field(default_factory=TernaryOptions)
@@ -189,7 +193,18 @@ class CompressOptions:
     progress: bool = True
     seed: int = 0
 
+    def allocating(self) -> bool:
+        """Whether the integer grids are allocated under a budget (held-out gates or a target size), rather than set
+        by --bits or --layer-error. Not under hyper codes, whose error would come on top of the budget."""
+        budget = self.max_error is not None or self.min_cosine is not None or self.moment.target_size is not None
+        return budget and self.weights.layer_error is None and "hyper" not in self.method \
+            and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
+
     def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = "moment" if self.moment.has_widths() else "quant"
+            if self.method == "quant" and self.max_error is None and self.min_cosine is None:
+                self.min_cosine = DEFAULT_MIN_COSINE  # the default run: the smallest model within a budget, never none
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
         if not all(isinstance(m, str) for m in methods):
             raise BadInput(f"method: a name or names ({', '.join(METHODS)}), not {self.method!r}")

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
+from symshrink.allocate import plan_bytes, scaled_error, squared_error
 from symshrink.calibration.feeds import load_feeds, random_feeds, split_holdout
 from symshrink.calibration.stats import UnitStats, sample_patches, subsample_rows
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
@@ -32,9 +33,10 @@ from symshrink.modelio import (
 )
 from symshrink.options import CompressOptions, HyperOptions
 from symshrink.passes.analysis.groups import Group, analyse
-from symshrink.passes.analysis.weights import WeightSite, find_weight_sites
-from symshrink.passes.hyper.codes import MIN_ELEMENTS, HyperPlan, hyper_offer
+from symshrink.passes.analysis.weights import MIN_ELEMENTS, WeightSite, find_weight_sites
+from symshrink.passes.hyper.codes import HyperPlan, hyper_offer
 from symshrink.passes.hyper.search import HyperSetting, setting_grid
+from symshrink.passes.moment import budget
 from symshrink.passes.moment.plan import Plan, rewritable
 from symshrink.passes.moment.reduce import (
     ConsumerLayout,
@@ -50,7 +52,7 @@ from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_le
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
 from symshrink.report import CompressReport, check_report_path, write_report
-from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, ternary_rule
+from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, size_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
@@ -135,11 +137,12 @@ def _moment_stage(model: ir.Model, options: CompressOptions, model_bytes: int, f
 
 
 def _weight_sites(model: ir.Model, options: CompressOptions, fit_feeds: list, tables: bool = False, convs: bool = False,
-                  select: Callable[[list[WeightSite], dict[str, str]], list[WeightSite]] | None = None):
+                  select: Callable[[list[WeightSite], dict[str, str]], list[WeightSite]] | None = None,
+                  min_elements: int = MIN_ELEMENTS):
     """The MatMul/Gemm weight sites (with `tables`, the Gather tables too; with `convs`, the Conv weights; those
     `select` keeps, the others passed over by it) and the nodes passed over, with why, their inputs' calibration
     moments and the graph's nodes by name: what the weight codes offer on."""
-    sites, passed = find_weight_sites(model, options.weights.exclude, tables=tables, convs=convs)
+    sites, passed = find_weight_sites(model, options.weights.exclude, min_elements, tables=tables, convs=convs)
     if select is not None:
         sites = select(sites, passed)
     products = [site for site in sites if site.moments]
@@ -179,38 +182,83 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
     return _write_choice(model, offer, chosen, reasons, None if searching else layer_error)
 
 
-def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
-                 expected: list) -> GridPlan:
+ALLOCATION_BLOCKS = (32, 64, 128, 256)  # rows per scale the allocator may take besides --block-size: more or fewer scales
+ALLOCATION_MIN_ELEMENTS = 1024  # the allocator weighs the scales and may code small weights too (fp32 stays offered)
+
+
+def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list, expected: list,
+                 model_bytes: int) -> GridPlan:
     """Offer integer grids for every weight site, 1x1 conv and Gather table (rounded with error feedback on the
     calibration statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the
-    fewest bits within --layer-error) or, with --max-error alone, by the allocator (verified trial rewrites on the
-    held-out feeds), and write them in place. The plan it wrote."""
-    block = options.weights.block
+    fewest bits within --layer-error) or, under a budget, by the allocator (`_allocate_grids`), and write them in
+    place. The plan it wrote."""
+    block, allocating = options.weights.block, options.allocating()
     select = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
-    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select)
+    sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select,
+                                                min_elements=ALLOCATION_MIN_ELEMENTS if allocating else MIN_ELEMENTS)
+    more = tuple(b for b in ALLOCATION_BLOCKS if b != block) if allocating and block is not None else ()
     offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
-                       act_order=options.quant.act_order)
-    if (options.max_error is not None or options.min_cosine is not None) and options.weights.layer_error is None \
-            and "hyper" not in options.method:  # hyper codes after quant: its error would come on top of the budget
-        trials = []
-
-        def within(chosen: Choice) -> bool:
-            diffs = _trial_diffs(model, offer.rewrite(chosen), holdout, expected, options.threads)
-            failures = gate_failures(diffs, options.max_error, options.min_cosine)
-            trials.append({"bytes": sum(c.bytes_after for c in chosen.values()),
-                           "predicted": float(np.sqrt(sum(c.predicted_error() ** 2 for c in chosen.values()))),
-                           "measured": max(d.rel_l2 for d in diffs), "within": not failures})
-            if options.progress:
-                tqdm.write(f"allocation: {trial_line(trials[-1])}")
-            return not failures
-
-        chosen, reasons = allocation_rule(offer, within, _budget_text(options))
-        plan = _write_choice(model, offer, chosen, reasons, None)
-        plan.trials = trials  # predicted against measured: the calibration the allocator still lacks
-        return plan
+                       act_order=options.quant.act_order, more_blocks=more)
+    if allocating:
+        return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
+
+
+def _site_kind(site: WeightSite) -> str:
+    """The kinds of site whose predicted errors are calibrated apart: a table's is the weight's own error, a conv's
+    is on sampled patches, a product's on its input rows."""
+    return "table" if site.table or site.tied else "conv" if site.patch is not None else "product"
+
+
+def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: CompressOptions, holdout: list,
+                    expected: list, model_bytes: int) -> GridPlan:
+    """The allocator's plan over every site's grids and fp32. First the predictions are calibrated: per kind of site,
+    one trial codes those sites alone at 4 bits and the measured held-out error over the predicted sqrt(sum e^2)
+    scales their distortions. Then the smallest plan within the held-out gates (bisection over the multiplier, each
+    plan a verified trial), or the least distorted plan within --target-size (the gates then verify it)."""
+    trials = []
+
+    def diffs_of(chosen: Choice) -> list[OutputDiff]:
+        diffs = _trial_diffs(model, offer.rewrite(chosen), holdout, expected, options.threads)
+        trials.append({"bytes": plan_bytes(chosen),
+                       "predicted": float(np.sqrt(sum(distortion(c) for c in chosen.values()))),
+                       "measured": max(d.rel_l2 for d in diffs), "within": not gate_failures(diffs, options.max_error,
+                                                                                             options.min_cosine)})
+        if options.progress:
+            tqdm.write(f"allocation: {trial_line(trials[-1])}")
+        return diffs
+
+    kinds = {site.node: _site_kind(site) for site in sites}
+    scales, calibration = {}, []
+    distortion = squared_error
+    for kind in sorted(set(kinds.values())):
+        probe = {node: _calibration_candidate(offer.candidates[node]) for node, k in kinds.items() if k == kind}
+        predicted = float(np.sqrt(sum(squared_error(c) for c in probe.values())))
+        measured = max(d.rel_l2 for d in diffs_of(probe))
+        scale = measured / predicted if predicted > 0 and measured > 0 else 1.0
+        scales.update(dict.fromkeys(probe, scale))
+        calibration.append({"kind": kind, "sites": len(probe), "predicted": predicted, "measured": measured,
+                            "scale": scale})
+    distortion = scaled_error(scales)
+    target = options.moment.target_size
+    if target is not None:
+        fixed = model_bytes - sum(4 * site.elements for site in sites)  # what the grids leave as it is
+        goal = budget.target_bytes(target, model_bytes) - fixed
+        chosen, reasons = size_rule(offer, goal, distortion, f"target size {target:g}")
+    else:
+        chosen, reasons = allocation_rule(offer, lambda chosen: bool(diffs_of(chosen)) and trials[-1]["within"],
+                                          _budget_text(options), distortion)
+    plan = _write_choice(model, offer, chosen, reasons, None)
+    plan.trials, plan.calibration = trials, calibration
+    return plan
+
+
+def _calibration_candidate(options: list) -> object:
+    """The candidate a site's calibration trial takes: its 4-bit grid at the asked block (else its narrowest)."""
+    grids = [c for c in options if c.method != "fp32"]
+    return next((c for c in grids if c.method == "uint4"), grids[-1] if grids else options[-1])
 
 
 def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
@@ -383,7 +431,7 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         if options.ternary.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     if "quant" in methods:
-        report.quant = _quant_stage(model, options, fit_feeds, holdout, expected)
+        report.quant = _quant_stage(model, options, fit_feeds, holdout, expected, bytes_before)
     if "hyper" in methods:
         report.hyper = _hyper_stage(model, options, candidates, fit_feeds)
     if not _sites(report):

@@ -19,13 +19,14 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from symshrink.allocate import allocate
+from symshrink.allocate import allocate, allocate_bytes, squared_error
+from symshrink.errors import BadInput
 from symshrink.options import HyperOptions, MomentOptions
 from symshrink.passes.hyper.codes import pick_setting
 from symshrink.passes.moment import budget
 from symshrink.passes.protocol import Candidate, Offer
 
-__all__ = ["Choice", "moment_rule", "ternary_rule", "quant_rule", "allocation_rule", "hyper_rule"]
+__all__ = ["Choice", "moment_rule", "ternary_rule", "quant_rule", "allocation_rule", "size_rule", "hyper_rule"]
 
 Choice = dict[str, Candidate]  # at most one candidate per site
 ErrorOf = Callable[[Choice], float]
@@ -127,13 +128,27 @@ def quant_rule(offer: Offer, bits: int, layer_error: float | None) -> tuple[Choi
     return chosen, reasons
 
 
-def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str) -> tuple[Choice, dict[str, str]]:
+def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str,
+                    distortion: Callable[[Candidate], float] = squared_error) -> tuple[Choice, dict[str, str]]:
     """The allocator's plan over every site's candidates: a Lagrangian plan that `within` (the held-out gates,
     measured on a trial rewrite) accepts, found by bisection: the fewest bytes of those plans when the measured error
     falls as the multiplier rises; all fp32 when no plan passes. And why, per site."""
-    result = allocate(offer.candidates, within)
+    result = allocate(offer.candidates, within, distortion)
     if result.choice is None:
         fp32 = {site: options[-1] for site, options in offer.candidates.items()}
         return fp32, dict.fromkeys(fp32, f"no plan within {budget}, even the least distorted")
     why = f"allocated within {budget} (multiplier {result.multiplier:.3g}, {result.tests} trials)"
+    return result.choice, dict.fromkeys(result.choice, why)
+
+
+def size_rule(offer: Offer, max_bytes: float, distortion: Callable[[Candidate], float],
+              budget: str) -> tuple[Choice, dict[str, str]]:
+    """The least distorted Lagrangian plan whose sites take at most `max_bytes`; BadInput when even the fewest bytes
+    do not fit. And why, per site."""
+    result = allocate_bytes(offer.candidates, max_bytes, distortion)
+    if result.choice is None:
+        least = sum(min(c.bytes_after for c in options) for options in offer.candidates.values())
+        raise BadInput(f"{budget} is out of reach: the weights' smallest codes take {least} bytes, "
+                       f"{max(0, int(max_bytes))} are left for them")
+    why = f"allocated within {budget} (multiplier {result.multiplier:.3g})"
     return result.choice, dict.fromkeys(result.choice, why)

@@ -14,6 +14,7 @@ code: `output_error`; a table's: ||E - E'|| / ||E||). The writer here also write
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, partial
@@ -107,6 +108,16 @@ class GridLayer:
     relative_error: float | None = None  # fp32: None
     reason: str = ""
     op: str = "MatMul"  # the site's op: MatMul, Gemm or Gather (a table, read by GatherBlockQuantized)
+    setting: str = ""  # the candidate's: "4-bit fed back act-order b64 sym"
+    bytes: int = 0  # the weight's bytes in its stored form (codes and side data; fp32: 4 a weight)
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / (self.rows * self.cols)
+
+    def block_text(self) -> str:
+        """The rows per scale, from the setting ("b64" -> "64", "bchannel" -> "channel"; fp32: "-")."""
+        found = re.search(r"\bb(\d+|channel)\b", self.setting)
+        return found.group(1) if found else "-"
 
 
 @dataclass
@@ -121,6 +132,8 @@ class GridPlan:
     # the allocator's verified trials: bytes of the weights, predicted sqrt(sum of squared layer errors), measured
     # held-out relative error, within the gates
     trials: list[dict] = field(default_factory=list)
+    # per kind of site (product, conv, table): predicted and measured error of its sites coded alone, and the scale
+    calibration: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -131,14 +144,16 @@ class GridPlan:
         grid = "symmetric" if self.symmetric else "zero points"
         rounding = self.rounding + (" act-order" if self.act_order else "")
         lines = [f"plan: method=quant rounding={rounding} block={block} grid={grid} layer error budget={budget}",
-                 f"  {'node':<40} {'op':<6} {'shape':>11} {'codec':<6} {'rel.err':>8}  reason"]
+                 f"  {'node':<40} {'op':<6} {'shape':>11} {'codec':<6} {'block':>7} {'bpw':>5} {'rel.err':>8}  reason"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.2e}"
             lines.append(f"  {layer.node[-40:]:<40} {layer.op:<6} {f'{layer.rows}x{layer.cols}':>11} {layer.codec:<6} "
-                         f"{err:>8}  {layer.reason}")
-        lines.append("  rel.err: the layer's relative output error on the calibration moments (a Gather table's: "
-                     "||E - E'|| / ||E||)")
-        lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials]
+                         f"{layer.block_text():>7} {layer.bits_per_weight():>5.2f} {err:>8}  {layer.reason}")
+        lines.append("  bpw: bits per weight with the scales; rel.err: the layer's relative output error on the calibration "
+                     "moments (a Gather table's: ||E - E'|| / ||E||)")
+        lines += [f"  calibration, {c['kind']}s ({c['sites']} sites at 4 bits): predicted {c['predicted']:.4f}, measured "
+                  f"{c['measured']:.4f}, scale {c['scale']:.2f}" for c in self.calibration]
+        lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials[len(self.calibration):]]
         return "\n".join(lines)
 
 
@@ -249,9 +264,11 @@ def packed_sites(sites: list[WeightSite], passed_over: dict[str, str], block: in
 
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
-               progress: bool = False, symmetric: bool = False, act_order: bool = False) -> Offer:
+               progress: bool = False, symmetric: bool = False, act_order: bool = False,
+               more_blocks: Sequence[int] = ()) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
-    with its calibrated output error), then fp32; rows per scale by `site_block`. Bytes from the format table
+    with its calibrated output error), at `block` rows per scale and at each of `more_blocks` (for the allocator:
+    wider blocks, fewer scales), then fp32; rows per scale by `site_block`. Bytes from the format table
     (GatherBlockQuantized for tables)."""
     offered, candidates = [], {}
     for site in sites:
@@ -263,21 +280,23 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
-        size = site_block(site, block)
-        form = site_format(site, size, packed=True)
-        settings = format_settings(site, form, size, symmetric)
+        sizes = dict.fromkeys(site_block(site, b) for b in (block, *more_blocks)
+                              if not site.tied or tied_accepts(shape, b))  # in order, once each
         for b in bits:
-            row = FORMATS[f"uint{b}-{form}"]
-            if not readable or not row.accepts(shape, **settings):
-                continue
-            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
-                                    act_order))
-            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
-                                     f"{' act-order' if fed and act_order else ''} "
-                                     f"b{size or 'channel'}{' sym' if symmetric else ''}",
-                                     row.predict_bytes(shape, **settings)
-                                     + (TIED_EXTRA_BYTES if site.tied else 0),
-                                     lambda encoded=encoded: encoded().relative_error, encoded))
+            for size in sizes if readable else ():
+                form = site_format(site, size, packed=True)
+                settings = format_settings(site, form, size, symmetric)
+                row = FORMATS[f"uint{b}-{form}"]
+                if not row.accepts(shape, **settings):
+                    continue
+                encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
+                                        act_order))
+                options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
+                                         f"{' act-order' if fed and act_order else ''} "
+                                         f"b{size or 'channel'}{' sym' if symmetric else ''}",
+                                         row.predict_bytes(shape, **settings)
+                                         + (TIED_EXTRA_BYTES if site.tied else 0),
+                                         lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
         offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))
         candidates[site.node] = options
@@ -289,7 +308,9 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
             pick = chosen.get(site.node)
             codec = "fp32" if pick is None else pick.method
             plan.layers.append(GridLayer(site.node, site.weight, site.rows, site.cols, codec,
-                                         None if codec == "fp32" else pick.predicted_error(), op=site.op))
+                                         None if codec == "fp32" else pick.predicted_error(), op=site.op,
+                                         setting="fp32" if pick is None else pick.setting,
+                                         bytes=4 * site.elements if pick is None else pick.bytes_after))
             if codec != "fp32":
                 encodings[site.node] = pick.payload()
         return CodesPass(plan, sites, encodings, progress, packed=True)

@@ -5,9 +5,12 @@ import itertools
 import math
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from symshrink.allocate import allocate, breakpoints, lagrangian_choice, squared_error
+from symshrink.allocate import allocate, allocate_bytes, breakpoints, lagrangian_choice, scaled_error, squared_error
+from symshrink.errors import BadInput
 from symshrink.passes.protocol import Candidate, known
 
 
@@ -107,7 +110,8 @@ def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out
         plans.append([layer.codec for layer in report.quant.layers])
         trials = report.quant.trials
         assert trials and all(t["measured"] <= budget for t in trials if t["within"]) and "allocation trial" in str(report.quant)
-        assert trials[0]["predicted"] == 0.0 and trials[0]["measured"] == 0.0  # the least distortion first: fp32
+        first = trials[len(report.quant.calibration)]  # after one calibration trial per kind of site
+        assert first["predicted"] == 0.0 and first["measured"] == 0.0  # the least distortion first: fp32
     # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
     assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
@@ -126,3 +130,89 @@ def test_the_allocation_holds_the_cosine_gate_and_leaves_stacked_hyper_to_the_gr
     _, stacked = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), feeds, method="quant,hyper",
                           max_error=0.5, bits=4, block=32, index_bits=(12,), progress=False)
     assert {layer.codec for layer in stacked.quant.layers} == {"uint4"}  # the asked grid: --max-error is the gate
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_bytes_takes_the_least_distortion_plan_that_fits(seed):
+    instance = _instance(seed, sites=5, options=4)
+    plans = _plans(instance)
+    for plan in plans[1:-1]:
+        nbytes = _totals(plan)[0]
+        found = allocate_bytes(instance, nbytes).choice
+        assert _totals(found)[0] <= nbytes
+        fitting = [p for p in plans if _totals(p)[0] <= nbytes]
+        assert _totals(found)[1] == min(_totals(p)[1] for p in fitting)
+    assert allocate_bytes(instance, _totals(plans[0])[0] - 1).choice is None  # below the fewest bytes: nothing
+
+
+def test_scaled_error_weighs_each_site_by_its_scale():
+    instance = _instance(0, sites=2, options=3)
+    code = instance["s0"][1]
+    assert scaled_error({"s0": 2.0})(code) == pytest.approx(4 * squared_error(code))
+    assert scaled_error({})(instance["s1"][1]) == pytest.approx(squared_error(instance["s1"][1]))
+
+
+def _feeds(seed: int, inputs: int = 64) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((16, inputs)).astype(np.float32)} for _ in range(20)]
+
+
+def test_no_method_and_no_budget_is_the_allocator_within_the_default_cosine():
+    from symshrink.api import compress  # noqa: PLC0415
+    from symshrink.options import DEFAULT_MIN_COSINE  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    proto, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), _feeds(5), progress=False)
+    assert report.methods == ["quant"] and report.passed
+    assert min(d.cosine for d in report.diffs) >= DEFAULT_MIN_COSINE
+    assert all(f"cosine {DEFAULT_MIN_COSINE:g}" in layer.reason for layer in report.quant.layers)
+    assert [c["kind"] for c in report.quant.calibration] == ["product"]
+    assert proto.ByteSize() < 0.3 * mlp_model(hidden=256, inputs=64, outputs=32, seed=2).ByteSize()
+    onnx.checker.check_model(proto)
+
+
+def test_a_target_size_takes_the_least_distorted_plan_that_fits():
+    from symshrink.api import compress  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    model = mlp_model(hidden=256, inputs=64, outputs=32, seed=2)
+    errors, sizes = [], []
+    for target in (0.12, 0.2, 0.4):
+        proto, report = compress(model, _feeds(6), method="quant", target_size=target, progress=False)
+        assert proto.ByteSize() <= target * model.ByteSize()
+        assert all("target size" in layer.reason for layer in report.quant.layers)
+        errors.append(max(d.rel_l2 for d in report.diffs))
+        sizes.append(proto.ByteSize())
+    assert errors == sorted(errors, reverse=True) and errors[0] > 2 * errors[-1]  # more bytes, less error
+    with pytest.raises(BadInput, match="out of reach"):
+        compress(model, _feeds(6), method="quant", target_size=500, progress=False)
+
+
+def _adversarial_model(seed: int = 0) -> onnx.ModelProto:
+    """x -> MatMul W1 -> Mul 40 -> Tanh -> MatMul W2 -> y. The steep Tanh turns W1's small output error into a large
+    one downstream: W1's predicted error (on its own output) underestimates its effect on y."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 256)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((256, 32)) / 16).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="steep"),
+             helper.make_node("Mul", ["h", "gain"], ["g"], name="gain"),
+             helper.make_node("Tanh", ["g"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "W2"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "adversarial", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 32])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+                               numpy_helper.from_array(np.array(40.0, np.float32), "gain")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("budget", [0.02, 0.05, 0.15])
+def test_the_held_out_error_stays_within_the_budget_where_the_predictor_underestimates(budget):
+    from symshrink.api import compress  # noqa: PLC0415
+
+    _, report = compress(_adversarial_model(), _feeds(7), method="quant", max_error=budget, progress=False)
+    assert report.passed and max(d.rel_l2 for d in report.diffs) <= budget
+    steep = next(layer for layer in report.quant.layers if layer.node == "steep")
+    calibration = report.quant.calibration[0]
+    assert calibration["measured"] > 2 * calibration["predicted"]  # the predictor is fooled: the scale corrects it
+    assert all(t["measured"] <= budget for t in report.quant.trials if t["within"])
+    assert steep.codec != "uint2"  # the steep layer keeps its bits

@@ -158,7 +158,7 @@ def test_target_size_is_reached_by_a_global_allocation(tmp_path, mlp_calib):
 
 def test_max_error_alone_is_a_budget_and_a_gate(tmp_path, mlp_calib):
     path, out = _two_layer(tmp_path), tmp_path / "small.onnx"
-    report = compress(str(path), out, options_from(max_error=0.05, calib=str(mlp_calib), progress=False))
+    report = compress(str(path), out, options_from(method="moment", max_error=0.05, calib=str(mlp_calib), progress=False))
     assert max(d.rel_l2 for d in report.diffs) <= 0.05
     assert report.bytes_after < 0.9 * report.bytes_before  # the budget buys a real reduction
     assert any(len(g.kept) < g.width for g in report.plan.groups)
