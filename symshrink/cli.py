@@ -148,6 +148,25 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    return tuple(_number(v, flag) for v in text.split(",") if v.strip())
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from symshrink.models.registry import ZOO  # noqa: PLC0415
+    from symshrink.sweep import points_table, sweep  # noqa: PLC0415
+
+    options = CompressOptions(calib=args.calib, calib_samples=args.calib_samples, random_calib=args.random_calib,
+                              threads=args.threads, progress=not args.quiet)
+    task = args.task or (ZOO[args.model].task if args.model in ZOO and not args.no_task else None)
+    baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b.strip())
+    points = sweep(args.model, args.output, options, _floats(args.cosines, "--cosines"), baselines, task, args.force,
+                   plot=not args.no_plot)
+    _print(points_table(points, points[0].bytes, task))
+    _print(f"wrote {args.output}/sweep.md, sweep.json{'' if args.no_plot else ', sweep.png'} and one .onnx a point")
+    return 0
+
+
 def _feeds(args: argparse.Namespace, model_spec: str, inputs) -> list:
     """Feeds from --data, the zoo model's default data set, or --random."""
     from symshrink.calibration.feeds import load_feeds, random_feeds  # noqa: PLC0415
@@ -391,6 +410,27 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the consumer refit")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(run=_cmd_compress)
+
+    sw = sub.add_parser("sweep", help="the rate-distortion curve of a model: the allocator at several budgets beside "
+                                      "onnxruntime's quantizers, each a real model measured on held-out feeds")
+    sw.add_argument("model")
+    sw.add_argument("-o", "--output", required=True, help="a new folder: one .onnx a point, sweep.md/.json/.png")
+    sw.add_argument("--force", action="store_true", help="write into an existing folder")
+    sw.add_argument("--cosines", default="0.9,0.95,0.98,0.99,0.995,0.999",
+                    help="held-out cosine budgets, one allocator point each (comma-separated)")
+    sw.add_argument("--baselines", default="int8-dynamic,nbits8,nbits4-rtn-b32,nbits2",
+                    help="onnxruntime's quantizers to put beside them: int8-dynamic, int8-dynamic-all, nbits8, "
+                         "nbits4-rtn-b32, nbits4-rtn-b32-gather, nbits4-kquant, nbits2")
+    sw.add_argument("--no-baselines", action="store_true")
+    sw.add_argument("--task", help="a zoo task metric measured on every point (default: a zoo model's own)")
+    sw.add_argument("--no-task", action="store_true", help="no task metric (faster)")
+    sw.add_argument("--no-plot", action="store_true", help="no sweep.png (matplotlib not needed)")
+    sw.add_argument("--calib", help="as compress's --calib")
+    sw.add_argument("--calib-samples", type=int)
+    sw.add_argument("--random-calib", action="store_true")
+    sw.add_argument("--threads", type=int)
+    sw.add_argument("-q", "--quiet", action="store_true")
+    sw.set_defaults(run=_cmd_sweep)
 
     diff = sub.add_parser("diff", help="compare two models' outputs; exit 1 outside tolerance")
     diff.add_argument("a")

@@ -21,10 +21,11 @@ LAYERS = [
     ["symshrink.passes.quant"],
     ["symshrink.passes.moment", "symshrink.passes.ternary", "symshrink.passes.hyper"],
     ["symshrink.allocate"],  # chooses among the methods' candidates
-    ["symshrink.calibration.feeds", "symshrink.modelio"],
+    ["symshrink.calibration.feeds", "symshrink.modelio", "symshrink.baselines"],
     ["symshrink.options"],
     ["symshrink.rules", "symshrink.report"],
     ["symshrink.pipeline"],
+    ["symshrink.sweep"],  # runs the pipeline at several budgets
     ["symshrink.api", "symshrink.testing", "symshrink.cli"],
     ["symshrink.__main__", "symshrink"],  # the package's __init__ (its lazy API) and `python -m symshrink`
 ]

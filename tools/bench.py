@@ -36,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from symshrink.baselines import ACCURACY_LEVEL, NBITS_BLOCK, build_baseline, name_nodes
 from symshrink.calibration.feeds import load_feeds
 from symshrink.modelio import model_bytes_on_disk, resolve_model
 from symshrink.models.registry import ZooModel, get_model, get_task
@@ -58,8 +61,6 @@ log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6  # sizes and memory in decimal MB, as in shared/docs/baselines.md
 LATENCY_BATCH = {"fmnist-mlp": 64, "digits-mlp": 64}  # rows per latency feed; others: 1
-BLOCK = 32  # MatMulNBits block size
-ACCURACY_LEVEL = 4  # int8 compute for MatMulNBits (2- and 8-bit are very slow without it)
 ORT_VARIANTS = ["fp32", "int8-dynamic", "nbits4-rtn-b32", "nbits4-kquant", "nbits2", "nbits8"]
 # quantize_dynamic's defaults (Gather and Conv too); MatMulNBits over embedding tables (Gather) too
 OPTIONAL_VARIANTS = ["int8-dynamic-all", "nbits4-rtn-b32-gather", "int8-static"]
@@ -73,6 +74,8 @@ HYPER_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
 QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
                         r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<dq>dq))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
+ALLOC_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
+                        r"alloc-(?:c(?P<cosine>0\.[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+)|s(?P<size>0\.[0-9]+))")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -81,12 +84,12 @@ NOTES = {
     "int8-dynamic": "quantize_dynamic, MatMul only, per-channel, reduce_range",
     "int8-dynamic-all": "quantize_dynamic defaults (MatMul, Gather, Conv...), per-channel, reduce_range",
     "int8-static": "quantize_static QDQ, per-channel, reduce_range, activation ranges from the zoo calibration data",
-    "nbits4-rtn-b32": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
-    "nbits4-rtn-b32-gather": f"MatMulNBits RTN 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}, and "
+    "nbits4-rtn-b32": f"MatMulNBits RTN 4-bit, block {NBITS_BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
+    "nbits4-rtn-b32-gather": f"MatMulNBits RTN 4-bit, block {NBITS_BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}, and "
                              "Gather tables 4-bit (GatherBlockQuantized)",
-    "nbits4-kquant": f"MatMulNBits k-quant 4-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
-    "nbits2": f"MatMulNBits RTN 2-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
-    "nbits8": f"MatMulNBits RTN 8-bit, block {BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
+    "nbits4-kquant": f"MatMulNBits k-quant 4-bit, block {NBITS_BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
+    "nbits2": f"MatMulNBits RTN 2-bit, block {NBITS_BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
+    "nbits8": f"MatMulNBits RTN 8-bit, block {NBITS_BLOCK}, sym, accuracy_level {ACCURACY_LEVEL}",
 }
 
 # Runs in a fresh interpreter so that the parent's peak RSS does not carry over.
@@ -175,6 +178,16 @@ def quant_name(text: str) -> str:
     return text
 
 
+def alloc_name(text: str) -> str:
+    """Check an allocator variant name [moment-<selector>-keep<F>+]alloc-<c<C>|e<E>|s<F>>: `symshrink compress` with
+    no --method (per site the integer grid or fp32 of the fewest bytes) within held-out cosine C, relative error E, or
+    (--method quant) the least distorted plan within F of fp32's size."""
+    match = ALLOC_NAME.fullmatch(text)
+    if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]alloc-<cC|eE|sF>: {text!r}")
+    return text
+
+
 def budget_name(text: str) -> str:
     """Check a budget (keep<F>, size<F> or size@<budget>) by the variant name it makes (argparse type)."""
     moment_name(f"moment-select-{text}")
@@ -187,38 +200,6 @@ def one_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------- building variants
-
-
-def name_nodes(src: Path, dst: Path) -> Path:
-    """A copy of the model whose nodes all have unique, non-empty names (MatMulNBits needs them)."""
-    proto = onnx.load(str(src))
-    seen: set[str] = set()
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for i, node in enumerate(graph.node):
-            if not node.name or node.name in seen:
-                base = f"{node.op_type}_{graph.name or 'g'}_{i}"
-                name, k = base, 0
-                while name in seen:
-                    k += 1
-                    name = f"{base}_{k}"
-                node.name = name
-            seen.add(node.name)
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    visit(sub)
-
-    visit(proto.graph)
-    big = proto.ByteSize() > 2**31 - 2**24
-    onnx.save(proto, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
-    return dst
-
-
-def quantize_int8(named: Path, out: Path, matmul_only: bool) -> None:
-    from onnxruntime.quantization import quantize_dynamic  # noqa: PLC0415
-
-    ops = ["MatMul"] if matmul_only else None
-    quantize_dynamic(named, out, per_channel=True, reduce_range=True, op_types_to_quantize=ops)
 
 
 def quantize_static_int8(spec: str, entry: ZooModel, named: Path, out: Path) -> None:
@@ -243,25 +224,6 @@ def quantize_static_int8(spec: str, entry: ZooModel, named: Path, out: Path) -> 
     quantize_static(named, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True)
 
 
-def quantize_nbits(named: Path, out: Path, bits: int, kquant: bool = False, gather: bool = False) -> None:
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq  # noqa: PLC0415
-
-    model = onnx.load(str(named))
-    if kquant:
-        config = mnq.KQuantWeightOnlyQuantConfig()
-        quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK, is_symmetric=True,
-                                             accuracy_level=ACCURACY_LEVEL, algo_config=config)
-    else:  # DefaultWeightOnlyQuantConfig is round-to-nearest per block; gather: embedding tables too, per row
-        ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if gather else {}
-        config = mnq.DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
-                                                  accuracy_level=ACCURACY_LEVEL, bits=bits, **ops)
-        quantizer = mnq.MatMulNBitsQuantizer(model, algo_config=config)
-    quantizer.process()
-    if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
-        raise RuntimeError("no MatMul was quantized (no constant 2-D weight with K divisible by the block)")
-    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
-
-
 def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **settings: Any) -> dict[str, Any]:
     """symshrink.pipeline.compress with these (flat, typed) options; the plans' widths and codecs. The work folder
     is the benchmark's own: earlier outputs are replaced."""
@@ -278,6 +240,10 @@ def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **se
                            "table_bytes": report.hyper.table_bytes,
                            "max_tensor_error": max((t.relative_error for t in coded), default=None),
                            "settings": {t.name: t.setting for t in coded}}
+    if report.quant is not None and report.quant.trials:  # the allocator's: its calibration and verified trials
+        result["allocation"] = {"calibration": report.quant.calibration, "trials": report.quant.trials,
+                                "codecs": dict(Counter(f"{layer.codec} b{layer.block_text()}"
+                                                       for layer in report.quant.layers))}
     if report.ternary is not None:
         result["codecs"] = report.ternary.counts()
         result["fp32_layers"] = {layer.node: layer.reason for layer in report.ternary.layers if layer.codec != "ternary"}
@@ -372,6 +338,23 @@ def build_quant(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
 
 
+def build_alloc(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
+    """Compress `variant` ([moment-<selector>-keep<F>+]alloc-<cC|eE|sF>) into its path: the allocator's plan."""
+    match = ALLOC_NAME.fullmatch(variant.name)
+    assert match and variant.path is not None
+    settings: dict[str, Any] = {"method": "quant"} if match["size"] or match["moment"] else {}
+    if match["cosine"]:
+        settings["min_cosine"], what = float(match["cosine"]), f"held-out cosine >= {match['cosine']}"
+    elif match["error"]:
+        settings["max_error"], what = float(match["error"]), f"held-out relative error <= {match['error']}"
+    else:
+        settings["target_size"], what = float(match["size"]), f"{match['size']} of fp32's size"
+    what = f"the allocator (per site an integer grid of 8/4/2 bits, blocks of 32-256, or fp32) within {what}"
+    variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
+    variant.extra = {"alloc": variant.name.rsplit("alloc-", 1)[1]}
+    variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
+
+
 def build_hyper(spec: str, entry: ZooModel, variant: Variant, threads: int) -> None:
     """Compress `variant` ([moment-<selector>-keep<F>+]hyper-<codebook>[-g<G>]-<b<B>|e<E>>[-fed]) into its path."""
     match = HYPER_NAME.fullmatch(variant.name)
@@ -401,16 +384,9 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
     """Build every variant into `work`; a failure is recorded on its Variant, never raised."""
     work.mkdir(parents=True, exist_ok=True)
     named = work / "named.onnx"
-    builders: dict[str, Any] = {
-        "int8-dynamic": lambda out: quantize_int8(named, out, matmul_only=True),
-        "int8-dynamic-all": lambda out: quantize_int8(named, out, matmul_only=False),
-        "int8-static": lambda out: quantize_static_int8(spec, entry, named, out),
-        "nbits4-rtn-b32": lambda out: quantize_nbits(named, out, 4),
-        "nbits4-rtn-b32-gather": lambda out: quantize_nbits(named, out, 4, gather=True),
-        "nbits4-kquant": lambda out: quantize_nbits(named, out, 4, kquant=True),
-        "nbits2": lambda out: quantize_nbits(named, out, 2),
-        "nbits8": lambda out: quantize_nbits(named, out, 8),
-    }
+    builders: dict[str, Any] = {name: partial(build_baseline, name, named) for name in ORT_VARIANTS + OPTIONAL_VARIANTS
+                                if name not in ("fp32", "int8-static")}
+    builders["int8-static"] = lambda out: quantize_static_int8(spec, entry, named, out)
     try:
         name_nodes(src, named)
     except Exception as err:  # noqa: BLE001 (any failure becomes a row)
@@ -433,6 +409,8 @@ def build_variants(spec: str, entry: ZooModel, src: Path, work: Path, moments: l
                 build_hyper(spec, entry, variant, threads)
             elif QUANT_NAME.fullmatch(name):
                 build_quant(spec, entry, variant, threads)
+            elif ALLOC_NAME.fullmatch(name):
+                build_alloc(spec, entry, variant, threads)
             else:
                 build_moment(spec, entry, variant, built, threads)
         except Exception as err:  # noqa: BLE001 (any failure becomes a row)
@@ -747,6 +725,14 @@ ROW_SECTIONS = [
         "fewest bits within relative output error E on the calibration moments (`--layer-error`). `-dq`: the other "
         "convs (kxk, strided, grouped) too, as `DequantizeLinear -> Conv` (`--dequantize-convs`: smaller on disk, "
         "slower in onnxruntime); without it they stay fp32."),
+    ("alloc", "Allocator rows",
+        "`alloc-c<C>` / `alloc-e<E>` rows: `symshrink compress` with no `--method` (`--min-cosine C` / `--max-error E`; "
+        "`alloc-c0.99` is the default run): per weight site (MatMul/Gemm, 1x1 Conv, Gather table of at least 1024 "
+        "elements) one of the integer grids of 8, 4 or 2 bits at 32, 64, 128 or 256 input rows per scale (symmetric, "
+        "second-moment rounding in act-order, written as the quant rows are) or fp32, chosen by the Lagrangian "
+        "allocator: predicted errors calibrated per kind of site by one trial each, then bisection over the multiplier, "
+        "each plan verified on the held-out calibration feeds, the fewest-bytes plan within the budget. `alloc-s<F>`: "
+        "`--method quant --target-size F`, the least distorted plan within F of fp32's size."),
     ("hyper_variant", "Hyperfunction rows",
         "`hyper-<codebook>[-g<G>]-b<B>` rows: every float32 weight tensor of at least 4096 elements that the graph "
         "reads as a weight (MatMul/Gemm B, Conv W, Gather tables, tied or not) becomes indices of B bits per pair of "
@@ -815,7 +801,7 @@ def render_markdown(result: dict[str, Any], images: dict[str, str]) -> str:
         "the same process, first and again at the end (drift check). **rel L2 / cosine** compare the "
         "primary output with fp32's on the zoo data set's eval split. int8-dynamic quantizes MatMul only "
         "(per-channel, reduce_range=True: the defaults also turn Gather/Conv into slow integer ops, see "
-        f"shared/docs/baselines.md). MatMulNBits variants: block {BLOCK}, symmetric, accuracy_level "
+        f"shared/docs/baselines.md). MatMulNBits variants: block {NBITS_BLOCK}, symmetric, accuracy_level "
         f"{ACCURACY_LEVEL}. symshrink rows: `symshrink.pipeline.compress` with the zoo's default "
         "calibration data (moment reduction; rows named symshrink-moment-keepF come from an earlier version of "
         "this script, keep F of each group with the default selector).", "",
@@ -915,6 +901,8 @@ def main() -> None:
                          "hyper-lattice-e0.05 moment-select-keep0.5+hyper-lattice-b10")
     ap.add_argument("--quant", nargs="*", type=quant_name, default=[], metavar="[moment-SELECTOR-keepF+]quant-BLOCK-BITS",
                     help="symshrink integer-grid variants, e.g. quant-b32-4 quant-b64-2 quant-b64-2-nearest")
+    ap.add_argument("--alloc", nargs="*", type=alloc_name, default=[], metavar="[moment-SELECTOR-keepF+]alloc-<cC|eE|sF>",
+                    help="symshrink allocator variants, e.g. alloc-c0.99 alloc-e0.1 alloc-s0.1")
     ap.add_argument("--batch32", action="store_true",
                     help=f"also time a batch of {BATCH} (the latency feed's first row repeated)")
     ap.add_argument("--variants", nargs="+", default=ORT_VARIANTS, choices=ORT_VARIANTS + OPTIONAL_VARIANTS,
@@ -945,7 +933,7 @@ def main() -> None:
         write_report(json.loads(json_path.read_text()), args.out)
         return
     moments = list(dict.fromkeys([f"moment-{s}-{b}" for s in args.selectors for b in args.budgets] + args.moment
-                                 + args.ternary + args.hyper + args.quant))
+                                 + args.ternary + args.hyper + args.quant + args.alloc))
     start = time.perf_counter()
     machine = machine_info()
     work = args.work or Path(tempfile.mkdtemp(prefix="symshrink-bench-"))
