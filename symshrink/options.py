@@ -18,7 +18,7 @@ from pathlib import Path
 from symshrink.calibration.feeds import LAYOUTS
 from symshrink.errors import BadInput
 from symshrink.passes.moment.plan import SELECTOR_KINDS
-from symshrink.passes.quant.grid import ROUNDINGS
+from symshrink.passes.quant.grid import ROUNDINGS, GridPlan
 from symshrink.passes.ternary import codes as ternary
 from symshrink.passes.ternary.codes import BLOCK_SIZES
 from symshrink.runtime.formats import CODEBOOKS, GRID_BITS
@@ -202,7 +202,7 @@ class CompressOptions:
 
     def __post_init__(self) -> None:
         if self.method is None:
-            self.method = "moment" if self.moment.has_widths() else "quant"
+            self.method = "moment" if self.moment.has_widths() and not _grid_plan(self.moment.plan) else "quant"
             if self.method == "quant" and self.max_error is None and self.min_cosine is None:
                 self.min_cosine = DEFAULT_MIN_COSINE  # the default run: the smallest model within a budget, never none
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
@@ -220,6 +220,15 @@ class CompressOptions:
         _positive("rows_per_batch", self.rows_per_batch)
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")
+
+
+def _grid_plan(path: str | Path | None) -> bool:
+    """Whether a --plan file records integer grids and no moment widths (then it is replayed by quant)."""
+    try:
+        text = Path(path).read_text() if path else ""
+        return '"groups"' not in text and GridPlan.recorded_settings(text) is not None
+    except (OSError, ValueError):
+        return False  # the replaying stage says what is wrong with it
 
 
 _PARTS = {"moment": MomentOptions, "weights": WeightOptions, "ternary": TernaryOptions, "quant": QuantOptions,

@@ -192,7 +192,8 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     calibration statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the
     fewest bits within --layer-error) or, under a budget, by the allocator (`_allocate_grids`), and write them in
     place. The plan it wrote."""
-    block, allocating = options.weights.block, options.allocating()
+    recorded = _recorded_grids(options.moment.plan) if options.moment.plan else None
+    block, allocating = options.weights.block, options.allocating() or recorded is not None
     select = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
     sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select,
                                                 min_elements=ALLOCATION_MIN_ELEMENTS if allocating else MIN_ELEMENTS)
@@ -200,10 +201,36 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
                        act_order=options.quant.act_order, more_blocks=more)
+    if recorded is not None:
+        return _write_choice(model, offer, *_replay(offer, recorded), None)
     if allocating:
         return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes)
     chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
+
+
+def _recorded_grids(path) -> dict[str, str] | None:
+    """The grid settings a --plan file records, by node (None: it records none)."""
+    try:
+        return GridPlan.recorded_settings(Path(path).read_text())
+    except OSError as err:
+        raise BadInput(f"cannot read plan {path}: {err.strerror}") from None
+    except ValueError as err:
+        raise BadInput(f"not a symshrink plan: {err}") from None
+
+
+def _replay(offer, recorded: dict[str, str]) -> tuple[Choice, dict[str, str]]:
+    """The recorded setting of every site, exactly; BadInput when the model's sites or offers differ from the plan's."""
+    unknown = sorted(set(recorded) - set(offer.candidates))
+    if unknown:
+        raise BadInput(f"the plan's layer {unknown[0]} is not a weight site of this model")
+    chosen = {}
+    for site, options in offer.candidates.items():
+        setting = recorded.get(site, "fp32")
+        chosen[site] = next((c for c in options if c.setting == setting), None)
+        if chosen[site] is None:
+            raise BadInput(f"the plan's setting {setting!r} of {site} is not offered on this model")
+    return chosen, dict.fromkeys(chosen, "replayed from the plan")
 
 
 def _site_kind(site: WeightSite) -> str:
@@ -454,8 +481,9 @@ def check_options(options: CompressOptions) -> list[str]:
     if options.ternary.activations == "two-level" and ("ternary" not in methods or options.max_error is None):
         raise BadInput("--activations two-level comes with --method ternary and --max-error: each ReLU is quantized "
                        "only where the held-out error stays within it")
-    if options.moment.plan and "moment" not in methods:
-        raise BadInput("--plan replays moment-reduction plans; ternary codes are recomputed from the calibration data")
+    if options.moment.plan and not {"moment", "quant"} & set(methods):
+        raise BadInput("--plan replays moment-reduction and integer-grid plans; ternary and hyperfunction codes are "
+                       "recomputed from the calibration data")
     if "hyper" in methods:
         hyper_candidates(options.hyper)
     return methods

@@ -1,11 +1,12 @@
 """The compress report: what each method planned, what verification measured, and whether the gate held.
 
-Printed by the CLI, returned by the API, written with `--report PATH` as JSON (.json) or Markdown (.md), also
-when the gate fails, so a user sees why nothing was written.
+Printed by the CLI, returned by the API, written with `--report PATH` as JSON (.json), Markdown (.md) or one HTML
+page (.html), with a table of the weight sites; also when the gate fails, so a user sees why nothing was written.
 """
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from symshrink.runtime.diff import OutputDiff, format_diffs
 
 __all__ = ["CompressReport", "write_report", "check_report_path", "REPORT_SUFFIXES"]
 
-REPORT_SUFFIXES = (".json", ".md")
+REPORT_SUFFIXES = (".json", ".md", ".html")
+SITE_COLUMNS = ("node", "op", "shape", "codec", "block", "bpw", "bytes", "predicted", "reason")
 
 
 @dataclass
@@ -78,28 +80,82 @@ class CompressReport:
                 "failures": self.failures, "holdout_feeds": self.holdout_feeds,
                 "diffs": [d.to_dict() for d in self.diffs],
                 "plans": {name: json.loads(plan.to_json()) for name, plan in self.plans().items()},
+                "sites": self.site_rows(), "passed_over": self.passed_over(),
                 "skipped_groups": [{"group": g.name, "kind": g.kind, "reason": g.reason} for g in self.skipped]}
+
+    def site_rows(self) -> list[dict]:
+        """The weight sites of the integer-grid plan, one row each (empty without one)."""
+        return self.quant.site_rows() if self.quant is not None else []
+
+    def passed_over(self) -> dict[str, str]:
+        """Weight nodes the code methods left fp32 before offering anything, and why."""
+        plans = [plan for plan in (self.ternary, self.quant) if plan is not None]
+        return {node: why for plan in plans for node, why in plan.passed_over.items()}
 
     def to_markdown(self) -> str:
         lines = ["# symshrink compress report", "", self.summary(), ""]
         if self.failures:
             lines += ["## Gate failures", "", *[f"- {f}" for f in self.failures], ""]
         lines += [f"## Held-out verification ({self.holdout_feeds} feeds)", "", "```", format_diffs(self.diffs), "```", ""]
+        rows = self.site_rows()
+        if rows:
+            lines += ["## Weight sites", "", "| " + " | ".join(SITE_COLUMNS) + " |",
+                      "|" + "|".join("---:" if c in ("bpw", "bytes", "predicted") else "---" for c in SITE_COLUMNS) + "|",
+                      *["| " + " | ".join(_cell(row[c]) for c in SITE_COLUMNS) + " |" for row in rows], ""]
         for name, plan in self.plans().items():
             lines += [f"## Plan: {name}", "", "```", str(plan), "```", ""]
+        if self.passed_over():
+            lines += ["## Weights left fp32", "", *[f"- {node}: {why}" for node, why in self.passed_over().items()], ""]
         if self.skipped:
             lines += ["## Groups left as they are", "", *[f"- {g.name} ({g.kind}): {g.reason}" for g in self.skipped], ""]
         return "\n".join(lines)
 
+    def to_html(self) -> str:
+        """The same sections as the Markdown, as one page: the sites as a table, plans and diffs as text."""
+        def pre(text: str) -> str:
+            return f"<pre>{html.escape(text)}</pre>"
+
+        body = ["<h1>symshrink compress report</h1>", f"<p>{html.escape(self.summary())}</p>"]
+        if self.failures:
+            body += ["<h2>Gate failures</h2><ul>", *[f"<li>{html.escape(f)}</li>" for f in self.failures], "</ul>"]
+        body += [f"<h2>Held-out verification ({self.holdout_feeds} feeds)</h2>", pre(format_diffs(self.diffs))]
+        rows = self.site_rows()
+        if rows:
+            body += ["<h2>Weight sites</h2><table>",
+                     "<tr>" + "".join(f"<th>{c}</th>" for c in SITE_COLUMNS) + "</tr>",
+                     *["<tr>" + "".join(f"<td>{html.escape(_cell(row[c]))}</td>" for c in SITE_COLUMNS) + "</tr>"
+                       for row in rows], "</table>"]
+        for name, plan in self.plans().items():
+            body += [f"<h2>Plan: {html.escape(name)}</h2>", pre(str(plan))]
+        if self.passed_over():
+            body += ["<h2>Weights left fp32</h2><ul>",
+                     *[f"<li>{html.escape(f'{node}: {why}')}</li>" for node, why in self.passed_over().items()], "</ul>"]
+        if self.skipped:
+            body += ["<h2>Groups left as they are</h2><ul>",
+                     *[f"<li>{html.escape(f'{g.name} ({g.kind}): {g.reason}')}</li>" for g in self.skipped], "</ul>"]
+        style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:90%}"
+                 "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}pre{background:#f6f6f6;padding:1em}")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>symshrink report</title>"
+                f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
 
 def check_report_path(path: str | Path) -> None:
     if Path(path).suffix.lower() not in REPORT_SUFFIXES:
-        raise BadInput(f"--report {path}: give a .json or .md file")
+        raise BadInput(f"--report {path}: give a .json, .md or .html file")
 
 
 def render_report(report: CompressReport, path: str | Path) -> str:
     check_report_path(path)
-    return json.dumps(report.to_dict(), indent=2) if Path(path).suffix.lower() == ".json" else report.to_markdown()
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return json.dumps(report.to_dict(), indent=2)
+    return report.to_html() if suffix == ".html" else report.to_markdown()
 
 
 def write_report(report: CompressReport, path: str | Path) -> Path:

@@ -138,6 +138,23 @@ class GridPlan:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def site_rows(self) -> list[dict]:
+        """One row a site, for the report's table: node, op, shape, codec, rows per scale, bits per weight with the
+        scales, bytes, the predicted relative output error, why."""
+        return [{"node": layer.node, "op": layer.op, "shape": f"{layer.rows}x{layer.cols}", "codec": layer.codec,
+                 "block": layer.block_text(), "bpw": round(layer.bits_per_weight(), 3), "bytes": layer.bytes,
+                 "predicted": layer.relative_error, "reason": layer.reason} for layer in self.layers]
+
+    @staticmethod
+    def recorded_settings(text: str) -> dict[str, str] | None:
+        """Each layer's setting in a plan written by --plan-out (alone, or under "quant" beside other methods'), by
+        node ("fp32" for a layer left as it is); None when the file holds no grid plan."""
+        data = json.loads(text)
+        data = data.get("quant", data) if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "rounding" not in data:
+            return None
+        return {layer["node"]: layer.get("setting") or layer["codec"] for layer in data["layers"]}
+
     def __str__(self) -> str:
         block = "channel" if self.block is None else self.block
         budget = "none" if self.layer_error is None else f"{self.layer_error:g}"

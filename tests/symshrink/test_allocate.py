@@ -2,6 +2,7 @@
 force), monotone in the multiplier, and the search never returning a plan its test rejects."""
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -216,3 +217,27 @@ def test_the_held_out_error_stays_within_the_budget_where_the_predictor_underest
     assert calibration["measured"] > 2 * calibration["predicted"]  # the predictor is fooled: the scale corrects it
     assert all(t["measured"] <= budget for t in report.quant.trials if t["within"])
     assert steep.codec != "uint2"  # the steep layer keeps its bits
+
+
+def test_the_report_tables_every_site_and_a_recorded_plan_replays_byte_identically(tmp_path):
+    from symshrink.cli import main  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    path, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), path)
+    np.savez(calib, x=np.random.default_rng(8).standard_normal((320, 64)).astype(np.float32))
+    first, again = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    common = ["--calib", str(calib), "-q"]
+    assert main(["compress", str(path), "-o", str(first), "--plan-out", str(tmp_path / "plan.json"),
+                 "--report", str(tmp_path / "r.html"), *common]) == 0
+    assert main(["compress", str(path), "-o", str(again), "--plan", str(tmp_path / "plan.json"),
+                 "--report", str(tmp_path / "r.md"), *common]) == 0  # no --method: the plan says quant
+    assert first.read_bytes() == again.read_bytes()
+    page, text = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    assert page.count("<tr>") == 1 + 2 and "fc1" in page and "<h2>Weight sites</h2>" in page  # header + 2 sites
+    assert "| fc1 | MatMul | 64x256 |" in text and "replayed from the plan" in text
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["layers"][0]["setting"] = "3-bit fed back b64"  # not a setting this model is offered
+    (tmp_path / "bad.json").write_text(json.dumps(plan))
+    assert main(["compress", str(path), "-o", str(tmp_path / "c.onnx"), "--plan", str(tmp_path / "bad.json"), *common]) == 2
+    assert not (tmp_path / "c.onnx").exists()

@@ -168,7 +168,7 @@ def test_non_finite_outputs_fail_verification_without_a_gate():
 @pytest.mark.parametrize("argv, expected", [
     (["--ridge", "-1", "--method", "moment", "--keep", "0.5"], "ridge must be non-negative"),
     (["--random-calib", "--method", "hyper", "--calib-samples", "1000000000"], "between 1 and"),
-    (["--random-calib", "--method", "hyper", "--report", "r.txt"], ".json or .md"),
+    (["--random-calib", "--method", "hyper", "--report", "r.txt"], ".json, .md or .html"),
 ])
 def test_bad_options_exit_2(capsys, big_mlp, argv, expected):
     code, err = _run(capsys, "compress", big_mlp, "-o", big_mlp.parent / "o.onnx", "-q", *argv)
