@@ -13,6 +13,7 @@ permutation reaches the graph.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -35,7 +36,8 @@ from symshrink.runtime.formats import (
 )
 
 __all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "TernaryGrid", "HyperGrid",
-           "round_with_feedback", "quantize_with_feedback", "ternarize_with_feedback", "hyper_feeds_back",
+           "round_with_feedback", "quantize_with_feedback", "quantize_many_with_feedback", "ternarize_with_feedback",
+           "hyper_feeds_back",
            "hyperize_with_feedback"]
 
 DAMPING = 0.01  # lambda of H + lambda mean(diag H) I: keeps the inverse stable where inputs are nearly collinear
@@ -151,6 +153,47 @@ def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int |
     scales, zero_points = (np.stack(parts) for parts in zip(*frames))
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
                            symmetric)
+
+
+def quantize_many_with_feedback(weight: np.ndarray, hessian: np.ndarray, grids: Sequence[tuple[int | None, int]],
+                                symmetric: bool = False, damping: float = DAMPING,
+                                batch: int = 32) -> dict[tuple[int | None, int], QuantizedWeight]:
+    """The integer-grid codes of `weight` [K, N] for each (block, bits) of `grids`, by second-moment rounding in
+    act-order, in one pass over the rows: act-order's frames are static (set on the weights as given), so each row
+    rounds to every grid at once, the grids' columns side by side [K, len(grids) N], and the same error feedback
+    runs on all of them. Each equals `quantize_with_feedback(..., act_order=True)` for its grid up to the order of
+    floating-point sums in the batched update (lazy batches of 32 rows: the rank-1 updates inside a batch cost
+    K * batch * N, the batched ones are matrix products; 3x faster than 128 at K = 384)."""
+    rows, cols = weight.shape
+    order = np.argsort(-np.diag(hessian), kind="stable")
+    u, dead = damped_cholesky_inverse(np.asarray(hessian)[np.ix_(order, order)], damping)
+    given = weight.astype(np.float64)
+    given[order[dead]] = 0.0
+    frames = {}
+    for block, bits in grids:
+        size = rows if block is None else block
+        parts = [grid_frame(given[start: start + size], bits, symmetric) for start in range(0, rows, size)]
+        frames[block, bits] = tuple(np.stack(part) for part in zip(*parts))  # scales, zero points [blocks, N]
+    # per stored row and column of every grid: its block's scale and zero point, and the top code
+    scale = np.concatenate([frames[g][0][np.arange(rows) // (rows if g[0] is None else g[0])] for g in grids], axis=1)
+    zero = np.concatenate([frames[g][1][np.arange(rows) // (rows if g[0] is None else g[0])] for g in grids], axis=1)
+    top = np.concatenate([np.full(cols, (1 << bits) - 1.0) for _, bits in grids])
+    safe = np.where(scale != 0, scale, 1.0)
+    w = np.tile(given[order], len(grids))
+    codes = np.zeros((rows, len(grids) * cols), np.uint8)
+    for start in range(0, rows, batch):
+        end = min(start + batch, rows)
+        errors = np.zeros((end - start, w.shape[1]))
+        for i in range(start, end):
+            r = order[i]
+            row_codes = np.clip(np.round(w[i] / safe[r]) + zero[r], 0, top)  # `round_to_grid`, per column's bits
+            codes[r] = row_codes
+            errors[i - start] = (w[i] - (row_codes - zero[r]) * scale[r]) / u[i, i]
+            w[i + 1: end] -= np.outer(u[i, i + 1: end], errors[i - start])
+        w[end:] -= u[start:end, end:].T @ errors
+    return {(block, bits): QuantizedWeight(codes[:, k * cols: (k + 1) * cols], frames[block, bits][0].astype(weight.dtype),
+                                           frames[block, bits][1].astype(np.uint8), block, bits, symmetric)
+            for k, (block, bits) in enumerate(grids)}
 
 
 def ternarize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None,

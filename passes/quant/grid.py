@@ -29,7 +29,7 @@ from symshrink.calibration.stats import UnitStats
 from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
-from symshrink.passes.quant.feedback import quantize_with_feedback
+from symshrink.passes.quant.feedback import quantize_many_with_feedback, quantize_with_feedback
 from symshrink.passes.quant.qdq import CONV_PRODUCTS, PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
 from symshrink.runtime.formats import (
     FORMATS,
@@ -83,8 +83,13 @@ def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, 
 
 
 def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, block: int | None, bits: int,
-                 rounding: str, symmetric: bool, act_order: bool) -> Encoded:
-    return encode_grid(weight(), stats, block, bits, rounding, symmetric, act_order)
+                 rounding: str, symmetric: bool, act_order: bool,
+                 together: Callable[[], dict] | None = None) -> Encoded:
+    """One grid's encoding of a site; with `together`, taken from the encodings of all the site's grids at once."""
+    if together is None:
+        return encode_grid(weight(), stats, block, bits, rounding, symmetric, act_order)
+    quantized = together()[block, bits]
+    return Encoded(quantized, None, output_error(weight(), quantized.dequantize(), stats, None))
 
 
 def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
@@ -299,21 +304,25 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
         sizes = dict.fromkeys(site_block(site, b) for b in (block, *more_blocks)
                               if not site.tied or tied_accepts(shape, b))  # in order, once each
+        grids = {}  # (rows per scale, bits) -> its format row and settings, where the format holds the shape
         for b in bits:
             for size in sizes if readable else ():
                 form = site_format(site, size, packed=True)
                 settings = format_settings(site, form, size, symmetric)
-                row = FORMATS[f"uint{b}-{form}"]
-                if not row.accepts(shape, **settings):
-                    continue
-                encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
-                                        act_order))
-                options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
-                                         f"{' act-order' if fed and act_order else ''} "
-                                         f"b{size or 'channel'}{' sym' if symmetric else ''}",
-                                         row.predict_bytes(shape, **settings)
-                                         + (TIED_EXTRA_BYTES if site.tied else 0),
-                                         lambda encoded=encoded: encoded().relative_error, encoded))
+                if FORMATS[f"uint{b}-{form}"].accepts(shape, **settings):
+                    grids[size, b] = FORMATS[f"uint{b}-{form}"], settings
+        together = None
+        if fed and act_order and more_blocks:  # the allocator weighs them all: every grid in one pass over the rows
+            together = cache(lambda weight=weight, moments=stats[site.statistic], grids=list(grids):
+                             quantize_many_with_feedback(weight(), moments.second_moment, grids, symmetric))
+        for (size, b), (row, settings) in grids.items():
+            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
+                                    act_order, together))
+            options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
+                                     f"{' act-order' if fed and act_order else ''} "
+                                     f"b{size or 'channel'}{' sym' if symmetric else ''}",
+                                     row.predict_bytes(shape, **settings) + (TIED_EXTRA_BYTES if site.tied else 0),
+                                     lambda encoded=encoded: encoded().relative_error, encoded))
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
         offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))
         candidates[site.node] = options

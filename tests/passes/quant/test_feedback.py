@@ -6,6 +6,7 @@ import pytest
 from symshrink.passes.quant.feedback import (
     hyper_feeds_back,
     hyperize_with_feedback,
+    quantize_many_with_feedback,
     quantize_with_feedback,
     ternarize_with_feedback,
 )
@@ -133,3 +134,22 @@ def test_hyper_feedback_needs_one_frame_and_rows_of_whole_pairs():
     assert not hyper_feeds_back(weight.shape, HyperSetting("lattice", 63, 3, 4.0, group=64))
     with pytest.raises(ValueError, match="row by row"):
         hyperize_with_feedback(np.zeros((8, 5)), np.eye(8), HyperSetting("lattice", 63, 3, 4.0))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_every_grid_in_one_pass_equals_each_grid_on_its_own(symmetric):
+    """The allocator's encoder: each (block, bits) of the one-pass encoding has the codes and frames of its own
+    act-order encoding (a dead row included); the batched sums may differ in the last bits, the codes here do not."""
+    x = _correlated(rows=128)
+    x[:, 5] = 0.0  # an input no sample reaches
+    hessian = x.T @ x / len(x)
+    weight = np.random.default_rng(3).standard_normal((128, 24)).astype(np.float32)
+    grids = [(block, bits) for bits in (8, 4, 2) for block in (32, 64, None)]
+    together = quantize_many_with_feedback(weight, hessian, grids, symmetric)
+    for block, bits in grids:
+        alone = quantize_with_feedback(weight, hessian, block, bits, symmetric, act_order=True)
+        found = together[block, bits]
+        assert found.block == block and found.bits == bits and found.symmetric == symmetric
+        assert np.array_equal(found.scales, alone.scales) and np.array_equal(found.zero_points, alone.zero_points)
+        assert np.mean(found.codes != alone.codes) < 0.001
+        assert _output_error(weight, found, hessian) == pytest.approx(_output_error(weight, alone, hessian), rel=1e-3)
