@@ -193,18 +193,25 @@ class CompressOptions:
     progress: bool = True
     seed: int = 0
 
+    auto: bool = field(default=False, init=False)  # no method was given: the allocator's default run
+    default_gate: bool = field(default=False, init=False)  # min_cosine is DEFAULT_MIN_COSINE, no gate was given
+
     def allocating(self) -> bool:
-        """Whether the integer grids are allocated under a budget (held-out gates or a target size), rather than set
-        by --bits or --layer-error. Not under hyper codes, whose error would come on top of the budget."""
-        budget = self.max_error is not None or self.min_cosine is not None or self.moment.target_size is not None
+        """Whether the integer grids are allocated under a budget (the default run's, held-out gates the user gave or
+        a target size), rather than set by --bits or --layer-error. Not under hyper codes, whose error would come on
+        top of the budget."""
+        budget = self.auto or self.max_error is not None or self.moment.target_size is not None \
+            or (self.min_cosine is not None and not self.default_gate)
         return budget and self.weights.layer_error is None and "hyper" not in self.method \
             and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
 
     def __post_init__(self) -> None:
         if self.method is None:
             self.method = "moment" if self.moment.has_widths() and not _grid_plan(self.moment.plan) else "quant"
-            if self.method == "quant" and self.max_error is None and self.min_cosine is None:
-                self.min_cosine = DEFAULT_MIN_COSINE  # the default run: the smallest model within a budget, never none
+            self.auto = self.method == "quant" and not self.moment.plan
+        if self.max_error is None and self.min_cosine is None:
+            self.min_cosine = DEFAULT_MIN_COSINE  # every run has a gate: a user widens it, never goes without one
+            self.default_gate = True
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
         if not all(isinstance(m, str) for m in methods):
             raise BadInput(f"method: a name or names ({', '.join(METHODS)}), not {self.method!r}")

@@ -10,8 +10,10 @@ is cut keeps the points it finished.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -106,6 +108,24 @@ def _plot(points: Sequence[Point], fp32_bytes: int, title: str, task_name: str |
     plt.close(fig)
 
 
+def _machine() -> str:
+    """Where the points were measured: CPU, cores, the versions that matter, the date."""
+    import onnxruntime  # noqa: PLC0415
+
+    from symshrink import __version__  # noqa: PLC0415
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown CPU")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{cpu}, {os.cpu_count()} cores; symshrink {__version__}, onnxruntime {onnxruntime.__version__}; {date}"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _write(out: Path, points: list[Point], fp32_bytes: int, title: str, task_name: str | None, plot: bool) -> None:
     table = points_table(points, fp32_bytes, task_name)
     write_atomically(out / "sweep.md", lambda h: h.write(f"# {title}\n\n{table}\n".encode()))
@@ -146,7 +166,7 @@ def sweep(model_spec: str, out: str | Path, options: CompressOptions, cosines: S
     out.mkdir(parents=True, exist_ok=True)
     fp32_bytes = model_bytes_on_disk(path)
     fp32 = Point("fp32", "fp32", fp32_bytes, 0.0, 1.0, None if task is None else float(task.evaluate(reference)))
-    points, title = [fp32], f"symshrink sweep of {model_spec}: {len(holdout)} held-out feeds"
+    points, title = [fp32], f"symshrink sweep of {model_spec}: {len(holdout)} held-out feeds ({_machine()})"
     quiet = dataclasses.replace(options, progress=False)
     steps = [("symshrink", c) for c in sorted(cosines)] + [("onnxruntime", b) for b in baselines]
     with tempfile.TemporaryDirectory(prefix="symshrink-sweep-") as scratch:

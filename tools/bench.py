@@ -230,6 +230,8 @@ def compress_symshrink(spec: str, entry: ZooModel, out: Path, threads: int, **se
     from symshrink.options import options_from  # noqa: PLC0415
     from symshrink.pipeline import compress  # noqa: PLC0415
 
+    if "max_error" not in settings and "min_cosine" not in settings:
+        settings["min_cosine"] = -1.0  # no gate: a row records what the setting gives
     report = compress(spec, out, options_from(calib=entry.calib, progress=False, threads=threads, **settings), force=True)
     result = {"holdout_feeds": report.holdout_feeds, "holdout_diffs": [d.to_dict() for d in report.diffs]}
     if report.hyper is not None:

@@ -154,7 +154,8 @@ def test_winding_triples_through_the_cli(tmp_path, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
     onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4), path)
     code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path)), "-q", "--method", "hyper",
-                 "--codebook", "winding", "--code-dims", "3", "--index-bits", "12", "--plan-out", str(tmp_path / "p.json")])
+                 "--codebook", "winding", "--code-dims", "3", "--index-bits", "12", "--min-cosine", "0",
+                 "--plan-out", str(tmp_path / "p.json")])
     assert code == 0, capsys.readouterr().err
     onnx.checker.check_model(onnx.load(out), full_check=True)
     coded = [t for t in json.loads((tmp_path / "p.json").read_text())["tensors"] if t["codec"] == "hyper"]
@@ -176,7 +177,7 @@ def test_moment_then_hyper_codes_the_reduced_weights(tmp_path, capsys):
     path, out = tmp_path / "mlp.onnx", tmp_path / "small.onnx"
     onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=4), path)
     code = main(["compress", str(path), "-o", str(out), "--calib", str(_calib(tmp_path, samples=512)), "-q",
-                 "--method", "moment,hyper", "--keep", "0.5", "--plan-out", str(tmp_path / "plan.json")])
+                 "--method", "moment,hyper", "--keep", "0.5", "--min-cosine", "0", "--plan-out", str(tmp_path / "plan.json")])
     assert code == 0, capsys.readouterr().err
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert set(plan) == {"moment", "hyper"}

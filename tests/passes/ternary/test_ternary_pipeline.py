@@ -73,7 +73,8 @@ def _optimized_ops(path, tmp_path) -> list[str]:
 def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_network(tmp_path):
     path, out = tmp_path / "mlp.onnx", tmp_path / "ternary.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
-    report = compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), progress=False))
+    report = compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), min_cosine=0.0,
+                                                   progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
     assert {o.domain: o.version for o in written.opset_import}[""] == 25
@@ -97,7 +98,7 @@ def test_mlp_becomes_2bit_dequantize_matmul_and_matches_the_numpy_ternary_networ
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < INT8_ACTIVATION_TOLERANCE
     # the least-squares correction brings the ternary network closer to the original than plain ternary codes
     compress(str(path), tmp_path / "plain.onnx", options_from(method="ternary", calib=str(_calib(tmp_path)),
-                                                                 correction="none", progress=False))
+                                                                 correction="none", min_cosine=0.0, progress=False))
     (plain,) = make_session(tmp_path / "plain.onnx").run(None, {"x": x})
     (original,) = make_session(path).run(None, {"x": x})
     corrected_error, plain_error = (np.linalg.norm(y - original) / np.linalg.norm(original) for y in (got, plain))
@@ -136,7 +137,7 @@ def test_exclude_and_the_layer_budget_keep_layers_in_higher_precision(tmp_path):
     path, calib = tmp_path / "mlp.onnx", _calib(tmp_path)
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
     report = compress(str(path), tmp_path / "a.onnx",
-                      options_from(method="ternary", calib=str(calib), exclude=["fc2"], progress=False))
+                      options_from(method="ternary", calib=str(calib), exclude=["fc2"], min_cosine=0.0, progress=False))
     assert [layer.node for layer in report.ternary.layers] == ["fc1"]
     assert report.ternary.passed_over["fc2"] == "excluded by --exclude"
     report = compress(str(path), tmp_path / "b.onnx",
@@ -155,12 +156,12 @@ def test_moment_then_ternary_codes_the_reduced_weights(tmp_path):
     path, out = tmp_path / "mlp.onnx", tmp_path / "both.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64), path)
     report = compress(str(path), out, options_from(method="moment,ternary", keep=0.5, calib=str(_calib(tmp_path)),
-                                                      plan_out=str(tmp_path / "plan.json"), progress=False))
+                                                      plan_out=str(tmp_path / "plan.json"), min_cosine=0.0, progress=False))
     assert report.plan.groups[0].keep_width == 64
     assert [(layer.rows, layer.cols) for layer in report.ternary.layers] == [(64, 64), (64, 64)]
     onnx.checker.check_model(onnx.load(out), full_check=True)
     replay = compress(str(path), tmp_path / "again.onnx", options_from(
-        method="moment", plan=str(tmp_path / "plan.json"), calib=str(_calib(tmp_path)), progress=False))
+        method="moment", plan=str(tmp_path / "plan.json"), calib=str(_calib(tmp_path)), min_cosine=0.0, progress=False))
     assert replay.plan.groups[0].kept == report.plan.groups[0].kept
 
 
@@ -215,7 +216,8 @@ def test_resident_memory_of_a_4096x4096_ternary_layer_is_a_fraction_of_fp32(tmp_
     _single_matmul(path, size, size)
     _single_matmul(empty, size, 16)  # the session's own memory: a 256 KiB weight
     np.savez(calib, x=np.random.default_rng(1).standard_normal((64, size)).astype(np.float32))
-    compress(str(path), out, options_from(method="ternary", calib=str(calib), correction="none", progress=False))
+    compress(str(path), out, options_from(method="ternary", calib=str(calib), correction="none", min_cosine=0.0,
+                                          progress=False))
     baseline = _session_rss_kib(empty)
     fp32, ternary = _session_rss_kib(path) - baseline, _session_rss_kib(out) - baseline
     # fp32: 64 MiB of weights. Ternary: 2-bit codes and one fp32 scale per 64 weights (2.5 bits per weight,
@@ -237,7 +239,7 @@ def test_function_storage_keeps_the_opset_and_decodes_to_the_ternary_weights(tmp
     path, out = tmp_path / "mlp.onnx", tmp_path / f"{storage}.onnx"
     onnx.save(mlp_model(hidden=128, inputs=64, outputs=64, opset=17), path)
     compress(str(path), out, options_from(method="ternary", calib=str(_calib(tmp_path)), storage=storage,
-                                             progress=False))
+                                             min_cosine=0.0, progress=False))
     written = onnx.load(out)
     onnx.checker.check_model(written, full_check=True)
     assert {o.domain: o.version for o in written.opset_import} == {"": 17, "ai.symshrink": 1}
