@@ -347,11 +347,12 @@ def _parser() -> argparse.ArgumentParser:
     weights.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep MatMul/Gemm/Conv/Gather nodes or weights whose name matches this fnmatch pattern fp32 "
                               "(repeatable)")
-    weights.add_argument("--bits", type=int, default=4, choices=GRID_BITS,
-                         help="quant: bits per weight of the integer grid (default 4); Gather tables (embeddings) "
-                              "take the same grid through onnxruntime's GatherBlockQuantized. With --max-error or "
-                              "--min-cosine and no --layer-error the allocator picks 8/4/2 bits or fp32 per layer "
-                              "instead: a plan within them on the held-out feeds, by bisection over its multiplier")
+    weights.add_argument("--bits", type=int, choices=GRID_BITS,
+                         help="quant: bits per weight of the integer grid of every layer (default 4; the gate only "
+                              "verifies); Gather tables (embeddings) take the same grid through onnxruntime's "
+                              "GatherBlockQuantized. Without --bits, with --max-error, --min-cosine or --target-size "
+                              "(and no --layer-error), the allocator picks 8/4/2 bits at 32-256 rows per scale or fp32 "
+                              "per layer: a plan within them on the held-out feeds, by bisection over its multiplier")
     weights.add_argument("--zero-points", action="store_true",
                          help="quant: a zero point per block, the grid over the block's range (default: symmetric "
                               "grids, no zero points stored)")

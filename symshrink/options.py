@@ -121,20 +121,25 @@ class TernaryOptions:
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """Integer grids for MatMul/Gemm/Conv weights and Gather tables: `bits` per weight for every layer; with the
-    per-layer budget, the fewest bits within it (else fp32). Symmetric grids (zero point 2^(bits-1), none stored)
+    """Integer grids for MatMul/Gemm/Conv weights and Gather tables: `bits` per weight for every layer (None: 4, or
+    under a held-out budget or target size the allocator's choice per layer); with the per-layer budget, the fewest
+    bits within it (else fp32). Symmetric grids (zero point 2^(bits-1), none stored)
     unless `zero_points`: a zero point per block, the grid over the block's range. `act_order`: second-moment
     rounding takes the input rows in order of decreasing E[x_i^2] (frames set first; the layout is unchanged).
     Convs other than 1x1 (which become MatMulNBits) stay fp32 unless `dequantize_convs`: DequantizeLinear -> Conv,
     smaller on disk, slower in onnxruntime."""
 
-    bits: int = 4
+    bits: int | None = None
     zero_points: bool = False
     act_order: bool = True
     dequantize_convs: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("bits", self.bits, GRID_BITS)
+        if self.bits is not None:
+            _one_of("bits", self.bits, GRID_BITS)
+
+    def grid_bits(self) -> int:
+        return 4 if self.bits is None else self.bits
 
 
 @dataclass(frozen=True)
@@ -198,11 +203,12 @@ class CompressOptions:
 
     def allocating(self) -> bool:
         """Whether the integer grids are allocated under a budget (the default run's, held-out gates the user gave or
-        a target size), rather than set by --bits or --layer-error. Not under hyper codes, whose error would come on
+        a target size), rather than set by --bits (given: the grid of every layer, the gate only verifies) or
+        --layer-error. Not under hyper codes, whose error would come on
         top of the budget."""
         budget = self.auto or self.max_error is not None or self.moment.target_size is not None \
             or (self.min_cosine is not None and not self.default_gate)
-        return budget and self.weights.layer_error is None and "hyper" not in self.method \
+        return budget and self.quant.bits is None and self.weights.layer_error is None and "hyper" not in self.method \
             and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
 
     def __post_init__(self) -> None:

@@ -205,7 +205,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
         return _write_choice(model, offer, *_replay(offer, recorded), None)
     if allocating:
         return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes)
-    chosen, reasons = quant_rule(offer, options.quant.bits, options.weights.layer_error)
+    chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
 

@@ -241,3 +241,15 @@ def test_the_report_tables_every_site_and_a_recorded_plan_replays_byte_identical
     (tmp_path / "bad.json").write_text(json.dumps(plan))
     assert main(["compress", str(path), "-o", str(tmp_path / "c.onnx"), "--plan", str(tmp_path / "bad.json"), *common]) == 2
     assert not (tmp_path / "c.onnx").exists()
+
+
+def test_given_bits_fix_every_layer_and_a_gate_only_verifies():
+    from symshrink.api import compress  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    _, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), _feeds(9), method="quant", bits=2,
+                         min_cosine=0.5, progress=False)
+    assert [layer.codec for layer in report.quant.layers] == ["uint2", "uint2"] and not report.quant.trials
+    _, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), _feeds(9), method="quant",
+                         min_cosine=0.5, progress=False)
+    assert report.quant.trials  # no --bits: the gate is the allocator's budget
