@@ -50,7 +50,8 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
     ir_model, source, before = _load(model)
     session = session_for_model(ir_model, settings.threads)
     feeds = calibration_feeds(settings, model if isinstance(model, str) else None, input_specs(session, ir_model))
-    report = compress_model(ir_model, source, feeds, settings, before, session)
+    report = compress_model(ir_model, source, feeds, settings, before, session,
+                            model if isinstance(model, str) else None)
     compressed = ir.to_proto(ir_model)
     report.bytes_after = compressed.ByteSize()
     return compressed, report

@@ -129,7 +129,8 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                            quant=quant, hyper=hyper, calib=args.calib,
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
-                           min_cosine=args.min_cosine, threads=args.threads, progress=not args.quiet and not args.json)
+                           min_cosine=args.min_cosine, max_loss=args.max_loss, task=args.task, threads=args.threads,
+                           progress=not args.quiet and not args.json)
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -144,7 +145,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         _print(plan)
     _print(f"verified on {report.holdout_feeds} held-out calibration feeds:")
     _print(format_diffs(report.diffs))
-    _print(f"wrote {report.output}: {report.size_line()}")
+    _print(f"wrote {report.output}: {report.size_line()}{report.task_text()}")
     return 0
 
 
@@ -408,6 +409,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--plan", help="replay a plan written by --plan-out")
     comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")
     _add_gate_args(comp)
+    comp.add_argument("--max-loss", type=float, help="max relative loss of a task metric against the original's "
+                      "(0.01: 1%%), measured on the task's own data in every allocation trial and at the end")
+    comp.add_argument("--task", help="the task metric of --max-loss: a zoo task (default: a zoo model's own)")
     comp.add_argument("--ridge", type=float, default=1e-3, help="relative ridge of the consumer refit")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(run=_cmd_compress)

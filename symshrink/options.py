@@ -193,6 +193,8 @@ class CompressOptions:
     plan_out: str | Path | None = None
     max_error: float | None = None  # see the module docstring
     min_cosine: float | None = None
+    max_loss: float | None = None  # relative loss of `task`'s metric against the original model's
+    task: object = None  # a zoo task name, or a callable(onnxruntime session) -> metric, higher is better
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and site (conv maps are subsampled)
     threads: int | None = None
     progress: bool = True
@@ -206,7 +208,7 @@ class CompressOptions:
         a target size), rather than set by --bits (given: the grid of every layer, the gate only verifies) or
         --layer-error. Not under hyper codes, whose error would come on
         top of the budget."""
-        budget = self.auto or self.max_error is not None or self.moment.target_size is not None \
+        budget = self.auto or self.max_error is not None or self.max_loss is not None or self.moment.target_size is not None \
             or (self.min_cosine is not None and not self.default_gate)
         return budget and self.quant.bits is None and self.weights.layer_error is None and "hyper" not in self.method \
             and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
@@ -215,7 +217,7 @@ class CompressOptions:
         if self.method is None:
             self.method = "moment" if self.moment.has_widths() and not _grid_plan(self.moment.plan) else "quant"
             self.auto = self.method == "quant" and not self.moment.plan
-        if self.max_error is None and self.min_cosine is None:
+        if self.max_error is None and self.min_cosine is None and self.max_loss is None:
             self.min_cosine = DEFAULT_MIN_COSINE  # every run has a gate: a user widens it, never goes without one
             self.default_gate = True
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
@@ -230,6 +232,9 @@ class CompressOptions:
         _one_of("calib_layout", self.calib_layout, LAYOUTS)
         _positive("calib_samples", self.calib_samples)
         _positive("max_error", self.max_error)
+        _positive("max_loss", self.max_loss, strict=False)
+        if self.task is not None and not (isinstance(self.task, str) or callable(self.task)):
+            raise BadInput(f"task: a zoo task name or a callable(session) -> metric, not {type(self.task).__name__}")
         _positive("rows_per_batch", self.rows_per_batch)
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")

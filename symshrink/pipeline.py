@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -57,9 +58,51 @@ from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib",
-           "calibration_feeds", "verify"]
+           "calibration_feeds", "verify", "TaskBudget", "task_budget"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskBudget:
+    """--max-loss L on a task metric: a session passes when the metric's relative loss against the original model's
+    is at most L (the metric measured on the task's own data, a zoo task's evaluation split or the user's callable)."""
+
+    name: str
+    evaluate: Callable[[object], float]
+    higher_is_better: bool
+    reference: float
+    max_loss: float
+
+    def loss(self, value: float) -> float:
+        change = (self.reference - value) if self.higher_is_better else (value - self.reference)
+        return change / max(abs(self.reference), 1e-12)
+
+    def measure(self, session) -> dict:
+        value = float(self.evaluate(session))
+        return {"task": self.name, "reference": self.reference, "value": value, "loss": self.loss(value),
+                "max_loss": self.max_loss}
+
+
+def task_budget(options: CompressOptions, model_spec: object, reference) -> TaskBudget | None:
+    """The run's task budget (None without --max-loss): the task named, the callable given, or a zoo model's own."""
+    if options.max_loss is None:
+        return None
+    task = options.task
+    if task is None and isinstance(model_spec, str):
+        from symshrink.models.registry import ZOO  # noqa: PLC0415
+
+        task = ZOO[model_spec].task if model_spec in ZOO else None
+    if task is None:
+        raise BadInput("--max-loss needs a task metric: --task NAME (a zoo task), or task=callable in the API")
+    if isinstance(task, str):
+        from symshrink.models.registry import get_task  # noqa: PLC0415
+
+        found = get_task(task)
+        name, evaluate, higher = found.name, found.evaluate, found.higher_is_better
+    else:
+        name, evaluate, higher = getattr(task, "__name__", "task"), task, True
+    return TaskBudget(name, evaluate, higher, float(evaluate(reference)), options.max_loss)
 
 
 def default_calib(model_spec: str) -> str | None:
@@ -187,7 +230,7 @@ ALLOCATION_MIN_ELEMENTS = 1024  # the allocator weighs the scales and may code s
 
 
 def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list, expected: list,
-                 model_bytes: int) -> GridPlan:
+                 model_bytes: int, task: TaskBudget | None = None) -> GridPlan:
     """Offer integer grids for every weight site, 1x1 conv and Gather table (rounded with error feedback on the
     calibration statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the
     fewest bits within --layer-error) or, under a budget, by the allocator (`_allocate_grids`), and write them in
@@ -204,7 +247,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     if recorded is not None:
         return _write_choice(model, offer, *_replay(offer, recorded), None)
     if allocating:
-        return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes)
+        return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes, task)
     chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
@@ -240,19 +283,24 @@ def _site_kind(site: WeightSite) -> str:
 
 
 def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: CompressOptions, holdout: list,
-                    expected: list, model_bytes: int) -> GridPlan:
+                    expected: list, model_bytes: int, task: TaskBudget | None) -> GridPlan:
     """The allocator's plan over every site's grids and fp32. First the predictions are calibrated: per kind of site,
     one trial codes those sites alone at 4 bits and the measured held-out error over the predicted sqrt(sum e^2)
     scales their distortions. Then the smallest plan within the held-out gates (bisection over the multiplier, each
     plan a verified trial), or the least distorted plan within --target-size (the gates then verify it)."""
     trials = []
 
-    def diffs_of(chosen: Choice) -> list[OutputDiff]:
-        diffs = _trial_diffs(model, offer.rewrite(chosen), holdout, expected, options.threads)
+    def diffs_of(chosen: Choice, measure_task: bool = False) -> list[OutputDiff]:
+        session = _trial_session(model, offer.rewrite(chosen), options.threads)
+        diffs = compare_outputs(expected, run_all(session, holdout))
+        metric = task.measure(session) if measure_task and task is not None else None
+        within = not gate_failures(diffs, options.max_error, options.min_cosine)
         trials.append({"bytes": plan_bytes(chosen),
                        "predicted": float(np.sqrt(sum(distortion(c) for c in chosen.values()))),
-                       "measured": max(d.rel_l2 for d in diffs), "within": not gate_failures(diffs, options.max_error,
-                                                                                             options.min_cosine)})
+                       "measured": max(d.rel_l2 for d in diffs),
+                       "within": within and (metric is None or metric["loss"] <= task.max_loss)})
+        if metric is not None:
+            trials[-1]["task_loss"] = metric["loss"]
         if options.progress:
             tqdm.write(f"allocation: {trial_line(trials[-1])}")
         return diffs
@@ -275,7 +323,7 @@ def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: Co
         goal = budget.target_bytes(target, model_bytes) - fixed
         chosen, reasons = size_rule(offer, goal, distortion, f"target size {target:g}")
     else:
-        chosen, reasons = allocation_rule(offer, lambda chosen: bool(diffs_of(chosen)) and trials[-1]["within"],
+        chosen, reasons = allocation_rule(offer, lambda chosen: bool(diffs_of(chosen, True)) and trials[-1]["within"],
                                           _budget_text(options), distortion)
     plan = _write_choice(model, offer, chosen, reasons, None)
     plan.trials, plan.calibration = trials, calibration
@@ -345,13 +393,18 @@ def _hyper_stage(model: ir.Model, options: CompressOptions, candidates: list[Hyp
     return rewrite.plan
 
 
-def _trial_diffs(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
-                 threads: int | None) -> list[OutputDiff]:
-    """The outputs' diffs on the held-out feeds after `rewrite` (an in-place pass) on a copy of the model: the
-    budget searches try rewrites without touching the model itself."""
+def _trial_session(model: ir.Model, rewrite: Callable[[ir.Model], object], threads: int | None):
+    """An onnxruntime session of a copy of the model after `rewrite` (an in-place pass): the budget searches try
+    rewrites without touching the model itself."""
     trial = ir.from_proto(ir.to_proto(model))
     rewrite(trial)
-    return compare_outputs(expected, run_all(session_for_model(trial, threads), holdout))
+    return session_for_model(trial, threads)
+
+
+def _trial_diffs(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
+                 threads: int | None) -> list[OutputDiff]:
+    """The outputs' diffs on the held-out feeds after a trial `rewrite`."""
+    return compare_outputs(expected, run_all(_trial_session(model, rewrite, threads), holdout))
 
 
 def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout: list, expected: list,
@@ -362,7 +415,8 @@ def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout
 
 def _budget_text(options: CompressOptions) -> str:
     gates = [f"rel. error {options.max_error:g}" if options.max_error is not None else "",
-             f"cosine {options.min_cosine:g}" if options.min_cosine is not None else ""]
+             f"cosine {options.min_cosine:g}" if options.min_cosine is not None else "",
+             f"task loss {options.max_loss:g}" if options.max_loss is not None else ""]
     return "held-out " + " and ".join(g for g in gates if g)
 
 
@@ -441,13 +495,15 @@ def _reference_outputs(reference, holdout: list) -> list:
 
 
 def compress_model(model: ir.Model, source: str, feeds: list, options: CompressOptions, bytes_before: int,
-                   reference=None) -> CompressReport:
+                   reference=None, model_spec: object = None) -> CompressReport:
     """Rewrite `model` in place with the options' methods, calibrated on `feeds` (the last 20% held out), and
     verify it: the report's `failures` are the gate's (empty: within tolerance). Nothing is written."""
     methods = list(options.method)
     candidates = hyper_candidates(options.hyper) if "hyper" in methods else []
     fit_feeds, holdout = split_holdout(feeds)
-    expected = _reference_outputs(reference or session_for_model(model, options.threads), holdout)
+    reference = reference or session_for_model(model, options.threads)
+    task = task_budget(options, model_spec, reference)
+    expected = _reference_outputs(reference, holdout)
     del reference  # its weights and arenas are not needed again: keep peak memory down
     report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=methods,
                             parameters=float_parameters(model))
@@ -458,14 +514,20 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         if options.ternary.activations == "two-level":
             report.ternary.activations = _activation_stage(model, options, fit_feeds, holdout, expected)
     if "quant" in methods:
-        report.quant = _quant_stage(model, options, fit_feeds, holdout, expected, bytes_before)
+        report.quant = _quant_stage(model, options, fit_feeds, holdout, expected, bytes_before, task)
     if "hyper" in methods:
         report.hyper = _hyper_stage(model, options, candidates, fit_feeds)
     if not _sites(report):
         reasons = _no_site_reasons(report)
         more = f"; and {len(reasons) - 6} more" if len(reasons) > 6 else ""
         raise NothingToCompress(f"nothing to compress with --method {','.join(methods)}: {'; '.join(reasons[:6])}{more}")
-    report.diffs, report.failures = verify(expected, run_all(session_for_model(model, options.threads), holdout), options)
+    session = session_for_model(model, options.threads)
+    report.diffs, report.failures = verify(expected, run_all(session, holdout), options)
+    if task is not None:
+        report.task = task.measure(session)
+        if report.task["loss"] > task.max_loss:
+            report.failures.append(f"{task.name}: {report.task['value']:.4g} against {task.reference:.4g}, relative loss "
+                                   f"{report.task['loss']:.4f} > {task.max_loss:g}")
     return report
 
 
@@ -512,7 +574,7 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     before = sum(f.stat().st_size for f in model_files)
     reference = make_session(path, options.threads)
     feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
-    report = compress_model(model, str(path), feeds, options, before, reference)
+    report = compress_model(model, str(path), feeds, options, before, reference, model_spec)
     report.output = str(claimed["output"])
     if report.failures:
         report.bytes_after = ir.to_proto(model).ByteSize()  # what the file would have been (embedded weights)

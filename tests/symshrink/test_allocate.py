@@ -253,3 +253,25 @@ def test_given_bits_fix_every_layer_and_a_gate_only_verifies():
     _, report = compress(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), _feeds(9), method="quant",
                          min_cosine=0.5, progress=False)
     assert report.quant.trials  # no --bits: the gate is the allocator's budget
+
+
+def test_a_task_budget_is_measured_in_every_trial_and_at_the_end():
+    from symshrink.api import compress  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    model = mlp_model(hidden=256, inputs=64, outputs=32, seed=2)
+    x = np.random.default_rng(11).standard_normal((512, 64)).astype(np.float32)
+    labels = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0].argmax(axis=1)
+
+    def agreement(session) -> float:  # the user's metric: top-1 agreement with the original's labels
+        return float(np.mean(session.run(None, {"x": x})[0].argmax(axis=1) == labels))
+
+    _, report = compress(model, _feeds(10), method="quant", max_loss=0.02, task=agreement, progress=False)
+    assert report.passed and report.task["reference"] == 1.0 and report.task["loss"] <= 0.02
+    assert all("task_loss" in t for t in report.quant.trials[len(report.quant.calibration):])
+    assert all(t["task_loss"] <= 0.02 for t in report.quant.trials if t["within"] and "task_loss" in t)
+    assert "agreement" in report.summary()
+    with pytest.raises(BadInput, match="needs a task metric"):
+        compress(model, _feeds(10), method="quant", max_loss=0.02, progress=False)
