@@ -256,9 +256,9 @@ def test_given_bits_fix_every_layer_and_a_gate_only_verifies():
 
 
 def test_a_task_budget_is_measured_in_every_trial_and_at_the_end():
-    from symshrink.api import compress  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
 
+    from symshrink.api import compress  # noqa: PLC0415
     from tests.conftest import mlp_model  # noqa: PLC0415
 
     model = mlp_model(hidden=256, inputs=64, outputs=32, seed=2)
