@@ -153,3 +153,16 @@ def test_every_grid_in_one_pass_equals_each_grid_on_its_own(symmetric):
         assert np.array_equal(found.scales, alone.scales) and np.array_equal(found.zero_points, alone.zero_points)
         assert np.mean(found.codes != alone.codes) < 0.001
         assert _output_error(weight, found, hessian) == pytest.approx(_output_error(weight, alone, hessian), rel=1e-3)
+
+
+def test_a_wide_weight_takes_its_grids_in_several_passes_with_the_same_codes(monkeypatch):
+    from symshrink.passes.quant import feedback  # noqa: PLC0415
+
+    x = _correlated(rows=64)
+    hessian = x.T @ x / len(x)
+    weight = np.random.default_rng(4).standard_normal((64, 40)).astype(np.float32)
+    grids = [(32, 4), (64, 4), (32, 2)]
+    whole = quantize_many_with_feedback(weight, hessian, grids, True)
+    monkeypatch.setattr(feedback, "ONE_PASS_COLUMNS", 50)  # at most one grid of 40 columns a pass
+    split = quantize_many_with_feedback(weight, hessian, grids, True)
+    assert all(np.array_equal(whole[g].codes, split[g].codes) for g in grids)
