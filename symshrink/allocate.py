@@ -110,14 +110,16 @@ def allocate(candidates: Mapping[str, Sequence[Candidate]], accepts: Callable[[C
              distortion: Callable[[Candidate], float] = squared_error) -> Allocation:
     """The fewest-bytes Lagrangian plan that `accepts` passes (it must pass every plan of lower distortion when it
     passes one: a budget on a measured error), by bisection over the breakpoints. The least-distortion plan is
-    tested first; when it fails, nothing is returned (never a plan outside the budget)."""
+    tested first (not when its distortion is zero: that plan changes nothing, and passes); when it fails, nothing is
+    returned (never a plan outside the budget)."""
     multipliers = _multipliers(candidates, distortion)
     plan = cache(lambda index: lagrangian_choice(candidates, multipliers[index], distortion))
-    passes = cache(lambda index: accepts(plan(index)))
+    unchanged = sum(distortion(c) for c in plan(len(multipliers) - 1).values()) == 0
+    passes = cache(lambda index: (unchanged and index == len(multipliers) - 1) or accepts(plan(index)))
     if not passes(len(multipliers) - 1):
         return Allocation(None, multipliers[-1], 1)
     found = _first(len(multipliers), passes)
-    return Allocation(plan(found), multipliers[found], passes.cache_info().currsize)
+    return Allocation(plan(found), multipliers[found], passes.cache_info().currsize - unchanged)
 
 
 def allocate_bytes(candidates: Mapping[str, Sequence[Candidate]], max_bytes: float,

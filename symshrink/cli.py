@@ -154,15 +154,17 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from symshrink.baselines import BASELINES  # noqa: PLC0415
     from symshrink.models.registry import ZOO  # noqa: PLC0415
-    from symshrink.sweep import points_table, sweep  # noqa: PLC0415
+    from symshrink.sweep import DEFAULT_COSINES, points_table, sweep  # noqa: PLC0415
 
     options = CompressOptions(calib=args.calib, calib_samples=args.calib_samples, random_calib=args.random_calib,
                               threads=args.threads, progress=not args.quiet)
     task = args.task or (ZOO[args.model].task if args.model in ZOO and not args.no_task else None)
-    baselines = () if args.no_baselines else tuple(b for b in args.baselines.split(",") if b.strip())
-    points = sweep(args.model, args.output, options, _floats(args.cosines, "--cosines"), baselines, task, args.force,
-                   plot=not args.no_plot)
+    baselines = () if args.no_baselines else BASELINES if args.baselines is None else \
+        tuple(b for b in args.baselines.split(",") if b.strip())
+    cosines = DEFAULT_COSINES if args.cosines is None else _floats(args.cosines, "--cosines")
+    points = sweep(args.model, args.output, options, cosines, baselines, task, args.force, plot=not args.no_plot)
     _print(points_table(points, points[0].bytes, task))
     _print(f"wrote {args.output}/sweep.md, sweep.json{'' if args.no_plot else ', sweep.png'} and one .onnx a point")
     return 0
@@ -328,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="moment (width reduction), ternary (2-bit weights), quant (8/4/2-bit integer grids), hyper "
                            "(hyperfunction codes), or several comma-separated, run in that order (moment,ternary; "
                            "moment,quant; moment,hyper). Default: moment when widths are given, else the allocator: per "
-                           "weight the integer grid (8/4/2 bits, blocks of 32/64/128) or fp32 that gives the smallest "
+                           "weight the integer grid (8/4/2 bits, blocks of 32 to 256) or fp32 that gives the smallest "
                            f"model within --max-error / --min-cosine (default: cosine >= {DEFAULT_MIN_COSINE})")
     comp.add_argument("--selector", default="select", choices=SELECTORS,
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
@@ -421,11 +423,12 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("model")
     sw.add_argument("-o", "--output", required=True, help="a new folder: one .onnx a point, sweep.md/.json/.png")
     sw.add_argument("--force", action="store_true", help="write into an existing folder")
-    sw.add_argument("--cosines", default="0.9,0.95,0.98,0.99,0.995,0.999",
-                    help="held-out cosine budgets, one allocator point each (comma-separated)")
-    sw.add_argument("--baselines", default="int8-dynamic,nbits8,nbits4-rtn-b32,nbits2",
-                    help="onnxruntime's quantizers to put beside them: int8-dynamic, int8-dynamic-all, nbits8, "
-                         "nbits4-rtn-b32, nbits4-rtn-b32-gather, nbits4-kquant, nbits2")
+    sw.add_argument("--cosines", help="held-out cosine budgets, one allocator point each, comma-separated (default "
+                                      "0.9, 0.95, 0.98, 0.99, 0.995, 0.999)")
+    sw.add_argument("--baselines",
+                    help="onnxruntime's quantizers to put beside them, comma-separated: int8-dynamic, int8-dynamic-all, "
+                         "nbits8, nbits4-rtn-b32, nbits4-rtn-b32-gather, nbits4-kquant, nbits2 (default: int8-dynamic, "
+                         "nbits8, nbits4-rtn-b32, nbits2)")
     sw.add_argument("--no-baselines", action="store_true")
     sw.add_argument("--task", help="a zoo task metric measured on every point (default: a zoo model's own)")
     sw.add_argument("--no-task", action="store_true", help="no task metric (faster)")

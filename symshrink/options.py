@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from symshrink.calibration.feeds import LAYOUTS
 from symshrink.errors import BadInput
 from symshrink.passes.moment.plan import SELECTOR_KINDS
-from symshrink.passes.quant.grid import ROUNDINGS, GridPlan
+from symshrink.passes.quant.grid import ROUNDINGS
 from symshrink.passes.ternary import codes as ternary
 from symshrink.passes.ternary.codes import BLOCK_SIZES
 from symshrink.runtime.formats import CODEBOOKS, GRID_BITS
@@ -194,14 +195,20 @@ class CompressOptions:
     max_error: float | None = None  # see the module docstring
     min_cosine: float | None = None
     max_loss: float | None = None  # relative loss of `task`'s metric against the original model's
-    task: object = None  # a zoo task name, or a callable(onnxruntime session) -> metric, higher is better
+    task: str | Callable[[object], float] | None = None  # a zoo task name, or callable(session) -> metric (higher better)
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and site (conv maps are subsampled)
     threads: int | None = None
     progress: bool = True
     seed: int = 0
 
-    auto: bool = field(default=False, init=False)  # no method was given: the allocator's default run
-    default_gate: bool = field(default=False, init=False)  # min_cosine is DEFAULT_MIN_COSINE, no gate was given
+    auto: bool = False  # set when no method (and no moment width) was given: the allocator's default run
+
+    def cosine_gate(self) -> float | None:
+        """The smallest held-out cosine the gate accepts: min_cosine, or DEFAULT_MIN_COSINE when the run gives no
+        budget at all (every run has a gate; a user widens it, never goes without one)."""
+        if self.min_cosine is None and self.max_error is None and self.max_loss is None:
+            return DEFAULT_MIN_COSINE
+        return self.min_cosine
 
     def allocating(self) -> bool:
         """Whether the integer grids are allocated under a budget (the default run's, held-out gates the user gave or
@@ -209,17 +216,14 @@ class CompressOptions:
         --layer-error. Not under hyper codes, whose error would come on
         top of the budget."""
         budget = self.auto or self.max_error is not None or self.max_loss is not None or self.moment.target_size is not None \
-            or (self.min_cosine is not None and not self.default_gate)
+            or self.min_cosine is not None
         return budget and self.quant.bits is None and self.weights.layer_error is None and "hyper" not in self.method \
             and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
 
     def __post_init__(self) -> None:
         if self.method is None:
-            self.method = "moment" if self.moment.has_widths() and not _grid_plan(self.moment.plan) else "quant"
-            self.auto = self.method == "quant" and not self.moment.plan
-        if self.max_error is None and self.min_cosine is None and self.max_loss is None:
-            self.min_cosine = DEFAULT_MIN_COSINE  # every run has a gate: a user widens it, never goes without one
-            self.default_gate = True
+            self.method = "moment" if self.moment.has_widths() else "quant"
+            self.auto = self.method == "quant"
         methods = [self.method] if isinstance(self.method, str) else list(self.method)
         if not all(isinstance(m, str) for m in methods):
             raise BadInput(f"method: a name or names ({', '.join(METHODS)}), not {self.method!r}")
@@ -235,18 +239,11 @@ class CompressOptions:
         _positive("max_loss", self.max_loss, strict=False)
         if self.task is not None and not (isinstance(self.task, str) or callable(self.task)):
             raise BadInput(f"task: a zoo task name or a callable(session) -> metric, not {type(self.task).__name__}")
+        if self.task is not None and self.max_loss is None:
+            raise BadInput("--task goes with --max-loss L (the largest relative loss of its metric)")
         _positive("rows_per_batch", self.rows_per_batch)
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")
-
-
-def _grid_plan(path: str | Path | None) -> bool:
-    """Whether a --plan file records integer grids and no moment widths (then it is replayed by quant)."""
-    try:
-        text = Path(path).read_text() if path else ""
-        return '"groups"' not in text and GridPlan.recorded_settings(text) is not None
-    except (OSError, ValueError):
-        return False  # the replaying stage says what is wrong with it
 
 
 _PARTS = {"moment": MomentOptions, "weights": WeightOptions, "ternary": TernaryOptions, "quant": QuantOptions,

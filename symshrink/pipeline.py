@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 from tqdm import tqdm
 
@@ -47,6 +48,7 @@ from symshrink.passes.moment.reduce import (
     moment_offer,
     unit_problem,
 )
+from symshrink.passes.protocol import Candidate
 from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites, trial_line
 from symshrink.passes.quant.qdq import ensure_opset
 from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
@@ -69,7 +71,7 @@ class TaskBudget:
     is at most L (the metric measured on the task's own data, a zoo task's evaluation split or the user's callable)."""
 
     name: str
-    evaluate: Callable[[object], float]
+    evaluate: Callable[[ort.InferenceSession], float]
     higher_is_better: bool
     reference: float
     max_loss: float
@@ -78,13 +80,13 @@ class TaskBudget:
         change = (self.reference - value) if self.higher_is_better else (value - self.reference)
         return change / max(abs(self.reference), 1e-12)
 
-    def measure(self, session) -> dict:
+    def measure(self, session: ort.InferenceSession) -> dict:
         value = float(self.evaluate(session))
         return {"task": self.name, "reference": self.reference, "value": value, "loss": self.loss(value),
                 "max_loss": self.max_loss}
 
 
-def task_budget(options: CompressOptions, model_spec: object, reference) -> TaskBudget | None:
+def task_budget(options: CompressOptions, model_spec: object, reference: ort.InferenceSession) -> TaskBudget | None:
     """The run's task budget (None without --max-loss): the task named, the callable given, or a zoo model's own."""
     if options.max_loss is None:
         return None
@@ -102,7 +104,11 @@ def task_budget(options: CompressOptions, model_spec: object, reference) -> Task
         name, evaluate, higher = found.name, found.evaluate, found.higher_is_better
     else:
         name, evaluate, higher = getattr(task, "__name__", "task"), task, True
-    return TaskBudget(name, evaluate, higher, float(evaluate(reference)), options.max_loss)
+    try:
+        value = float(evaluate(reference))
+    except Exception as err:  # noqa: BLE001 (a task that does not fit the model is the user's input)
+        raise BadInput(f"the task {name} does not run on this model: {str(err).strip().splitlines()[0][:160]}") from None
+    return TaskBudget(name, evaluate, higher, value, options.max_loss)
 
 
 def default_calib(model_spec: str) -> str | None:
@@ -233,8 +239,8 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
                  model_bytes: int, task: TaskBudget | None = None) -> GridPlan:
     """Offer integer grids for every weight site, 1x1 conv and Gather table (rounded with error feedback on the
     calibration statistics, or to nearest; symmetric unless --zero-points), choose by the quant rule (--bits, or the
-    fewest bits within --layer-error) or, under a budget, by the allocator (`_allocate_grids`), and write them in
-    place. The plan it wrote."""
+    fewest bits within --layer-error), under a budget by the allocator (`_allocate_grids`), or replay a --plan, and
+    write them in place. The plan it wrote."""
     recorded = _recorded_grids(options.moment.plan) if options.moment.plan else None
     block, allocating = options.weights.block, options.allocating() or recorded is not None
     select = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
@@ -243,17 +249,18 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     more = tuple(b for b in ALLOCATION_BLOCKS if b != block) if allocating and block is not None else ()
     offer = grid_offer(sites, stats, nodes, block, passed, rounding=options.weights.rounding_for("quant"),
                        progress=options.progress, symmetric=not options.quant.zero_points,
-                       act_order=options.quant.act_order, more_blocks=more)
+                       act_order=options.quant.act_order, more_blocks=more,
+                       one_pass=None if recorded is None else recorded[1])
     if recorded is not None:
-        return _write_choice(model, offer, *_replay(offer, recorded), None)
+        return _write_choice(model, offer, *_replay(offer, recorded[0]), None)
     if allocating:
         return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes, task)
     chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
 
 
-def _recorded_grids(path) -> dict[str, str] | None:
-    """The grid settings a --plan file records, by node (None: it records none)."""
+def _recorded_grids(path: str | Path) -> tuple[dict[str, str], bool] | None:
+    """The grid settings a --plan file records, by node, and its encoder (None: it records none)."""
     try:
         return GridPlan.recorded_settings(Path(path).read_text())
     except OSError as err:
@@ -268,18 +275,19 @@ def _replay(offer, recorded: dict[str, str]) -> tuple[Choice, dict[str, str]]:
     if unknown:
         raise BadInput(f"the plan's layer {unknown[0]} is not a weight site of this model")
     chosen = {}
-    for site, options in offer.candidates.items():
+    for site, offered in offer.candidates.items():
         setting = recorded.get(site, "fp32")
-        chosen[site] = next((c for c in options if c.setting == setting), None)
+        chosen[site] = next((c for c in offered if c.setting == setting), None)
         if chosen[site] is None:
-            raise BadInput(f"the plan's setting {setting!r} of {site} is not offered on this model")
+            raise BadInput(f"the plan's setting {setting!r} of {site} is not offered here: give the plan's "
+                           "--zero-points, --rounding, --act-order and --block-size, on the model it was made for")
     return chosen, dict.fromkeys(chosen, "replayed from the plan")
 
 
 def _site_kind(site: WeightSite) -> str:
     """The kinds of site whose predicted errors are calibrated apart: a table's is the weight's own error, a conv's
-    is on sampled patches, a product's on its input rows."""
-    return "table" if site.table or site.tied else "conv" if site.patch is not None else "product"
+    is on sampled patches, a product's (a tied head's too) on its input rows."""
+    return "table" if site.table and not site.tied else "conv" if site.patch is not None else "product"
 
 
 def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: CompressOptions, holdout: list,
@@ -288,52 +296,52 @@ def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: Co
     one trial codes those sites alone at 4 bits and the measured held-out error over the predicted sqrt(sum e^2)
     scales their distortions. Then the smallest plan within the held-out gates (bisection over the multiplier, each
     plan a verified trial), or the least distorted plan within --target-size (the gates then verify it)."""
-    trials = []
+    trials, calibration, scales = [], [], {}
 
-    def diffs_of(chosen: Choice, measure_task: bool = False) -> list[OutputDiff]:
+    def measure(chosen: Choice, distortion=squared_error) -> dict:
         session = _trial_session(model, offer.rewrite(chosen), options.threads)
         diffs = compare_outputs(expected, run_all(session, holdout))
-        metric = task.measure(session) if measure_task and task is not None else None
-        within = not gate_failures(diffs, options.max_error, options.min_cosine)
-        trials.append({"bytes": plan_bytes(chosen),
-                       "predicted": float(np.sqrt(sum(distortion(c) for c in chosen.values()))),
-                       "measured": max(d.rel_l2 for d in diffs),
-                       "within": within and (metric is None or metric["loss"] <= task.max_loss)})
-        if metric is not None:
-            trials[-1]["task_loss"] = metric["loss"]
+        trial = {"bytes": plan_bytes(chosen), "predicted": float(np.sqrt(sum(distortion(c) for c in chosen.values()))),
+                 "measured": max(d.rel_l2 for d in diffs),
+                 "within": not gate_failures(diffs, options.max_error, options.cosine_gate())}
+        if task is not None:
+            trial["task_loss"] = task.measure(session)["loss"]
+            trial["within"] = trial["within"] and trial["task_loss"] <= task.max_loss
         if options.progress:
-            tqdm.write(f"allocation: {trial_line(trials[-1])}")
-        return diffs
+            tqdm.write(f"allocation: {trial_line(trial)}")
+        return trial
 
     kinds = {site.node: _site_kind(site) for site in sites}
-    scales, calibration = {}, []
-    distortion = squared_error
     for kind in sorted(set(kinds.values())):
         probe = {node: _calibration_candidate(offer.candidates[node]) for node, k in kinds.items() if k == kind}
-        predicted = float(np.sqrt(sum(squared_error(c) for c in probe.values())))
-        measured = max(d.rel_l2 for d in diffs_of(probe))
-        scale = measured / predicted if predicted > 0 and measured > 0 else 1.0
+        trial = measure(probe)
+        scale = trial["measured"] / trial["predicted"] if trial["predicted"] > 0 and trial["measured"] > 0 else 1.0
         scales.update(dict.fromkeys(probe, scale))
-        calibration.append({"kind": kind, "sites": len(probe), "predicted": predicted, "measured": measured,
-                            "scale": scale})
+        calibration.append({"kind": kind, "sites": len(probe), "predicted": trial["predicted"],
+                            "measured": trial["measured"], "scale": scale})
     distortion = scaled_error(scales)
     target = options.moment.target_size
     if target is not None:
-        fixed = model_bytes - sum(4 * site.elements for site in sites)  # what the grids leave as it is
-        goal = budget.target_bytes(target, model_bytes) - fixed
+        left_alone = model_bytes - sum(site.bytes for site in offer.sites)  # what the grids do not touch
+        goal = budget.target_bytes(target, model_bytes) - left_alone
         chosen, reasons = size_rule(offer, goal, distortion, f"target size {target:g}")
     else:
-        chosen, reasons = allocation_rule(offer, lambda chosen: bool(diffs_of(chosen, True)) and trials[-1]["within"],
-                                          _budget_text(options), distortion)
+        def within(chosen: Choice) -> bool:
+            trials.append(measure(chosen, distortion))
+            return trials[-1]["within"]
+
+        chosen, reasons = allocation_rule(offer, within, _budget_text(options), distortion)
     plan = _write_choice(model, offer, chosen, reasons, None)
     plan.trials, plan.calibration = trials, calibration
+    if all(c.method == "fp32" for c in chosen.values()) and target is None:
+        plan.unmet = f"no coded plan within the {_budget_text(options)}: every weight would stay fp32"
     return plan
 
 
-def _calibration_candidate(options: list) -> object:
+def _calibration_candidate(offered: list[Candidate]) -> Candidate:
     """The candidate a site's calibration trial takes: its 4-bit grid at the asked block (else its narrowest)."""
-    grids = [c for c in options if c.method != "fp32"]
-    return next((c for c in grids if c.method == "uint4"), grids[-1] if grids else options[-1])
+    grids = [c for c in offered if c.method != "fp32"]
+    return next((c for c in grids if c.method == "uint4"), grids[-1] if grids else offered[-1])
 
 
 def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,
@@ -414,8 +422,8 @@ def _trial_error(model: ir.Model, rewrite: Callable[[ir.Model], object], holdout
 
 
 def _budget_text(options: CompressOptions) -> str:
-    gates = [f"rel. error {options.max_error:g}" if options.max_error is not None else "",
-             f"cosine {options.min_cosine:g}" if options.min_cosine is not None else "",
+    gates = [f"rel. error {options.max_error}" if options.max_error is not None else "",
+             f"cosine {options.cosine_gate()}" if options.cosine_gate() is not None else "",
              f"task loss {options.max_loss:g}" if options.max_loss is not None else ""]
     return "held-out " + " and ".join(g for g in gates if g)
 
@@ -475,7 +483,7 @@ def verify(expected: list, outputs: list, options: CompressOptions) -> tuple[lis
     """Held-out diffs and the gate's failures. Non-finite outputs fail whatever the gate: the reference was
     checked finite, so a NaN or infinity is the rewrite's."""
     diffs = compare_outputs(expected, outputs)
-    failures = gate_failures(diffs, options.max_error, options.min_cosine)
+    failures = gate_failures(diffs, options.max_error, options.cosine_gate())
     for name in outputs[0] if outputs else []:
         bad = sum(int(np.size(o[name]) - np.count_nonzero(np.isfinite(o[name]))) for o in outputs
                   if np.asarray(o[name]).dtype.kind in "fc")
@@ -523,6 +531,12 @@ def compress_model(model: ir.Model, source: str, feeds: list, options: CompressO
         raise NothingToCompress(f"nothing to compress with --method {','.join(methods)}: {'; '.join(reasons[:6])}{more}")
     session = session_for_model(model, options.threads)
     report.diffs, report.failures = verify(expected, run_all(session, holdout), options)
+    if report.quant is not None and report.quant.unmet:
+        report.failures.append(report.quant.unmet)
+    if options.allocating() and options.moment.target_size is not None:
+        goal, size = budget.target_bytes(options.moment.target_size, bytes_before), ir.to_proto(model).ByteSize()
+        if size > goal:  # the plan's weights fit; the graph's own bytes (names, nodes) may not
+            report.failures.append(f"the model takes {size} bytes, over the target size {goal}")
     if task is not None:
         report.task = task.measure(session)
         if report.task["loss"] > task.max_loss:

@@ -100,47 +100,50 @@ class CompressReport:
         plans = [plan for plan in (self.ternary, self.quant) if plan is not None]
         return {node: why for plan in plans for node, why in plan.passed_over.items()}
 
+    def sections(self) -> list[tuple[str, str, object]]:
+        """The report's sections after its summary, as (title, kind, content): kind "list" (lines), "pre" (text),
+        "table" (rows of SITE_COLUMNS); Markdown and HTML render the same ones."""
+        found: list[tuple[str, str, object]] = []
+        if self.failures:
+            found.append(("Gate failures", "list", self.failures))
+        found.append((f"Held-out verification ({self.holdout_feeds} feeds)", "pre", format_diffs(self.diffs)))
+        if self.site_rows():
+            found.append(("Weight sites", "table", self.site_rows()))
+        found += [(f"Plan: {name}", "pre", str(plan)) for name, plan in self.plans().items()]
+        if self.passed_over():
+            found.append(("Weights left fp32", "list", [f"{node}: {why}" for node, why in self.passed_over().items()]))
+        if self.skipped:
+            found.append(("Groups left as they are", "list", [f"{g.name} ({g.kind}): {g.reason}" for g in self.skipped]))
+        return found
+
     def to_markdown(self) -> str:
         lines = ["# symshrink compress report", "", self.summary(), ""]
-        if self.failures:
-            lines += ["## Gate failures", "", *[f"- {f}" for f in self.failures], ""]
-        lines += [f"## Held-out verification ({self.holdout_feeds} feeds)", "", "```", format_diffs(self.diffs), "```", ""]
-        rows = self.site_rows()
-        if rows:
-            lines += ["## Weight sites", "", "| " + " | ".join(SITE_COLUMNS) + " |",
-                      "|" + "|".join("---:" if c in ("bpw", "bytes", "predicted") else "---" for c in SITE_COLUMNS) + "|",
-                      *["| " + " | ".join(_cell(row[c]) for c in SITE_COLUMNS) + " |" for row in rows], ""]
-        for name, plan in self.plans().items():
-            lines += [f"## Plan: {name}", "", "```", str(plan), "```", ""]
-        if self.passed_over():
-            lines += ["## Weights left fp32", "", *[f"- {node}: {why}" for node, why in self.passed_over().items()], ""]
-        if self.skipped:
-            lines += ["## Groups left as they are", "", *[f"- {g.name} ({g.kind}): {g.reason}" for g in self.skipped], ""]
+        for title, kind, content in self.sections():
+            lines += [f"## {title}", ""]
+            if kind == "list":
+                lines += [f"- {line}" for line in content]
+            elif kind == "pre":
+                lines += ["```", content, "```"]
+            else:
+                lines += ["| " + " | ".join(SITE_COLUMNS) + " |",
+                          "|" + "|".join("---:" if c in ("bpw", "bytes", "predicted") else "---" for c in SITE_COLUMNS) + "|",
+                          *["| " + " | ".join(_cell(row[c]) for c in SITE_COLUMNS) + " |" for row in content]]
+            lines.append("")
         return "\n".join(lines)
 
     def to_html(self) -> str:
-        """The same sections as the Markdown, as one page: the sites as a table, plans and diffs as text."""
-        def pre(text: str) -> str:
-            return f"<pre>{html.escape(text)}</pre>"
-
+        """The Markdown's sections as one page: the sites as a table, plans and diffs as text."""
         body = ["<h1>symshrink compress report</h1>", f"<p>{html.escape(self.summary())}</p>"]
-        if self.failures:
-            body += ["<h2>Gate failures</h2><ul>", *[f"<li>{html.escape(f)}</li>" for f in self.failures], "</ul>"]
-        body += [f"<h2>Held-out verification ({self.holdout_feeds} feeds)</h2>", pre(format_diffs(self.diffs))]
-        rows = self.site_rows()
-        if rows:
-            body += ["<h2>Weight sites</h2><table>",
-                     "<tr>" + "".join(f"<th>{c}</th>" for c in SITE_COLUMNS) + "</tr>",
-                     *["<tr>" + "".join(f"<td>{html.escape(_cell(row[c]))}</td>" for c in SITE_COLUMNS) + "</tr>"
-                       for row in rows], "</table>"]
-        for name, plan in self.plans().items():
-            body += [f"<h2>Plan: {html.escape(name)}</h2>", pre(str(plan))]
-        if self.passed_over():
-            body += ["<h2>Weights left fp32</h2><ul>",
-                     *[f"<li>{html.escape(f'{node}: {why}')}</li>" for node, why in self.passed_over().items()], "</ul>"]
-        if self.skipped:
-            body += ["<h2>Groups left as they are</h2><ul>",
-                     *[f"<li>{html.escape(f'{g.name} ({g.kind}): {g.reason}')}</li>" for g in self.skipped], "</ul>"]
+        for title, kind, content in self.sections():
+            body.append(f"<h2>{html.escape(title)}</h2>")
+            if kind == "list":
+                body += ["<ul>", *[f"<li>{html.escape(line)}</li>" for line in content], "</ul>"]
+            elif kind == "pre":
+                body.append(f"<pre>{html.escape(content)}</pre>")
+            else:
+                body += ["<table>", "<tr>" + "".join(f"<th>{c}</th>" for c in SITE_COLUMNS) + "</tr>",
+                         *["<tr>" + "".join(f"<td>{html.escape(_cell(row[c]))}</td>" for c in SITE_COLUMNS) + "</tr>"
+                           for row in content], "</table>"]
         style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:90%}"
                  "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}pre{background:#f6f6f6;padding:1em}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>symshrink report</title>"

@@ -178,9 +178,9 @@ def sweep(model_spec: str, out: str | Path, options: CompressOptions, cosines: S
             try:
                 if family == "symshrink":
                     trial = ir.from_proto(ir.to_proto(model))
-                    budget = dataclasses.replace(quiet, method=None if not options.moment.has_widths() else options.method,
-                                                 min_cosine=what, max_error=None)
-                    report = compress_model(trial, str(path), feeds, budget, fp32_bytes, reference)
+                    run_options = dataclasses.replace(quiet, method=None if not options.moment.has_widths() else options.method,
+                                                      min_cosine=what, max_error=None)
+                    report = compress_model(trial, str(path), feeds, run_options, fp32_bytes, reference)
                     if report.failures:
                         raise BadInput("; ".join(report.failures))
                     save_model(trial, target, force=True)

@@ -50,6 +50,8 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
+            if isinstance(data, dict) and "groups" not in data and "moment" not in data and "layers" in data:
+                raise BadInput("this plan records integer grids, not widths: replay it with --method quant")
             data = data.get("moment", data)  # the file --plan-out writes for --method moment,ternary
             groups = [GroupPlan(**g) for g in data.pop("groups")]
             return cls(groups=groups, **data)

@@ -180,8 +180,9 @@ def quantize_many_with_feedback(weight: np.ndarray, hessian: np.ndarray, grids: 
         parts = [grid_frame(given[start: start + size], bits, symmetric) for start in range(0, rows, size)]
         frames[block, bits] = tuple(np.stack(part) for part in zip(*parts))  # scales, zero points [blocks, N]
     # per stored row and column of every grid: its block's scale and zero point, and the top code
-    scale = np.concatenate([frames[g][0][np.arange(rows) // (rows if g[0] is None else g[0])] for g in grids], axis=1)
-    zero = np.concatenate([frames[g][1][np.arange(rows) // (rows if g[0] is None else g[0])] for g in grids], axis=1)
+    block_of_row = [np.arange(rows) // (rows if block is None else block) for block, _ in grids]
+    scale, zero = (np.concatenate([frames[g][part][index] for g, index in zip(grids, block_of_row)], axis=1)
+                   for part in (0, 1))
     top = np.concatenate([np.full(cols, (1 << bits) - 1.0) for _, bits in grids])
     safe = np.where(scale != 0, scale, 1.0)
     w = np.tile(given[order], len(grids))

@@ -14,7 +14,6 @@ code: `output_error`; a table's: ||E - E'|| / ||E||). The writer here also write
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cache, partial
@@ -26,6 +25,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from tqdm import tqdm
 
 from symshrink.calibration.stats import UnitStats
+from symshrink.passes.analysis.graph import constant_tensor
 from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
@@ -114,15 +114,14 @@ class GridLayer:
     reason: str = ""
     op: str = "MatMul"  # the site's op: MatMul, Gemm or Gather (a table, read by GatherBlockQuantized)
     setting: str = ""  # the candidate's: "4-bit fed back act-order b64 sym"
-    bytes: int = 0  # the weight's bytes in its stored form (codes and side data; fp32: 4 a weight)
+    bytes: int = 0  # the weight's bytes in its stored form (codes and side data; fp32: as stored now)
+    block: int | None = None  # rows per scale (None: one scale per column, or fp32)
 
     def bits_per_weight(self) -> float:
         return 8 * self.bytes / (self.rows * self.cols)
 
     def block_text(self) -> str:
-        """The rows per scale, from the setting ("b64" -> "64", "bchannel" -> "channel"; fp32: "-")."""
-        found = re.search(r"\bb(\d+|channel)\b", self.setting)
-        return found.group(1) if found else "-"
+        return "-" if self.codec == "fp32" else "channel" if self.block is None else str(self.block)
 
 
 @dataclass
@@ -139,6 +138,8 @@ class GridPlan:
     trials: list[dict] = field(default_factory=list)
     # per kind of site (product, conv, table): predicted and measured error of its sites coded alone, and the scale
     calibration: list[dict] = field(default_factory=list)
+    one_pass: bool = False  # every grid of a site encoded in one pass (`quantize_many_with_feedback`): replays do too
+    unmet: str = ""  # the allocator found no coded plan within the budget: why (a gate failure)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -151,14 +152,20 @@ class GridPlan:
                  "predicted": layer.relative_error, "reason": layer.reason} for layer in self.layers]
 
     @staticmethod
-    def recorded_settings(text: str) -> dict[str, str] | None:
+    def recorded_settings(text: str) -> tuple[dict[str, str], bool] | None:
         """Each layer's setting in a plan written by --plan-out (alone, or under "quant" beside other methods'), by
-        node ("fp32" for a layer left as it is); None when the file holds no grid plan."""
+        node ("fp32" for a layer left as it is), and whether it was encoded in one pass; None when the file holds no
+        grid plan; ValueError when it is malformed."""
         data = json.loads(text)
         data = data.get("quant", data) if isinstance(data, dict) else None
         if not isinstance(data, dict) or not isinstance(data.get("layers"), list) or "rounding" not in data:
             return None
-        return {layer["node"]: layer.get("setting") or layer["codec"] for layer in data["layers"]}
+        layers = data["layers"]
+        if not all(isinstance(layer, dict) and isinstance(layer.get("node"), str) and isinstance(layer.get("setting"), str)
+                   for layer in layers):
+            raise ValueError("each layer needs its node and setting (plans from before settings were recorded: "
+                             "compress again)")
+        return {layer["node"]: layer["setting"] for layer in layers}, bool(data.get("one_pass"))
 
     def __str__(self) -> str:
         block = "channel" if self.block is None else self.block
@@ -175,7 +182,7 @@ class GridPlan:
                      "moments (a Gather table's: ||E - E'|| / ||E||)")
         lines += [f"  calibration, {c['kind']}s ({c['sites']} sites at 4 bits): predicted {c['predicted']:.4f}, measured "
                   f"{c['measured']:.4f}, scale {c['scale']:.2f}" for c in self.calibration]
-        lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials[len(self.calibration):]]
+        lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials]
         return "\n".join(lines)
 
 
@@ -284,17 +291,27 @@ def packed_sites(sites: list[WeightSite], passed_over: dict[str, str], block: in
     return kept
 
 
+def _itemsize(site: WeightSite, nodes: dict[str, ir.Node]) -> int:
+    """Bytes a weight of the site takes now (a tied head's: its table's)."""
+    value = nodes[site.tied].inputs[0] if site.tied else nodes[site.node].inputs[site.weight_input]
+    tensor = constant_tensor(value)
+    return tensor.dtype.itemsize if tensor is not None else 4
+
+
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
                progress: bool = False, symmetric: bool = False, act_order: bool = False,
-               more_blocks: Sequence[int] = ()) -> Offer:
+               more_blocks: Sequence[int] = (), one_pass: bool | None = None) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
     with its calibrated output error), at `block` rows per scale and at each of `more_blocks` (for the allocator:
     wider blocks, fewer scales), then fp32; rows per scale by `site_block`. Bytes from the format table
-    (GatherBlockQuantized for tables)."""
+    (GatherBlockQuantized for tables); fp32's as the weight is stored now. `one_pass` (default: with `more_blocks`,
+    fed back in act-order): every grid of a site encoded in one pass over its rows."""
+    one_pass = bool(more_blocks) if one_pass is None else one_pass
     offered, candidates = [], {}
     for site in sites:
-        shape, dense = (site.rows, site.cols), 4 * site.elements
+        shape = (site.rows, site.cols)
+        dense = site.elements * _itemsize(site, nodes)
         weight: Callable[[], np.ndarray] = cache(partial(weight_matrix, site, nodes))
         fed = rounding == "feedback" and site.statistic in stats
         options = []
@@ -312,7 +329,7 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                 if FORMATS[f"uint{b}-{form}"].accepts(shape, **settings):
                     grids[size, b] = FORMATS[f"uint{b}-{form}"], settings
         together = None
-        if fed and act_order and more_blocks:  # the allocator weighs them all: every grid in one pass over the rows
+        if fed and act_order and one_pass:  # the allocator weighs them all: every grid in one pass over the rows
             together = cache(lambda weight=weight, moments=stats[site.statistic], grids=list(grids):
                              quantize_many_with_feedback(weight(), moments.second_moment, grids, symmetric))
         for (size, b), (row, settings) in grids.items():
@@ -327,8 +344,10 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))
         candidates[site.node] = options
 
+    dense_bytes = {site.name: site.bytes for site in offered}
+
     def rewrite(chosen: Mapping[str, Candidate]) -> CodesPass:
-        plan = GridPlan(block, rounding, None, symmetric, act_order, passed_over=passed_over)
+        plan = GridPlan(block, rounding, None, symmetric, act_order, passed_over=passed_over, one_pass=one_pass)
         encodings = {}
         for site in tqdm(sites, desc="grid codes", unit="layer", disable=not progress, leave=False):
             pick = chosen.get(site.node)
@@ -336,7 +355,8 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
             plan.layers.append(GridLayer(site.node, site.weight, site.rows, site.cols, codec,
                                          None if codec == "fp32" else pick.predicted_error(), op=site.op,
                                          setting="fp32" if pick is None else pick.setting,
-                                         bytes=4 * site.elements if pick is None else pick.bytes_after))
+                                         bytes=dense_bytes[site.node] if pick is None else pick.bytes_after,
+                                         block=None if codec == "fp32" else pick.payload().weight.block))
             if codec != "fp32":
                 encodings[site.node] = pick.payload()
         return CodesPass(plan, sites, encodings, progress, packed=True)

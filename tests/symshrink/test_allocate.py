@@ -79,8 +79,17 @@ def test_allocate_finds_the_smallest_plan_within_the_budget_in_few_tests(seed):
 
 
 def test_allocate_returns_nothing_when_even_the_least_distortion_fails():
-    result = allocate(_instance(0), lambda choice: False)
+    coded_only = {site: options[1:] for site, options in _instance(0).items()}  # no fp32: every plan has error
+    result = allocate(coded_only, lambda choice: False)
     assert result.choice is None and result.tests == 1
+
+
+def test_the_unchanged_plan_is_taken_untested_when_nothing_else_passes():
+    calls = []
+    result = allocate(_instance(0), lambda choice: calls.append(choice) or False)
+    assert all(c.method == "fp32" for c in result.choice.values())  # the caller reports it as no plan within
+    assert calls and all(any(c.method != "fp32" for c in choice.values()) for choice in calls)
+    assert result.tests == len(calls)
 
 
 def test_a_site_with_one_option_and_dominated_options_are_handled():
@@ -111,8 +120,7 @@ def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out
         plans.append([layer.codec for layer in report.quant.layers])
         trials = report.quant.trials
         assert trials and all(t["measured"] <= budget for t in trials if t["within"]) and "allocation trial" in str(report.quant)
-        first = trials[len(report.quant.calibration)]  # after one calibration trial per kind of site
-        assert first["predicted"] == 0.0 and first["measured"] == 0.0  # the least distortion first: fp32
+        assert len(report.quant.calibration) == 1  # one kind of site (products): one calibration trial
     # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
     assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
@@ -230,8 +238,10 @@ def test_the_report_tables_every_site_and_a_recorded_plan_replays_byte_identical
     common = ["--calib", str(calib), "-q"]
     assert main(["compress", str(path), "-o", str(first), "--plan-out", str(tmp_path / "plan.json"),
                  "--report", str(tmp_path / "r.html"), *common]) == 0
-    assert main(["compress", str(path), "-o", str(again), "--plan", str(tmp_path / "plan.json"),
-                 "--report", str(tmp_path / "r.md"), *common]) == 0  # no --method: the plan says quant
+    assert main(["compress", str(path), "-o", str(again), "--plan", str(tmp_path / "plan.json"), "--method", "quant",
+                 "--report", str(tmp_path / "r.md"), *common]) == 0
+    assert main(["compress", str(path), "-o", str(tmp_path / "m.onnx"), "--plan", str(tmp_path / "plan.json"),
+                 *common]) == 2  # without --method the plan is read as widths: refused with a sentence
     assert first.read_bytes() == again.read_bytes()
     page, text = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
     assert page.count("<tr>") == 1 + 2 and "fc1" in page and "<h2>Weight sites</h2>" in page  # header + 2 sites
@@ -239,7 +249,12 @@ def test_the_report_tables_every_site_and_a_recorded_plan_replays_byte_identical
     plan = json.loads((tmp_path / "plan.json").read_text())
     plan["layers"][0]["setting"] = "3-bit fed back b64"  # not a setting this model is offered
     (tmp_path / "bad.json").write_text(json.dumps(plan))
-    assert main(["compress", str(path), "-o", str(tmp_path / "c.onnx"), "--plan", str(tmp_path / "bad.json"), *common]) == 2
+    assert main(["compress", str(path), "-o", str(tmp_path / "c.onnx"), "--plan", str(tmp_path / "bad.json"),
+                 "--method", "quant", *common]) == 2
+    for broken in ({"rounding": "feedback", "layers": [{}]}, {"rounding": "feedback", "layers": ["a"]}):
+        (tmp_path / "broken.json").write_text(json.dumps(broken))
+        assert main(["compress", str(path), "-o", str(tmp_path / "c.onnx"), "--plan", str(tmp_path / "broken.json"),
+                     "--method", "quant", *common]) == 2
     assert not (tmp_path / "c.onnx").exists()
 
 
@@ -270,8 +285,20 @@ def test_a_task_budget_is_measured_in_every_trial_and_at_the_end():
 
     _, report = compress(model, _feeds(10), method="quant", max_loss=0.02, task=agreement, progress=False)
     assert report.passed and report.task["reference"] == 1.0 and report.task["loss"] <= 0.02
-    assert all("task_loss" in t for t in report.quant.trials[len(report.quant.calibration):])
+    assert all("task_loss" in t for t in report.quant.trials)
     assert all(t["task_loss"] <= 0.02 for t in report.quant.trials if t["within"] and "task_loss" in t)
     assert "agreement" in report.summary()
     with pytest.raises(BadInput, match="needs a task metric"):
         compress(model, _feeds(10), method="quant", max_loss=0.02, progress=False)
+
+
+def test_an_unreachable_budget_writes_nothing_and_says_so(tmp_path, capsys):
+    from symshrink.cli import main  # noqa: PLC0415
+    from tests.conftest import mlp_model  # noqa: PLC0415
+
+    path, calib, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "o.onnx"
+    onnx.save(mlp_model(hidden=256, inputs=64, outputs=32, seed=2), path)
+    np.savez(calib, x=np.random.default_rng(8).standard_normal((320, 64)).astype(np.float32))
+    code = main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--min-cosine", "0.99999999", "-q"])
+    assert code == 1 and not out.exists()
+    assert "no coded plan within the held-out cosine 0.99999999" in capsys.readouterr().err
