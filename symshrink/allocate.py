@@ -33,10 +33,10 @@ def squared_error(candidate: Candidate) -> float:
     return candidate.predicted_error() ** 2
 
 
-def scaled_error(scales: Mapping[str, float], default: float = 1.0) -> Callable[[Candidate], float]:
-    """The squared predicted error times a site's calibration scale squared (`scales` by site; others `default`): the
-    distortion once the predictions of a kind of site have been measured against the model's output."""
-    return lambda c: (scales.get(c.site, default) * c.predicted_error()) ** 2
+def scaled_error(scale: Callable[[Candidate], float]) -> Callable[[Candidate], float]:
+    """The squared predicted error times the candidate's calibration scale squared: the distortion once the
+    predictions of a kind of candidate have been measured against the model's output."""
+    return lambda c: (scale(c) * c.predicted_error()) ** 2
 
 
 def plan_bytes(choice: Choice) -> int:

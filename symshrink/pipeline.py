@@ -7,6 +7,7 @@ written unless the verify gate passes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -232,6 +233,7 @@ def _ternary_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, h
 
 
 ALLOCATION_BLOCKS = (32, 64, 128, 256)  # rows per scale the allocator may take besides --block-size: more or fewer scales
+CALIBRATION_BITS = (4, 2)  # one calibration trial per kind of site and width: errors grow faster than predicted at 2
 ALLOCATION_MIN_ELEMENTS = 1024  # the allocator weighs the scales and may code small weights too (fp32 stays offered)
 
 
@@ -312,14 +314,23 @@ def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: Co
         return trial
 
     kinds = {site.node: _site_kind(site) for site in sites}
-    for kind in sorted(set(kinds.values())):
-        probe = {node: _calibration_candidate(offer.candidates[node]) for node, k in kinds.items() if k == kind}
+    for kind, bits in itertools.product(sorted(set(kinds.values())), CALIBRATION_BITS):
+        probe = {node: c for node, k in kinds.items() if k == kind
+                 for c in [_calibration_candidate(offer.candidates[node], bits)] if c is not None}
+        if not probe:
+            continue
         trial = measure(probe)
         scale = trial["measured"] / trial["predicted"] if trial["predicted"] > 0 and trial["measured"] > 0 else 1.0
-        scales.update(dict.fromkeys(probe, scale))
-        calibration.append({"kind": kind, "sites": len(probe), "predicted": trial["predicted"],
+        scales[kind, bits] = scale
+        calibration.append({"kind": kind, "bits": bits, "sites": len(probe), "predicted": trial["predicted"],
                             "measured": trial["measured"], "scale": scale})
-    distortion = scaled_error(scales)
+
+    def scale_of(candidate: Candidate) -> float:  # 8 bits take the 4-bit scale (their error is at the noise floor)
+        bits = min(int(candidate.method.removeprefix("uint")), 4) if candidate.method != "fp32" else 4
+        kind = kinds[candidate.site]
+        return scales.get((kind, bits), scales.get((kind, 4), 1.0))
+
+    distortion = scaled_error(scale_of)
     target = options.moment.target_size
     if target is not None:
         left_alone = model_bytes - sum(site.bytes for site in offer.sites)  # what the grids do not touch
@@ -338,10 +349,9 @@ def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: Co
     return plan
 
 
-def _calibration_candidate(offered: list[Candidate]) -> Candidate:
-    """The candidate a site's calibration trial takes: its 4-bit grid at the asked block (else its narrowest)."""
-    grids = [c for c in offered if c.method != "fp32"]
-    return next((c for c in grids if c.method == "uint4"), grids[-1] if grids else offered[-1])
+def _calibration_candidate(offered: list[Candidate], bits: int) -> Candidate | None:
+    """The candidate a site's calibration trial at `bits` takes: that grid at the asked block (None: not offered)."""
+    return next((c for c in offered if c.method == f"uint{bits}"), None)
 
 
 def _activation_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, holdout: list,

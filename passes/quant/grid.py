@@ -180,8 +180,8 @@ class GridPlan:
                          f"{layer.block_text():>7} {layer.bits_per_weight():>5.2f} {err:>8}  {layer.reason}")
         lines.append("  bpw: bits per weight with the scales; rel.err: the layer's relative output error on the calibration "
                      "moments (a Gather table's: ||E - E'|| / ||E||)")
-        lines += [f"  calibration, {c['kind']}s ({c['sites']} sites at 4 bits): predicted {c['predicted']:.4f}, measured "
-                  f"{c['measured']:.4f}, scale {c['scale']:.2f}" for c in self.calibration]
+        lines += [f"  calibration, {c['kind']}s ({c['sites']} sites at {c['bits']} bits): predicted {c['predicted']:.4f}, "
+                  f"measured {c['measured']:.4f}, scale {c['scale']:.2f}" for c in self.calibration]
         lines += [f"  allocation trial: {trial_line(t)}" for t in self.trials]
         return "\n".join(lines)
 

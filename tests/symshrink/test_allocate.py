@@ -120,7 +120,7 @@ def test_quant_with_max_error_alone_allocates_bits_per_layer_within_the_held_out
         plans.append([layer.codec for layer in report.quant.layers])
         trials = report.quant.trials
         assert trials and all(t["measured"] <= budget for t in trials if t["within"]) and "allocation trial" in str(report.quant)
-        assert len(report.quant.calibration) == 1  # one kind of site (products): one calibration trial
+        assert [(c["kind"], c["bits"]) for c in report.quant.calibration] == [("product", 4), ("product", 2)]
     # measured: 8/8 bits (held-out 0.010), 8/4 (0.068), 4/4 (0.113), 4/2 (0.292)
     assert plans[0] == ["uint8", "uint8"] and "uint2" in plans[-1]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
@@ -157,8 +157,9 @@ def test_allocate_bytes_takes_the_least_distortion_plan_that_fits(seed):
 def test_scaled_error_weighs_each_site_by_its_scale():
     instance = _instance(0, sites=2, options=3)
     code = instance["s0"][1]
-    assert scaled_error({"s0": 2.0})(code) == pytest.approx(4 * squared_error(code))
-    assert scaled_error({})(instance["s1"][1]) == pytest.approx(squared_error(instance["s1"][1]))
+    by_site = {"s0": 2.0}
+    assert scaled_error(lambda c: by_site.get(c.site, 1.0))(code) == pytest.approx(4 * squared_error(code))
+    assert scaled_error(lambda c: 1.0)(instance["s1"][1]) == pytest.approx(squared_error(instance["s1"][1]))
 
 
 def _feeds(seed: int, inputs: int = 64) -> list[dict]:
@@ -175,7 +176,7 @@ def test_no_method_and_no_budget_is_the_allocator_within_the_default_cosine():
     assert report.methods == ["quant"] and report.passed
     assert min(d.cosine for d in report.diffs) >= DEFAULT_MIN_COSINE
     assert all(f"cosine {DEFAULT_MIN_COSINE:g}" in layer.reason for layer in report.quant.layers)
-    assert [c["kind"] for c in report.quant.calibration] == ["product"]
+    assert [c["kind"] for c in report.quant.calibration] == ["product", "product"]  # at 4 and 2 bits
     assert proto.ByteSize() < 0.3 * mlp_model(hidden=256, inputs=64, outputs=32, seed=2).ByteSize()
     onnx.checker.check_model(proto)
 
