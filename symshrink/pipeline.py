@@ -348,14 +348,14 @@ def _allocate_grids(model: ir.Model, offer, sites: list[WeightSite], options: Co
     if target is not None:
         limit = budget.target_bytes(target, model_bytes)
         goal = limit - (model_bytes - sum(site.bytes for site in offer.sites))  # the weights' share of it
-        for _ in range(3):  # the graph's own bytes grow with the coded sites (nodes, names): take them off and redo
+        for _ in range(5):  # the graph's own bytes grow with the coded sites (nodes, names): take them off and redo
             chosen, reasons = size_rule(offer, goal, distortion, f"target size {target:g}")
             trial = ir.from_proto(ir.to_proto(model))
             offer.rewrite(chosen)(trial)
             over = ir.to_proto(trial).ByteSize() - limit
             if over <= 0:
                 break
-            goal -= over
+            goal = plan_bytes(chosen) - over  # below this plan's weights by what the file is over
     else:
         def within(chosen: Choice) -> bool:
             trials.append(measure(chosen, distortion))
