@@ -301,11 +301,13 @@ def _itemsize(site: WeightSite, nodes: dict[str, ir.Node]) -> int:
 def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict[str, ir.Node], block: int | None,
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
                progress: bool = False, symmetric: bool = False, act_order: bool = False,
-               more_blocks: Sequence[int] = (), one_pass: bool | None = None) -> Offer:
+               more_blocks: Sequence[int] = (), one_pass: bool | None = None,
+               table_blocks: Sequence[int] = ()) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
     with its calibrated output error), at `block` rows per scale and at each of `more_blocks` (for the allocator:
     wider blocks, fewer scales), then fp32; rows per scale by `site_block`. Bytes from the format table
-    (GatherBlockQuantized for tables); fp32's as the weight is stored now. `one_pass` (default: with `more_blocks`,
+    (GatherBlockQuantized for tables; `table_blocks`: more rows per scale for them alone); fp32's as the weight is
+    stored now. `one_pass` (default: with `more_blocks`,
     fed back in act-order): every grid of a site encoded in one pass over its rows."""
     one_pass = bool(more_blocks) if one_pass is None else one_pass
     offered, candidates = [], {}
@@ -319,7 +321,8 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
         if not readable:
             passed_over[site.tied] = (f"tied to {site.node}, whose MatMulNBits needs the table's {site.rows} columns "
                                       f"in whole blocks of {gather_block(site.rows, block)}: both stay fp32")
-        sizes = dict.fromkeys(site_block(site, b) for b in (block, *more_blocks)
+        blocks = (block, *more_blocks, *(table_blocks if site.table and not site.tied else ()))
+        sizes = dict.fromkeys(site_block(site, b) for b in blocks
                               if not site.tied or tied_accepts(shape, b))  # in order, once each
         grids = {}  # (rows per scale, bits) -> its format row and settings, where the format holds the shape
         for b in bits:
