@@ -75,7 +75,8 @@ QUANT_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
                         r"quant-(?P<block>b16|b32|b64|b128|b256|channel)-(?P<bits>8|4|2)(?:-(?P<zp>zp))?"
                         r"(?:-e(?P<error>[0-9]*\.?[0-9]+))?(?:-(?P<dq>dq))?(?:-(?P<nearest>nearest)|-(?P<inorder>inorder))?")
 ALLOC_NAME = re.compile(r"(?:(?P<moment>moment-[a-z]+-keep[0-9]*\.?[0-9]+)\+)?"
-                        r"alloc-(?:c(?P<cosine>0\.[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+)|s(?P<size>0\.[0-9]+))")
+                        r"alloc-(?:c(?P<cosine>0\.[0-9]+)|e(?P<error>[0-9]*\.?[0-9]+)|s(?P<size>0\.[0-9]+))"
+                        r"(?:-b(?P<block>256))?")
 BATCH = 32  # rows of the second latency feed (the representative feed repeated)
 DRIFT = 1.25  # fp32's first and last latency differ by more than this factor: the timings are flagged
 LOSS = 0.01  # "near-lossless": task metric within 1% (relative) of fp32's
@@ -181,10 +182,11 @@ def quant_name(text: str) -> str:
 def alloc_name(text: str) -> str:
     """Check an allocator variant name [moment-<selector>-keep<F>+]alloc-<c<C>|e<E>|s<F>>: `symshrink compress` with
     no --method (per site the integer grid or fp32 of the fewest bytes) within held-out cosine C, relative error E, or
-    (--method quant) the least distorted plan within F of fp32's size."""
+    (--method quant) the least distorted plan within F of fp32's size; -b256: --block-size 256 (blocks of 256 offered
+    for every site: smaller, slower)."""
     match = ALLOC_NAME.fullmatch(text)
     if not match or (match["moment"] and not MOMENT_NAME.fullmatch(match["moment"])):
-        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]alloc-<cC|eE|sF>: {text!r}")
+        raise argparse.ArgumentTypeError(f"not [moment-SELECTOR-keepF+]alloc-<cC|eE|sF>[-b256]: {text!r}")
     return text
 
 
@@ -351,7 +353,10 @@ def build_alloc(spec: str, entry: ZooModel, variant: Variant, threads: int) -> N
         settings["max_error"], what = float(match["error"]), f"held-out relative error <= {match['error']}"
     else:
         settings["target_size"], what = float(match["size"]), f"{match['size']} of fp32's size"
-    what = f"the allocator (per site an integer grid of 8/4/2 bits, blocks of 32-256, or fp32) within {what}"
+    if match["block"]:
+        settings["block"] = int(match["block"])
+    blocks = "32-256" if match["block"] else "32-128 (tables 256 too)"
+    what = f"the allocator (per site an integer grid of 8/4/2 bits, blocks of {blocks}, or fp32) within {what}"
     variant.note = f"symshrink {after_moment(match, 'quant', settings, what)}, calib {entry.calib}"
     variant.extra = {"alloc": variant.name.rsplit("alloc-", 1)[1]}
     variant.extra.update(compress_symshrink(spec, entry, variant.path, threads, **settings))
@@ -729,12 +734,15 @@ ROW_SECTIONS = [
         "slower in onnxruntime); without it they stay fp32."),
     ("alloc", "Allocator rows",
         "`alloc-c<C>` / `alloc-e<E>` rows: `symshrink compress` with no `--method` (`--min-cosine C` / `--max-error E`; "
-        "`alloc-c0.99` is the default run): per weight site (MatMul/Gemm, 1x1 Conv, Gather table of at least 1024 "
-        "elements) one of the integer grids of 8, 4 or 2 bits at 32, 64, 128 or 256 input rows per scale (symmetric, "
+        "`alloc-c0.99` is the default run): per weight site (MatMul/Gemm and Gather table of at least 1024 elements, 1x1 "
+        "Conv of at least 4096) one of the integer grids of 8, 4 or 2 bits at 32, 64 or 128 input rows per scale "
+        "(symmetric, "
         "second-moment rounding in act-order, written as the quant rows are) or fp32, chosen by the Lagrangian "
-        "allocator: predicted errors calibrated per kind of site by one trial each, then bisection over the multiplier, "
+        "allocator: predicted errors calibrated per kind of site and width (4, 2 bits) by one trial each, then bisection "
+        "over the multiplier, "
         "each plan verified on the held-out calibration feeds, the fewest-bytes plan within the budget. `alloc-s<F>`: "
-        "`--method quant --target-size F`, the least distorted plan within F of fp32's size."),
+        "`--method quant --target-size F`, the least distorted plan within F of fp32's size. Blocks of 256 rows are "
+        "offered for tables only (onnxruntime's MatMulNBits runs them 3-6x slower) unless `-b256` (`--block-size 256`)."),
     ("hyper_variant", "Hyperfunction rows",
         "`hyper-<codebook>[-g<G>]-b<B>` rows: every float32 weight tensor of at least 4096 elements that the graph "
         "reads as a weight (MatMul/Gemm B, Conv W, Gather tables, tied or not) becomes indices of B bits per pair of "
