@@ -330,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="moment (width reduction), ternary (2-bit weights), quant (8/4/2-bit integer grids), hyper "
                            "(hyperfunction codes), or several comma-separated, run in that order (moment,ternary; "
                            "moment,quant; moment,hyper). Default: moment when widths are given, else the allocator: per "
-                           "weight the integer grid (8/4/2 bits, blocks of 32 to 256) or fp32 that gives the smallest "
+                           "weight the integer grid (8/4/2 bits, blocks of 32 to 128) or fp32 that gives the smallest "
                            f"model within --max-error / --min-cosine (default: cosine >= {DEFAULT_MIN_COSINE})")
     comp.add_argument("--selector", default="select", choices=SELECTORS,
                       help="select: pivoted QR + ridge refit (default); recombine: Caratheodory moment matching; "
@@ -354,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="quant: bits per weight of the integer grid of every layer (default 4; the gate only "
                               "verifies); Gather tables (embeddings) take the same grid through onnxruntime's "
                               "GatherBlockQuantized. Without --bits, with --max-error, --min-cosine or --target-size "
-                              "(and no --layer-error), the allocator picks 8/4/2 bits at 32-256 rows per scale or fp32 "
+                              "(and no --layer-error), the allocator picks 8/4/2 bits at 32-128 rows per scale or fp32 "
                               "per layer: a plan within them on the held-out feeds, by bisection over its multiplier")
     weights.add_argument("--zero-points", action="store_true",
                          help="quant: a zero point per block, the grid over the block's range (default: symmetric "
