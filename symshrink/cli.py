@@ -339,8 +339,9 @@ def _parser() -> argparse.ArgumentParser:
     widths.add_argument("--keep", type=float, help="fraction of units kept in every group")
     widths.add_argument("--width", type=int, help="units kept in every group")
     widths.add_argument("--width-rule", help="sqrt:C keeps ceil(C sqrt(d)) of d units")
-    widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); "
-                                              "widths allocated across groups by error per byte saved")
+    widths.add_argument("--target-size", help="file size to reach: bytes (30MB) or a fraction (0.6); moment widths "
+                                              "allocated across groups by error per byte saved (the default without "
+                                              "--method), or with --method quant the least distorted grids that fit")
     weights = comp.add_argument_group("weight codes (ternary and quant)")
     weights.add_argument("--block-size", default="64",
                          help="input rows per scale: 16, 32, 64, 128, 256 or channel (default 64)")
