@@ -132,13 +132,43 @@ def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str,
                     distortion: Callable[[Candidate], float] = squared_error) -> tuple[Choice, dict[str, str]]:
     """The allocator's plan over every site's candidates: a Lagrangian plan that `within` (the held-out gates,
     measured on a trial rewrite) accepts, found by bisection: the fewest bytes of those plans when the measured error
-    falls as the multiplier rises; all fp32 when no plan passes. And why, per site."""
+    falls as the multiplier rises; all fp32 when no plan passes. Then the smaller one-setting plans (`uniform_plans`),
+    fewest bytes first, at most UNIFORM_TRIALS of them: measured errors do not add as predicted, and a plan that gives
+    every site the same grid can pass where the bisection stopped above it. And why, per site."""
     result = allocate(offer.candidates, within, distortion)
     if result.choice is None:
         fp32 = {site: options[-1] for site, options in offer.candidates.items()}
         return fp32, dict.fromkeys(fp32, f"no plan within {budget}, even the least distorted")
+    found = sum(c.bytes_after for c in result.choice.values())
+    smaller = sorted((plan for plan in uniform_plans(offer) if sum(c.bytes_after for c in plan.values()) < found),
+                     key=lambda plan: sum(c.bytes_after for c in plan.values()))
+    for plan in smaller[:UNIFORM_TRIALS]:  # the one-setting plans the bisection stepped past, fewest bytes first
+        if within(plan):
+            setting = next(iter(plan.values())).setting
+            return plan, dict.fromkeys(plan, f"one setting ({setting}) for every site: smaller than the allocator's plan "
+                                             f"within {budget}")
     why = f"allocated within {budget} (multiplier {result.multiplier:.3g}, {result.tests} trials)"
     return result.choice, dict.fromkeys(result.choice, why)
+
+
+UNIFORM_TRIALS = 3  # one-setting plans tried after the bisection, at most
+
+
+def uniform_plans(offer: Offer) -> list[Choice]:
+    """One plan per setting of the offer: every site takes the candidate of that width at the same rank among its
+    blocks (else the site's first of that width, else fp32). The plans users would pick by hand (`--bits 4`)."""
+    def ranked(options: list[Candidate]) -> dict[tuple[str, int], Candidate]:
+        seen: dict[str, int] = {}
+        keyed = {}
+        for c in options:
+            keyed[c.method, seen.setdefault(c.method, 0)] = c
+            seen[c.method] += 1
+        return keyed
+
+    by_site = {site: ranked(options) for site, options in offer.candidates.items()}
+    keys = sorted({key for keyed in by_site.values() for key in keyed if key[0] != "fp32"})
+    return [{site: keyed.get(key) or keyed.get((key[0], 0)) or offer.candidates[site][-1]
+             for site, keyed in by_site.items()} for key in keys]
 
 
 def size_rule(offer: Offer, max_bytes: float, distortion: Callable[[Candidate], float],

@@ -303,3 +303,23 @@ def test_an_unreachable_budget_writes_nothing_and_says_so(tmp_path, capsys):
     code = main(["compress", str(path), "-o", str(out), "--calib", str(calib), "--min-cosine", "0.99999999", "-q"])
     assert code == 1 and not out.exists()
     assert "no coded plan within the held-out cosine 0.99999999" in capsys.readouterr().err
+
+
+def test_a_smaller_one_setting_plan_that_passes_wins_over_the_bisections():
+    from symshrink.passes.protocol import Offer, Site  # noqa: PLC0415
+    from symshrink.rules import allocation_rule, uniform_plans  # noqa: PLC0415
+
+    def options(site: str, error4: float) -> list[Candidate]:
+        return [Candidate(site, "uint4", "4-bit", 40, known(error4), known(None)),
+                Candidate(site, "uint2", "2-bit", 20, known(0.5), known(None)),
+                Candidate(site, "fp32", "fp32", 100, known(0.0), known(None))]
+
+    candidates = {"a": options("a", 0.1), "b": options("b", 0.3)}
+    offer = Offer("quant", [Site(s, "weight", (10, 10), 100) for s in candidates], candidates, lambda chosen: None)
+    assert [sorted(c.method for c in plan.values()) for plan in uniform_plans(offer)] == [["uint2"] * 2, ["uint4"] * 2]
+
+    def within(plan) -> bool:  # measured: mixed plans fail, as errors that do not add as predicted would make them
+        return len({c.method for c in plan.values()}) == 1 or all(c.method == "fp32" for c in plan.values())
+
+    chosen, reasons = allocation_rule(offer, within, "a test budget")
+    assert {c.method for c in chosen.values()} == {"uint2"} and "one setting" in reasons["a"]
