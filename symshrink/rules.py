@@ -133,20 +133,24 @@ def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str,
     """The allocator's plan over every site's candidates: a Lagrangian plan that `within` (the held-out gates,
     measured on a trial rewrite) accepts, found by bisection: the fewest bytes of those plans when the measured error
     falls as the multiplier rises; all fp32 when no plan passes. Then the smaller one-setting plans (`uniform_plans`),
-    fewest bytes first, at most UNIFORM_TRIALS of them: measured errors do not add as predicted, and a plan that gives
-    every site the same grid can pass where the bisection stopped above it. And why, per site."""
+    the nearest below it first, while they pass, at most UNIFORM_TRIALS of them: measured errors do not add as
+    predicted, and a plan that gives every site the same grid can pass where the bisection stopped above it. And why,
+    per site."""
     result = allocate(offer.candidates, within, distortion)
     if result.choice is None:
         fp32 = {site: options[-1] for site, options in offer.candidates.items()}
         return fp32, dict.fromkeys(fp32, f"no plan within {budget}, even the least distorted")
     found = sum(c.bytes_after for c in result.choice.values())
     smaller = sorted((plan for plan in uniform_plans(offer) if sum(c.bytes_after for c in plan.values()) < found),
-                     key=lambda plan: sum(c.bytes_after for c in plan.values()))
-    for plan in smaller[:UNIFORM_TRIALS]:  # the one-setting plans the bisection stepped past, fewest bytes first
-        if within(plan):
-            setting = next(iter(plan.values())).setting
-            return plan, dict.fromkeys(plan, f"one setting ({setting}) for every site: smaller than the allocator's plan "
-                                             f"within {budget}")
+                     key=lambda plan: -sum(c.bytes_after for c in plan.values()))
+    best = None
+    for plan in smaller[:UNIFORM_TRIALS]:  # the one-setting plans below the bisection's, nearest first, while they pass
+        if not within(plan):
+            break
+        best = plan
+    if best is not None:
+        return best, {site: f"one setting for every site ({c.setting} here): smaller than the allocator's plan "
+                            f"within {budget}" for site, c in best.items()}
     why = f"allocated within {budget} (multiplier {result.multiplier:.3g}, {result.tests} trials)"
     return result.choice, dict.fromkeys(result.choice, why)
 
