@@ -110,8 +110,9 @@ class CompressReport:
         if self.site_rows():
             found.append(("Weight sites", "table", self.site_rows()))
         found += [(f"Plan: {name}", "pre", str(plan)) for name, plan in self.plans().items()]
-        if self.passed_over():
-            found.append(("Weights left fp32", "list", [f"{node}: {why}" for node, why in self.passed_over().items()]))
+        passed_over = self.passed_over()
+        if passed_over:
+            found.append(("Weights left fp32", "list", [f"{node}: {why}" for node, why in passed_over.items()]))
         if self.skipped:
             found.append(("Groups left as they are", "list", [f"{g.name} ({g.kind}): {g.reason}" for g in self.skipped]))
         return found

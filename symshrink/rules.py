@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm import tqdm
 
-from symshrink.allocate import allocate, allocate_bytes, squared_error
+from symshrink.allocate import allocate, allocate_bytes, plan_bytes, squared_error
 from symshrink.errors import BadInput
 from symshrink.options import HyperOptions, MomentOptions
 from symshrink.passes.hyper.codes import pick_setting
@@ -140,9 +140,8 @@ def allocation_rule(offer: Offer, within: Callable[[Choice], bool], budget: str,
     if result.choice is None:
         fp32 = {site: options[-1] for site, options in offer.candidates.items()}
         return fp32, dict.fromkeys(fp32, f"no plan within {budget}, even the least distorted")
-    found = sum(c.bytes_after for c in result.choice.values())
-    smaller = sorted((plan for plan in uniform_plans(offer) if sum(c.bytes_after for c in plan.values()) < found),
-                     key=lambda plan: -sum(c.bytes_after for c in plan.values()))
+    found = plan_bytes(result.choice)
+    smaller = sorted((plan for plan in uniform_plans(offer) if plan_bytes(plan) < found), key=lambda plan: -plan_bytes(plan))
     best = None
     for plan in smaller[:UNIFORM_TRIALS]:  # the one-setting plans below the bisection's, nearest first, while they pass
         if not within(plan):
