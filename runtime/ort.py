@@ -14,20 +14,26 @@ import onnxruntime as ort
 from symshrink.errors import BadInput
 from symshrink.models.types import Feeds, InputSpec
 
-__all__ = ["make_session", "session_for_model", "run_all", "stream_probes", "input_specs"]
+__all__ = ["make_session", "session_options", "session_for_model", "run_all", "stream_probes", "input_specs", "graph_input_specs"]
 
 _DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32",
            "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bool)": "bool",
            "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
 
 
-def make_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    """The options of every session symshrink makes: quiet, `threads` intra-op threads, optimised unless asked not."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def make_session(path: str | os.PathLike, threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+    options = session_options(threads, optimize)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 (onnxruntime raises its own exception classes for invalid graphs)
@@ -58,6 +64,19 @@ def input_specs(session: ort.InferenceSession, model: ir.Model | None = None) ->
     open_rank = {v.name for v in model.graph.inputs if v.shape is None} if model is not None else set()
     return [InputSpec(i.name, _DTYPES.get(i.type, i.type), None if i.name in open_rank else tuple(i.shape))
             for i in session.get_inputs()]
+
+
+def graph_input_specs(model: ir.Model) -> list[InputSpec]:
+    """The graph's inputs as it declares them (no session needed): symbolic and unknown dimensions as str or None."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
+        shape = None if value.shape is None else tuple(d if isinstance(d, int) else (d.value if d is not None else None)
+                                                       for d in value.shape)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
 
 
 def run_all(session: ort.InferenceSession, feeds: Iterable[Feeds], names: Sequence[str] | None = None) -> list[dict]:

@@ -93,6 +93,14 @@ def _width_rule(text: str | None) -> float | None:
     return float(match.group(1))
 
 
+def _bytes(text: str, flag: str) -> int:
+    """A number of bytes with an optional kB/MB/GB."""
+    size = _size(text) if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*[kMG]?B?\s*", text) else None
+    if not isinstance(size, int) or size <= 0:
+        raise BadInput(f"{flag} must be a number of bytes (e.g. 256MB), got {text!r}")
+    return size
+
+
 def _size(text: str | None) -> int | float | None:
     """A target file size: a fraction of the current size (0 < f < 1, a float) or bytes with an optional
     kB/MB/GB (an int)."""
@@ -130,6 +138,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, max_loss=args.max_loss, task=args.task, threads=args.threads,
+                           stream=args.stream, block_bytes=_bytes(args.block_bytes, "--block-bytes"),
                            progress=not args.quiet and not args.json)
 
 
@@ -409,6 +418,10 @@ def _parser() -> argparse.ArgumentParser:
                            "axis indexes complete model runs (inputs that are scalars or not batched on axis 0). A "
                            "folder of .npz files is always one run per file")
     comp.add_argument("--random-calib", action="store_true", help="fit random inputs (warns; for smoke tests)")
+    comp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                      help="block by block in bounded memory, weights read from disk when coded (--method quant with "
+                           "--bits or --layer-error; default: on when the input passes 2 GB)")
+    comp.add_argument("--block-bytes", default="256MB", help="weights per block with --stream (bytes, kB, MB, GB)")
     comp.add_argument("--plan", help="replay a plan written by --plan-out")
     comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")
     _add_gate_args(comp)

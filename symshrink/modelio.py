@@ -18,6 +18,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from symshrink.errors import BadInput
+from symshrink.lazyweights import load_lazy, slim_proto
 
 __all__ = ["resolve_model", "load_model", "check_proto", "save_model", "claim_output", "claim_outputs", "write_atomically",
            "external_files", "input_files", "canonical", "model_bytes_on_disk", "MAX_OPSET", "TWO_GB"]
@@ -61,20 +62,25 @@ def check_proto(proto: onnx.ModelProto, name: str) -> None:
         raise BadInput(f"{name}: unsupported opset {default} (this install supports {MIN_OPSET}..{MAX_OPSET})")
 
 
-def load_model(spec: str | os.PathLike) -> tuple[ir.Model, Path]:
-    """Parse and validate a model; returns the IR model and the resolved path."""
+def load_model(spec: str | os.PathLike, lazy: bool = False) -> tuple[ir.Model, Path]:
+    """Parse and validate a model; returns the IR model and the resolved path. With `lazy`, the weights stay on disk
+    (`symshrink.lazyweights`): each is read when a pass asks for it."""
     path = resolve_model(spec)
     if not path.exists():
         raise BadInput(f"{path}: no such file")
     if not path.is_file():
         raise BadInput(f"{path}: not a file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = slim_proto(path) if lazy else onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as err:
         raise BadInput(f"{path}: not an ONNX model or truncated ({type(err).__name__})") from None
     except OSError as err:
         raise BadInput(f"{path}: cannot read ({err.strerror})") from None
     check_proto(proto, str(path))
+    if lazy:
+        model = load_lazy(proto, path.parent)
+        _check_external_data(model, path.parent)
+        return model, path
     del proto  # parsed only to validate; onnx-ir reads the file itself and resolves external data
     model = ir.load(path)
     _check_external_data(model, path.parent)
@@ -206,6 +212,8 @@ def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | No
     data_name = out.name + ".data"
     if use_external:
         claim_output(folder / data_name, force=force, inputs=inputs, what="external data file")
+    if not use_external:  # weights still on disk (a lazy load) go inside the new file
+        ir.external_data.load_to_model(model)
     with _staging(out) as tmp:
         tmp_model = tmp / out.name
         ir.save(model, tmp_model, external_data=data_name if use_external else None)

@@ -198,6 +198,8 @@ class CompressOptions:
     task: str | Callable[[object], float] | None = None  # a zoo task name, or callable(session) -> metric (higher better)
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and site (conv maps are subsampled)
     threads: int | None = None
+    stream: bool | None = None  # block by block in bounded memory (None: when the input's weights pass 2 GB)
+    block_bytes: int = 256 * 2**20  # weights per block when streaming
     progress: bool = True
     seed: int = 0
 
@@ -219,6 +221,11 @@ class CompressOptions:
             or self.min_cosine is not None
         return budget and self.quant.bits is None and self.weights.layer_error is None and "hyper" not in self.method \
             and not ("moment" in self.method and self.moment.target_size is not None)  # moment's widths take it
+
+    def streamable(self) -> bool:
+        """Whether the run can go block by block: integer grids chosen per layer (--bits, --layer-error), no budget
+        over the whole model to allocate."""
+        return self.method == ("quant",) and not self.allocating() and self.moment.plan is None
 
     def __post_init__(self) -> None:
         if self.method is None:
@@ -242,6 +249,10 @@ class CompressOptions:
         if self.task is not None and self.max_loss is None:
             raise BadInput("--task goes with --max-loss L (the largest relative loss of its metric)")
         _positive("rows_per_batch", self.rows_per_batch)
+        _positive("block_bytes", self.block_bytes)
+        if self.stream and not self.streamable():
+            raise BadInput("--stream codes each layer by itself: give --method quant with --bits B or --layer-error E "
+                           "(the allocator and the other methods run on the whole model)")
         if self.min_cosine is not None and not -1 <= self.min_cosine <= 1:
             raise BadInput(f"min_cosine must be in [-1, 1], not {self.min_cosine}")
 

@@ -29,12 +29,14 @@ from symshrink.modelio import (
     claim_outputs,
     input_files,
     load_model,
+    TWO_GB,
     model_bytes_on_disk,
     resolve_model,
     save_model,
     write_atomically,
 )
 from symshrink.options import CompressOptions, HyperOptions
+from symshrink.passes.analysis.blocks import partition
 from symshrink.passes.analysis.groups import Group, analyse
 from symshrink.passes.analysis.weights import MIN_ELEMENTS, WeightSite, find_weight_sites
 from symshrink.passes.hyper.codes import HyperPlan, hyper_offer
@@ -58,7 +60,8 @@ from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
 from symshrink.report import CompressReport, check_report_path, write_report
 from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, size_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
-from symshrink.runtime.ort import input_specs, make_session, run_all, session_for_model, stream_probes
+from symshrink.runtime.ort import graph_input_specs, input_specs, make_session, run_all, session_for_model, stream_probes
+from symshrink.stream import stream_blocks, stream_outputs
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib",
            "calibration_feeds", "verify", "TaskBudget", "task_budget"]
@@ -530,13 +533,70 @@ def verify(expected: list, outputs: list, options: CompressOptions) -> tuple[lis
 
 
 def _reference_outputs(reference, holdout: list) -> list:
-    expected = run_all(reference, holdout)
+    return _finite_reference(run_all(reference, holdout))
+
+
+def _finite_reference(expected: list) -> list:
+    """The original model's held-out outputs, checked finite (else they cannot be compared)."""
     for i, outputs in enumerate(expected):
         for name, array in outputs.items():
             if np.asarray(array).dtype.kind in "fc" and not np.isfinite(array).all():
                 raise BadInput(f"the original model outputs NaN or infinite values for {name!r} on held-out feed {i}: "
                                "its outputs cannot be compared")
     return expected
+
+
+def compress_streamed(model: ir.Model, source: str, feeds: list, options: CompressOptions,
+                      bytes_before: int) -> CompressReport:
+    """`--method quant --bits B` block by block (`symshrink.stream`): the calibration and held-out feeds run through
+    one block of the original model at a time; the block's sites take their input moments from its fit feeds, are
+    coded and written in place before the next block is built (weights read one site at a time); then the held-out
+    feeds run through the coded model block by block and are verified. The same statistics as the whole-model path
+    where no rows are subsampled (<= rows_per_batch per batch and site), hence the same codes."""
+    fit_feeds, holdout = split_holdout(feeds)
+    report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=["quant"],
+                            parameters=float_parameters(model))
+    packed = None if options.quant.dequantize_convs else partial(packed_sites, block=options.weights.block)
+    sites, passed = find_weight_sites(model, options.weights.exclude, MIN_ELEMENTS, tables=True, convs=True)
+    sites = packed(sites, passed) if packed is not None else sites
+    blocks = partition(model.graph, options.block_bytes)
+    in_block = [{node.name for node in block.nodes} for block in blocks]
+    block_sites = [[site for site in sites if site.node in names] for names in in_block]
+    plan = GridPlan(options.weights.block, options.weights.rounding_for("quant"), options.weights.layer_error,
+                    not options.quant.zero_points, options.quant.act_order, passed_over=passed)
+    rng = np.random.default_rng(options.seed)
+    progress = tqdm(total=len(sites), desc="coding block by block", unit="layer", disable=not options.progress)
+
+    def statistics(i: int, block) -> list[str]:
+        return sorted({site.activation for site in block_sites[i] if site.moments})
+
+    def code_block(i: int, block, probed: list[dict]) -> None:
+        if not block_sites[i]:
+            return
+        products = {site.statistic: site for site in block_sites[i] if site.moments}
+        stats = {key: UnitStats(site.rows) for key, site in products.items()}
+        for arrays in probed[:len(fit_feeds)]:
+            for key, site in products.items():
+                stats[key].add(_input_rows(site, np.asarray(arrays[site.activation]), options.rows_per_batch, rng))
+        nodes = {node.name: node for node in model.graph}
+        offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
+                           rounding=options.weights.rounding_for("quant"), symmetric=not options.quant.zero_points,
+                           act_order=options.quant.act_order)
+        chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
+        plan.layers += _write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers
+        progress.update(len(block_sites[i]))
+
+    spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, code_block)
+    names = [v.name for v in model.graph.outputs]
+    expected = _finite_reference([{n: np.array(values[n]) for n in names} for values in spool.feeds[len(fit_feeds):]])
+    spool.close()
+    progress.close()
+    report.quant = plan
+    if not _sites(report):
+        raise NothingToCompress(f"nothing to compress with --method quant: {'; '.join(_no_site_reasons(report)[:6])}")
+    outputs = stream_outputs(model, holdout, options.threads, options.block_bytes)
+    report.diffs, report.failures = verify(expected, outputs, options)
+    return report
 
 
 def compress_model(model: ir.Model, source: str, feeds: list, options: CompressOptions, bytes_before: int,
@@ -617,14 +677,19 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     data = claimed["output"].with_name(claimed["output"].name + ".data")  # written when the weights pass 2 GB
     if any(data.exists() and data.samefile(p) for p in inputs):
         raise BadInput(f"{data} (the output's external data file) is an input of this run: give another -o")
-    model, path = load_model(model_spec)
     before = sum(f.stat().st_size for f in model_files)
-    reference = make_session(path, options.threads)
-    feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
-    report = compress_model(model, str(path), feeds, options, before, reference, model_spec)
+    streaming = options.stream if options.stream is not None else options.streamable() and before >= TWO_GB
+    model, path = load_model(model_spec, lazy=streaming)
+    if streaming:  # no whole-model session: the inputs as the graph declares them
+        feeds = calibration_feeds(options, model_spec, graph_input_specs(model))
+        report = compress_streamed(model, str(path), feeds, options, before)
+    else:
+        reference = make_session(path, options.threads)
+        feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
+        report = compress_model(model, str(path), feeds, options, before, reference, model_spec)
     report.output = str(claimed["output"])
     if report.failures:
-        report.bytes_after = ir.to_proto(model).ByteSize()  # what the file would have been (embedded weights)
+        report.bytes_after = None if streaming else ir.to_proto(model).ByteSize()  # the file it would have been
         if report_path is not None:
             write_report(report, claimed["--report"])
         raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(report.failures)

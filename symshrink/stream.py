@@ -1,0 +1,151 @@
+"""Block by block: run feeds through a model one block of nodes at a time (`analysis.blocks.partition`), each block
+its own onnxruntime session over only its weights, the values live between blocks kept per feed (in memory up to a
+limit, then in .npy files read back memory-mapped). Peak memory is one block's weights and sessions plus the live
+values, whatever the model's size: what calibration and verification of models larger than memory need.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from symshrink.passes.analysis.blocks import Block, node_reads, partition
+from symshrink.runtime.ort import session_options
+
+__all__ = ["Spool", "block_proto", "block_session", "stream_blocks", "stream_outputs", "DEFAULT_BLOCK_BYTES"]
+
+DEFAULT_BLOCK_BYTES = 256 * 2**20  # weights per block: a transformer layer of a 1B model, several of a 135M one
+SPOOL_MEMORY_BYTES = 1 << 30  # live values kept in memory before they go to disk
+
+
+class Spool:
+    """Per feed, the values live between two blocks. Arrays are kept in memory until `memory_bytes` of them are,
+    then written to .npy files in a temporary folder (removed with the spool) and read back memory-mapped."""
+
+    def __init__(self, memory_bytes: int = SPOOL_MEMORY_BYTES):
+        self.memory_bytes = memory_bytes
+        self.held = 0
+        self.feeds: list[dict[str, np.ndarray]] = []
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def append(self, values: dict[str, np.ndarray]) -> None:
+        kept = {}
+        for name, array in values.items():
+            array = np.asarray(array)
+            if self.held + array.nbytes > self.memory_bytes and array.nbytes > 0 and array.dtype != object:
+                kept[name] = self._to_disk(len(self.feeds), name, array)
+            else:
+                self.held += array.nbytes
+                kept[name] = array
+        self.feeds.append(kept)
+
+    def _to_disk(self, index: int, name: str, array: np.ndarray) -> np.ndarray:
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="symshrink-spool-")
+        path = Path(self._folder.name) / f"{index}-{abs(hash(name)):x}-{len(os.listdir(self._folder.name))}.npy"
+        np.save(path, array)
+        return np.load(path, mmap_mode="r")
+
+    def close(self) -> None:
+        self.feeds = []
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def _embedded(value: ir.Value) -> onnx.TensorProto:
+    """The initializer as a TensorProto with its bytes inside (read now from external data, if that is where it is)."""
+    tensor = value.const_value
+    if tensor.dtype == ir.DataType.STRING:
+        return ir.serde.serialize_tensor(tensor)
+    proto = onnx.TensorProto(name=value.name, dims=[int(d) for d in tensor.shape], data_type=int(tensor.dtype))
+    proto.raw_data = tensor.tobytes()
+    return proto
+
+
+def block_proto(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype]) -> onnx.ModelProto:
+    """A model of the block's nodes alone: its weights embedded, its live inputs as graph inputs (of the dtypes the
+    feeds have), `outputs` as graph outputs."""
+    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in block.nodes for v in node.outputs}
+    initializers = model.graph.initializers
+    read = set().union(*(node_reads(node) for node in block.nodes))
+    graph = onnx.GraphProto(name="block")
+    graph.node.extend(ir.serde.serialize_node(node) for node in block.nodes)
+    graph.initializer.extend(_embedded(initializers[name]) for name in sorted(read & set(initializers)))
+    for name in block.inputs:
+        if name not in initializers:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(input_types[name])
+            graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    for name in outputs:
+        info = graph.output.add()
+        if name in values and values[name].dtype is not None:
+            ir.serde.serialize_value_into(info, values[name])
+            info.type.tensor_type.ClearField("shape")  # the shapes the feeds give, not the model's declared ones
+        info.name = name
+    proto = onnx.ModelProto(ir_version=model.ir_version, graph=graph)
+    for domain, version in model.opset_imports.items():
+        proto.opset_import.add(domain=domain, version=version)
+    proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    return proto
+
+
+def block_session(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype],
+                  threads: int | None) -> ort.InferenceSession:
+    """An onnxruntime session of the block (from bytes: one block's weights in memory, nothing on disk)."""
+    data = block_proto(model, block, outputs, input_types).SerializeToString()
+    return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict[str, np.ndarray]],
+                  threads: int | None = None, probes: Callable[[int, Block], Sequence[str]] | None = None,
+                  on_block: Callable[[int, Block, list[dict[str, np.ndarray]]], None] | None = None,
+                  memory_bytes: int = SPOOL_MEMORY_BYTES) -> Spool:
+    """Run `feeds` through the blocks in order; per block, `probes(i, block)` names values (the block's inputs or
+    values it makes) handed to `on_block(i, block, per-feed arrays)` once the block has run on every feed, before
+    the next block is built (a rewrite of block i may happen there). The values live after the last block (the graph
+    outputs), per feed."""
+    spool = Spool(memory_bytes)
+    for feed in feeds:
+        spool.append({name: np.asarray(array) for name, array in feed.items()})
+    for i, block in enumerate(blocks):
+        asked = list(probes(i, block)) if probes is not None else []
+        made = [name for name in asked if name not in block.inputs]
+        outputs = list(dict.fromkeys([*block.outputs, *made]))
+        types = {name: spool.feeds[0][name].dtype for name in block.inputs if spool.feeds and name in spool.feeds[0]}
+        session = block_session(model, block, outputs, types, threads) if block.nodes else None
+        after, probed = Spool(memory_bytes), []
+        for values in spool:
+            results = dict(zip(outputs, session.run(outputs, {n: values[n] for n in block.inputs if n in values})))
+            probed.append({name: results[name] if name in results else values[name] for name in asked})
+            after.append({name: values[name] for name in block.carried if name in values}
+                         | {name: results[name] for name in block.outputs})
+        del session
+        spool.close()
+        spool = after
+        if on_block is not None:
+            on_block(i, block, probed)
+        del probed
+    return spool
+
+
+def stream_outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None,
+                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[dict[str, np.ndarray]]:
+    """The model's outputs for each feed, computed block by block (graph output order)."""
+    names = [v.name for v in model.graph.outputs]
+    spool = stream_blocks(model, partition(model.graph, block_bytes), feeds, threads)
+    outputs = [{name: np.array(values[name]) for name in names} for values in spool]
+    spool.close()
+    return outputs
