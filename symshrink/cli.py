@@ -12,10 +12,12 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
+import typing
 
 from symshrink import __version__
-from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError
+from symshrink.errors import BadInput, OutsideTolerance, SymshrinkError, write_failure
 from symshrink.options import (
     CODEBOOKS,
     CORRECTIONS,
@@ -299,19 +301,37 @@ def _add_gate_args(parser: argparse.ArgumentParser) -> None:
     """The tolerance flags shared by compress and diff (same meaning, same gate)."""
     parser.add_argument("--max-error", type=float, help="max relative L2 error per output")
     parser.add_argument("--min-cosine", type=float, help="min cosine per output")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=_count)
 
 
 def _add_data_args(parser: argparse.ArgumentParser, random_help: str) -> None:
     """The feeds of diff and run: a data set or files (as --calib), or random inputs."""
     parser.add_argument("--data", help="zoo data set (eval split), .npz, folder of .npy, or folder of .npz runs")
     parser.add_argument("--data-layout", default="batch", choices=LAYOUTS, help="as compress's --calib-layout")
-    parser.add_argument("--samples", type=int)
+    parser.add_argument("--samples", type=_count)
     parser.add_argument("--random", action="store_true", help=random_help)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other bad input (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"symshrink: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _count(text: str) -> int:
+    """A positive whole number (--threads, --samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="symshrink", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="symshrink", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("--version", action="version", version=f"symshrink {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -450,7 +470,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--calib", help="as compress's --calib")
     sw.add_argument("--calib-samples", type=int)
     sw.add_argument("--random-calib", action="store_true")
-    sw.add_argument("--threads", type=int)
+    sw.add_argument("--threads", type=_count)
     sw.add_argument("-q", "--quiet", action="store_true")
     sw.set_defaults(run=_cmd_sweep)
 
@@ -479,7 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("model")
     ev.add_argument("--task")
     ev.add_argument("--json", action="store_true")
-    ev.add_argument("--threads", type=int)
+    ev.add_argument("--threads", type=_count)
     ev.set_defaults(run=_cmd_eval)
     return parser
 
@@ -507,7 +527,10 @@ def _stdout_closed() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a usage error (one line on stderr): its code, returned
+        return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
@@ -522,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _stdout_closed()
     except Exception as err:  # the contract: one line, never a traceback, unless --debug (re-raised then)
+        # a write the disk refused (full, quota, size limit, read-only) outside the output's staging: exit 2
+        failure = write_failure(err, getattr(err, "filename", None)
+                                or f"a temporary file in {tempfile.gettempdir()} (TMPDIR) or the output")
+        if failure is not None and not args.debug:
+            print(f"symshrink: error: {failure}", file=sys.stderr)
+            return failure.exit_code
         if args.debug:
             raise
         print(f"symshrink: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)

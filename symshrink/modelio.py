@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import onnx
 import onnx_ir as ir
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
-from symshrink.errors import BadInput
+from symshrink.errors import BadInput, write_failure
 from symshrink.lazyweights import load_lazy, slim_proto
 
 __all__ = ["resolve_model", "load_model", "check_proto", "save_model", "claim_output", "claim_outputs", "write_atomically",
@@ -45,21 +48,114 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
         tensor = value.const_value
         if isinstance(tensor, ir.ExternalTensor):
             data = Path(tensor.base_dir or base) / tensor.location
-            needed = (tensor.offset or 0) + (tensor.length or 0)
+            needed = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
             if not data.is_file():
                 raise BadInput(f"missing external data file {data} (needed by tensor {value.name!r})")
             if data.stat().st_size < needed:
                 raise BadInput(f"external data file {data} is truncated ({data.stat().st_size} < {needed} bytes)")
 
 
-def check_proto(proto: onnx.ModelProto, name: str) -> None:
-    """The checks every model gets before any work: a graph with nodes, a default opset this install runs."""
+def check_proto(proto: onnx.ModelProto, name: str, folder: Path | None = None) -> None:
+    """The checks every model gets before any work (nothing allocated yet): a graph with nodes, a default opset this
+    install runs, every value written once, every tensor holding the bytes its shape declares, and external data
+    only in `folder` (the model's; None: a model in memory, which may not refer to files)."""
     if not proto.graph.node:
         raise BadInput(f"{name}: not an ONNX model (no graph nodes)")
+    if not proto.graph.output:
+        raise BadInput(f"{name}: the graph declares no outputs: there is nothing to compute or verify")
     opsets = {o.domain: o.version for o in proto.opset_import}
     default = opsets.get("", opsets.get("ai.onnx"))
-    if default is None or not MIN_OPSET <= default <= MAX_OPSET:
+    if default is None:
+        raise BadInput(f"{name}: the model imports no ONNX opset (opset_import has no default-domain entry)")
+    if not MIN_OPSET <= default <= MAX_OPSET:
         raise BadInput(f"{name}: unsupported opset {default} (this install supports {MIN_OPSET}..{MAX_OPSET})")
+    for graph in _graphs(proto.graph):
+        _check_single_writes(graph, name)
+        for tensor in graph.initializer:
+            _check_tensor(tensor, name, folder)
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph in it (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                yield from _graphs(sub)
+
+
+def _check_single_writes(graph: onnx.GraphProto, name: str) -> None:
+    """Each value of a graph is written once: by a graph input, an initializer or one node output."""
+    written = {value.name: "a graph input" for value in graph.input}
+    written |= {tensor.name: "an initializer" for tensor in graph.initializer}
+    for node in graph.node:
+        for output in node.output:
+            if output and output in written:
+                raise BadInput(f"{name}: not a valid ONNX graph: value {output!r} is written by {written[output]} and "
+                               f"again by node {node.name or node.op_type!r}")
+            written[output] = f"node {node.name or node.op_type!r}"
+
+
+# bits per element of the tensor types with a fixed size (strings and types not listed: not checked)
+_T = onnx.TensorProto
+_ELEMENT_BITS = {_T.FLOAT: 32, _T.UINT8: 8, _T.INT8: 8, _T.UINT16: 16, _T.INT16: 16, _T.INT32: 32, _T.INT64: 64,
+                 _T.BOOL: 8, _T.FLOAT16: 16, _T.DOUBLE: 64, _T.UINT32: 32, _T.UINT64: 64, _T.COMPLEX64: 64,
+                 _T.COMPLEX128: 128, _T.BFLOAT16: 16, _T.FLOAT8E4M3FN: 8, _T.FLOAT8E4M3FNUZ: 8, _T.FLOAT8E5M2: 8,
+                 _T.FLOAT8E5M2FNUZ: 8, _T.UINT4: 4, _T.INT4: 4, _T.FLOAT4E2M1: 4}
+_PACKED = (_T.UINT4, _T.INT4, _T.FLOAT4E2M1)  # two elements a byte (a byte an int32_data entry)
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _declared_bytes(tensor: onnx.TensorProto, count: int) -> int | None:
+    """The bytes `count` elements of the tensor's type take as raw data (None: a type not checked)."""
+    bits = _ELEMENT_BITS.get(tensor.data_type)
+    return None if bits is None else -(-count * bits // 8)
+
+
+def _declared_values(tensor: onnx.TensorProto, count: int) -> int:
+    """How many entries of its typed field (float_data, int32_data...) `count` elements of the tensor take."""
+    if tensor.data_type in _PACKED:
+        return -(-count // 2)
+    return 2 * count if tensor.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else count
+
+
+def _check_tensor(tensor: onnx.TensorProto, name: str, folder: Path | None) -> None:
+    """The tensor's shape against the bytes it stores (inline or as external data, whose location must stay in the
+    model's folder): a tiny file declaring 10^12 elements is refused here, before anything is allocated."""
+    dims = list(tensor.dims)
+    what = f"{name}: tensor {tensor.name!r} declares shape {dims}"
+    if any(d < 0 for d in dims):
+        raise BadInput(f"{what}, a negative dimension: the file is corrupt")
+    count = math.prod(dims)
+    needed = _declared_bytes(tensor, count)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        _check_location(tensor.name, entries.get("location", ""), name, folder)
+        length = entries.get("length")
+        if length is not None and needed is not None and (not length.isdigit() or int(length) != needed):
+            raise BadInput(f"{what} ({needed} bytes) but its external data has length {length}: the file is corrupt")
+        return
+    if tensor.raw_data or needed == 0:
+        if needed is not None and len(tensor.raw_data) != needed:
+            raise BadInput(f"{what} ({needed} bytes) but stores {len(tensor.raw_data)}: the file is corrupt or truncated")
+        return
+    stored = sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
+    if stored != _declared_values(tensor, count):
+        raise BadInput(f"{what} ({count} elements) but stores {stored} values: the file is corrupt or truncated")
+
+
+def _check_location(tensor: str, location: str, name: str, folder: Path | None) -> None:
+    """External data stays in the model's folder: a relative path without `..`, not through a symlink that leaves it."""
+    if not location:
+        raise BadInput(f"{name}: tensor {tensor!r} is declared external data without a location: the file is corrupt")
+    if folder is None:
+        raise BadInput(f"{name}: tensor {tensor!r} is stored in the external data file {location}: give the model's "
+                       "path, or load it with its external data (onnx.load) first")
+    base = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.isabs(location) or ".." in Path(location).parts or os.path.commonpath([base, target]) != base:
+        raise BadInput(f"{name}: tensor {tensor!r} reads its external data from {location}, outside the model's folder: "
+                       "refused (keep the data files beside the model)")
 
 
 def load_model(spec: str | os.PathLike, lazy: bool = False) -> tuple[ir.Model, Path]:
@@ -71,12 +167,15 @@ def load_model(spec: str | os.PathLike, lazy: bool = False) -> tuple[ir.Model, P
     if not path.is_file():
         raise BadInput(f"{path}: not a file")
     try:
-        proto = slim_proto(path) if lazy else onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # onnx's note that its .onnxtxt format is experimental
+            proto = slim_proto(path) if lazy else onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, json_format.ParseError, text_format.ParseError,
+            onnx.parser.ParseError) as err:  # the formats onnx.load reads by the suffix: .onnx, .json, .textproto, .onnxtxt
         raise BadInput(f"{path}: not an ONNX model or truncated ({type(err).__name__})") from None
     except OSError as err:
         raise BadInput(f"{path}: cannot read ({err.strerror})") from None
-    check_proto(proto, str(path))
+    check_proto(proto, str(path), path.parent)
     if lazy:
         model = load_lazy(proto, path.parent)
         _check_external_data(model, path.parent)
@@ -193,8 +292,14 @@ def _staging(out: Path) -> Iterator[Path]:
     any exception and on SIGTERM (the CLI turns it into SystemExit); one left by kill -9 is swept by the next
     write to the same name (its name carries the dead process's id)."""
     _sweep_stale_staging(out.parent, out.name)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}{STAGING_TAG}{os.getpid()}.") as tmp:
-        yield Path(tmp)
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}{STAGING_TAG}{os.getpid()}.") as tmp:
+            yield Path(tmp)
+    except OSError as err:  # a full disk, a quota, a size limit or a read-only file system: one sentence, exit 2
+        failure = write_failure(err, out)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def save_model(model: ir.Model, out: str | os.PathLike, external_data: bool | None = None, force: bool = False,

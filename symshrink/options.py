@@ -10,6 +10,7 @@ budgets have their own names (`layer_error`, `tensor_error`) and say what they m
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -41,8 +42,9 @@ def _one_of(name: str, value: object, allowed: tuple) -> None:
 
 
 def _positive(name: str, value: float | None, strict: bool = True) -> None:
-    if value is not None and not (value > 0 if strict else value >= 0):
-        raise BadInput(f"{name} must be {'positive' if strict else 'non-negative'}, not {value}")
+    """A finite number above zero (`strict`) or at least zero; None passes (not given)."""
+    if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise BadInput(f"{name} must be {'positive' if strict else 'non-negative'} and finite, not {value}")
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class CompressOptions:
         if self.task is not None and self.max_loss is None:
             raise BadInput("--task goes with --max-loss L (the largest relative loss of its metric)")
         _positive("rows_per_batch", self.rows_per_batch)
+        _positive("threads", self.threads)
         _positive("block_bytes", self.block_bytes)
         if self.stream and not self.streamable():
             raise BadInput("--stream codes each layer by itself: give --method quant with --bits B or --layer-error E "

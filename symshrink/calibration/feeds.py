@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,12 +20,14 @@ import numpy as np
 from symshrink.errors import BadInput
 from symshrink.models.types import Feeds, InputSpec
 
-__all__ = ["load_feeds", "check_feeds", "random_feeds", "split_holdout", "LAYOUTS", "MAX_RANDOM_FEEDS"]
+__all__ = ["load_feeds", "check_feeds", "random_feeds", "split_holdout", "LAYOUTS", "MAX_RANDOM_FEEDS",
+           "MAX_RANDOM_ELEMENTS"]
 
 logger = logging.getLogger(__name__)
 BATCH = 64  # rows per feed when a file gives one large batch
 LAYOUTS = ("batch", "runs")  # how arrays in a file become feeds: split on axis 0, or one run per leading index
 MAX_RANDOM_FEEDS = 4096  # random feeds are for smoke tests; more would only fill memory
+MAX_RANDOM_ELEMENTS = 2**26  # elements of one random run (256 MB of float32): larger declared inputs are refused
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -32,9 +35,12 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("an .npy array, not an .npz archive of named arrays")
-            return {name: data[name] for name in data.files}
+            arrays = {name: data[name] for name in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
         raise BadInput(f"{path}: not a readable .npz file ({err})") from None
+    if not arrays:
+        raise BadInput(f"{path}: the .npz file holds no arrays (give one array per model input)")
+    return arrays
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -49,9 +55,9 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     return _read_npz(path)
 
 
-def _file_feeds(path: Path, layout: str, samples: int | None) -> list[Feeds]:
+def _file_feeds(path: Path, layout: str, samples: int | None, batch: int | None = None) -> list[Feeds]:
     """Feeds from a file or folder, at most `samples` rows (batches) or runs; a folder of .npz files is one run
-    per file, whatever the layout."""
+    per file, whatever the layout. `batch`: the model's fixed batch size (rows per feed), if it has one."""
     if layout not in LAYOUTS:
         raise BadInput(f"unknown calibration layout {layout!r}; available: {', '.join(LAYOUTS)}")
     if path.is_dir() and any(path.glob("*.npz")):
@@ -59,8 +65,15 @@ def _file_feeds(path: Path, layout: str, samples: int | None) -> list[Feeds]:
     arrays = _read_arrays(path)
     if layout == "runs":
         return _split_runs(arrays)[:samples]
-    feeds = _split_rows(arrays)
+    feeds = _split_rows(arrays, batch)
     return feeds if samples is None else _limit_rows(feeds, samples)
+
+
+def _fixed_batch(inputs: Sequence[InputSpec]) -> int | None:
+    """The batch size every input fixes on axis 0 (None: some input leaves it open, or they differ)."""
+    sizes = {spec.shape[0] if spec.shape else None for spec in inputs}
+    (size,) = sizes if len(sizes) == 1 else (None,)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def _split_runs(arrays: dict[str, np.ndarray]) -> list[Feeds]:
@@ -71,14 +84,22 @@ def _split_runs(arrays: dict[str, np.ndarray]) -> list[Feeds]:
     return [{k: np.asarray(v[i]) for k, v in arrays.items()} for i in range(n)]  # a run of 0-d arrays, not scalars
 
 
-def _split_rows(arrays: dict[str, np.ndarray]) -> list[Feeds]:
+def _split_rows(arrays: dict[str, np.ndarray], batch: int | None = None) -> list[Feeds]:
+    """Feeds of BATCH rows (the last one shorter), or of exactly `batch` rows (a model's fixed batch size: the rows
+    left over are dropped)."""
     rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+    if rows == {0} and all(a.ndim for a in arrays.values()):
+        raise BadInput(f"the calibration arrays have no rows (shapes {[list(a.shape) for a in arrays.values()]})")
     if len(rows) != 1 or 0 in rows:
         raise BadInput(f"calibration arrays disagree on the batch size (axis 0): {sorted(rows)}; for inputs that are "
                        "scalars or not batched on axis 0, give one run per leading index (--calib-layout runs) or a "
                        "folder of one .npz per run")
     (n,) = rows
-    return [{k: v[i:i + BATCH] for k, v in arrays.items()} for i in range(0, n, BATCH)]
+    if batch is None:
+        return [{k: v[i:i + BATCH] for k, v in arrays.items()} for i in range(0, n, BATCH)]
+    if n < batch:
+        raise BadInput(f"the calibration arrays have {n} rows, fewer than the model's fixed batch size {batch}")
+    return [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n - batch + 1, batch)]
 
 
 def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
@@ -100,10 +121,11 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
             elif array.ndim != len(spec.shape):
                 hint = " (if axis 0 counts runs: --calib-layout runs)" if array.ndim == len(spec.shape) + 1 else ""
                 raise BadInput(f"input {name!r}: rank {array.ndim}, model expects shape {list(spec.shape)}{hint}")
+            _check_no_empty_dimension(spec)
             for got, want in zip(array.shape, spec.shape or ()):
                 if isinstance(want, int) and want > 0 and got != want:
                     raise BadInput(f"input {name!r}: shape {list(array.shape)}, model expects {list(spec.shape)}")
-            if np.dtype(spec.dtype) != array.dtype:
+            if _dtype(spec) != array.dtype:
                 raise BadInput(f"input {name!r}: dtype {array.dtype}, model expects {spec.dtype}")
             if array.size == 0:
                 raise BadInput(f"input {name!r}: calibration feed {i} is empty (shape {list(array.shape)})")
@@ -111,21 +133,46 @@ def check_feeds(feeds: Sequence[Feeds], inputs: Sequence[InputSpec]) -> None:
                 raise BadInput(f"input {name!r}: calibration feed {i} has NaN or infinite values")
 
 
+def _dtype(spec: InputSpec) -> np.dtype:
+    """The numpy dtype of a model input (BadInput for types symshrink cannot feed, e.g. bfloat16)."""
+    try:
+        return np.dtype(spec.dtype)
+    except TypeError:
+        raise BadInput(f"input {spec.name!r} has type {spec.dtype}, which symshrink cannot feed: give a model whose "
+                       "inputs are float, integer or bool tensors") from None
+
+
+def _check_no_empty_dimension(spec: InputSpec) -> None:
+    if spec.shape is not None and 0 in spec.shape:
+        raise BadInput(f"input {spec.name!r} declares shape {list(spec.shape)}, a dimension of size 0: there is "
+                       "nothing to calibrate on")
+
+
 def random_feeds(inputs: Sequence[InputSpec], n: int, seed: int = 0) -> list[Feeds]:
-    """Gaussian (float) or small non-negative integer inputs; dynamic axes become 1 (batch) or 16."""
+    """Gaussian (float) or small non-negative integer inputs; dynamic axes become 1 (batch) or 16. Checked before
+    anything is allocated: ranks, sizes (at most MAX_RANDOM_ELEMENTS a feed) and types."""
     if not 1 <= n <= MAX_RANDOM_FEEDS:
         raise BadInput(f"random feeds: between 1 and {MAX_RANDOM_FEEDS}, not {n}")
+    shapes = {}
     for spec in inputs:
         if spec.shape is None:
             raise BadInput(f"input {spec.name!r} has no fixed rank in the model: random inputs cannot be made for it; "
                            "give calibration data")
+        _check_no_empty_dimension(spec)
+        _dtype(spec)
+        shapes[spec.name] = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)]
+    elements = sum(math.prod(shape) for shape in shapes.values())
+    if elements > MAX_RANDOM_ELEMENTS:
+        declared = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise BadInput(f"the model's inputs declare {elements} elements a run ({declared}), too large for random inputs "
+                       f"(at most {MAX_RANDOM_ELEMENTS}): give calibration data")
     logger.warning("calibrating on RANDOM inputs: the reduced model fits noise, not your data")
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(n):
         feed = {}
         for spec in inputs:
-            shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else 16) for i, d in enumerate(spec.shape)]
+            shape = shapes[spec.name]
             if np.dtype(spec.dtype).kind == "f":
                 feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
             else:
@@ -162,7 +209,7 @@ def load_feeds(source: object, inputs: Sequence[InputSpec], split: str = "calib"
     if samples is not None and samples < 1:
         raise BadInput(f"the number of samples must be positive, not {samples}")
     if isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        feeds = _file_feeds(Path(source), layout, samples)
+        feeds = _file_feeds(Path(source), layout, samples, _fixed_batch(inputs))
     elif isinstance(source, str):
         from symshrink.models.registry import DATASETS  # noqa: PLC0415
 
