@@ -154,8 +154,9 @@ def _check_location(tensor: str, location: str, name: str, folder: Path | None) 
     base = os.path.realpath(folder)
     target = os.path.realpath(os.path.join(base, location))
     if os.path.isabs(location) or ".." in Path(location).parts or os.path.commonpath([base, target]) != base:
-        raise BadInput(f"{name}: tensor {tensor!r} reads its external data from {location}, outside the model's folder: "
-                       "refused (keep the data files beside the model)")
+        link = "" if os.path.normpath(os.path.join(base, location)) == target else f" (a link to {target})"
+        raise BadInput(f"{name}: tensor {tensor!r} reads its external data from {location}{link}, outside the model's "
+                       "folder: refused (keep the data files beside the model)")
 
 
 def load_model(spec: str | os.PathLike, lazy: bool = False) -> tuple[ir.Model, Path]:

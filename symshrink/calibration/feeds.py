@@ -32,6 +32,10 @@ MAX_RANDOM_ELEMENTS = 2**26  # elements of one random run (256 MB of float32): l
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":  # else np.load guesses a pickle and says so
+            raise ValueError("not a zip archive of .npy arrays, as numpy.savez writes")
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise ValueError("an .npy array, not an .npz archive of named arrays")
@@ -60,6 +64,8 @@ def _file_feeds(path: Path, layout: str, samples: int | None, batch: int | None 
     per file, whatever the layout. `batch`: the model's fixed batch size (rows per feed), if it has one."""
     if layout not in LAYOUTS:
         raise BadInput(f"unknown calibration layout {layout!r}; available: {', '.join(LAYOUTS)}")
+    if not path.is_file() and not path.is_dir():  # a pipe or a device: a read could block or never end
+        raise BadInput(f"{path}: not a regular file or folder: give an .npz file or a folder of .npy files")
     if path.is_dir() and any(path.glob("*.npz")):
         return [_read_npz(f) for f in sorted(path.glob("*.npz"))[:samples]]
     arrays = _read_arrays(path)

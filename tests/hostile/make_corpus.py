@@ -452,7 +452,7 @@ def make_corpus(folder: str | os.PathLike | None) -> list[Case]:
            api=_compress_api())
     escape = "../" * 24 + "etc/passwd"
     w.case("external_dotdot_escape", {MODEL: _external(mlp(), "W1", escape), CALIB: calib}, _argv(), bad,
-           "outside the model's folder", about=f"W1's location is {escape}", api=_compress_api())
+           "outside the model's folder", about="W1's location is ../../…/etc/passwd (24 levels up)", api=_compress_api())
     w.case("external_absolute_path", {MODEL: _external(mlp(), "W1", "/etc/passwd"), CALIB: calib},
            _argv(), bad, "outside the model's folder", about="W1's location is /etc/passwd", api=_compress_api())
     w.case("external_dotdot_escape_stream", {MODEL: _external(mlp(), "W1", escape), CALIB: calib},
@@ -569,6 +569,11 @@ def make_corpus(folder: str | os.PathLike | None) -> list[Case]:
         w.case(name, {**model, CALIB: arrays}, _argv(), bad, phrase, about=f"calibration: {about}", api=_compress_api())
     w.case("calib_is_text", {**model, CALIB: "x,y\n1,2\n"}, _argv(), bad, "not a readable .npz",
            about="calibration: a CSV named .npz", api=_compress_api())
+    w.case("calib_is_a_fifo", {**model, CALIB: ("fifo",)}, _argv(), bad, "not a regular file",
+           about="calibration: a named pipe called calib.npz (no writer: a read would block)", subprocess=True,
+           api=_compress_api())
+    w.case("calib_is_dev_zero", {**model}, _argv(calib="/dev/zero"), bad, "not a regular file",
+           about="calibration: /dev/zero (endless bytes)", api=_compress_api(calibration="/dev/zero"))
     w.case("calib_missing", {**model}, _argv(), bad, "no such file", about="calibration: no such file",
            api=_compress_api())
 

@@ -190,3 +190,12 @@ def test_corpus_files_are_small(corpus: Path) -> None:
     sizes = {p.relative_to(corpus).as_posix(): p.stat().st_size for p in corpus.rglob("*")
              if p.is_file() and not p.is_symlink() and p.name != "out.onnx"}
     assert max(sizes.values()) <= 64 * 1024, max(sizes.items(), key=lambda kv: kv[1])
+
+
+def test_the_reliability_page_lists_every_case_and_fault_test() -> None:
+    """docs/reliability.md has a row for each case and names each fault test."""
+    page = (REPO / "docs" / "reliability.md").read_text()
+    assert [name for name in CASES if f"| {name} |" not in page] == []
+    faults = (Path(__file__).parent / "test_faults.py").read_text()
+    tests = [line.split("(")[0].removeprefix("def ") for line in faults.splitlines() if line.startswith("def test_")]
+    assert len(tests) == 7 and [test for test in tests if test not in page] == []
