@@ -201,7 +201,7 @@ class CompressOptions:
     rows_per_batch: int = 4096  # activation rows kept per calibration batch and site (conv maps are subsampled)
     threads: int | None = None
     stream: bool | None = None  # block by block in bounded memory (None: when the input's weights pass 2 GB)
-    block_bytes: int = 256 * 2**20  # weights per block when streaming
+    block_bytes: int = 64 * 2**20  # weights per block when streaming
     progress: bool = True
     seed: int = 0
 

@@ -567,26 +567,34 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     rng = np.random.default_rng(options.seed)
     progress = tqdm(total=len(sites), desc="coding block by block", unit="layer", disable=not options.progress)
 
-    def statistics(i: int, block) -> list[str]:
-        return sorted({site.activation for site in block_sites[i] if site.moments})
+    stats: dict[str, UnitStats] = {}
 
-    def code_block(i: int, block, probed: list[dict]) -> None:
+    def statistics(i: int, block) -> list[str]:
+        products = {site.statistic: site for site in block_sites[i] if site.moments}
+        stats.update({key: UnitStats(site.rows) for key, site in products.items()})
+        return sorted({site.activation for site in products.values()})
+
+    def accumulate(i: int, index: int, arrays: dict) -> None:
+        if index < len(fit_feeds):
+            for site in {site.statistic: site for site in block_sites[i] if site.moments}.values():
+                stats[site.statistic].add(_input_rows(site, np.asarray(arrays[site.activation]), options.rows_per_batch,
+                                                      rng))
+
+    def code_block(i: int, block) -> None:
         if not block_sites[i]:
             return
-        products = {site.statistic: site for site in block_sites[i] if site.moments}
-        stats = {key: UnitStats(site.rows) for key, site in products.items()}
-        for arrays in probed[:len(fit_feeds)]:
-            for key, site in products.items():
-                stats[key].add(_input_rows(site, np.asarray(arrays[site.activation]), options.rows_per_batch, rng))
         nodes = {node.name: node for node in model.graph}
         offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
                            rounding=options.weights.rounding_for("quant"), symmetric=not options.quant.zero_points,
                            act_order=options.quant.act_order)
         chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
         plan.layers += _write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers
+        stats.clear()
         progress.update(len(block_sites[i]))
 
-    spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, code_block)
+    last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
+    spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, accumulate, code_block,
+                          last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks))
     names = [v.name for v in model.graph.outputs]
     expected = _finite_reference([{n: np.array(values[n]) for n in names} for values in spool.feeds[len(fit_feeds):]])
     spool.close()

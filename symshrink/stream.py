@@ -16,12 +16,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from symshrink.options import CompressOptions
 from symshrink.passes.analysis.blocks import Block, node_reads, partition
 from symshrink.runtime.ort import session_options
 
 __all__ = ["Spool", "block_proto", "block_session", "stream_blocks", "stream_outputs", "DEFAULT_BLOCK_BYTES"]
 
-DEFAULT_BLOCK_BYTES = 256 * 2**20  # weights per block: a transformer layer of a 1B model, several of a 135M one
+DEFAULT_BLOCK_BYTES = CompressOptions.block_bytes  # weights per block: a layer of a 1B fp16 model, several of 135M
 SPOOL_MEMORY_BYTES = 1 << 30  # live values kept in memory before they go to disk
 
 
@@ -79,11 +80,11 @@ def _embedded(value: ir.Value) -> onnx.TensorProto:
 def block_proto(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype]) -> onnx.ModelProto:
     """A model of the block's nodes alone: its weights embedded, its live inputs as graph inputs (of the dtypes the
     feeds have), `outputs` as graph outputs."""
-    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in block.nodes for v in node.outputs}
+    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in block.all_nodes for v in node.outputs}
     initializers = model.graph.initializers
-    read = set().union(*(node_reads(node) for node in block.nodes))
+    read = set().union(*(node_reads(node) for node in block.all_nodes))
     graph = onnx.GraphProto(name="block")
-    graph.node.extend(ir.serde.serialize_node(node) for node in block.nodes)
+    graph.node.extend(ir.serde.serialize_node(node) for node in block.all_nodes)
     graph.initializer.extend(_embedded(initializers[name]) for name in sorted(read & set(initializers)))
     for name in block.inputs:
         if name not in initializers:
@@ -111,33 +112,38 @@ def block_session(model: ir.Model, block: Block, outputs: Sequence[str], input_t
 
 def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict[str, np.ndarray]],
                   threads: int | None = None, probes: Callable[[int, Block], Sequence[str]] | None = None,
-                  on_block: Callable[[int, Block, list[dict[str, np.ndarray]]], None] | None = None,
-                  memory_bytes: int = SPOOL_MEMORY_BYTES) -> Spool:
-    """Run `feeds` through the blocks in order; per block, `probes(i, block)` names values (the block's inputs or
-    values it makes) handed to `on_block(i, block, per-feed arrays)` once the block has run on every feed, before
-    the next block is built (a rewrite of block i may happen there). The values live after the last block (the graph
-    outputs), per feed."""
+                  on_feed: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
+                  on_block: Callable[[int, Block], None] | None = None,
+                  memory_bytes: int = SPOOL_MEMORY_BYTES, last_block: Callable[[int], int] | None = None) -> Spool:
+    """Run `feeds` through the blocks in order. Per block, `probes(i, block)` names values (the block's inputs or
+    values it makes) handed to `on_feed(i, feed index, arrays)` as each feed has run (one feed's in memory at a time);
+    then `on_block(i, block)`, before the next block is built (a rewrite of block i may happen there). A feed runs up
+    to block `last_block(feed index)` (default: all). Returns the values live after the last block (the graph
+    outputs), per feed ({} for feeds that stopped before it)."""
     spool = Spool(memory_bytes)
     for feed in feeds:
         spool.append({name: np.asarray(array) for name, array in feed.items()})
     for i, block in enumerate(blocks):
         asked = list(probes(i, block)) if probes is not None else []
-        made = [name for name in asked if name not in block.inputs]
-        outputs = list(dict.fromkeys([*block.outputs, *made]))
+        outputs = list(dict.fromkeys([*block.outputs, *(name for name in asked if name not in block.inputs)]))
         types = {name: spool.feeds[0][name].dtype for name in block.inputs if spool.feeds and name in spool.feeds[0]}
         session = block_session(model, block, outputs, types, threads) if block.nodes else None
-        after, probed = Spool(memory_bytes), []
-        for values in spool:
+        after = Spool(memory_bytes)
+        for index, values in enumerate(spool):
+            if last_block is not None and last_block(index) < i:
+                after.append({})
+                continue
             results = dict(zip(outputs, session.run(outputs, {n: values[n] for n in block.inputs if n in values})))
-            probed.append({name: results[name] if name in results else values[name] for name in asked})
+            if on_feed is not None and asked:
+                on_feed(i, index, {name: results[name] if name in results else values[name] for name in asked})
             after.append({name: values[name] for name in block.carried if name in values}
                          | {name: results[name] for name in block.outputs})
+            del results
         del session
         spool.close()
         spool = after
         if on_block is not None:
-            on_block(i, block, probed)
-        del probed
+            on_block(i, block)
     return spool
 
 

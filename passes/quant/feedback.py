@@ -41,6 +41,7 @@ __all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "Ternary
            "hyperize_with_feedback"]
 
 DAMPING = 0.01  # lambda of H + lambda mean(diag H) I: keeps the inverse stable where inputs are nearly collinear
+FEEDBACK_COLUMNS = 1 << 13  # columns of one grid rounded together (quantize_with_feedback)
 ONE_PASS_COLUMNS = 1 << 16  # columns of all grids side by side in one pass: four float64 arrays of K x this at most
 
 
@@ -148,7 +149,15 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
 
 def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
                            symmetric: bool = False, damping: float = DAMPING, act_order: bool = False) -> QuantizedWeight:
-    """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`)."""
+    """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`). Columns round
+    apart from each other, so a wide weight (a tied head) goes FEEDBACK_COLUMNS at a time: the same codes, with float64
+    working copies of K x FEEDBACK_COLUMNS."""
+    if weight.shape[1] > FEEDBACK_COLUMNS:
+        parts = [quantize_with_feedback(weight[:, start: start + FEEDBACK_COLUMNS], hessian, block, bits, symmetric,
+                                        damping, act_order) for start in range(0, weight.shape[1], FEEDBACK_COLUMNS)]
+        return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=1),
+                               np.concatenate([p.scales for p in parts], axis=-1),
+                               np.concatenate([p.zero_points for p in parts], axis=-1), block, bits, symmetric)
     codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits, symmetric), damping,
                                         act_order=act_order)
     scales, zero_points = (np.stack(parts) for parts in zip(*frames))

@@ -29,7 +29,7 @@ from symshrink.passes.analysis.graph import constant_tensor
 from symshrink.passes.analysis.products import Product, replace_product
 from symshrink.passes.analysis.weights import WeightSite, weight_matrix
 from symshrink.passes.protocol import Candidate, Offer, Site, known
-from symshrink.passes.quant.feedback import quantize_many_with_feedback, quantize_with_feedback
+from symshrink.passes.quant.feedback import FEEDBACK_COLUMNS, quantize_many_with_feedback, quantize_with_feedback
 from symshrink.passes.quant.qdq import CONV_PRODUCTS, PRODUCTS, ensure_gather_domain, ensure_opset, tied_product
 from symshrink.runtime.formats import (
     FORMATS,
@@ -58,14 +58,18 @@ class Encoded:
 def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None, shift: np.ndarray | None) -> float:
     """||x (W - W') - shift|| / ||x W|| in expectation over the calibration moments (without them: the
     relative Frobenius error of the weight). A mean-matching shift leaves only the centred part."""
-    diff = weight.astype(np.float64) - approx.astype(np.float64)
-    if stats is None:
-        return float(np.linalg.norm(diff) / max(np.linalg.norm(weight), 1e-30))
-    mean, covariance = stats.mean, stats.covariance
-    residual_mean = mean @ diff - (0.0 if shift is None else shift)
-    error = np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
-    signal = np.einsum("kn,kn->", weight, covariance @ weight) + np.sum((mean @ weight) ** 2)
-    return float(np.sqrt(max(error, 0.0) / max(signal, 1e-30)))
+    error = signal = 0.0
+    for start in range(0, weight.shape[1], FEEDBACK_COLUMNS):  # float64 copies of K x FEEDBACK_COLUMNS at most
+        columns = slice(start, start + FEEDBACK_COLUMNS)
+        part, diff = weight[:, columns], weight[:, columns].astype(np.float64) - approx[:, columns].astype(np.float64)
+        if stats is None:
+            error, signal = error + np.sum(diff**2), signal + np.sum(part.astype(np.float64) ** 2)
+            continue
+        mean, covariance = stats.mean, stats.covariance
+        residual_mean = mean @ diff - (0.0 if shift is None else shift[columns])
+        error += np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
+        signal += np.einsum("kn,kn->", part, covariance @ part) + np.sum((mean @ part) ** 2)
+    return float(np.sqrt(max(error, 0.0) / max(signal, 1e-60)))
 
 
 ROUNDINGS = ("feedback", "nearest")  # second-moment rounding on the calibration statistics, or round to nearest
