@@ -56,9 +56,9 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
 
 
 def check_proto(proto: onnx.ModelProto, name: str, folder: Path | None = None) -> None:
-    """The checks every model gets before any work (nothing allocated yet): a graph with nodes, a default opset this
-    install runs, every value written once, every tensor holding the bytes its shape declares, and external data
-    only in `folder` (the model's; None: a model in memory, which may not refer to files)."""
+    """The checks every model gets before any work (nothing allocated yet): a graph with nodes and outputs, a default
+    opset this install runs, every value written once, every tensor holding the bytes its shape declares, and
+    external data only in `folder` (the model's; None: a model in memory, which may not refer to files)."""
     if not proto.graph.node:
         raise BadInput(f"{name}: not an ONNX model (no graph nodes)")
     if not proto.graph.output:
@@ -145,16 +145,21 @@ def _check_tensor(tensor: onnx.TensorProto, name: str, folder: Path | None) -> N
 
 
 def _check_location(tensor: str, location: str, name: str, folder: Path | None) -> None:
-    """External data stays in the model's folder: a relative path without `..`, not through a symlink that leaves it."""
+    """External data stays in the model's folder: a relative path without `..`, not through a symlink that leaves it
+    (onnx-ir refuses those too, as a path traversal)."""
     if not location:
         raise BadInput(f"{name}: tensor {tensor!r} is declared external data without a location: the file is corrupt")
     if folder is None:
         raise BadInput(f"{name}: tensor {tensor!r} is stored in the external data file {location}: give the model's "
                        "path, or load it with its external data (onnx.load) first")
     base = os.path.realpath(folder)
-    target = os.path.realpath(os.path.join(base, location))
+    given = os.path.join(base, location)
+    target = os.path.realpath(given)
     if os.path.isabs(location) or ".." in Path(location).parts or os.path.commonpath([base, target]) != base:
-        link = "" if os.path.normpath(os.path.join(base, location)) == target else f" (a link to {target})"
+        if os.path.normpath(given) == os.path.join(base, Path(name).name):  # --stream reads the weights from the model
+            raise BadInput(f"{name} is a link to {target}, in another folder: give that path (the weights are read "
+                           "from the file itself)")
+        link = "" if os.path.normpath(given) == target else f" (a link to {target})"
         raise BadInput(f"{name}: tensor {tensor!r} reads its external data from {location}{link}, outside the model's "
                        "folder: refused (keep the data files beside the model)")
 

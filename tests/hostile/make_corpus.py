@@ -462,6 +462,17 @@ def make_corpus(folder: str | os.PathLike | None) -> list[Case]:
                                        CALIB: calib},
            _argv(), bad, "outside the model's folder", outside=("secret.bin",),
            about="W1 in w.data, a symlink to a file outside the model's folder", api=_compress_api())
+    hub = {"blobs/aaa": _external(mlp(), "W1", "m.onnx.data"), "blobs/bbb": w1, CALIB: calib,
+           "snapshot/m.onnx": ("symlink", "../blobs/aaa"), "snapshot/m.onnx.data": ("symlink", "../blobs/bbb")}
+    w.case("hub_cache_layout", hub, _argv(model="snapshot/m.onnx"), bad, "outside the model's folder",
+           about="a Hugging Face cache: snapshot/m.onnx and its m.onnx.data are links into ../blobs (onnx-ir refuses "
+                 "such links as path traversal)", api=_compress_api(model="snapshot/m.onnx"))
+    linked = {"blobs/ccc": mlp(), CALIB: calib, "snapshot/m.onnx": ("symlink", "../blobs/ccc")}
+    w.case("model_is_a_link", linked, _argv(model="snapshot/m.onnx"), "ok", "",
+           about="snapshot/m.onnx, weights inside, is a link to ../blobs/ccc", api=_compress_api(model="snapshot/m.onnx"))
+    w.case("model_is_a_link_stream", linked, _argv("--stream", model="snapshot/m.onnx"), bad, "is a link to",
+           about="as model_is_a_link, with --stream (the weights are read lazily from the file itself)")
+    # (no API equivalent: the API loads whole models, it does not stream)
     w.case("external_location_is_folder", {MODEL: _external(mlp(), "W1", "sub"), "sub": ("folder",), CALIB: calib},
            _argv(), bad, "missing external data", about="W1's location is a folder", api=_compress_api())
 
