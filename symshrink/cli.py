@@ -103,6 +103,11 @@ def _bytes(text: str, flag: str) -> int:
     return size
 
 
+def _block_bytes(text: str | None) -> dict[str, int]:
+    """--block-bytes as an option (none given: the options' default)."""
+    return {} if text is None else {"block_bytes": _bytes(text, "--block-bytes")}
+
+
 def _size(text: str | None) -> int | float | None:
     """A target file size: a fraction of the current size (0 < f < 1, a float) or bytes with an optional
     kB/MB/GB (an int)."""
@@ -140,7 +145,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, max_loss=args.max_loss, task=args.task, threads=args.threads,
-                           stream=args.stream, **({"block_bytes": _bytes(args.block_bytes, "--block-bytes")} if args.block_bytes else {}),
+                           stream=args.stream, **_block_bytes(args.block_bytes),
                            progress=not args.quiet and not args.json)
 
 

@@ -26,10 +26,10 @@ from symshrink.calibration.feeds import load_feeds, random_feeds, split_holdout
 from symshrink.calibration.stats import UnitStats, sample_patches, subsample_rows
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
+    TWO_GB,
     claim_outputs,
     input_files,
     load_model,
-    TWO_GB,
     model_bytes_on_disk,
     resolve_model,
     save_model,

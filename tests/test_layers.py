@@ -21,9 +21,10 @@ LAYERS = [
     ["symshrink.passes.quant"],
     ["symshrink.passes.moment", "symshrink.passes.ternary", "symshrink.passes.hyper"],
     ["symshrink.allocate"],  # chooses among the methods' candidates
+    ["symshrink.lazyweights"],  # reads a model's graph without its weights
     ["symshrink.calibration.feeds", "symshrink.modelio", "symshrink.baselines"],
     ["symshrink.options"],
-    ["symshrink.rules", "symshrink.report"],
+    ["symshrink.rules", "symshrink.report", "symshrink.stream"],  # stream: runs a model block by block
     ["symshrink.pipeline"],
     ["symshrink.sweep"],  # runs the pipeline at several budgets
     ["symshrink.api", "symshrink.testing", "symshrink.cli"],

@@ -45,15 +45,23 @@ FEEDBACK_COLUMNS = 1 << 13  # columns of one grid rounded together (quantize_wit
 ONE_PASS_COLUMNS = 1 << 16  # columns of all grids side by side in one pass: four float64 arrays of K x this at most
 
 
-def damped_cholesky_inverse(hessian: np.ndarray, damping: float = DAMPING) -> tuple[np.ndarray, np.ndarray]:
+def damped_cholesky_inverse(hessian: np.ndarray, damping: float = DAMPING,
+                             overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(U, dead): U upper triangular with U^T U = (H + damping mean(diag H) I)^-1, and the rows no input reaches
-    (diag H = 0: their weights never matter and are set to zero)."""
-    h = np.array(hessian, dtype=np.float64)
+    (diag H = 0: their weights never matter and are set to zero). LAPACK in place (potrf, potri, potrf): one K x K
+    array besides `hessian` (none with `overwrite`, a float64 array of the caller's that is then consumed)."""
+    h = hessian if overwrite and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damping * float(np.mean(np.diag(h)))
-    inverse = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h, lower=True), np.eye(len(h)))
-    return scipy.linalg.cholesky(inverse, lower=False), dead
+    factor, info = scipy.linalg.lapack.dpotrf(h, lower=0, clean=0, overwrite_a=1)  # H = F^T F
+    if info == 0:
+        factor, info = scipy.linalg.lapack.dpotri(factor, lower=0, overwrite_c=1)  # H^-1, upper triangle
+    if info == 0:
+        factor, info = scipy.linalg.lapack.dpotrf(factor, lower=0, clean=1, overwrite_a=1)  # H^-1 = U^T U
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the damped second moment is not positive definite (LAPACK info {info})")
+    return factor, dead
 
 
 class Grid(Protocol):
@@ -119,8 +127,7 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
     rows, cols = weight.shape
     size = rows if block is None else block
     order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
-    h = np.asarray(hessian)[np.ix_(order, order)]
-    u, dead = damped_cholesky_inverse(h, damping)
+    u, dead = damped_cholesky_inverse(np.asarray(hessian, np.float64)[np.ix_(order, order)], damping, overwrite=True)
     w = weight.astype(np.float64)[order]
     w[dead] = 0.0
     if act_order:  # static frames, one per block of the stored layout
@@ -180,7 +187,7 @@ def quantize_many_with_feedback(weight: np.ndarray, hessian: np.ndarray, grids: 
         return {**quantize_many_with_feedback(weight, hessian, grids[:half], symmetric, damping, batch),
                 **quantize_many_with_feedback(weight, hessian, grids[half:], symmetric, damping, batch)}
     order = np.argsort(-np.diag(hessian), kind="stable")
-    u, dead = damped_cholesky_inverse(np.asarray(hessian)[np.ix_(order, order)], damping)
+    u, dead = damped_cholesky_inverse(np.asarray(hessian, np.float64)[np.ix_(order, order)], damping, overwrite=True)
     given = weight.astype(np.float64)
     given[order[dead]] = 0.0
     frames = {}

@@ -18,7 +18,7 @@ from symshrink.lazyweights import slim_proto
 from symshrink.modelio import load_model
 from symshrink.options import options_from
 from symshrink.passes.analysis.blocks import node_reads, partition
-from symshrink.runtime.ort import make_session, run_all
+from symshrink.runtime.ort import run_all
 from symshrink.stream import Spool, stream_outputs
 
 D, HIDDEN, LAYERS = 32, 128, 6
