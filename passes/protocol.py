@@ -63,6 +63,8 @@ class Offer:
     sites: list[Site]
     candidates: dict[str, list[Candidate]]
     rewrite: Callable[[Mapping[str, Candidate]], InPlacePass]
+    # start computing the payloads of a choice elsewhere (a cluster's workers), to be fetched when the rewrite runs
+    prefetch: Callable[[Mapping[str, Candidate]], None] | None = None
 
     def table(self) -> str:
         """One line per site: its size and the byte range and settings of its candidates."""

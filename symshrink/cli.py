@@ -145,7 +145,7 @@ def compress_options(args: argparse.Namespace) -> CompressOptions:
                            calib_samples=args.calib_samples, calib_layout=args.calib_layout,
                            random_calib=args.random_calib, plan_out=args.plan_out, max_error=args.max_error,
                            min_cosine=args.min_cosine, max_loss=args.max_loss, task=args.task, threads=args.threads,
-                           stream=args.stream, **_block_bytes(args.block_bytes),
+                           stream=args.stream, cluster=args.cluster, **_block_bytes(args.block_bytes),
                            progress=not args.quiet and not args.json)
 
 
@@ -446,6 +446,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                       help="block by block in bounded memory, weights read from disk when coded (--method quant with "
                            "--bits or --layer-error; default: on when the input passes 2 GB)")
+    comp.add_argument("--cluster", metavar="ADDRESS",
+                      help="with --stream, encode on a Dask cluster: a scheduler's address (tcp://host:8786) or local:N "
+                           "for N local worker processes (pip install 'symshrink[cluster]')")
     comp.add_argument("--block-bytes", help="weights per block with --stream (bytes, kB, MB, GB; default 64 MiB)")
     comp.add_argument("--plan", help="replay a plan written by --plan-out")
     comp.add_argument("--plan-out", help="write the plan (with kept units) as JSON")

@@ -202,6 +202,7 @@ class CompressOptions:
     threads: int | None = None
     stream: bool | None = None  # block by block in bounded memory (None: when the input's weights pass 2 GB)
     block_bytes: int = 64 * 2**20  # weights per block when streaming
+    cluster: str | None = None  # a Dask scheduler's address, or local:N: the streamed encodings run there
     progress: bool = True
     seed: int = 0
 

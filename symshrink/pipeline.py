@@ -24,6 +24,7 @@ from tqdm import tqdm
 from symshrink.allocate import plan_bytes, scaled_error, squared_error
 from symshrink.calibration.feeds import load_feeds, random_feeds, split_holdout
 from symshrink.calibration.stats import UnitStats, sample_patches, subsample_rows
+from symshrink.cluster import connect
 from symshrink.errors import BadInput, NothingToCompress, OutsideTolerance
 from symshrink.modelio import (
     TWO_GB,
@@ -547,12 +548,14 @@ def _finite_reference(expected: list) -> list:
 
 
 def compress_streamed(model: ir.Model, source: str, feeds: list, options: CompressOptions,
-                      bytes_before: int) -> CompressReport:
+                      bytes_before: int, submit: Callable | None = None) -> CompressReport:
     """`--method quant --bits B` block by block (`symshrink.stream`): the calibration and held-out feeds run through
     one block of the original model at a time; the block's sites take their input moments from its fit feeds, are
     coded and written in place before the next block is built (weights read one site at a time); then the held-out
     feeds run through the coded model block by block and are verified. The same statistics as the whole-model path
-    where no rows are subsampled (<= rows_per_batch per batch and site), hence the same codes."""
+    where no rows are subsampled (<= rows_per_batch per batch and site), hence the same codes. With `submit` (a
+    cluster's, `symshrink.cluster`), each block's encodings run there while the next blocks stream, and are written
+    in graph order once all blocks have run: the same bytes."""
     fit_feeds, holdout = split_holdout(feeds)
     report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=["quant"],
                             parameters=float_parameters(model))
@@ -586,15 +589,26 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
         nodes = {node.name: node for node in model.graph}
         offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
                            rounding=options.weights.rounding_for("quant"), symmetric=not options.quant.zero_points,
-                           act_order=options.quant.act_order)
+                           act_order=options.quant.act_order, submit=submit)
         chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
-        plan.layers += _write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers
+        if offer.prefetch is not None:
+            offer.prefetch(chosen)
+            pending.append((offer, chosen, reasons))
+        else:
+            write(offer, chosen, reasons)
         stats.clear()
-        progress.update(len(block_sites[i]))
+
+    def write(offer, chosen, reasons) -> None:
+        plan.layers.extend(_write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers)
+        progress.update(len(chosen))
+
+    pending = []
 
     last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
     spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, accumulate, code_block,
                           last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks))
+    for offer, chosen, reasons in pending:  # the cluster's codes, in graph order
+        write(offer, chosen, reasons)
     names = [v.name for v in model.graph.outputs]
     expected = _finite_reference([{n: np.array(values[n]) for n in names} for values in spool.feeds[len(fit_feeds):]])
     spool.close()
@@ -688,9 +702,12 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     before = sum(f.stat().st_size for f in model_files)
     streaming = options.stream if options.stream is not None else options.streamable() and before >= TWO_GB
     model, path = load_model(model_spec, lazy=streaming)
+    if options.cluster is not None and not streaming:
+        raise BadInput("--cluster runs the encodings of --stream: give --stream (--method quant with --bits B)")
     if streaming:  # no whole-model session: the inputs as the graph declares them
         feeds = calibration_feeds(options, model_spec, graph_input_specs(model))
-        report = compress_streamed(model, str(path), feeds, options, before)
+        with connect(options.cluster) as submit:
+            report = compress_streamed(model, str(path), feeds, options, before, submit)
     else:
         reference = make_session(path, options.threads)
         feeds = calibration_feeds(options, model_spec, input_specs(reference, model))

@@ -24,7 +24,7 @@ LAYERS = [
     ["symshrink.lazyweights"],  # reads a model's graph without its weights
     ["symshrink.calibration.feeds", "symshrink.modelio", "symshrink.baselines"],
     ["symshrink.options"],
-    ["symshrink.rules", "symshrink.report", "symshrink.stream"],  # stream: runs a model block by block
+    ["symshrink.rules", "symshrink.report", "symshrink.stream", "symshrink.cluster"],  # stream: runs a model block by block
     ["symshrink.pipeline"],
     ["symshrink.sweep"],  # runs the pipeline at several budgets
     ["symshrink.api", "symshrink.testing", "symshrink.cli"],

@@ -96,6 +96,26 @@ def _encode_site(weight: Callable[[], np.ndarray], stats: UnitStats | None, bloc
     return Encoded(quantized, None, output_error(weight(), quantized.dequantize(), stats, None))
 
 
+class RemoteEncoding:
+    """`encode_grid` of a site run by `submit` (a cluster's: submit(fn, *args) -> a future with .result()): started by
+    `start()` (the weight read here and shipped with its statistics), its result fetched once when first asked for."""
+
+    def __init__(self, submit: Callable, weight: Callable[[], np.ndarray], *settings: object):
+        self.submit, self.weight, self.settings = submit, weight, settings
+        self.future, self.result = None, None
+
+    def start(self) -> None:
+        if self.future is None and self.result is None:
+            self.future = self.submit(encode_grid, self.weight(), *self.settings)
+            self.weight = self.settings = None  # the shipped copies are the cluster's now
+
+    def __call__(self) -> Encoded:
+        if self.result is None:
+            self.start()
+            self.result, self.future = self.future.result(), None
+        return self.result
+
+
 def write_codes(model: ir.Model, writes: Sequence[tuple[WeightSite, Encoded, str, Callable[[str], Product]]],
                 progress: bool) -> None:
     """Replace each site's product by its codes': (site, encoding, codec label, the product's maker, given the
@@ -306,15 +326,16 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                passed_over: dict[str, str], bits: Sequence[int] = GRID_BITS, rounding: str = "feedback",
                progress: bool = False, symmetric: bool = False, act_order: bool = False,
                more_blocks: Sequence[int] = (), one_pass: bool | None = None,
-               table_blocks: Sequence[int] = ()) -> Offer:
+               table_blocks: Sequence[int] = (), submit: Callable | None = None) -> Offer:
     """Per weight site, each grid its format can hold (widest first; encoded when first asked for, by `rounding`,
     with its calibrated output error), at `block` rows per scale and at each of `more_blocks` (for the allocator:
     wider blocks, fewer scales), then fp32; rows per scale by `site_block`. Bytes from the format table
     (GatherBlockQuantized for tables; `table_blocks`: more rows per scale for them alone); fp32's as the weight is
     stored now. `one_pass` (default: with `more_blocks`,
-    fed back in act-order): every grid of a site encoded in one pass over its rows."""
+    fed back in act-order): every grid of a site encoded in one pass over its rows. With `submit` (a cluster's), each
+    grid is encoded there (`RemoteEncoding`), started by the offer's `prefetch` of a choice."""
     one_pass = bool(more_blocks) if one_pass is None else one_pass
-    offered, candidates = [], {}
+    offered, candidates, remote = [], {}, {}
     for site in sites:
         shape = (site.rows, site.cols)
         dense = site.elements * _itemsize(site, nodes)
@@ -340,13 +361,19 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
             together = cache(lambda weight=weight, moments=stats[site.statistic], grids=list(grids):
                              quantize_many_with_feedback(weight(), moments.second_moment, grids, symmetric))
         for (size, b), (row, settings) in grids.items():
-            encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
-                                    act_order, together))
+            if submit is not None and together is None:
+                encoded = RemoteEncoding(submit, weight, stats.get(site.statistic), size, b, rounding, symmetric,
+                                         act_order)
+            else:
+                encoded = cache(partial(_encode_site, weight, stats.get(site.statistic), size, b, rounding, symmetric,
+                                        act_order, together))
             options.append(Candidate(site.node, f"uint{b}", f"{b}-bit {'fed back' if fed else 'nearest'}"
                                      f"{' act-order' if fed and act_order else ''} "
                                      f"b{size or 'channel'}{' sym' if symmetric else ''}",
                                      row.predict_bytes(shape, **settings) + (TIED_EXTRA_BYTES if site.tied else 0),
                                      lambda encoded=encoded: encoded().relative_error, encoded))
+            if isinstance(encoded, RemoteEncoding):
+                remote[options[-1]] = encoded
         options.append(Candidate(site.node, "fp32", "fp32", dense, known(0.0), known(None)))
         offered.append(Site(site.node, "table" if site.table else "weight", shape, dense))
         candidates[site.node] = options
@@ -368,4 +395,9 @@ def grid_offer(sites: list[WeightSite], stats: dict[str, UnitStats], nodes: dict
                 encodings[site.node] = pick.payload()
         return CodesPass(plan, sites, encodings, progress, packed=True)
 
-    return Offer("quant", offered, candidates, rewrite)
+    def prefetch(chosen: Mapping[str, Candidate]) -> None:
+        for pick in chosen.values():
+            if pick in remote:
+                remote[pick].start()
+
+    return Offer("quant", offered, candidates, rewrite, prefetch if remote else None)

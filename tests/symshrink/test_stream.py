@@ -166,3 +166,23 @@ def test_stream_refuses_the_allocator_and_other_methods():
     with pytest.raises(BadInput, match="--stream"):
         options_from(stream=True, method="ternary")
     assert options_from(stream=True, method="quant", bits=4).streamable()
+
+
+def test_a_local_cluster_writes_the_bytes_of_the_single_process_run(residual_path, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    common = ["compress", residual_path, "--method", "quant", "--bits", "4", "--calib", tmp_path / "calib.npz", "-q",
+              "--min-cosine", "0.9", "--stream", "--block-bytes", str(LAYER_BYTES)]
+    assert main([str(a) for a in [*common, "-o", tmp_path / "one.onnx"]]) == 0
+    assert main([str(a) for a in [*common, "-o", tmp_path / "two.onnx", "--cluster", "local:2"]]) == 0
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "two.onnx").read_bytes()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--cluster", "local:2"], "--cluster runs the encodings of --stream"),
+    (["--stream", "--cluster", "local:x"], "local:N takes a number of workers"),
+    (["--stream", "--block-bytes", "lots"], "--block-bytes must be a number of bytes"),
+])
+def test_cluster_and_block_options_are_checked(residual_path, tmp_path, capsys, argv, expected):
+    code = main([str(a) for a in ["compress", residual_path, "-o", tmp_path / "o.onnx", "--method", "quant", "--bits",
+                                  "4", "--random-calib", "-q", *argv]])
+    assert code == 2 and expected in capsys.readouterr().err
