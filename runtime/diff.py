@@ -48,17 +48,22 @@ def compare_outputs(reference: list[dict], candidate: list[dict]) -> list[Output
             diffs.append(OutputDiff(name, 0.0 if exact else float("inf"), 0.0, 0.0 if exact else 1.0,
                                     1.0 if exact else 0.0, None))
             continue
-        a = np.concatenate([r.reshape(-1) for r in refs]).astype(np.float64)
-        b = np.concatenate([c.reshape(-1) for c in cands]).astype(np.float64)
-        delta = np.abs(a - b)
-        norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
-        rel = float(np.linalg.norm(a - b) / norm_a) if norm_a > 0 else float(np.linalg.norm(b) > 0)
-        cosine = float(a @ b / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
+        # sums over the feeds one at a time (float64 copies of one feed's output, not of all of them)
+        aa = bb = ab = dd = total = 0.0
+        largest, count = 0.0, 0
+        for r, c in zip(refs, cands):
+            a, b = r.reshape(-1).astype(np.float64), c.reshape(-1).astype(np.float64)
+            delta = np.abs(a - b)
+            aa, bb, ab, dd = aa + a @ a, bb + b @ b, ab + a @ b, dd + delta @ delta
+            largest, total, count = max(largest, float(delta.max(initial=0.0))), total + float(delta.sum()), count + a.size
+        norm_a, norm_b = np.sqrt(aa), np.sqrt(bb)
+        rel = float(np.sqrt(dd) / norm_a) if norm_a > 0 else float(norm_b > 0)
+        cosine = float(ab / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
         top1 = None
         if _is_logits(name, refs):
             agree = [np.mean(r.argmax(-1) == c.argmax(-1)) for r, c in zip(refs, cands)]
             top1 = float(np.mean(agree))
-        diffs.append(OutputDiff(name, float(delta.max(initial=0.0)), float(delta.mean()), rel, cosine, top1))
+        diffs.append(OutputDiff(name, largest, total / count if count else float("nan"), rel, cosine, top1))
     return diffs
 
 

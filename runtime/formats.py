@@ -85,6 +85,9 @@ def split_blocks(weight: np.ndarray, block: int | None) -> np.ndarray:
     return padded.reshape(-1, size, cols)
 
 
+DEQUANTIZE_COLUMNS = 1 << 13
+
+
 def expand_scales(scales: np.ndarray, rows: int, block: int | None) -> np.ndarray:
     """Per-block values [blocks, N] -> one per weight row [K, N]."""
     return np.repeat(scales, rows if block is None else block, axis=0)[:rows]
@@ -103,9 +106,13 @@ class QuantizedWeight:
     symmetric: bool = False  # every zero point 2^(bits-1): stored as signed codes q - 2^(bits-1), without them
 
     def dequantize(self) -> np.ndarray:
-        rows = self.codes.shape[0]
-        offsets = self.codes.astype(np.float64) - expand_scales(self.zero_points, rows, self.block)
-        return (offsets * expand_scales(self.scales, rows, self.block)).astype(self.scales.dtype)
+        rows, cols = self.codes.shape
+        values = np.empty((rows, cols), self.scales.dtype)
+        for start in range(0, cols, DEQUANTIZE_COLUMNS):  # float64 temporaries of K x DEQUANTIZE_COLUMNS at most
+            part = slice(start, start + DEQUANTIZE_COLUMNS)
+            offsets = self.codes[:, part].astype(np.float64) - expand_scales(self.zero_points[..., part], rows, self.block)
+            values[:, part] = offsets * expand_scales(self.scales[..., part], rows, self.block)
+        return values
 
 
 GRID_BITS = (8, 4, 2)  # the integer grids written: onnxruntime's MatMulNBits keeps each narrow in memory

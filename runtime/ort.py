@@ -40,7 +40,8 @@ def make_session(path: str | os.PathLike, threads: int | None = None, optimize: 
         raise BadInput(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
 
 
-def session_for_model(model: ir.Model, threads: int | None = None, extra_outputs: Sequence[str] = ()):
+def session_for_model(model: ir.Model, threads: int | None = None, extra_outputs: Sequence[str] = (),
+                      optimize: bool = True):
     """A session over an in-memory IR model (written to a temporary folder so external data works).
     `extra_outputs` names intermediate values to expose as outputs (the model itself is left as it was)."""
     values = {v.name: v for node in model.graph for v in node.outputs}
@@ -52,7 +53,7 @@ def session_for_model(model: ir.Model, threads: int | None = None, extra_outputs
             path = Path(tmp) / "model.onnx"
             big = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
             ir.save(model, path, external_data="model.onnx.data" if big > 2**30 else None)
-            return make_session(path, threads)
+            return make_session(path, threads, optimize)
     finally:
         for _ in added:
             model.graph.outputs.pop()
@@ -88,10 +89,12 @@ def run_all(session: ort.InferenceSession, feeds: Iterable[Feeds], names: Sequen
 def stream_probes(model: ir.Model, names: Sequence[str], feeds: Iterable[Feeds],
                   threads: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """For each feed, the values of the named intermediate tensors or graph inputs (one batch in memory at
-    a time)."""
+    a time). The session is unoptimised, every node its own kernel: onnxruntime's fusions change the last bits of
+    a value and stop at probed ones, so the statistics would depend on what else is probed, or on where a
+    block-by-block run cuts the graph."""
     inputs = {v.name for v in model.graph.inputs}
     computed = [name for name in dict.fromkeys(names) if name not in inputs]
-    session = session_for_model(model, threads, extra_outputs=computed)
+    session = session_for_model(model, threads, extra_outputs=computed, optimize=False)
     for feed in feeds:
         values = dict(zip(computed, session.run(computed, feed))) if computed else {}
         yield values | {name: np.asarray(feed[name]) for name in names if name in inputs}

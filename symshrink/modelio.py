@@ -199,11 +199,12 @@ def _total_initializer_bytes(model: ir.Model) -> int:
 
 
 def external_files(path: str | os.PathLike) -> list[Path]:
-    """The .onnx and the external data files its tensors name (those that exist)."""
+    """The .onnx and the external data files its tensors name (those that exist). Read without the weights
+    (`lazyweights.slim_proto`): a model of any size costs its graph's bytes here."""
     path = Path(path)
     files = {path}
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = slim_proto(path)
     except Exception:  # noqa: BLE001 (not a model: the file alone)
         return [path]
     for tensor in proto.graph.initializer:

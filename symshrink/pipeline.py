@@ -606,7 +606,7 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
 
     last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
     spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, accumulate, code_block,
-                          last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks))
+                          last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks), optimize=False)
     for offer, chosen, reasons in pending:  # the cluster's codes, in graph order
         write(offer, chosen, reasons)
     names = [v.name for v in model.graph.outputs]

@@ -104,22 +104,24 @@ def block_proto(model: ir.Model, block: Block, outputs: Sequence[str], input_typ
 
 
 def block_session(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype],
-                  threads: int | None) -> ort.InferenceSession:
+                  threads: int | None, optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime session of the block (from bytes: one block's weights in memory, nothing on disk)."""
     data = block_proto(model, block, outputs, input_types).SerializeToString()
-    return ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, session_options(threads, optimize), providers=["CPUExecutionProvider"])
 
 
 def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict[str, np.ndarray]],
                   threads: int | None = None, probes: Callable[[int, Block], Sequence[str]] | None = None,
                   on_feed: Callable[[int, int, dict[str, np.ndarray]], None] | None = None,
                   on_block: Callable[[int, Block], None] | None = None,
-                  memory_bytes: int = SPOOL_MEMORY_BYTES, last_block: Callable[[int], int] | None = None) -> Spool:
+                  memory_bytes: int = SPOOL_MEMORY_BYTES, last_block: Callable[[int], int] | None = None,
+                  optimize: bool = True) -> Spool:
     """Run `feeds` through the blocks in order. Per block, `probes(i, block)` names values (the block's inputs or
     values it makes) handed to `on_feed(i, feed index, arrays)` as each feed has run (one feed's in memory at a time);
     then `on_block(i, block)`, before the next block is built (a rewrite of block i may happen there). A feed runs up
     to block `last_block(feed index)` (default: all). Returns the values live after the last block (the graph
-    outputs), per feed ({} for feeds that stopped before it)."""
+    outputs), per feed ({} for feeds that stopped before it). Calibration runs unoptimised (`optimize`): the values
+    are then those of the whole model's unoptimised session, wherever the cuts fall (`runtime.ort.stream_probes`)."""
     spool = Spool(memory_bytes)
     for feed in feeds:
         spool.append({name: np.asarray(array) for name, array in feed.items()})
@@ -127,17 +129,21 @@ def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict
         asked = list(probes(i, block)) if probes is not None else []
         outputs = list(dict.fromkeys([*block.outputs, *(name for name in asked if name not in block.inputs)]))
         types = {name: spool.feeds[0][name].dtype for name in block.inputs if spool.feeds and name in spool.feeds[0]}
-        session = block_session(model, block, outputs, types, threads) if block.nodes else None
+        session = block_session(model, block, outputs, types, threads, optimize) if outputs else None
         after = Spool(memory_bytes)
         for index, values in enumerate(spool):
             if last_block is not None and last_block(index) < i:
                 after.append({})
                 continue
-            results = dict(zip(outputs, session.run(outputs, {n: values[n] for n in block.inputs if n in values})))
+            feed = {name: values[name] for name in block.inputs if name in values}
+            results = dict(zip(outputs, session.run(outputs, feed))) if session is not None else {}
             if on_feed is not None and asked:
                 on_feed(i, index, {name: results[name] if name in results else values[name] for name in asked})
-            after.append({name: values[name] for name in block.carried if name in values}
-                         | {name: results[name] for name in block.outputs})
+            if last_block is not None and last_block(index) == i:
+                after.append({})  # this feed's last block: nothing of it is read again
+            else:
+                after.append({name: values[name] for name in block.carried if name in values}
+                             | {name: results[name] for name in block.outputs})
             del results
         del session
         spool.close()
