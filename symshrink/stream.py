@@ -135,11 +135,14 @@ def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict
             if last_block is not None and last_block(index) < i:
                 after.append({})
                 continue
+            last = last_block is not None and last_block(index) == i
             feed = {name: values[name] for name in block.inputs if name in values}
-            results = dict(zip(outputs, session.run(outputs, feed))) if session is not None else {}
+            needed = session is not None and not (last and all(name in values for name in asked))
+            results = dict(zip(outputs, session.run(outputs, feed))) if needed else {}  # (a last block read only
+            # for its inputs, as a head's for its moments, is not run)
             if on_feed is not None and asked:
                 on_feed(i, index, {name: results[name] if name in results else values[name] for name in asked})
-            if last_block is not None and last_block(index) == i:
+            if last:
                 after.append({})  # this feed's last block: nothing of it is read again
             else:
                 after.append({name: values[name] for name in block.carried if name in values}
