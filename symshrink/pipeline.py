@@ -251,6 +251,9 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
     fewest bits within --layer-error), under a budget by the allocator (`_allocate_grids`), or replay a --plan, and
     write them in place. The plan it wrote."""
     recorded = _recorded_grids(options.moment.plan) if options.moment.plan else None
+    if options.moment.plan and recorded is None and "moment" not in options.method:
+        raise BadInput(f"--plan {options.moment.plan} records no integer-grid plan (one is written by --method quant "
+                       "--plan-out)")
     block, allocating = options.weights.block, options.allocating() or recorded is not None
     packed = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
     select = partial(_large_convs, then=packed) if allocating else packed

@@ -213,7 +213,23 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
             passed[node.name] = f"weight {site.weight} is also read by other nodes (tied)"
         else:
             sites.append(site)
+    for owner, inner in _subgraph_nodes(model.graph):
+        if SITE_HANDLERS.get(inner.op_type) is not None and inner.domain in ("", "ai.onnx"):
+            passed[inner.name or f"{inner.op_type} in {owner.name}"] = (
+                f"inside the {owner.op_type} {owner.name}'s subgraph: weights in control-flow bodies stay fp32")
     return sites, passed
+
+
+def _subgraph_nodes(graph: ir.Graph):
+    """(the control-flow node owning it, node) for every node of every subgraph (If, Loop, Scan bodies), nested too."""
+    for node in graph:
+        for attribute in node.attributes.values():
+            bodies = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else \
+                list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else []
+            for body in bodies:
+                for inner in body:
+                    yield node, inner
+                yield from _subgraph_nodes(body)
 
 
 def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:

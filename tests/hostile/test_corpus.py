@@ -26,13 +26,6 @@ from tests.hostile.make_corpus import WIDTH, Case, make_corpus
 REPO = Path(__file__).resolve().parents[2]
 CASES = {case.name: case for case in make_corpus(None)}
 
-# what the product does not do yet, and where it would (docs/reliability.md lists them too). KNOWN_ISSUES: the run
-# keeps the contract but its report does not say why it left these sites alone; FAILING: the case fails the contract
-SUBGRAPHS = ("passes/analysis/weights.py find_weight_sites walks the main graph only: weights inside If/Loop/Scan "
-             "subgraphs are left fp32 (correctly) but the report gives no reason for them")
-KNOWN_ISSUES = {"if_subgraph_weights": SUBGRAPHS, "loop_subgraph_weights": SUBGRAPHS, "scan_subgraph_weights": SUBGRAPHS}
-FAILING = {"plan_without_grids": "symshrink/pipeline.py _quant_stage: _recorded_grids returns None for a --plan file "
-                                 "that records no integer-grid plan, and the run goes on without it (exit 0)"}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +119,7 @@ def _api(case: Case) -> None:
     elif case.code == 0:
         proto, report = compress(api.model, api.calibration, **api.kwargs)
         assert isinstance(proto, onnx.ModelProto) and report.passed, report.failures
-        if case.expect == "skip-with-reason" and case.name not in KNOWN_ISSUES:
+        if case.expect == "skip-with-reason":
             assert case.phrase in _reasons(report.to_dict())
         return
     else:
@@ -137,8 +130,7 @@ def _api(case: Case) -> None:
     assert (api.phrase or case.phrase) in message
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=FAILING[name]))
-                                  if name in FAILING else name for name in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_case(name: str, corpus: Path, capsys, monkeypatch) -> None:
     case = CASES[name]
     folder = corpus / name
@@ -155,7 +147,7 @@ def test_case(name: str, corpus: Path, capsys, monkeypatch) -> None:
         assert case.phrase in lines[0], lines[0]
     else:
         assert all(line.startswith("WARNING: ") for line in err.splitlines()), err
-        if case.expect == "skip-with-reason" and name not in KNOWN_ISSUES:  # those: test_known_issue_says_why
+        if case.expect == "skip-with-reason":
             assert case.phrase in _reasons(json.loads(out)), out
     after = _snapshot(folder)
     assert {k: v for k, v in after.items() if k in before} == before  # every input as it was, none removed
@@ -167,16 +159,6 @@ def test_case(name: str, corpus: Path, capsys, monkeypatch) -> None:
     if case.api is not None:
         _api(case)
         assert _snapshot(folder) == after
-
-
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-                                  for name, reason in KNOWN_ISSUES.items()])
-def test_known_issue_says_why(name: str, corpus: Path, monkeypatch) -> None:
-    """Sites a run leaves alone come with the reason in the report (through the API: no file written)."""
-    case = CASES[name]
-    monkeypatch.chdir(corpus / name)
-    _, report = compress(case.api.model, case.api.calibration, **case.api.kwargs)
-    assert case.phrase in _reasons(report.to_dict())
 
 
 def test_the_corpus_is_the_issue_list() -> None:
