@@ -14,7 +14,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.modelio import check_proto, claim_output, input_files, load_model, model_bytes_on_disk, resolve_model, save_model
 from symshrink.options import CompressOptions, options_from
-from symshrink.pipeline import calibration_feeds, check_options, compress_model
+from symshrink.pipeline import calibration_feeds, check_options, compress_file_streamed, compress_model, streams
 from symshrink.report import CompressReport
 from symshrink.runtime.ort import input_specs, session_for_model
 
@@ -47,6 +47,15 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
     settings = options_from(calib_samples=calib_samples, calib_layout=calib_layout, **options)
     settings.calib, settings.random_calib = calibration, random_calibration
     check_options(settings)
+    path = None if isinstance(model, onnx.ModelProto) else resolve_model(model)
+    if streams(settings, model_bytes_on_disk(path) if path is not None and path.is_file() else 0):
+        if path is None:
+            raise BadInput("stream=True reads the model block by block from its file: give its path, not a ModelProto")
+        ir_model, report = compress_file_streamed(model, settings, model_bytes_on_disk(path) if path.is_file() else 0)
+        ir.external_data.load_to_model(ir_model)  # the weights left on disk go inside the returned model
+        compressed = ir.to_proto(ir_model)
+        report.bytes_after = compressed.ByteSize()
+        return compressed, report
     ir_model, source, before = _load(model)
     session = session_for_model(ir_model, settings.threads)
     feeds = calibration_feeds(settings, model if isinstance(model, str) else None, input_specs(session, ir_model))

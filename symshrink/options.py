@@ -228,7 +228,7 @@ class CompressOptions:
     def streamable(self) -> bool:
         """Whether the run can go block by block: integer grids chosen per layer (--bits, --layer-error), no budget
         over the whole model to allocate."""
-        return self.method == ("quant",) and not self.allocating() and self.moment.plan is None
+        return self.method == ("quant",) and not self.allocating() and self.moment.plan is None and self.max_loss is None
 
     def __post_init__(self) -> None:
         if self.method is None:

@@ -64,7 +64,8 @@ from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import graph_input_specs, input_specs, make_session, run_all, session_for_model, stream_probes
 from symshrink.stream import stream_blocks, stream_outputs
 
-__all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "check_options", "default_calib",
+__all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "compress_file_streamed", "streams",
+           "check_options", "default_calib",
            "calibration_feeds", "verify", "TaskBudget", "task_budget"]
 
 logger = logging.getLogger(__name__)
@@ -550,6 +551,24 @@ def _finite_reference(expected: list) -> list:
     return expected
 
 
+def streams(options: CompressOptions, input_bytes: int) -> bool:
+    """Whether a run goes block by block: --stream, or by default a streamable run on an input past 2 GB."""
+    streaming = options.stream if options.stream is not None else options.streamable() and input_bytes >= TWO_GB
+    if options.cluster is not None and not streaming:
+        raise BadInput("--cluster runs the encodings of --stream: give --stream (--method quant with --bits B)")
+    return streaming
+
+
+def compress_file_streamed(model_spec: str | Path, options: CompressOptions,
+                           input_bytes: int) -> tuple[ir.Model, CompressReport]:
+    """--stream's job on a model file: loaded with its weights left on disk, fed the inputs its graph declares (no
+    whole-model session), coded block by block (on the --cluster when one is given). The coded model and report."""
+    model, path = load_model(model_spec, lazy=True)
+    feeds = calibration_feeds(options, model_spec, graph_input_specs(model))
+    with connect(options.cluster) as submit:
+        return model, compress_streamed(model, str(path), feeds, options, input_bytes, submit)
+
+
 def compress_streamed(model: ir.Model, source: str, feeds: list, options: CompressOptions,
                       bytes_before: int, submit: Callable | None = None) -> CompressReport:
     """`--method quant --bits B` block by block (`symshrink.stream`): the calibration and held-out feeds run through
@@ -565,11 +584,14 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     packed = None if options.quant.dequantize_convs else partial(packed_sites, block=options.weights.block)
     sites, passed = find_weight_sites(model, options.weights.exclude, MIN_ELEMENTS, tables=True, convs=True)
     sites = packed(sites, passed) if packed is not None else sites
+    report.quant = plan = GridPlan(options.weights.block, options.weights.rounding_for("quant"),
+                                   options.weights.layer_error, not options.quant.zero_points, options.quant.act_order,
+                                   passed_over=passed)
+    if not sites:
+        raise NothingToCompress(f"nothing to compress with --method quant: {'; '.join(_no_site_reasons(report)[:6])}")
     blocks = partition(model.graph, options.block_bytes)
     in_block = [{node.name for node in block.nodes} for block in blocks]
     block_sites = [[site for site in sites if site.node in names] for names in in_block]
-    plan = GridPlan(options.weights.block, options.weights.rounding_for("quant"), options.weights.layer_error,
-                    not options.quant.zero_points, options.quant.act_order, passed_over=passed)
     rng = np.random.default_rng(options.seed)
     progress = tqdm(total=len(sites), desc="coding block by block", unit="layer", disable=not options.progress)
 
@@ -616,9 +638,6 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     expected = _finite_reference([{n: np.array(values[n]) for n in names} for values in spool.feeds[len(fit_feeds):]])
     spool.close()
     progress.close()
-    report.quant = plan
-    if not _sites(report):
-        raise NothingToCompress(f"nothing to compress with --method quant: {'; '.join(_no_site_reasons(report)[:6])}")
     outputs = stream_outputs(model, holdout, options.threads, options.block_bytes)
     report.diffs, report.failures = verify(expected, outputs, options)
     return report
@@ -703,21 +722,18 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
     if any(data.exists() and data.samefile(p) for p in inputs):
         raise BadInput(f"{data} (the output's external data file) is an input of this run: give another -o")
     before = sum(f.stat().st_size for f in model_files)
-    streaming = options.stream if options.stream is not None else options.streamable() and before >= TWO_GB
-    model, path = load_model(model_spec, lazy=streaming)
-    if options.cluster is not None and not streaming:
-        raise BadInput("--cluster runs the encodings of --stream: give --stream (--method quant with --bits B)")
-    if streaming:  # no whole-model session: the inputs as the graph declares them
-        feeds = calibration_feeds(options, model_spec, graph_input_specs(model))
-        with connect(options.cluster) as submit:
-            report = compress_streamed(model, str(path), feeds, options, before, submit)
+    streaming = streams(options, before)
+    if streaming:
+        model, report = compress_file_streamed(model_spec, options, before)
     else:
+        model, path = load_model(model_spec)
         reference = make_session(path, options.threads)
         feeds = calibration_feeds(options, model_spec, input_specs(reference, model))
         report = compress_model(model, str(path), feeds, options, before, reference, model_spec)
     report.output = str(claimed["output"])
     if report.failures:
-        report.bytes_after = None if streaming else ir.to_proto(model).ByteSize()  # the file it would have been
+        report.bytes_after = sum(v.const_value.nbytes for v in model.graph.initializers.values()) if streaming \
+            else ir.to_proto(model).ByteSize()  # the file it would have been (streaming: its weights, not serialised)
         if report_path is not None:
             write_report(report, claimed["--report"])
         raise OutsideTolerance("outside tolerance, nothing written: " + "; ".join(report.failures)

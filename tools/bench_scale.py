@@ -122,6 +122,37 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, onnxruntime {onnxruntime.__version__}"
 
 
+def site_times(shapes: list[tuple[int, int]], rows: int = SAMPLES * ROWS) -> list[dict]:
+    """Per weight site K x N: seconds to accumulate the input moments of `rows` rows, to code the site with
+    second-moment rounding and to nearest (4 bits, blocks of 32), each with its calibrated output error."""
+    from symshrink.calibration.stats import UnitStats  # noqa: PLC0415
+    from symshrink.passes.quant.grid import encode_grid  # noqa: PLC0415
+
+    rng, found = np.random.default_rng(0), []
+    for k, n in shapes:
+        weight = (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k))
+        stats, start = UnitStats(k), time.perf_counter()
+        for _ in range(rows // ROWS):
+            stats.add(rng.standard_normal((ROWS, k), dtype=np.float32))
+        moments = time.perf_counter() - start
+        times = {}
+        for rounding in ("feedback", "nearest"):
+            start = time.perf_counter()
+            encode_grid(weight, stats, 32, 4, rounding, symmetric=True)
+            times[rounding] = time.perf_counter() - start
+        found.append({"K": k, "N": n, "moments_s": moments, "feedback_s": times["feedback"], "nearest_s": times["nearest"]})
+        print(json.dumps(found[-1]), flush=True)
+    return found
+
+
+def site_table(sites: list[dict]) -> str:
+    lines = [f"| site K x N | moments of {SAMPLES * ROWS} rows, s | second-moment rounding, s | to nearest, s |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {s['K']} x {s['N']} | {s['moments_s']:.1f} | {s['feedback_s']:.1f} | {s['nearest_s']:.1f} |"
+              for s in sites]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | weights | job | wall s | peak RSS | peak / weights | output | time vs ORT |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -139,6 +170,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(out: Path, saved: Path, rows: list[dict], sites: list[dict]) -> None:
+    saved.write_text(json.dumps({"machine": machine(), "rows": rows, "sites": sites}, indent=1))
+    out.write_text(f"# Compression at scale\n\nMeasured by `tools/bench_scale.py` ({' '.join(sys.argv[1:])}) on "
+                   f"{machine()}; each job in its own process, peak = its VmHWM.\n\n{table(rows)}\n"
+                   + (f"\nSingle sites (4 bits, blocks of 32, in this process):\n\n{site_table(sites)}\n" if sites else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs=3, metavar=("JOB", "MODEL", "OUT"), help=argparse.SUPPRESS)
@@ -148,6 +186,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/symshrink-scale")
     parser.add_argument("--out", default="docs/benchmarks-scale.md")
     parser.add_argument("--merge", action="store_true", help="add to the rows already in OUT's .json")
+    parser.add_argument("--sites", default="", help="also time single sites KxN,KxN (e.g. 4096x11008)")
     args = parser.parse_args()
     if args.worker:
         job, model, out = args.worker
@@ -157,7 +196,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     saved = out.with_suffix(".json")
-    rows = json.loads(saved.read_text())["rows"] if args.merge and saved.exists() else []
+    previous = json.loads(saved.read_text()) if args.merge and saved.exists() else {}
+    rows, sites = previous.get("rows", []), previous.get("sites", [])
+    if args.sites:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.sites.split(",")]
+        sites = [s for s in sites if (s["K"], s["N"]) not in shapes] + site_times(shapes)
+        write(out, saved, rows, sites)
     for size in (float(s) for s in args.sizes.split(",")):
         name = f"mlp-{size:g}gb-{args.dtype}"
         model = work / f"{name}.onnx"
@@ -171,9 +215,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             for leftover in work.glob(f"{name}-{job}.onnx*"):
                 leftover.unlink()
-            saved.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
-            out.write_text(f"# Compression at scale\n\nMeasured by `tools/bench_scale.py` ({' '.join(sys.argv[1:])}) on "
-                           f"{machine()}; each job in its own process, peak = its VmHWM.\n\n{table(rows)}\n")
+            write(out, saved, rows, sites)
         for leftover in work.glob(f"{name}.onnx*"):
             leftover.unlink()
     return 0

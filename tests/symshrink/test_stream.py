@@ -186,3 +186,30 @@ def test_cluster_and_block_options_are_checked(residual_path, tmp_path, capsys, 
     code = main([str(a) for a in ["compress", residual_path, "-o", tmp_path / "o.onnx", "--method", "quant", "--bits",
                                   "4", "--random-calib", "-q", *argv]])
     assert code == 2 and expected in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_minilm_l3_block_by_block_writes_the_whole_model_runs_bytes(tmp_path, capsys):
+    """A real model (tied-free BERT encoder, 6 blocks at 8 MB): --stream and the whole-model run agree to the byte."""
+    common = ["compress", "minilm-l3", "--method", "quant", "--bits", "4", "--calib", "lee", "--calib-samples", "40",
+              "-q", "--min-cosine", "0.9"]
+    assert main([*common, "-o", str(tmp_path / "whole.onnx"), "--no-stream"]) == 0
+    assert main([*common, "-o", str(tmp_path / "blocks.onnx"), "--stream", "--block-bytes", "8MB"]) == 0
+    assert (tmp_path / "whole.onnx").read_bytes() == (tmp_path / "blocks.onnx").read_bytes()
+
+
+def test_the_api_streams_a_file_and_returns_a_self_contained_model(residual_path, tmp_path):
+    from symshrink.api import compress  # noqa: PLC0415
+
+    calib = [{"x": np.random.default_rng(3).standard_normal((16, D)).astype(np.float32)} for _ in range(10)]
+    streamed, report = compress(str(residual_path), calib, method="quant", bits=4, min_cosine=0.9, stream=True,
+                                block_bytes=LAYER_BYTES, progress=False)
+    whole, _ = compress(str(residual_path), calib, method="quant", bits=4, min_cosine=0.9, stream=False, progress=False)
+    assert report.passed and streamed.SerializeToString() == whole.SerializeToString()
+    assert not any(t.external_data for t in streamed.graph.initializer)
+    with pytest.raises(BadInput, match="give its path"):
+        compress(onnx.load(residual_path), calib, method="quant", bits=4, stream=True)
+
+
+def test_a_task_budget_is_not_streamed(residual_path, tmp_path, capsys):
+    assert not options_from(method="quant", bits=4, max_loss=0.01, task=lambda s: 1.0).streamable()
