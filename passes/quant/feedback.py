@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import scipy.linalg
 
+from symshrink.calibration.stats import UnitStats
 from symshrink.runtime.formats import (
     Frame,
     HyperCode,
@@ -35,7 +36,7 @@ from symshrink.runtime.formats import (
     ternary_scales,
 )
 
-__all__ = ["DAMPING", "damped_cholesky_inverse", "Grid", "IntegerGrid", "TernaryGrid", "HyperGrid",
+__all__ = ["DAMPING", "damped_cholesky_inverse", "feedback_factor", "Hessian", "Grid", "IntegerGrid", "TernaryGrid", "HyperGrid",
            "round_with_feedback", "quantize_with_feedback", "quantize_many_with_feedback", "ternarize_with_feedback",
            "hyper_feeds_back",
            "hyperize_with_feedback"]
@@ -118,16 +119,35 @@ class HyperGrid:
         return code.indices, decode_values(code).astype(np.float64)
 
 
-def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, grid: Grid,
-                        damping: float = DAMPING, batch: int = 128,
-                        act_order: bool = False) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
+Hessian = np.ndarray | UnitStats  # E[x x^T] [K, K], or the moments it is taken from (one K x K array fewer)
+
+
+def feedback_factor(hessian: Hessian, damping: float = DAMPING,
+                    act_order: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, U, dead): the order rows round in (act-order: decreasing diag H), and `damped_cholesky_inverse` of H
+    in that order. From moments, H is built in that order in the one array LAPACK then works in."""
+    if isinstance(hessian, UnitStats):
+        diagonal = np.diag(hessian.covariance) + hessian.mean**2
+        order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(diagonal))
+        ordered = hessian.ordered_second_moment(order)
+    else:
+        order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(len(hessian))
+        ordered = np.asarray(hessian, np.float64)[np.ix_(order, order)]
+    u, dead = damped_cholesky_inverse(ordered, damping, overwrite=True)
+    return order, u, dead
+
+
+def round_with_feedback(weight: np.ndarray, hessian: Hessian, block: int | None, grid: Grid,
+                        damping: float = DAMPING, batch: int = 128, act_order: bool = False,
+                        factor: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                        ) -> tuple[np.ndarray, list[tuple[np.ndarray, ...]]]:
     """Codes [K, N] of `weight` on `grid` (blocks of `block` input rows, None: per column) chosen by second-moment
     rounding against `hessian` [K, K] = E[x x^T] of the layer's input, and each block's frame. `act_order`: rows
-    in order of decreasing diag(H), frames set first on the weights as given."""
+    in order of decreasing diag(H), frames set first on the weights as given. `factor`: `feedback_factor`'s, when
+    already known (columns rounded a slice at a time)."""
     rows, cols = weight.shape
     size = rows if block is None else block
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
-    u, dead = damped_cholesky_inverse(np.asarray(hessian, np.float64)[np.ix_(order, order)], damping, overwrite=True)
+    order, u, dead = factor if factor is not None else feedback_factor(hessian, damping, act_order)
     w = weight.astype(np.float64)[order]
     w[dead] = 0.0
     if act_order:  # static frames, one per block of the stored layout
@@ -154,20 +174,17 @@ def round_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | No
     return codes, frames
 
 
-def quantize_with_feedback(weight: np.ndarray, hessian: np.ndarray, block: int | None, bits: int,
+def quantize_with_feedback(weight: np.ndarray, hessian: Hessian, block: int | None, bits: int,
                            symmetric: bool = False, damping: float = DAMPING, act_order: bool = False) -> QuantizedWeight:
     """The integer grid codes of `weight` [K, N] by second-moment rounding (`round_with_feedback`). Columns round
-    apart from each other, so a wide weight (a tied head) goes FEEDBACK_COLUMNS at a time: the same codes, with float64
-    working copies of K x FEEDBACK_COLUMNS."""
-    if weight.shape[1] > FEEDBACK_COLUMNS:
-        parts = [quantize_with_feedback(weight[:, start: start + FEEDBACK_COLUMNS], hessian, block, bits, symmetric,
-                                        damping, act_order) for start in range(0, weight.shape[1], FEEDBACK_COLUMNS)]
-        return QuantizedWeight(np.concatenate([p.codes for p in parts], axis=1),
-                               np.concatenate([p.scales for p in parts], axis=-1),
-                               np.concatenate([p.zero_points for p in parts], axis=-1), block, bits, symmetric)
-    codes, frames = round_with_feedback(weight, hessian, block, IntegerGrid(bits, symmetric), damping,
-                                        act_order=act_order)
-    scales, zero_points = (np.stack(parts) for parts in zip(*frames))
+    apart from each other, so a wide weight (a tied head) goes FEEDBACK_COLUMNS at a time, on one factor of H: the
+    same codes, with float64 working copies of K x FEEDBACK_COLUMNS."""
+    factor, grid, parts = feedback_factor(hessian, damping, act_order), IntegerGrid(bits, symmetric), []
+    for start in range(0, weight.shape[1], FEEDBACK_COLUMNS):
+        codes, frames = round_with_feedback(weight[:, start: start + FEEDBACK_COLUMNS], None, block, grid, damping,
+                                            act_order=act_order, factor=factor)
+        parts.append((codes, *(np.stack(part) for part in zip(*frames))))
+    codes, scales, zero_points = (np.concatenate(part, axis=-1) for part in zip(*parts))
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
                            symmetric)
 

@@ -80,7 +80,7 @@ def encode_grid(weight: np.ndarray, stats: UnitStats | None, block: int | None, 
     """The grid codes of `weight`, rounded with error feedback on the input's second moment where asked and
     known (in act-order if asked), else to nearest; with their relative output error on the calibration moments."""
     if rounding == "feedback" and stats is not None:
-        quantized = quantize_with_feedback(weight, stats.second_moment, block, bits, symmetric, act_order=act_order)
+        quantized = quantize_with_feedback(weight, stats, block, bits, symmetric, act_order=act_order)
     else:
         quantized = quantize_grid(weight, block, bits, symmetric)
     return Encoded(quantized, None, output_error(weight, quantized.dequantize(), stats, None))

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg.blas
+
+OUTER_ROWS = 256
+IN_PLACE_COLUMNS = 4096  # from this width the sum of products is accumulated without a K x K temporary
 
 __all__ = ["UnitStats", "unfold_channels", "subsample_rows", "sample_patches"]
 
@@ -46,10 +50,14 @@ class UnitStats:
             self.shift = flat.mean(axis=0, dtype=np.float64)
             self.total = np.zeros(self.columns)
             self.cross = np.zeros((self.columns, self.columns))
-        # float32 activations take a float32 GEMM (twice as fast), accumulated in float64 across batches
         centred = flat - self.shift.astype(flat.dtype)
         self.total += centred.sum(axis=0, dtype=np.float64)
-        self.cross += centred.T @ centred
+        if self.columns < IN_PLACE_COLUMNS:  # float32 activations take a float32 GEMM (twice as fast), summed in float64
+            self.cross += centred.T @ centred
+        else:  # wide: accumulated in place in float64 (no K x K temporary; the sum is symmetric, so its transpose
+            # is the Fortran-ordered array BLAS writes)
+            scipy.linalg.blas.dgemm(1.0, centred.astype(np.float64), centred, beta=1.0, c=self.cross.T, trans_a=1,
+                                    overwrite_c=1)
         self.count += flat.shape[0]
 
     @property
@@ -72,6 +80,15 @@ class UnitStats:
         """E[x x^T]."""
         mean = self.mean
         return self.covariance + np.outer(mean, mean)
+
+    def ordered_second_moment(self, order: np.ndarray) -> np.ndarray:
+        """E[x x^T] with its rows and columns in `order`: one new float64 array and no other (the covariance's
+        entries taken in that order, the mean's outer product added in place)."""
+        ordered = self.covariance[np.ix_(order, order)]
+        mean = self.mean[order]
+        for start in range(0, len(order), OUTER_ROWS):  # the outer product a slab of rows at a time
+            ordered[start: start + OUTER_ROWS] += np.outer(mean[start: start + OUTER_ROWS], mean)
+        return ordered
 
 
 def unfold_channels(maps: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0),
