@@ -55,7 +55,8 @@ def compare_outputs(reference: list[dict], candidate: list[dict]) -> list[Output
             a, b = r.reshape(-1).astype(np.float64), c.reshape(-1).astype(np.float64)
             delta = np.abs(a - b)
             aa, bb, ab, dd = aa + a @ a, bb + b @ b, ab + a @ b, dd + delta @ delta
-            largest, total, count = max(largest, float(delta.max(initial=0.0))), total + float(delta.sum()), count + a.size
+            largest = float(np.max([largest, delta.max(initial=0.0)]))  # a NaN stays NaN
+            total, count = total + float(delta.sum()), count + a.size
         norm_a, norm_b = np.sqrt(aa), np.sqrt(bb)
         rel = float(np.sqrt(dd) / norm_a) if norm_a > 0 else float(norm_b > 0)
         cosine = float(ab / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)

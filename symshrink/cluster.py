@@ -40,10 +40,13 @@ def connect(address: str | None) -> Iterator[Callable | None]:
             client = Client(cluster)
         else:
             client = Client(address, timeout=30)
-    except (OSError, TimeoutError) as err:
+    except BadInput:
+        raise
+    except Exception as err:  # noqa: BLE001 (distributed raises OSError, TimeoutError, ValueError for bad addresses)
         if cluster is not None:
             cluster.close()
-        raise BadInput(f"cannot reach the Dask scheduler at {address}: {err}") from None
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadInput(f"cannot reach the Dask scheduler at {address}: {why}") from None
     try:
         yield partial(client.submit, pure=False)
     finally:

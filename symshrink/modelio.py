@@ -205,8 +205,13 @@ def external_files(path: str | os.PathLike) -> list[Path]:
     files = {path}
     try:
         proto = slim_proto(path)
-    except Exception:  # noqa: BLE001 (not a model: the file alone)
-        return [path]
+    except Exception:  # noqa: BLE001 (not binary protobuf: onnx's readers, for .json or .textproto; else the file alone)
+        try:
+            with warnings.catch_warnings():  # onnx warns that its text formats are experimental
+                warnings.simplefilter("ignore")
+                proto = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001
+            return [path]
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":

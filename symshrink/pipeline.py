@@ -52,9 +52,9 @@ from symshrink.passes.moment.reduce import (
     moment_offer,
     unit_problem,
 )
-from symshrink.passes.protocol import Candidate
-from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites, trial_line
-from symshrink.passes.quant.qdq import ensure_opset
+from symshrink.passes.protocol import Candidate, Offer, known
+from symshrink.passes.quant.grid import GridPlan, grid_offer, packed_sites, site_block, site_format, trial_line
+from symshrink.passes.quant.qdq import ensure_gather_domain, ensure_opset
 from symshrink.passes.ternary.activation_match import relu_scalars, solve_two_level
 from symshrink.passes.ternary.activations import TwoLevelActivationPass, quantizable_relus
 from symshrink.passes.ternary.codes import TernaryPlan, ternary_offer
@@ -62,7 +62,7 @@ from symshrink.report import CompressReport, check_report_path, write_report
 from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, size_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import graph_input_specs, input_specs, make_session, run_all, session_for_model, stream_probes
-from symshrink.stream import stream_blocks, stream_outputs
+from symshrink.stream import graph_outputs, stream_blocks, stream_outputs
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "compress_file_streamed", "streams",
            "check_options", "default_calib",
@@ -569,11 +569,28 @@ def compress_file_streamed(model_spec: str | Path, options: CompressOptions,
         return model, compress_streamed(model, str(path), feeds, options, input_bytes, submit)
 
 
+def _settled(candidate: Candidate) -> Candidate:
+    """The candidate with its error and payload computed and nothing else kept (its statistics, fp32 weight)."""
+    return Candidate(candidate.site, candidate.method, candidate.setting, candidate.bytes_after,
+                     known(candidate.predicted_error()), known(candidate.payload()))
+
+
+def _prepare_formats(model: ir.Model, sites: list[WeightSite], block: int | None) -> None:
+    """What the sites' formats need of the model (an opset upgrade, a domain), done once up front, as the codes'
+    writes would (`CodesPass.prepare`)."""
+    formats = {site_format(site, site_block(site, block), packed=True) for site in sites}
+    if formats & {"dequantize", "conv"}:
+        ensure_opset(model)
+    if formats - {"dequantize", "conv"}:
+        ensure_gather_domain(model)
+
+
 def compress_streamed(model: ir.Model, source: str, feeds: list, options: CompressOptions,
                       bytes_before: int, submit: Callable | None = None) -> CompressReport:
     """`--method quant --bits B` block by block (`symshrink.stream`): the calibration and held-out feeds run through
     one block of the original model at a time; the block's sites take their input moments from its fit feeds, are
-    coded and written in place before the next block is built (weights read one site at a time); then the held-out
+    coded as soon as it has run and written into the model once the next block has run (weights read one site at a
+    time); then the held-out
     feeds run through the coded model block by block and are verified. The same statistics as the whole-model path
     where no rows are subsampled (<= rows_per_batch per batch and site), hence the same codes. With `submit` (a
     cluster's, `symshrink.cluster`), each block's encodings run there while the next blocks stream, and are written
@@ -589,13 +606,14 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
                                    passed_over=passed)
     if not sites:
         raise NothingToCompress(f"nothing to compress with --method quant: {'; '.join(_no_site_reasons(report)[:6])}")
+    _prepare_formats(model, sites, options.weights.block)  # before blocks are built: an opset upgrade replaces nodes
     blocks = partition(model.graph, options.block_bytes)
     in_block = [{node.name for node in block.nodes} for block in blocks]
     block_sites = [[site for site in sites if site.node in names] for names in in_block]
     rng = np.random.default_rng(options.seed)
     progress = tqdm(total=len(sites), desc="coding block by block", unit="layer", disable=not options.progress)
-
     stats: dict[str, UnitStats] = {}
+    pending: list[tuple[int, Offer, Choice, dict[str, str]]] = []  # coded, not yet written: (block, rewrite, ...)
 
     def statistics(i: int, block) -> list[str]:
         products = {site.statistic: site for site in block_sites[i] if site.moments}
@@ -609,36 +627,36 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
                                                       rng))
 
     def code_block(i: int, block) -> None:
-        if not block_sites[i]:
-            return
-        nodes = {node.name: node for node in model.graph}
-        offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
-                           rounding=options.weights.rounding_for("quant"), symmetric=not options.quant.zero_points,
-                           act_order=options.quant.act_order, submit=submit)
-        chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
-        if offer.prefetch is not None:
-            offer.prefetch(chosen)
-            pending.append((offer, chosen, reasons))
-        else:
-            write(offer, chosen, reasons)
-        stats.clear()
+        """Code block i's sites now (on the cluster: start them); write those of the blocks before it, whose writes
+        may reach into block i (a product's bias Add), now that it has run."""
+        if block_sites[i]:
+            nodes = {node.name: node for node in model.graph}
+            offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
+                               rounding=options.weights.rounding_for("quant"), symmetric=not options.quant.zero_points,
+                               act_order=options.quant.act_order, submit=submit)
+            chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
+            if offer.prefetch is not None:
+                offer.prefetch(chosen)
+            else:  # encoded now: the statistics and fp32 weights go, the codes stay
+                chosen = {site: _settled(c) for site, c in chosen.items()}
+            pending.append((i, Offer(offer.method, [], {}, offer.rewrite), chosen, reasons))
+            stats.clear()
+        while pending and pending[0][0] < i and submit is None:
+            write(*pending.pop(0)[1:])
 
-    def write(offer, chosen, reasons) -> None:
+    def write(offer: Offer, chosen: Choice, reasons: dict[str, str]) -> None:
         plan.layers.extend(_write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers)
         progress.update(len(chosen))
-
-    pending = []
 
     last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
     spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, accumulate, code_block,
                           last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks), optimize=False)
-    for offer, chosen, reasons in pending:  # the cluster's codes, in graph order
+    for _, offer, chosen, reasons in pending:  # the last block's, or the cluster's in graph order
         write(offer, chosen, reasons)
-    names = [v.name for v in model.graph.outputs]
-    expected = _finite_reference([{n: np.array(values[n]) for n in names} for values in spool.feeds[len(fit_feeds):]])
+    expected = _finite_reference(graph_outputs(model, spool.feeds[len(fit_feeds):]))
     spool.close()
     progress.close()
-    outputs = stream_outputs(model, holdout, options.threads, options.block_bytes)
+    outputs = stream_outputs(model, holdout, options.threads, options.block_bytes, optimize=False)
     report.diffs, report.failures = verify(expected, outputs, options)
     return report
 

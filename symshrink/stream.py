@@ -16,11 +16,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from symshrink.errors import BadInput
+from symshrink.modelio import TWO_GB
 from symshrink.options import CompressOptions
 from symshrink.passes.analysis.blocks import Block, node_reads, partition
 from symshrink.runtime.ort import session_options
 
-__all__ = ["Spool", "block_proto", "block_session", "stream_blocks", "stream_outputs", "DEFAULT_BLOCK_BYTES"]
+__all__ = ["Spool", "block_proto", "block_session", "stream_blocks", "stream_outputs", "graph_outputs",
+           "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = CompressOptions.block_bytes  # weights per block: a layer of a 1B fp16 model, several of 135M
 SPOOL_MEMORY_BYTES = 1 << 30  # live values kept in memory before they go to disk
@@ -106,8 +109,14 @@ def block_proto(model: ir.Model, block: Block, outputs: Sequence[str], input_typ
 def block_session(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype],
                   threads: int | None, optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime session of the block (from bytes: one block's weights in memory, nothing on disk)."""
+    if block.weight_bytes >= TWO_GB:
+        raise BadInput(f"a block of --stream needs {block.weight_bytes / 1e9:.1f} GB of weights at once (one weight "
+                       "or a constant computed from them): more than a protobuf holds; not supported yet")
     data = block_proto(model, block, outputs, input_types).SerializeToString()
-    return ort.InferenceSession(data, session_options(threads, optimize), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(data, session_options(threads, optimize), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 (onnxruntime raises its own exception classes for invalid graphs)
+        raise BadInput(f"onnxruntime cannot load a block of this model: {str(err).splitlines()[0]}") from None
 
 
 def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict[str, np.ndarray]],
@@ -121,46 +130,57 @@ def stream_blocks(model: ir.Model, blocks: Sequence[Block], feeds: Iterable[dict
     then `on_block(i, block)`, before the next block is built (a rewrite of block i may happen there). A feed runs up
     to block `last_block(feed index)` (default: all). Returns the values live after the last block (the graph
     outputs), per feed ({} for feeds that stopped before it). Calibration runs unoptimised (`optimize`): the values
-    are then those of the whole model's unoptimised session, wherever the cuts fall (`runtime.ort.stream_probes`)."""
+    are then those of the whole model's unoptimised session, wherever the cuts fall (`runtime.ort.stream_probes`).
+    Spooled files are removed on the way out of an error."""
+    last_block = last_block or (lambda index: len(blocks))
     spool = Spool(memory_bytes)
-    for feed in feeds:
-        spool.append({name: np.asarray(array) for name, array in feed.items()})
-    for i, block in enumerate(blocks):
-        asked = list(probes(i, block)) if probes is not None else []
-        outputs = list(dict.fromkeys([*block.outputs, *(name for name in asked if name not in block.inputs)]))
-        types = {name: spool.feeds[0][name].dtype for name in block.inputs if spool.feeds and name in spool.feeds[0]}
-        session = block_session(model, block, outputs, types, threads, optimize) if outputs else None
-        after = Spool(memory_bytes)
-        for index, values in enumerate(spool):
-            if last_block is not None and last_block(index) < i:
-                after.append({})
-                continue
-            last = last_block is not None and last_block(index) == i
-            feed = {name: values[name] for name in block.inputs if name in values}
-            needed = session is not None and not (last and all(name in values for name in asked))
-            results = dict(zip(outputs, session.run(outputs, feed))) if needed else {}  # (a last block read only
-            # for its inputs, as a head's for its moments, is not run)
-            if on_feed is not None and asked:
-                on_feed(i, index, {name: results[name] if name in results else values[name] for name in asked})
-            if last:
-                after.append({})  # this feed's last block: nothing of it is read again
-            else:
-                after.append({name: values[name] for name in block.carried if name in values}
+    try:
+        for feed in feeds:
+            spool.append({name: np.asarray(array) for name, array in feed.items()})
+        for i, block in enumerate(blocks):
+            asked = list(probes(i, block)) if probes is not None else []
+            outputs = list(dict.fromkeys([*block.outputs, *(name for name in asked if name not in block.inputs)]))
+            types = {name: values[name].dtype for values in reversed(spool.feeds) for name in block.inputs
+                     if name in values}
+            session = block_session(model, block, outputs, types, threads, optimize) if outputs else None
+            after = Spool(memory_bytes)
+            spool, previous = after, spool
+            for index, values in enumerate(previous):
+                if last_block(index) < i:
+                    after.append({})
+                    continue
+                last = last_block(index) == i
+                # a feed's last block is not run when all it asks of it are the block's inputs (a head's moments)
+                run = session is not None and not (last and all(name in values for name in asked))
+                feed = {name: values[name] for name in block.inputs if name in values}
+                results = dict(zip(outputs, session.run(outputs, feed))) if run else {}
+                if on_feed is not None and asked:
+                    on_feed(i, index, {name: results[name] if name in results else values[name] for name in asked})
+                after.append({} if last else {name: values[name] for name in block.carried if name in values}
                              | {name: results[name] for name in block.outputs})
-            del results
-        del session
+                del results
+            del session
+            previous.close()
+            if on_block is not None:
+                on_block(i, block)
+        return spool
+    except BaseException:
         spool.close()
-        spool = after
-        if on_block is not None:
-            on_block(i, block)
-    return spool
+        raise
+
+
+def graph_outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The graph's outputs from the values live after the last block, per feed (an output that is a weight from the
+    model itself)."""
+    initializers = model.graph.initializers
+    return [{v.name: np.array(values[v.name]) if v.name in values else initializers[v.name].const_value.numpy()
+             for v in model.graph.outputs} for values in feeds]
 
 
 def stream_outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None,
-                   block_bytes: int = DEFAULT_BLOCK_BYTES) -> list[dict[str, np.ndarray]]:
+                   block_bytes: int = DEFAULT_BLOCK_BYTES, optimize: bool = True) -> list[dict[str, np.ndarray]]:
     """The model's outputs for each feed, computed block by block (graph output order)."""
-    names = [v.name for v in model.graph.outputs]
-    spool = stream_blocks(model, partition(model.graph, block_bytes), feeds, threads)
-    outputs = [{name: np.array(values[name]) for name in names} for values in spool]
+    spool = stream_blocks(model, partition(model.graph, block_bytes), feeds, threads, optimize=optimize)
+    outputs = graph_outputs(model, spool.feeds)
     spool.close()
     return outputs

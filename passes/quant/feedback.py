@@ -55,7 +55,8 @@ def damped_cholesky_inverse(hessian: np.ndarray, damping: float = DAMPING,
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damping * float(np.mean(np.diag(h)))
-    factor, info = scipy.linalg.lapack.dpotrf(h, lower=0, clean=0, overwrite_a=1)  # H = F^T F
+    # H is symmetric: its transpose is the Fortran-ordered array LAPACK works in, in place
+    factor, info = scipy.linalg.lapack.dpotrf(h.T, lower=0, clean=0, overwrite_a=1)  # H = F^T F
     if info == 0:
         factor, info = scipy.linalg.lapack.dpotri(factor, lower=0, overwrite_c=1)  # H^-1, upper triangle
     if info == 0:

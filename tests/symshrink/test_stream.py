@@ -213,3 +213,43 @@ def test_the_api_streams_a_file_and_returns_a_self_contained_model(residual_path
 
 def test_a_task_budget_is_not_streamed(residual_path, tmp_path, capsys):
     assert not options_from(method="quant", bits=4, max_loss=0.01, task=lambda s: 1.0).streamable()
+
+
+def _biased_mlp(tail: bool = False, initializer_output: bool = False) -> onnx.ModelProto:
+    """x -> MatMul W (its own block) -> Add b (the next block) -> Relu -> MatMul W2; with `tail`, a Cast after the
+    last site's block; with `initializer_output`, b is a graph output too."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array((rng.standard_normal((D, HIDDEN)) / np.sqrt(D)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(HIDDEN).astype(np.float32), "b"),
+             numpy_helper.from_array((rng.standard_normal((HIDDEN, D)) / np.sqrt(HIDDEN)).astype(np.float32), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"), helper.make_node("Add", ["h", "b"], ["hb"], name="bias"),
+             helper.make_node("Relu", ["hb"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "W2"], ["y0"], name="fc2"),
+             helper.make_node("Cast" if tail else "Identity", ["y0"], ["y"], name="tail", **({"to": 1} if tail else {}))]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])]
+    if initializer_output:
+        outputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, [HIDDEN]))
+    graph = helper.make_graph(nodes, "biased", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])], outputs,
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("tail, initializer_output", [(False, False), (True, False), (False, True)])
+def test_stream_cuts_between_a_product_and_its_bias_and_after_the_last_site(tmp_path, capsys, tail, initializer_output):
+    """One block a node: the bias Add is the next block's (it is fused into the product once that block has run),
+    a block without sites after the last one, a graph output that is a weight."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_biased_mlp(tail, initializer_output), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(5).standard_normal((64, D)).astype(np.float32))
+    common = ["compress", path, "--method", "quant", "--bits", "4", "--calib", tmp_path / "calib.npz", "-q",
+              "--min-cosine", "0.5"]
+    assert main([str(a) for a in [*common, "-o", tmp_path / "whole.onnx", "--no-stream"]]) == 0
+    assert main([str(a) for a in [*common, "-o", tmp_path / "blocks.onnx", "--stream", "--block-bytes", "1"]]) == 0
+    assert (tmp_path / "whole.onnx").read_bytes() == (tmp_path / "blocks.onnx").read_bytes()
+
+
+def test_an_unreachable_cluster_is_one_sentence(residual_path, tmp_path, capsys):
+    pytest.importorskip("distributed")
+    code = main([str(a) for a in ["compress", residual_path, "-o", tmp_path / "o.onnx", "--method", "quant", "--bits",
+                                  "4", "--random-calib", "-q", "--stream", "--cluster", "tcp://127.0.0.1:notaport"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the Dask scheduler" in err and len(err.strip().splitlines()) <= 2
