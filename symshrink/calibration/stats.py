@@ -71,7 +71,8 @@ class UnitStats:
         if self._covariance is None:
             offset = self.total / self.count
             self.cross /= self.count
-            self.cross -= np.outer(offset, offset)
+            for start in range(0, self.columns, OUTER_ROWS):  # a slab of rows at a time: no K x K temporary
+                self.cross[start: start + OUTER_ROWS] -= np.outer(offset[start: start + OUTER_ROWS], offset)
             self._covariance, self.cross = self.cross, None
         return self._covariance
 
