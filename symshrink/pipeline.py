@@ -626,9 +626,15 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
                 stats[site.statistic].add(_input_rows(site, np.asarray(arrays[site.activation]), options.rows_per_batch,
                                                       rng))
 
+    def reaches_on(i: int) -> bool:
+        """Whether writing block i's codes may change a later block's nodes: a product read there (its bias Add)."""
+        own = {id(node) for node in blocks[i].nodes}
+        return any(id(use.node) not in own for site in block_sites[i] for node in blocks[i].nodes
+                   if node.name == site.node for use in node.outputs[0].uses())
+
     def code_block(i: int, block) -> None:
-        """Code block i's sites now (on the cluster: start them); write those of the blocks before it, whose writes
-        may reach into block i (a product's bias Add), now that it has run."""
+        """Code block i's sites now (on the cluster: start them) and write them, unless a product is read by a later
+        block (its bias Add), whose nodes must stay as they are until it has run: then once the next block has run."""
         if block_sites[i]:
             nodes = {node.name: node for node in model.graph}
             offer = grid_offer(block_sites[i], stats, nodes, options.weights.block, passed,
@@ -641,7 +647,8 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
                 chosen = {site: _settled(c) for site, c in chosen.items()}
             pending.append((i, Offer(offer.method, [], {}, offer.rewrite), chosen, reasons))
             stats.clear()
-        while pending and pending[0][0] < i and submit is None:
+        ready = i + 1 if block_sites[i] and not reaches_on(i) else i
+        while pending and pending[0][0] < ready and submit is None:
             write(*pending.pop(0)[1:])
 
     def write(offer: Offer, chosen: Choice, reasons: dict[str, str]) -> None:
@@ -651,10 +658,10 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
     spool = stream_blocks(model, blocks, [*fit_feeds, *holdout], options.threads, statistics, accumulate, code_block,
                           last_block=lambda index: last_site if index < len(fit_feeds) else len(blocks), optimize=False)
+    expected = _finite_reference(graph_outputs(model, spool.feeds[len(fit_feeds):]))
+    spool.close()  # the reference outputs are all it keeps
     for _, offer, chosen, reasons in pending:  # the last block's, or the cluster's in graph order
         write(offer, chosen, reasons)
-    expected = _finite_reference(graph_outputs(model, spool.feeds[len(fit_feeds):]))
-    spool.close()
     progress.close()
     outputs = stream_outputs(model, holdout, options.threads, options.block_bytes, optimize=False)
     report.diffs, report.failures = verify(expected, outputs, options)

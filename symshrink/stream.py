@@ -173,7 +173,7 @@ def graph_outputs(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]]) -> li
     """The graph's outputs from the values live after the last block, per feed (an output that is a weight from the
     model itself)."""
     initializers = model.graph.initializers
-    return [{v.name: np.array(values[v.name]) if v.name in values else initializers[v.name].const_value.numpy()
+    return [{v.name: np.asarray(values[v.name]) if v.name in values else initializers[v.name].const_value.numpy()
              for v in model.graph.outputs} for values in feeds]
 
 

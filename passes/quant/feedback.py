@@ -184,7 +184,7 @@ def quantize_with_feedback(weight: np.ndarray, hessian: Hessian, block: int | No
     for start in range(0, weight.shape[1], FEEDBACK_COLUMNS):
         codes, frames = round_with_feedback(weight[:, start: start + FEEDBACK_COLUMNS], None, block, grid, damping,
                                             act_order=act_order, factor=factor)
-        parts.append((codes, *(np.stack(part) for part in zip(*frames))))
+        parts.append((codes.astype(np.uint8), *(np.stack(part) for part in zip(*frames))))  # float64 until now
     codes, scales, zero_points = (np.concatenate(part, axis=-1) for part in zip(*parts))
     return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
                            symmetric)
