@@ -7,6 +7,7 @@ written unless the verify gate passes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -62,7 +63,7 @@ from symshrink.report import CompressReport, check_report_path, write_report
 from symshrink.rules import Choice, allocation_rule, hyper_rule, moment_rule, quant_rule, size_rule, ternary_rule
 from symshrink.runtime.diff import OutputDiff, compare_outputs, gate_failures
 from symshrink.runtime.ort import graph_input_specs, input_specs, make_session, run_all, session_for_model, stream_probes
-from symshrink.stream import graph_outputs, stream_blocks, stream_outputs
+from symshrink.stream import CodeSpill, graph_outputs, stream_blocks, stream_outputs
 
 __all__ = ["CompressOptions", "CompressReport", "compress", "compress_model", "compress_file_streamed", "streams",
            "check_options", "default_calib",
@@ -559,14 +560,15 @@ def streams(options: CompressOptions, input_bytes: int) -> bool:
     return streaming
 
 
-def compress_file_streamed(model_spec: str | Path, options: CompressOptions,
-                           input_bytes: int) -> tuple[ir.Model, CompressReport]:
+def compress_file_streamed(model_spec: str | Path, options: CompressOptions, input_bytes: int,
+                           spill: CodeSpill | None = None) -> tuple[ir.Model, CompressReport]:
     """--stream's job on a model file: loaded with its weights left on disk, fed the inputs its graph declares (no
-    whole-model session), coded block by block (on the --cluster when one is given). The coded model and report."""
+    whole-model session), coded block by block (on the --cluster when one is given; the codes in `spill`'s file until
+    the save). The coded model and report."""
     model, path = load_model(model_spec, lazy=True)
     feeds = calibration_feeds(options, model_spec, graph_input_specs(model))
     with connect(options.cluster) as submit:
-        return model, compress_streamed(model, str(path), feeds, options, input_bytes, submit)
+        return model, compress_streamed(model, str(path), feeds, options, input_bytes, submit, spill)
 
 
 def _settled(candidate: Candidate) -> Candidate:
@@ -586,7 +588,7 @@ def _prepare_formats(model: ir.Model, sites: list[WeightSite], block: int | None
 
 
 def compress_streamed(model: ir.Model, source: str, feeds: list, options: CompressOptions,
-                      bytes_before: int, submit: Callable | None = None) -> CompressReport:
+                      bytes_before: int, submit: Callable | None = None, spill: CodeSpill | None = None) -> CompressReport:
     """`--method quant --bits B` block by block (`symshrink.stream`): the calibration and held-out feeds run through
     one block of the original model at a time; the block's sites take their input moments from its fit feeds, are
     coded as soon as it has run and written into the model once the next block has run (weights read one site at a
@@ -594,7 +596,8 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     feeds run through the coded model block by block and are verified. The same statistics as the whole-model path
     where no rows are subsampled (<= rows_per_batch per batch and site), hence the same codes. With `submit` (a
     cluster's, `symshrink.cluster`), each block's encodings run there while the next blocks stream, and are written
-    in graph order once all blocks have run: the same bytes."""
+    in graph order once all blocks have run: the same bytes. With `spill`, the codes written go to its file until
+    the model is saved."""
     fit_feeds, holdout = split_holdout(feeds)
     report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=["quant"],
                             parameters=float_parameters(model))
@@ -652,7 +655,10 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
             write(*pending.pop(0)[1:])
 
     def write(offer: Offer, chosen: Choice, reasons: dict[str, str]) -> None:
+        kept = set(model.graph.initializers)
         plan.layers.extend(_write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers)
+        if spill is not None:
+            spill.spill(model, kept)  # the codes just written go to disk until the save
         progress.update(len(chosen))
 
     last_site = max((i for i, found in enumerate(block_sites) if found), default=-1)
@@ -748,8 +754,16 @@ def compress(model_spec: str, output: str | Path, options: CompressOptions, forc
         raise BadInput(f"{data} (the output's external data file) is an input of this run: give another -o")
     before = sum(f.stat().st_size for f in model_files)
     streaming = streams(options, before)
+    with contextlib.closing(CodeSpill()) if streaming else contextlib.nullcontext() as spill:
+        return _compress_and_save(model_spec, options, force, report_path, claimed, inputs, before, spill)
+
+
+def _compress_and_save(model_spec, options: CompressOptions, force: bool, report_path, claimed: dict[str, Path],
+                       inputs: list[Path], before: int, spill: CodeSpill | None) -> CompressReport:
+    """`compress` once its outputs are claimed: block by block when a `spill` for the codes is given."""
+    streaming = spill is not None
     if streaming:
-        model, report = compress_file_streamed(model_spec, options, before)
+        model, report = compress_file_streamed(model_spec, options, before, spill)
     else:
         model, path = load_model(model_spec)
         reference = make_session(path, options.threads)

@@ -22,7 +22,7 @@ from symshrink.options import CompressOptions
 from symshrink.passes.analysis.blocks import Block, node_reads, partition
 from symshrink.runtime.ort import session_options
 
-__all__ = ["Spool", "block_proto", "block_session", "stream_blocks", "stream_outputs", "graph_outputs",
+__all__ = ["Spool", "CodeSpill", "block_proto", "block_session", "stream_blocks", "stream_outputs", "graph_outputs",
            "DEFAULT_BLOCK_BYTES"]
 
 DEFAULT_BLOCK_BYTES = CompressOptions.block_bytes  # weights per block: a layer of a 1B fp16 model, several of 135M
@@ -68,6 +68,35 @@ class Spool:
 
     def __len__(self) -> int:
         return len(self.feeds)
+
+
+class CodeSpill:
+    """The coded weights written so far, moved out of memory: each new initializer of at least `min_bytes` is appended
+    to one file in a temporary folder and becomes an external tensor there (read back, memory-mapped, when the model
+    is saved). `close()` removes the folder: after the save."""
+
+    def __init__(self, min_bytes: int = 1 << 16):
+        self.min_bytes = min_bytes
+        self._folder = tempfile.TemporaryDirectory(prefix="symshrink-codes-")
+        self._file = open(Path(self._folder.name) / "codes.bin", "wb")
+        self.offset = 0
+
+    def spill(self, model: ir.Model, kept: set[str]) -> None:
+        """Move the initializers not in `kept` (those the last write added) to the file."""
+        for name, value in model.graph.initializers.items():
+            tensor = value.const_value
+            if name in kept or tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.min_bytes:
+                continue
+            data = tensor.tobytes()
+            self._file.write(data)
+            self._file.flush()
+            value.const_value = ir.ExternalTensor("codes.bin", self.offset, len(data), tensor.dtype, shape=tensor.shape,
+                                                  name=name, base_dir=self._folder.name)
+            self.offset += len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        self._folder.cleanup()
 
 
 def _embedded(value: ir.Value) -> onnx.TensorProto:
