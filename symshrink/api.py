@@ -48,10 +48,11 @@ def compress(model: str | os.PathLike | onnx.ModelProto, calibration: object = N
     settings.calib, settings.random_calib = calibration, random_calibration
     check_options(settings)
     path = None if isinstance(model, onnx.ModelProto) else resolve_model(model)
-    if streams(settings, model_bytes_on_disk(path) if path is not None and path.is_file() else 0):
+    size = model_bytes_on_disk(path) if path is not None and path.is_file() else 0
+    if streams(settings, size):
         if path is None:
             raise BadInput("stream=True reads the model block by block from its file: give its path, not a ModelProto")
-        ir_model, report = compress_file_streamed(model, settings, model_bytes_on_disk(path) if path.is_file() else 0)
+        ir_model, report = compress_file_streamed(model, settings, size)
         ir.external_data.load_to_model(ir_model)  # the weights left on disk go inside the returned model
         compressed = ir.to_proto(ir_model)
         report.bytes_after = compressed.ByteSize()

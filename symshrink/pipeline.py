@@ -257,7 +257,7 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
         raise BadInput(f"--plan {options.moment.plan} records no integer-grid plan (one is written by --method quant "
                        "--plan-out)")
     block, allocating = options.weights.block, options.allocating() or recorded is not None
-    packed = None if options.quant.dequantize_convs else partial(packed_sites, block=block)
+    packed = _packed_select(options)
     select = partial(_large_convs, then=packed) if allocating else packed
     sites, passed, stats, nodes = _weight_sites(model, options, fit_feeds, tables=True, convs=True, select=select,
                                                 min_elements=ALLOCATION_MIN_ELEMENTS if allocating else MIN_ELEMENTS)
@@ -273,6 +273,11 @@ def _quant_stage(model: ir.Model, options: CompressOptions, fit_feeds: list, hol
         return _allocate_grids(model, offer, sites, options, holdout, expected, model_bytes, task)
     chosen, reasons = quant_rule(offer, options.quant.grid_bits(), options.weights.layer_error)
     return _write_choice(model, offer, chosen, reasons, options.weights.layer_error)
+
+
+def _packed_select(options: CompressOptions):
+    """The integer grids' site filter: the sites a packed format holds (all of them with --dequantize-convs)."""
+    return None if options.quant.dequantize_convs else partial(packed_sites, block=options.weights.block)
 
 
 def _large_convs(sites: list[WeightSite], passed: dict[str, str], then=None) -> list[WeightSite]:
@@ -601,7 +606,7 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
     fit_feeds, holdout = split_holdout(feeds)
     report = CompressReport(source, "", bytes_before, holdout_feeds=len(holdout), methods=["quant"],
                             parameters=float_parameters(model))
-    packed = None if options.quant.dequantize_convs else partial(packed_sites, block=options.weights.block)
+    packed = _packed_select(options)
     sites, passed = find_weight_sites(model, options.weights.exclude, MIN_ELEMENTS, tables=True, convs=True)
     sites = packed(sites, passed) if packed is not None else sites
     report.quant = plan = GridPlan(options.weights.block, options.weights.rounding_for("quant"),
@@ -611,29 +616,28 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
         raise NothingToCompress(f"nothing to compress with --method quant: {'; '.join(_no_site_reasons(report)[:6])}")
     _prepare_formats(model, sites, options.weights.block)  # before blocks are built: an opset upgrade replaces nodes
     blocks = partition(model.graph, options.block_bytes)
-    in_block = [{node.name for node in block.nodes} for block in blocks]
-    block_sites = [[site for site in sites if site.node in names] for names in in_block]
+    in_block = [{node.name: node for node in block.nodes} for block in blocks]
+    block_sites = [[site for site in sites if site.node in nodes] for nodes in in_block]
+    block_moments = [{site.statistic: site for site in found if site.moments} for found in block_sites]
     rng = np.random.default_rng(options.seed)
     progress = tqdm(total=len(sites), desc="coding block by block", unit="layer", disable=not options.progress)
     stats: dict[str, UnitStats] = {}
     pending: list[tuple[int, Offer, Choice, dict[str, str]]] = []  # coded, not yet written: (block, rewrite, ...)
 
     def statistics(i: int, block) -> list[str]:
-        products = {site.statistic: site for site in block_sites[i] if site.moments}
-        stats.update({key: UnitStats(site.rows) for key, site in products.items()})
-        return sorted({site.activation for site in products.values()})
+        stats.update({key: UnitStats(site.rows) for key, site in block_moments[i].items()})
+        return sorted({site.activation for site in block_moments[i].values()})
 
     def accumulate(i: int, index: int, arrays: dict) -> None:
         if index < len(fit_feeds):
-            for site in {site.statistic: site for site in block_sites[i] if site.moments}.values():
+            for site in block_moments[i].values():
                 stats[site.statistic].add(_input_rows(site, np.asarray(arrays[site.activation]), options.rows_per_batch,
                                                       rng))
 
     def reaches_on(i: int) -> bool:
         """Whether writing block i's codes may change a later block's nodes: a product read there (its bias Add)."""
         own = {id(node) for node in blocks[i].nodes}
-        return any(id(use.node) not in own for site in block_sites[i] for node in blocks[i].nodes
-                   if node.name == site.node for use in node.outputs[0].uses())
+        return any(id(use.node) not in own for site in block_sites[i] for use in in_block[i][site.node].outputs[0].uses())
 
     def code_block(i: int, block) -> None:
         """Code block i's sites now (on the cluster: start them) and write them, unless a product is read by a later
@@ -655,7 +659,7 @@ def compress_streamed(model: ir.Model, source: str, feeds: list, options: Compre
             write(*pending.pop(0)[1:])
 
     def write(offer: Offer, chosen: Choice, reasons: dict[str, str]) -> None:
-        kept = set(model.graph.initializers)
+        kept = set(model.graph.initializers) if spill is not None else set()
         plan.layers.extend(_write_choice(model, offer, chosen, reasons, options.weights.layer_error).layers)
         if spill is not None:
             spill.spill(model, kept)  # the codes just written go to disk until the save

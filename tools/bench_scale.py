@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -114,12 +113,11 @@ def run_job(job: str, model: Path, out: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
-    import onnxruntime  # noqa: PLC0415
+    from bench import machine_info  # noqa: PLC0415 (tools/bench.py; not in the workers, whose peaks are measured)
 
-    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, onnxruntime {onnxruntime.__version__}"
+    info = machine_info()
+    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
+    return f"{info['cores']} cores ({info['cpu']}), {memory:.0f} GiB, onnxruntime {info['onnxruntime']}"
 
 
 def site_times(shapes: list[tuple[int, int]], rows: int = SAMPLES * ROWS) -> list[dict]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from symshrink.passes.analysis.graph import subgraphs
+
 __all__ = ["Block", "node_reads", "partition", "weight_bytes"]
 
 
@@ -47,14 +49,7 @@ def _subgraph_reads(graph: ir.Graph) -> set[str]:
 
 
 def _nested_reads(node: ir.Node) -> set[str]:
-    reads = set()
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            reads |= _subgraph_reads(attribute.value)
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            for graph in attribute.value:
-                reads |= _subgraph_reads(graph)
-    return reads
+    return set().union(*(_subgraph_reads(body) for body in subgraphs(node)))
 
 
 def node_reads(node: ir.Node) -> set[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant
+from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant, subgraphs
 from symshrink.runtime.formats import conv_matrix
 
 __all__ = ["Patch", "WeightSite", "find_weight_sites", "weight_matrix", "SITE_HANDLERS", "MIN_ELEMENTS"]
@@ -223,13 +223,10 @@ def find_weight_sites(model: ir.Model, exclude: Sequence[str] = (), min_elements
 def _subgraph_nodes(graph: ir.Graph):
     """(the control-flow node owning it, node) for every node of every subgraph (If, Loop, Scan bodies), nested too."""
     for node in graph:
-        for attribute in node.attributes.values():
-            bodies = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else \
-                list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else []
-            for body in bodies:
-                for inner in body:
-                    yield node, inner
-                yield from _subgraph_nodes(body)
+        for body in subgraphs(node):
+            for inner in body:
+                yield node, inner
+            yield from _subgraph_nodes(body)
 
 
 def weight_matrix(site: WeightSite, nodes: dict[str, ir.Node]) -> np.ndarray:

@@ -186,8 +186,7 @@ def quantize_with_feedback(weight: np.ndarray, hessian: Hessian, block: int | No
                                             act_order=act_order, factor=factor)
         parts.append((codes.astype(np.uint8), *(np.stack(part) for part in zip(*frames))))  # float64 until now
     codes, scales, zero_points = (np.concatenate(part, axis=-1) for part in zip(*parts))
-    return QuantizedWeight(codes.astype(np.uint8), scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits,
-                           symmetric)
+    return QuantizedWeight(codes, scales.astype(weight.dtype), zero_points.astype(np.uint8), block, bits, symmetric)
 
 
 def quantize_many_with_feedback(weight: np.ndarray, hessian: np.ndarray, grids: Sequence[tuple[int | None, int]],

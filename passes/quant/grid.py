@@ -59,13 +59,13 @@ def output_error(weight: np.ndarray, approx: np.ndarray, stats: UnitStats | None
     """||x (W - W') - shift|| / ||x W|| in expectation over the calibration moments (without them: the
     relative Frobenius error of the weight). A mean-matching shift leaves only the centred part."""
     error = signal = 0.0
+    mean, covariance = (stats.mean, stats.covariance) if stats is not None else (None, None)
     for start in range(0, weight.shape[1], FEEDBACK_COLUMNS):  # float64 copies of K x FEEDBACK_COLUMNS at most
         columns = slice(start, start + FEEDBACK_COLUMNS)
         part, diff = weight[:, columns], weight[:, columns].astype(np.float64) - approx[:, columns].astype(np.float64)
         if stats is None:
             error, signal = error + np.sum(diff**2), signal + np.sum(part.astype(np.float64) ** 2)
             continue
-        mean, covariance = stats.mean, stats.covariance
         residual_mean = mean @ diff - (0.0 if shift is None else shift[columns])
         error += np.einsum("kn,kn->", diff, covariance @ diff) + residual_mean @ residual_mean
         signal += np.einsum("kn,kn->", part, covariance @ part) + np.sum((mean @ part) ** 2)

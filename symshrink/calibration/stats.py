@@ -71,8 +71,7 @@ class UnitStats:
         if self._covariance is None:
             offset = self.total / self.count
             self.cross /= self.count
-            for start in range(0, self.columns, OUTER_ROWS):  # a slab of rows at a time: no K x K temporary
-                self.cross[start: start + OUTER_ROWS] -= np.outer(offset[start: start + OUTER_ROWS], offset)
+            _add_outer(self.cross, offset, -1.0)
             self._covariance, self.cross = self.cross, None
         return self._covariance
 
@@ -86,10 +85,14 @@ class UnitStats:
         """E[x x^T] with its rows and columns in `order`: one new float64 array and no other (the covariance's
         entries taken in that order, the mean's outer product added in place)."""
         ordered = self.covariance[np.ix_(order, order)]
-        mean = self.mean[order]
-        for start in range(0, len(order), OUTER_ROWS):  # the outer product a slab of rows at a time
-            ordered[start: start + OUTER_ROWS] += np.outer(mean[start: start + OUTER_ROWS], mean)
+        _add_outer(ordered, self.mean[order], 1.0)
         return ordered
+
+
+def _add_outer(matrix: np.ndarray, vector: np.ndarray, sign: float) -> None:
+    """matrix += sign * vector vector^T in place, a slab of rows at a time (no K x K temporary)."""
+    for start in range(0, len(vector), OUTER_ROWS):  # (-1 * x is exact: the sums are those of a subtraction)
+        matrix[start: start + OUTER_ROWS] += sign * np.outer(vector[start: start + OUTER_ROWS], vector)
 
 
 def unfold_channels(maps: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0),
