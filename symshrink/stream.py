@@ -19,8 +19,9 @@ import onnxruntime as ort
 from symshrink.errors import BadInput
 from symshrink.modelio import TWO_GB
 from symshrink.options import CompressOptions
-from symshrink.passes.analysis.blocks import Block, node_reads, partition
+from symshrink.passes.analysis.blocks import Block, partition
 from symshrink.runtime.ort import session_options
+from symshrink.runtime.subgraph import subgraph_proto
 
 __all__ = ["Spool", "CodeSpill", "block_proto", "block_session", "stream_blocks", "stream_outputs", "graph_outputs",
            "DEFAULT_BLOCK_BYTES"]
@@ -99,40 +100,10 @@ class CodeSpill:
         self._folder.cleanup()
 
 
-def _embedded(value: ir.Value) -> onnx.TensorProto:
-    """The initializer as a TensorProto with its bytes inside (read now from external data, if that is where it is)."""
-    tensor = value.const_value
-    if tensor.dtype == ir.DataType.STRING:
-        return ir.serde.serialize_tensor(tensor)
-    proto = onnx.TensorProto(name=value.name, dims=[int(d) for d in tensor.shape], data_type=int(tensor.dtype))
-    proto.raw_data = tensor.tobytes()
-    return proto
-
-
 def block_proto(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype]) -> onnx.ModelProto:
     """A model of the block's nodes alone: its weights embedded, its live inputs as graph inputs (of the dtypes the
     feeds have), `outputs` as graph outputs."""
-    values = {v.name: v for v in model.graph.inputs} | {v.name: v for node in block.all_nodes for v in node.outputs}
-    initializers = model.graph.initializers
-    read = set().union(*(node_reads(node) for node in block.all_nodes))
-    graph = onnx.GraphProto(name="block")
-    graph.node.extend(ir.serde.serialize_node(node) for node in block.all_nodes)
-    graph.initializer.extend(_embedded(initializers[name]) for name in sorted(read & set(initializers)))
-    for name in block.inputs:
-        if name not in initializers:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(input_types[name])
-            graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    for name in outputs:
-        info = graph.output.add()
-        if name in values and values[name].dtype is not None:
-            ir.serde.serialize_value_into(info, values[name])
-            info.type.tensor_type.ClearField("shape")  # the shapes the feeds give, not the model's declared ones
-        info.name = name
-    proto = onnx.ModelProto(ir_version=model.ir_version, graph=graph)
-    for domain, version in model.opset_imports.items():
-        proto.opset_import.add(domain=domain, version=version)
-    proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    return proto
+    return subgraph_proto(model, block.all_nodes, block.inputs, outputs, input_types, name="block")
 
 
 def block_session(model: ir.Model, block: Block, outputs: Sequence[str], input_types: dict[str, np.dtype],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from symshrink.passes.analysis.graph import subgraphs
+from symshrink.runtime.subgraph import nested_reads, node_reads
 
 __all__ = ["Block", "node_reads", "partition", "weight_bytes"]
 
@@ -38,25 +38,6 @@ or not)."""
         return (*self.prelude, *self.nodes)
 
 
-def _subgraph_reads(graph: ir.Graph) -> set[str]:
-    """Names a subgraph reads from its outer scopes (If/Loop/Scan bodies)."""
-    made = {v.name for v in graph.inputs} | set(graph.initializers)
-    reads = set()
-    for node in graph:
-        reads |= {v.name for v in node.inputs if v is not None} | _nested_reads(node)
-        made |= {v.name for v in node.outputs}
-    return reads - made
-
-
-def _nested_reads(node: ir.Node) -> set[str]:
-    return set().union(*(_subgraph_reads(body) for body in subgraphs(node)))
-
-
-def node_reads(node: ir.Node) -> set[str]:
-    """Every value name a node reads: its inputs and those its subgraphs take from the outer scope."""
-    return {v.name for v in node.inputs if v is not None and v.name} | _nested_reads(node)
-
-
 def weight_bytes(node: ir.Node, initializers: dict[str, ir.Value]) -> int:
     """Bytes of the initializers a node reads (its subgraphs' too)."""
     return sum(initializers[name].const_value.nbytes for name in node_reads(node)
@@ -69,7 +50,7 @@ def _constants(nodes: Sequence[ir.Node], initializers: set[str], outputs: set[st
     for node in nodes:
         inputs = [v for v in node.inputs if v is not None]
         constant = node.op_type == "Constant" or (inputs and all(v.name in known for v in inputs)
-                                                  and not node.op_type.startswith("Random") and not _nested_reads(node))
+                                                  and not node.op_type.startswith("Random") and not nested_reads(node))
         if constant and not {v.name for v in node.outputs} & outputs:
             for value in node.outputs:
                 known.add(value.name)

@@ -110,13 +110,3 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     graph.register_initializer(value)
     return value
 
-
-def subgraphs(node: ir.Node) -> list[ir.Graph]:
-    """The graphs a node holds as attributes (If branches, Loop and Scan bodies)."""
-    bodies = []
-    for attribute in node.attributes.values():
-        if attribute.type == ir.AttributeType.GRAPH:
-            bodies.append(attribute.value)
-        elif attribute.type == ir.AttributeType.GRAPHS:
-            bodies.extend(attribute.value)
-    return bodies

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant, subgraphs
+from symshrink.passes.analysis.graph import attr, constant_array, constant_tensor, ensure_names, is_constant
 from symshrink.runtime.formats import conv_matrix
+from symshrink.runtime.subgraph import subgraphs
 
 __all__ = ["Patch", "WeightSite", "find_weight_sites", "weight_matrix", "SITE_HANDLERS", "MIN_ELEMENTS"]
 

@@ -17,8 +17,9 @@ from symshrink.errors import BadInput
 from symshrink.lazyweights import slim_proto
 from symshrink.modelio import load_model
 from symshrink.options import options_from
-from symshrink.passes.analysis.blocks import node_reads, partition
+from symshrink.passes.analysis.blocks import partition
 from symshrink.runtime.ort import run_all
+from symshrink.runtime.subgraph import node_reads
 from symshrink.stream import Spool, stream_outputs
 
 D, HIDDEN, LAYERS = 32, 128, 6
