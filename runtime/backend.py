@@ -12,9 +12,10 @@ import numpy as np
 
 from symshrink.errors import BadInput
 
-__all__ = ["Backend", "is_host", "cpu_backend", "cuda_backend", "get_backend", "gpu_available", "DEVICES"]
+__all__ = ["Backend", "is_host", "cpu_backend", "cuda_backend", "get_backend", "gpu_available", "DEVICES", "ENGINES"]
 
 DEVICES = ("cpu", "cuda")
+ENGINES = ("auto", "hybrid", "executor")  # what runs a model on a device: `runtime.hybrid.open_runtime`
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,14 @@ from symshrink.options import (
     WeightOptions,
 )
 from symshrink.passes.quant.grid import ROUNDINGS
+from symshrink.runtime.backend import ENGINES
 from symshrink.runtime.formats import GRID_BITS
 
 __all__ = ["main", "compress_options"]
+
+ENGINE_HELP = ("hybrid: onnxruntime runs the standard ops (its CUDA provider on cuda), the kernels the packed ones; "
+               "executor: the node-by-node reference runtime; auto (default): hybrid where onnxruntime runs on the "
+               "kernels' device, else the executor")
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
@@ -214,9 +219,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         session_b = make_session(path_b, args.threads)
         inputs_b, names_b = [i.name for i in input_specs(session_b)], [o.name for o in session_b.get_outputs()]
     else:
-        from symshrink.runtime.executor import Executor  # noqa: PLC0415
+        from symshrink.runtime.hybrid import open_runtime  # noqa: PLC0415
 
-        executor = Executor(model_b, backend)
+        executor = open_runtime(model_b, backend, args.engine, args.threads)
         inputs_b, names_b = [i.name for i in executor.input_specs()], executor.output_names()
     if [i.name for i in inputs] != inputs_b:
         raise BadInput("the two models have different inputs")
@@ -244,12 +249,10 @@ def _backend(device: str):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import time  # noqa: PLC0415
-
     import numpy as np  # noqa: PLC0415
 
     from symshrink.modelio import claim_output, input_files, load_model, resolve_model, write_atomically  # noqa: PLC0415
-    from symshrink.runtime.executor import Executor  # noqa: PLC0415
+    from symshrink.runtime.hybrid import open_runtime, timed_runs  # noqa: PLC0415
 
     backend = _backend(args.device)
     if args.output:
@@ -259,13 +262,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             inputs += input_files(args.data)
         args.output = claim_output(args.output, force=args.force, inputs=inputs, what="-o")
     model, _ = load_model(args.model)
-    executor = Executor(model, backend)
+    executor = open_runtime(model, backend, args.engine)
     feeds = _feeds(args, args.model, executor.input_specs())
-    results, seconds = [], []
-    for feed in feeds:
-        start = time.perf_counter()
-        results.append(executor.run(feed))  # outputs come back to the host: the device has finished
-        seconds.append(time.perf_counter() - start)
+    results, seconds = timed_runs(executor, feeds)
     memory = backend.memory_line()  # after the runs: the pool has reserved the peak
     for line in [*executor.summary().lines(), *([memory] if memory else [])]:
         _print(line)
@@ -489,6 +488,7 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--device", choices=["cpu", "cuda"],
                       help="run B on the symshrink runtime on this device (weights stay compressed; cuda: CuPy "
                            "kernels) instead of onnxruntime; A always runs in onnxruntime")
+    diff.add_argument("--engine", choices=ENGINES, default="auto", help="with --device: " + ENGINE_HELP)
     _add_gate_args(diff)
     diff.add_argument("--json", action="store_true")
     diff.set_defaults(run=_cmd_diff)
@@ -497,6 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("model")
     run.add_argument("--device", required=True, choices=["cpu", "cuda"],
                      help="cuda: the CuPy kernels on an NVIDIA GPU; cpu: the same graph in numpy (their references)")
+    run.add_argument("--engine", choices=ENGINES, default="auto", help=ENGINE_HELP)
     _add_data_args(run, "run on random inputs")
     run.add_argument("-o", "--output", help="write the outputs to this .npz: each output concatenated over the feeds "
                      "(axis 0), or NAME.i for feed i where the feeds' shapes differ")

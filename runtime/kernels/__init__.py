@@ -22,7 +22,7 @@ from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.formats import FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, TERNARY_RADIXES
 from symshrink.runtime.kernels import hyper, ternary
 
-__all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels"]
+__all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels", "match_kernels", "kernel_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +184,19 @@ def _unneeded(matches: list[Match], graph) -> set[int]:
     return unneeded
 
 
-def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> tuple[dict[int, KernelStep], set[int]]:
-    """Kernel steps by id of the node where each runs (weights placed on the backend's device, one copy per
-    source), and the ids of the nodes they make unneeded."""
+def match_kernels(graph, constants: dict[str, np.ndarray]) -> tuple[list[Match], set[int]]:
+    """The fusions `RULES` find in `graph` (graph order), and the ids of the nodes they make unneeded."""
     matches = []
     for node in graph:
         match = next((m for m in (rule(node, constants) for rule in RULES) if m is not None), None)
         if match is not None:
             matches.append(match)
+    return matches, _unneeded(matches, graph)
+
+
+def kernel_steps(matches: list[Match], backend: Backend) -> dict[int, KernelStep]:
+    """Kernel steps by id of the node where each runs, weights placed on the backend's device (one copy per source:
+    a tied table and head share theirs)."""
     on_gpu = backend.name == "cuda"
     placement = backend if on_gpu else cpu_backend()  # the references (every backend but CUDA) read host arrays
     placed: dict[int, Weight] = {}
@@ -204,4 +209,10 @@ def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> t
         inputs = [match.x] + ([match.bias] if match.bias else [])
         steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], placed[id(match.source)],
                                              kernel.cuda if on_gpu else kernel.reference)
-    return steps, _unneeded(matches, graph)
+    return steps
+
+
+def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> tuple[dict[int, KernelStep], set[int]]:
+    """Kernel steps by id of the node where each runs (`kernel_steps`), and the ids of the nodes they make unneeded."""
+    matches, unneeded = match_kernels(graph, constants)
+    return kernel_steps(matches, backend), unneeded

@@ -61,9 +61,11 @@ def test_an_op_outside_the_list_is_named(tmp_path, data, capsys):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
     path = tmp_path / "det.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    assert main(["run", str(path), "--device", "cpu", "--random"]) == 2
+    assert main(["run", str(path), "--device", "cpu", "--engine", "executor", "--random"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Det" in err
+    assert main(["run", str(path), "--device", "cpu", "--random"]) == 0  # the hybrid engine: onnxruntime runs it
+    assert "hybrid engine" in capsys.readouterr().out
 
 
 def test_run_into_a_missing_folder_is_bad_input(mlp_path, data, tmp_path, capsys):
