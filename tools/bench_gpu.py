@@ -1,18 +1,22 @@
 """Benchmarks of the GPU runtime: each kernel against the device's roofline, and zoo models end to end.
 
-    python tools/bench_gpu.py --device cuda --out docs/benchmarks-gpu.md
+    python tools/bench_gpu.py --models fmnist-mlp,mobilenetv2 --work .gpu-models --prepare   (here: the zoo's data)
+    python tools/bench_gpu.py --device cuda --models-dir .gpu-models --out docs/benchmarks-gpu.md   (on the GPU)
 
-Kernels: the ternary (2-bit) and hyperfunction (--hyper-bits per pair) matmuls and the dense fp32 product
-(cuBLAS through CuPy), for each weight shape KxN in --shapes and each batch M in --batches. GPU time from
-CUDA events (cupyx.profiler.benchmark), with the weights rotated over enough copies to overflow the L2 cache.
-Bandwidth counts the bytes a call must move (weights, x, the slices' partials written and read, y); FLOP/s
-counts 2 M K N. Both are shown against the device-to-device copy bandwidth measured in the same run and
-against the nominal peaks the driver reports.
-Models: fp32, ternary and HC variants of each zoo model in --models on the symshrink runtime: median latency
-of one feed, device memory (constants after load; pool peak after the runs), output relative L2 against the
-original in onnxruntime; beside them the original on onnxruntime's CUDA provider where it is installed.
-A variant that fails becomes a row with its one-line error.
---device cpu runs the same code on the numpy references: a smoke test whose timings say nothing of a GPU.
+Kernels: the ternary (2-bit) and hyperfunction (--hyper-bits per pair) matmuls, MatMulNBits at 4 and 2 bits (the
+runtime's op: codes unpacked per call, then cuBLAS), and the dense fp32 and fp16 products (cuBLAS through CuPy), for
+each weight shape KxN in --shapes and each batch M in --batches. GPU time from CUDA events
+(cupyx.profiler.benchmark), with the weights rotated over enough copies to overflow the L2 cache. Bandwidth counts
+the bytes a call must move (weights, x, the slices' partials written and read, y); FLOP/s counts 2 M K N. Both are
+shown against the device-to-device copy bandwidth measured in the same run and against the nominal peaks the driver
+reports.
+Models: `--prepare` builds, where the zoo's data is, the ternary, hyperfunction and 2/4-bit grid variants of each
+model in --models, its evaluation feeds and the original's outputs on them (onnxruntime, CPU), and copies the
+original while the folder stays within --budget-mb; the run takes each variant on each engine in --engines (the
+executor; hybrid: onnxruntime for the standard segments) with median latency of one feed, device memory after load,
+and relative L2 and cosine against the original's outputs; beside them the original on onnxruntime's CUDA provider
+where it is installed. A variant that fails becomes a row with its one-line error.
+--device cpu runs the same code on the numpy references: a dry run whose timings say nothing of a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,14 +38,16 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import compress_symshrink, machine_info, one_line
 
-from symshrink.calibration.feeds import load_feeds
+from symshrink.calibration.feeds import load_feeds, random_feeds
 from symshrink.modelio import load_model
 from symshrink.models.registry import cache_dir, get_model
 from symshrink.runtime.backend import Backend, get_backend
 from symshrink.runtime.diff import compare_outputs
-from symshrink.runtime.executor import Executor
+from symshrink.runtime.formats import matmul_nbits_arrays, quantize_grid
+from symshrink.runtime.hybrid import HybridRunner, open_runtime
 from symshrink.runtime.kernels import KERNELS, hyper, ternary
 from symshrink.runtime.kernels.launch import launch_config
+from symshrink.runtime.ops import OPS, OpContext
 from symshrink.runtime.ort import input_specs, make_session, run_all
 
 GB = 1e9
@@ -88,6 +96,10 @@ def device_info(backend: Backend, timer) -> dict[str, Any]:
             "peak_gflops": peak_gflops, "copy_gbs": 2 * source.nbytes / seconds / GB}
 
 
+GRID_BLOCK = 32
+KERNEL_KINDS = ("dense", "dense_fp16", "ternary_matmul", "hyper_matmul", "matmul_nbits_4", "matmul_nbits_2")
+
+
 def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generator):
     """A random weight in each format (kernel time does not depend on the values)."""
     if kind == "ternary_matmul":
@@ -98,15 +110,42 @@ def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generat
         packed = rng.integers(0, 256, size=(depth * cols // 16, bits), dtype=np.uint8)
         return hyper.HyperWeight(packed, rng.standard_normal((1 << bits, 2)).astype(np.float32),
                                  np.array([[0.1, -0.1, 2.0]], np.float32), len(packed), bits, depth, cols)
-    return rng.standard_normal((depth, cols)).astype(np.float32)
+    if kind.startswith("matmul_nbits"):
+        grid = quantize_grid(rng.standard_normal((depth, cols)).astype(np.float32), GRID_BLOCK, int(kind.rsplit("_", 1)[1]))
+        return matmul_nbits_arrays(grid)
+    dense = rng.standard_normal((depth, cols)).astype(np.float32)
+    return dense.astype(np.float16) if kind == "dense_fp16" else dense
+
+
+def _arrays(weight) -> list[np.ndarray]:
+    if isinstance(weight, np.ndarray):
+        return [weight]
+    return list(weight.arrays.values()) if hasattr(weight, "attributes") else weight.arrays()
+
+
+def _runner(kind: str, backend: Backend, weight) -> tuple[Callable, Callable]:
+    """(place the weight on the device, run x @ W) for a kernel kind: cuBLAS for the dense ones, the runtime's kernels,
+    and for MatMulNBits the runtime's op (its codes unpacked to a float32 weight per call: no packed kernel yet)."""
+    if kind.startswith("dense"):
+        return backend.to_device, lambda x, w: x @ w
+    if kind.startswith("matmul_nbits"):
+        op = OPS["com.microsoft::MatMulNBits"]
+        context = OpContext(backend, 21, dict(weight.attributes))
+        return (lambda stored: [backend.to_device(a) for a in stored.arrays.values()],
+                lambda x, arrays: op(context, x, *arrays))
+    call = KERNELS[kind].cuda if backend.name == "cuda" else KERNELS[kind].reference
+    return (lambda w: w.to(backend, {})), call
 
 
 def _moved_bytes(kind: str, weight, rows_x: int, depth: int, cols: int, target_blocks: int) -> int:
-    activations = 4 * rows_x * (depth + cols)
-    if kind == "dense":
-        return weight.nbytes + activations
+    """What a call must move: the weight's bytes, x and y (fp16 for the fp16 product), and the slices' partials
+    the runtime's kernels write and read back."""
+    weight_bytes = sum(int(a.nbytes) for a in _arrays(weight))
+    activations = (2 if kind == "dense_fp16" else 4) * rows_x * (depth + cols)
+    if kind.startswith(("dense", "matmul_nbits")):
+        return weight_bytes + activations
     slices = launch_config(rows_x, depth, -(-cols // 16), target_blocks).slices
-    return weight.nbytes + activations + 2 * 4 * slices * rows_x * cols
+    return weight_bytes + activations + 2 * 4 * slices * rows_x * cols
 
 
 def _rotating(timer, run: Callable, x, weights: list) -> float:
@@ -121,19 +160,20 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
     target_blocks = 4 * device.get("sms", 1)
     rows = []
     for depth, cols in shapes:
-        for kind in ("dense", "ternary_matmul", "hyper_matmul"):
+        for kind in KERNEL_KINDS:
             weight = _weights(kind, depth, cols, bits, rng)
-            copies = max(1, min(64, math.ceil(3 * device["l2"] / weight.nbytes))) if device["l2"] else 1
-            placed = [backend.to_device(weight) if kind == "dense" else weight.to(backend, {}) for _ in range(copies)]
-            run = (lambda x, w: x @ w) if kind == "dense" else (
-                KERNELS[kind].cuda if backend.name == "cuda" else KERNELS[kind].reference)
+            weight_bytes = sum(int(a.nbytes) for a in _arrays(weight))
+            place, run = _runner(kind, backend, weight)
+            copies = max(1, min(64, math.ceil(3 * device["l2"] / weight_bytes))) if device["l2"] else 1
+            placed = [place(weight) for _ in range(copies)]
+            dtype = np.float16 if kind == "dense_fp16" else np.float32
             for rows_x in batches:
-                x = backend.to_device(rng.standard_normal((rows_x, depth)).astype(np.float32))
+                x = backend.to_device(rng.standard_normal((rows_x, depth)).astype(dtype))
                 seconds = _rotating(timer, run, x, placed)
                 moved = _moved_bytes(kind, weight, rows_x, depth, cols, target_blocks)
                 gbs, gflops = moved / seconds / GB, 2 * rows_x * depth * cols / seconds / GB
                 rows.append({"kernel": kind, "shape": f"{depth}x{cols}", "batch": rows_x, "us": seconds * 1e6,
-                             "weight_bytes": weight.nbytes, "moved_bytes": moved, "gbs": gbs, "gflops": gflops,
+                             "weight_bytes": weight_bytes, "moved_bytes": moved, "gbs": gbs, "gflops": gflops,
                              "of_copy": gbs / device["copy_gbs"] if device["copy_gbs"] else None,
                              "of_peak_bw": gbs / device["peak_gbs"] if device["peak_gbs"] else None,
                              "of_peak_flops": gflops / device["peak_gflops"] if device["peak_gflops"] else None})
@@ -141,42 +181,95 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
     return rows
 
 
-def _variants(spec: str, work: Path, bits: int) -> dict[str, Path]:
-    """fp32 and the compressed variants of a zoo model, built on the CPU."""
-    entry = get_model(spec)
-    original = Path(entry.materialise(cache_dir()))
-    paths = {"fp32": original}
-    settings = {"ternary": {"method": "ternary"},
-                f"hyper-b{bits}": {"method": "hyper", "index_bits": (bits,), "tensor_error": None}}
-    for name, options in settings.items():
-        out = work / f"{spec}-{name}.onnx"
-        if not out.exists():
-            compress_symshrink(spec, entry, out, threads=None, **options)
-        paths[name] = out
-    return paths
+# -- zoo models -------------------------------------------------------------------------------------------------
+# `prepare_models` builds, on a machine with the zoo's data, each model's compressed variants, its evaluation feeds
+# and the original's outputs on them (onnxruntime, CPU), and the original itself where it fits the folder's byte
+# budget (a lent GPU machine takes 64 MiB a call and has no network); `bench_models` runs what the folder holds.
+
+FEEDS = 8
+VARIANTS = {"ternary": {"method": "ternary"}, "grid-4bit": {"method": "quant", "bits": 4},
+            "grid-2bit": {"method": "quant", "bits": 2}}  # and hyper-b<bits>
 
 
-def bench_models(backend: Backend, specs: list[str], work: Path, bits: int, runs: int) -> list[dict[str, Any]]:
-    rows = []
+def _feeds(spec: str, path: Path) -> tuple[list[dict], str]:
+    """The model's evaluation feeds from its data set, else random ones (the machine lacks the data)."""
+    entry, session = get_model(spec), make_session(path)
+    try:
+        return load_feeds(entry.calib, input_specs(session), "eval", FEEDS), entry.calib
+    except Exception:  # noqa: BLE001 (no data here: random inputs of the model's shapes)
+        return random_feeds(input_specs(session), FEEDS), "random"
+
+
+def _fits(folder: Path, size: int, budget_bytes: int) -> bool:
+    return sum(f.stat().st_size for f in folder.iterdir()) + size <= budget_bytes
+
+
+def prepare_models(specs: list[str], folder: Path, bits: int, budget_bytes: int) -> dict[str, Any]:
+    """Variants, feeds and reference outputs of each model in `folder`, with `manifest.json`, and the originals: each
+    file while the folder stays within `budget_bytes` (a file that would not fit is left out, with the reason)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {}
+    variants = VARIANTS | {f"hyper-b{bits}": {"method": "hyper", "index_bits": (bits,), "tensor_error": None}}
     for spec in specs:
         entry = get_model(spec)
-        try:
-            paths = _variants(spec, work, bits)
-        except Exception as err:  # noqa: BLE001 (one row with the reason, the run goes on)
-            rows.append({"model": spec, "variant": "all", "error": one_line(err)})
-            continue
-        session = make_session(paths["fp32"])
-        feeds = load_feeds(entry.calib, input_specs(session), "eval", 8)
-        reference = run_all(session, feeds)
-        if backend.name == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        original = Path(entry.materialise(cache_dir()))
+        item: dict[str, Any] = {"variants": {}, "errors": {}, "fp32": None}
+        feeds, item["data"] = _feeds(spec, original)
+        reference = run_all(make_session(original), feeds)
+        np.savez(folder / f"{spec}-feeds.npz", **{f"{i}/{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()})
+        np.savez(folder / f"{spec}-reference.npz", **{f"{i}/{k}": v for i, out in enumerate(reference) for k, v in out.items()})
+        for name, options in variants.items():
+            out = folder / f"{spec}-{name}.onnx"
+            try:
+                if not out.exists():
+                    with tempfile.TemporaryDirectory() as tmp:
+                        built = Path(tmp) / out.name
+                        compress_symshrink(spec, entry, built, threads=None, **options)
+                        if not _fits(folder, built.stat().st_size, budget_bytes):
+                            raise ValueError(f"{built.stat().st_size / 1e6:.1f} MB: beyond the folder's budget")
+                        shutil.move(built, out)
+                item["variants"][name] = out.name
+            except Exception as err:  # noqa: BLE001 (one row with the reason, the run goes on)
+                item["errors"][name] = one_line(err)
+        fp32 = folder / f"{spec}-fp32.onnx"
+        if fp32.exists() or _fits(folder, original.stat().st_size, budget_bytes):
+            shutil.copyfile(original, fp32)
+            item["fp32"] = fp32.name
+        else:
+            item["errors"]["fp32"] = f"{original.stat().st_size / 1e6:.0f} MB: beyond the folder's budget"
+        manifest[spec] = item
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
+    with np.load(path) as data:
+        feeds: dict[int, dict[str, np.ndarray]] = {}
+        for key in data.files:
+            index, name = key.split("/", 1)
+            feeds.setdefault(int(index), {})[name] = data[key]
+    return [feeds[i] for i in sorted(feeds)]
+
+
+def bench_models(backend: Backend, folder: Path, engines: list[str], runs: int) -> list[dict[str, Any]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = []
+    for spec, item in manifest.items():
+        feeds, reference = _load_feeds(folder / f"{spec}-feeds.npz"), _load_feeds(folder / f"{spec}-reference.npz")
+        rows += [{"model": spec, "variant": name, "error": reason} for name, reason in item["errors"].items()]
+        paths = ({"fp32": folder / item["fp32"]} if item["fp32"] else {}) | {
+            name: folder / file for name, file in item["variants"].items()}
+        if item["fp32"] and backend.name == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             rows.append(_onnxruntime_cuda(spec, paths["fp32"], feeds, reference, runs))
         for variant, path in paths.items():
-            row: dict[str, Any] = {"model": spec, "variant": variant, "disk_mb": path.stat().st_size / 1e6}
-            try:
-                row |= _run_variant(backend, path, feeds, reference, runs)
-            except Exception as err:  # noqa: BLE001
-                row["error"] = one_line(err)
-            rows.append(row)
+            for engine in engines:
+                row: dict[str, Any] = {"model": spec, "variant": variant, "engine": engine,
+                                       "disk_mb": path.stat().st_size / 1e6, "data": item["data"]}
+                try:
+                    row |= _run_variant(backend, path, engine, feeds, reference, runs)
+                except Exception as err:  # noqa: BLE001
+                    row["error"] = one_line(err)
+                rows.append(row)
     return rows
 
 
@@ -185,26 +278,30 @@ def _onnxruntime_cuda(spec: str, path: Path, feeds: list[dict], reference: list[
     session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     outputs = run_all(session, feeds)
     seconds = _wall_seconds(lambda: session.run(None, feeds[0]), runs)
-    return {"model": spec, "variant": f"fp32 onnxruntime ({session.get_providers()[0]})",
-            "disk_mb": path.stat().st_size / 1e6, "ms": 1e3 * seconds, "device_mb": None,
-            "peak_mb": None, "rel_l2": compare_outputs(reference, outputs)[0].rel_l2, "kernels": {},
-            "function_bodies": {}}
+    return {"model": spec, "variant": "fp32", "engine": f"onnxruntime ({session.get_providers()[0]})",
+            "disk_mb": path.stat().st_size / 1e6, "ms": 1e3 * seconds, "device_mb": None, "peak_mb": None,
+            "rel_l2": compare_outputs(reference, outputs)[0].rel_l2, "kernels": {}, "function_bodies": {}}
 
 
-def _run_variant(backend: Backend, path: Path, feeds: list[dict], reference: list[dict], runs: int) -> dict[str, Any]:
+def _run_variant(backend: Backend, path: Path, engine: str, feeds: list[dict], reference: list[dict],
+                 runs: int) -> dict[str, Any]:
     pool = backend.xp.get_default_memory_pool() if backend.name == "cuda" else None
     if pool is not None:
         pool.free_all_blocks()
     model, _ = load_model(path)
-    executor = Executor(model, backend)
-    loaded = pool.used_bytes() if pool is not None else executor.summary().constant_bytes
-    outputs = [executor.run(feed) for feed in feeds]
-    diff = compare_outputs(reference, outputs)[0]
-    seconds = _wall_seconds(lambda: executor.run(feeds[0]), runs)  # outputs come back to the host
-    summary = executor.summary()
-    return {"ms": 1e3 * seconds, "device_mb": loaded / 1e6,
-            "peak_mb": pool.total_bytes() / 1e6 if pool is not None else None, "rel_l2": diff.rel_l2,
-            "kernels": summary.kernels, "function_bodies": summary.function_calls}
+    runner = open_runtime(model, backend, engine)
+    loaded = pool.used_bytes() if pool is not None else runner.summary().constant_bytes
+    outputs = [runner.run(feed) for feed in feeds]
+    diff = max(compare_outputs(reference, outputs), key=lambda d: d.rel_l2)
+    seconds = _wall_seconds(lambda: runner.run(feeds[0]), runs)  # outputs come back to the host
+    summary = runner.summary()
+    row = {"ms": 1e3 * seconds, "device_mb": loaded / 1e6, "constants_mb": summary.constant_bytes / 1e6,
+           "peak_mb": pool.total_bytes() / 1e6 if pool is not None else None, "rel_l2": diff.rel_l2,
+           "cosine": diff.cosine, "kernels": summary.kernels, "function_bodies": summary.function_calls}
+    if isinstance(runner, HybridRunner):
+        row["partitions"] = f"{summary.plan.count('standard')}+{summary.plan.count('packed')}"
+        row["copies"] = summary.moves.total
+    return row
 
 
 def _cell(value, spec: str) -> str:
@@ -225,16 +322,22 @@ def render(result: dict[str, Any]) -> str:
                      f"{r['gbs']:.0f} | {_cell(r['of_copy'], '.2f')} | {_cell(r['of_peak_bw'], '.2f')} | {r['gflops']:.0f} | "
                      f"{_cell(r['of_peak_flops'], '.3f')} |")
     lines += ["", "## Models on the symshrink runtime", "",
-              "| model | variant | disk MB | device MB (load) | pool peak MB | ms / feed | rel L2 vs fp32 (onnxruntime) "
-              "| kernels |",
-              "|---|---|---|---|---|---|---|---|"]
+              "Each variant on each engine: median wall time of one feed (outputs back on the host), device memory "
+              "after load (CuPy's pool; onnxruntime's arena not included) and the packed constants, the worst output's "
+              "relative L2 and cosine against the original in onnxruntime (CPU) on the same feeds; hybrid rows give "
+              "onnxruntime + packed partitions and host-device copies per run.", "",
+              "| model | variant | engine | disk MB | device MB (load) | constants MB | ms / feed | rel L2 | cosine "
+              "| partitions | copies | kernels | data |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["models"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error']} |||||")
+            lines.append(f"| {r['model']} | {r['variant']} | {r.get('engine', '')} | error: {r['error']} ||||||||||")
             continue
         kernels = ", ".join(f"{n} {k}" for k, n in r["kernels"].items()) or "-"
-        lines.append(f"| {r['model']} | {r['variant']} | {r['disk_mb']:.1f} | {_cell(r['device_mb'], '.1f')} | "
-                     f"{_cell(r['peak_mb'], '.1f')} | {r['ms']:.2f} | {r['rel_l2']:.3g} | {kernels} |")
+        lines.append(f"| {r['model']} | {r['variant']} | {r['engine']} | {r['disk_mb']:.1f} | "
+                     f"{_cell(r['device_mb'], '.1f')} | {_cell(r.get('constants_mb'), '.1f')} | {r['ms']:.2f} | "
+                     f"{r['rel_l2']:.3g} | {_cell(r.get('cosine'), '.5f')} | {r.get('partitions', '-')} | "
+                     f"{r.get('copies', '-')} | {kernels} | {r.get('data', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,23 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="4096x4096,1536x384", help="weight shapes KxN")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--hyper-bits", type=int, default=10, help="bits per pair of the HC kernel and models")
-    parser.add_argument("--models", default="minilm-l6,smollm2-135m")
+    parser.add_argument("--models", default="", help="zoo models: their variants built in --work first")
+    parser.add_argument("--models-dir", type=Path, help="a folder --prepare made (manifest.json): run what it holds")
+    parser.add_argument("--prepare", action="store_true", help="build --models into --work and stop (no device needed)")
+    parser.add_argument("--budget-mb", type=float, default=48, help="with --prepare: the folder's size, originals "
+                        "included while they fit (a lent GPU machine takes 64 MiB a call)")
+    parser.add_argument("--engines", default="executor,hybrid", help="engines the models run on (runtime.hybrid)")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per kernel measurement")
     parser.add_argument("--runs", type=int, default=20, help="timed feeds per model variant")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "symshrink" / "bench-gpu")
-    parser.add_argument("--out", type=Path, required=True, help="markdown report (raw numbers beside it, .json)")
+    parser.add_argument("--out", type=Path, help="markdown report (raw numbers beside it, .json)")
     args = parser.parse_args(argv)
+    specs = [m for m in args.models.split(",") if m]
+    if specs:
+        prepare_models(specs, args.work, args.hyper_bits, int(args.budget_mb * 2**20))
+    if args.prepare:
+        return 0
+    if args.out is None:
+        parser.error("--out is required unless --prepare")
     backend = get_backend(args.device)
     timer = _timer(backend, args.repeats)
     device = device_info(backend, timer)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]
-    args.work.mkdir(parents=True, exist_ok=True)
+    folder = args.models_dir or (args.work if specs else None)
     result = {"command": " ".join(["python", "tools/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine_info(), "device": device,
               "kernels": bench_kernels(backend, shapes, batches, args.hyper_bits, device, timer),
-              "models": bench_models(backend, [m for m in args.models.split(",") if m], args.work, args.hyper_bits,
-                                     args.runs)}
+              "models": bench_models(backend, folder, args.engines.split(","), args.runs) if folder else []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(result))
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from symshrink.calibration.feeds import load_feeds
 from symshrink.cli import main
 from symshrink.errors import BadInput
-from symshrink.runtime.backend import cpu_backend
+from symshrink.runtime.backend import cpu_backend, cuda_backend, gpu_available
 from symshrink.runtime.diff import compare_outputs
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.formats import DEQUANTIZE_OPSET, dequantize_arrays, ternarize
@@ -163,6 +163,25 @@ def test_parallel_projections_share_one_packed_segment(tmp_path):
     assert runner.moves == Moves(2, 4)
     (expected,) = make_session(path, optimize=False).run(None, feed)  # unfused: float32 activations
     assert np.linalg.norm(output - expected) <= HYBRID_REL_L2 * np.linalg.norm(expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU (cupy.cuda.is_available() is False)")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hybrid_on_the_gpu(compressed, variant):
+    """The packed nodes as CUDA kernels; the standard segments on onnxruntime's CUDA provider through IOBinding over
+    CuPy memory where onnxruntime-gpu is installed, else on its CPU provider (values copied at each boundary): the
+    CPU hybrid's outputs, and the plan's copies."""
+    _, capabilities, _ = VARIANTS[variant]
+    provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+    model = ir.load(compressed[variant])
+    runner = HybridRunner(model, cuda_backend(), provider, capabilities=capabilities)
+    on_cpu = HybridRunner(model, capabilities=capabilities)
+    outputs = [runner.run(feed) for feed in _feeds()]
+    assert runner.moves == runner.summary().moves
+    int8_on_one_side = provider == "cuda" and variant.startswith("grid")  # the CPU's MatMulNBits quantises x
+    assert _rel_l2([on_cpu.run(feed) for feed in _feeds()], outputs) <= (
+        INT8_ACTIVATIONS_REL_L2 if int8_on_one_side else HYBRID_REL_L2)
 
 
 def test_open_runtime_picks_the_engine(compressed):
