@@ -210,14 +210,12 @@ class HybridRunner:
                 continue
             packed = []
             for node in segment.nodes:
-                if id(node) in steps:
-                    packed.append(steps[id(node)])
-                    continue
-                for value in node.inputs:
-                    if value is not None and value.name in constants and value.name not in self._constants:
-                        self._constants[value.name] = self._place(constants[value.name])
-                attrs = {name: attr.value for name, attr in node.attributes.items()}
-                packed.append(_OpStep(node, attrs, opset))
+                step = steps.get(id(node)) or _OpStep(node, {name: a.value for name, a in node.attributes.items()}, opset)
+                reads = step.inputs if isinstance(step, KernelStep) else [v.name for v in node.inputs if v is not None]
+                for name in reads:  # a bias, an op's codes and scales: placed once
+                    if name in constants and name not in self._constants:
+                        self._constants[name] = self._place(constants[name])
+                packed.append(step)
             self._runs.append((segment, packed))
         self._last_read = self._last_reads()
 
@@ -268,7 +266,7 @@ class HybridRunner:
         env = dict(env)
         for step in steps:
             if isinstance(step, KernelStep):
-                env[step.outputs[0]] = step.run(*(env[name] for name in step.inputs))
+                env[step.outputs[0]] = step.run(*(self._constants.get(name, env.get(name)) for name in step.inputs))
             else:
                 args = [None if v is None else self._constants.get(v.name, env.get(v.name)) for v in step.node.inputs]
                 env.update(zip((v.name for v in step.node.outputs), step.run(self.backend, args)))

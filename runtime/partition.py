@@ -1,9 +1,9 @@
 """Hybrid partitions: a compressed graph cut into standard segments, which onnxruntime runs, and packed nodes, which
 the runtime's kernels run with their codes still packed on the device. Analysis only: the plan is printable data.
 
-A node is packed when a kernel rule matches it (ternary and hyperfunction readers; the decode nodes they replace
-belong to no segment) or when it is a low-bit contrib op whose bit width the standard provider cannot run
-(`Capabilities`). Phases, as soon as possible: a standard node's phase is the latest of its standard producers' and
+A node is packed when a kernel rule matches it (ternary and hyperfunction readers, whose decode nodes belong to no
+segment; MatMulNBits) or when it is a low-bit contrib op, but not where the standard provider runs that op at its bit
+width itself (`Capabilities`). Phases, as soon as possible: a standard node's phase is the latest of its standard producers' and
 one past its packed producers'; a packed node's is the latest of all its producers'. Phase k runs standard segment
 k, then its packed nodes in graph order, so only a chain standard -> packed -> standard adds segments, not parallel
 branches (an attention layer's Q, K and V projections share one phase).
@@ -28,6 +28,10 @@ HOST, DEVICE = "host", "device"
 LOW_BIT_OPS = ("com.microsoft::MatMulNBits", "com.microsoft::GatherBlockQuantized")  # codes packed in bytes, `bits` wide
 
 
+def _low_bit(node: ir.Node) -> bool:
+    return op_key(node.domain, node.op_type) in LOW_BIT_OPS
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """The bit widths of each low-bit op the standard provider runs with its codes packed (found by
@@ -38,7 +42,7 @@ class Capabilities:
 
     def runs(self, node: ir.Node) -> bool:
         key = op_key(node.domain, node.op_type)
-        return key not in LOW_BIT_OPS or node.attributes.get_int("bits", 4) in self.widths.get(key, frozenset())
+        return not _low_bit(node) or node.attributes.get_int("bits", 4) in self.widths.get(key, frozenset())
 
     def line(self) -> str:
         widths = "; ".join(f"{key.split('::')[1]} {'/'.join(map(str, sorted(bits))) + '-bit' if bits else 'none'}"
@@ -122,7 +126,8 @@ def _constants(graph: ir.Graph) -> dict[str, np.ndarray]:
 def plan_partitions(model: ir.Model, capabilities: Capabilities) -> Plan:
     graph = model.graph
     matches, dropped = match_kernels(graph, _constants(graph))
-    fused = {id(m.reader): m for m in matches}
+    # a low-bit op the provider runs packed stays there (its match takes only the op's own constant inputs)
+    fused = {id(m.reader): m for m in matches if not (_low_bit(m.reader) and capabilities.runs(m.reader))}
     initializers = set(graph.initializers)
     taken = {id(m.reader): {m.reader.inputs[i].name for node, i in m.taken if node is m.reader} for m in matches}
     producer: dict[str, ir.Node] = {}

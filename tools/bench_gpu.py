@@ -3,8 +3,8 @@
     python tools/bench_gpu.py --models fmnist-mlp,mobilenetv2 --work .gpu-models --prepare   (here: the zoo's data)
     python tools/bench_gpu.py --device cuda --models-dir .gpu-models --out docs/benchmarks-gpu.md   (on the GPU)
 
-Kernels: the ternary (2-bit) and hyperfunction (--hyper-bits per pair) matmuls, MatMulNBits at 4 and 2 bits (the
-runtime's op: codes unpacked per call, then cuBLAS), and the dense fp32 and fp16 products (cuBLAS through CuPy), for
+Kernels: the ternary (2-bit), hyperfunction (--hyper-bits per pair) and integer-grid (MatMulNBits' 4 and 2 bits,
+blocks of 32) matmuls, and the dense fp32 and fp16 products (cuBLAS through CuPy), for
 each weight shape KxN in --shapes and each batch M in --batches. GPU time from CUDA events
 (cupyx.profiler.benchmark), with the weights rotated over enough copies to overflow the L2 cache. Bandwidth counts
 the bytes a call must move (weights, x, the slices' partials written and read, y); FLOP/s counts 2 M K N. Both are
@@ -45,9 +45,8 @@ from symshrink.runtime.backend import Backend, get_backend
 from symshrink.runtime.diff import compare_outputs
 from symshrink.runtime.formats import matmul_nbits_arrays, quantize_grid
 from symshrink.runtime.hybrid import HybridRunner, open_runtime
-from symshrink.runtime.kernels import KERNELS, hyper, ternary
-from symshrink.runtime.kernels.launch import launch_config
-from symshrink.runtime.ops import OPS, OpContext
+from symshrink.runtime.kernels import KERNELS, grid, hyper, ternary
+from symshrink.runtime.kernels.launch import GEOMETRY, launch_config
 from symshrink.runtime.ort import input_specs, make_session, run_all
 
 GB = 1e9
@@ -97,7 +96,7 @@ def device_info(backend: Backend, timer) -> dict[str, Any]:
 
 
 GRID_BLOCK = 32
-KERNEL_KINDS = ("dense", "dense_fp16", "ternary_matmul", "hyper_matmul", "matmul_nbits_4", "matmul_nbits_2")
+KERNEL_KINDS = ("dense", "dense_fp16", "ternary_matmul", "hyper_matmul", "grid_matmul_b4", "grid_matmul_b2")
 
 
 def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generator):
@@ -110,29 +109,20 @@ def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generat
         packed = rng.integers(0, 256, size=(depth * cols // 16, bits), dtype=np.uint8)
         return hyper.HyperWeight(packed, rng.standard_normal((1 << bits, 2)).astype(np.float32),
                                  np.array([[0.1, -0.1, 2.0]], np.float32), len(packed), bits, depth, cols)
-    if kind.startswith("matmul_nbits"):
-        grid = quantize_grid(rng.standard_normal((depth, cols)).astype(np.float32), GRID_BLOCK, int(kind.rsplit("_", 1)[1]))
-        return matmul_nbits_arrays(grid)
+    if kind.startswith("grid_matmul"):  # MatMulNBits' arrays, in the kernel's layout
+        bits = int(kind.rsplit("_b", 1)[1])
+        stored = matmul_nbits_arrays(quantize_grid(rng.standard_normal((depth, cols)).astype(np.float32), GRID_BLOCK, bits))
+        return grid.matmul_nbits_weight(stored.arrays["B"], stored.arrays["scales"], stored.arrays["zero_points"], depth,
+                                        cols, bits, GRID_BLOCK)
     dense = rng.standard_normal((depth, cols)).astype(np.float32)
     return dense.astype(np.float16) if kind == "dense_fp16" else dense
 
 
-def _arrays(weight) -> list[np.ndarray]:
-    if isinstance(weight, np.ndarray):
-        return [weight]
-    return list(weight.arrays.values()) if hasattr(weight, "attributes") else weight.arrays()
-
-
-def _runner(kind: str, backend: Backend, weight) -> tuple[Callable, Callable]:
-    """(place the weight on the device, run x @ W) for a kernel kind: cuBLAS for the dense ones, the runtime's kernels,
-    and for MatMulNBits the runtime's op (its codes unpacked to a float32 weight per call: no packed kernel yet)."""
+def _runner(kind: str, backend: Backend) -> tuple[Callable, Callable]:
+    """(place the weight on the device, run x @ W) for a kernel kind: cuBLAS for the dense ones, else the runtime's
+    kernel (its numpy reference on the CPU)."""
     if kind.startswith("dense"):
         return backend.to_device, lambda x, w: x @ w
-    if kind.startswith("matmul_nbits"):
-        op = OPS["com.microsoft::MatMulNBits"]
-        context = OpContext(backend, 21, dict(weight.attributes))
-        return (lambda stored: [backend.to_device(a) for a in stored.arrays.values()],
-                lambda x, arrays: op(context, x, *arrays))
     call = KERNELS[kind].cuda if backend.name == "cuda" else KERNELS[kind].reference
     return (lambda w: w.to(backend, {})), call
 
@@ -140,12 +130,12 @@ def _runner(kind: str, backend: Backend, weight) -> tuple[Callable, Callable]:
 def _moved_bytes(kind: str, weight, rows_x: int, depth: int, cols: int, target_blocks: int) -> int:
     """What a call must move: the weight's bytes, x and y (fp16 for the fp16 product), and the slices' partials
     the runtime's kernels write and read back."""
-    weight_bytes = sum(int(a.nbytes) for a in _arrays(weight))
     activations = (2 if kind == "dense_fp16" else 4) * rows_x * (depth + cols)
-    if kind.startswith(("dense", "matmul_nbits")):
-        return weight_bytes + activations
-    slices = launch_config(rows_x, depth, -(-cols // 16), target_blocks).slices
-    return weight_bytes + activations + 2 * 4 * slices * rows_x * cols
+    if kind.startswith("dense"):
+        return weight.nbytes + activations
+    workers = -(-cols // GEOMETRY[kind].columns)
+    slices = launch_config(rows_x, depth, workers, target_blocks, GEOMETRY[kind].depth_step).slices
+    return weight.nbytes + activations + 2 * 4 * slices * rows_x * cols
 
 
 def _rotating(timer, run: Callable, x, weights: list) -> float:
@@ -162,9 +152,8 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
     for depth, cols in shapes:
         for kind in KERNEL_KINDS:
             weight = _weights(kind, depth, cols, bits, rng)
-            weight_bytes = sum(int(a.nbytes) for a in _arrays(weight))
-            place, run = _runner(kind, backend, weight)
-            copies = max(1, min(64, math.ceil(3 * device["l2"] / weight_bytes))) if device["l2"] else 1
+            place, run = _runner(kind, backend)
+            copies = max(1, min(64, math.ceil(3 * device["l2"] / weight.nbytes))) if device["l2"] else 1
             placed = [place(weight) for _ in range(copies)]
             dtype = np.float16 if kind == "dense_fp16" else np.float32
             for rows_x in batches:
@@ -173,7 +162,7 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
                 moved = _moved_bytes(kind, weight, rows_x, depth, cols, target_blocks)
                 gbs, gflops = moved / seconds / GB, 2 * rows_x * depth * cols / seconds / GB
                 rows.append({"kernel": kind, "shape": f"{depth}x{cols}", "batch": rows_x, "us": seconds * 1e6,
-                             "weight_bytes": weight_bytes, "moved_bytes": moved, "gbs": gbs, "gflops": gflops,
+                             "weight_bytes": weight.nbytes, "moved_bytes": moved, "gbs": gbs, "gflops": gflops,
                              "of_copy": gbs / device["copy_gbs"] if device["copy_gbs"] else None,
                              "of_peak_bw": gbs / device["peak_gbs"] if device["peak_gbs"] else None,
                              "of_peak_flops": gflops / device["peak_gflops"] if device["peak_gflops"] else None})

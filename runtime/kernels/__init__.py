@@ -1,10 +1,9 @@
-"""Kernels for symshrink-domain weights: each runs y = x @ W, x @ W^T or W[indices] with W still compressed on
-the device.
+"""Kernels for compressed weights: each runs y = x @ W, x @ W^T or W[indices] with W still compressed on the device.
 
-`RULES` is the registry of fusions: each looks at one node that reads a weight (MatMul, Gemm, Gather, or a
-TernaryMatMul call) and returns a `Match`, or None. The nodes upstream of a reader that only fused readers
-use (the decode, a Transpose) are skipped; one read by anything else still runs. A weight read by several
-fused readers (a tied embedding and LM head) is held on the device once. `KERNELS` names each kernel's
+`RULES` is the registry of fusions: each looks at one node that reads a weight (MatMul, Gemm, Gather, a
+TernaryMatMul call, onnxruntime's MatMulNBits) and returns a `Match`, or None. The nodes upstream of a reader that
+only fused readers use (the decode, a Transpose) are skipped; one read by anything else still runs. A weight read by
+several fused readers (a tied embedding and LM head) is held on the device once. `KERNELS` names each kernel's
 numpy reference (the CPU backend runs it) and its CUDA version (CuPy backend), which have the same
 signature: (x, weight) -> y.
 """
@@ -19,8 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from symshrink.runtime.backend import Backend, cpu_backend
-from symshrink.runtime.formats import FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, TERNARY_RADIXES
-from symshrink.runtime.kernels import hyper, ternary
+from symshrink.runtime.formats import CONTRIB_DOMAIN, FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, TERNARY_RADIXES
+from symshrink.runtime.kernels import grid, hyper, ternary
 
 __all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels", "match_kernels", "kernel_steps"]
 
@@ -36,9 +35,10 @@ class Kernel:
 KERNELS = {"ternary_matmul": Kernel(ternary.ternary_matmul_reference, ternary.ternary_matmul_cuda),
            "hyper_matmul": Kernel(hyper.hyper_matmul_reference, hyper.hyper_matmul_cuda),
            "hyper_matmul_t": Kernel(hyper.hyper_matmul_t_reference, hyper.hyper_matmul_t_cuda),
-           "hyper_gather": Kernel(hyper.hyper_gather, hyper.hyper_gather)}  # array code: the same on both
+           "hyper_gather": Kernel(hyper.hyper_gather, hyper.hyper_gather),  # array code: the same on both
+           **{name: Kernel(grid.grid_matmul_reference, grid.grid_matmul_cuda) for name in grid.GRID_KERNELS.values()}}
 
-Weight = ternary.TernaryWeight | hyper.HyperWeight
+Weight = ternary.TernaryWeight | hyper.HyperWeight | grid.GridWeight
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,26 @@ def hyper_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
     return Match(kernel, node, taken, node.inputs[0].name, weight, decode, bias)
 
 
+def matmul_nbits_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match | None:
+    """onnxruntime's MatMulNBits (y = a @ B^T + bias) with constant codes, float32 scales and, if any, packed uint8
+    zero points, 2, 4 or 8 bits, no g_idx."""
+    if not _is(node, "MatMulNBits", CONTRIB_DOMAIN):
+        return None
+    values = [v.name if v is not None else None for v in node.inputs] + [None] * (6 - len(node.inputs))
+    b, scales = constants.get(values[1]), constants.get(values[2])
+    zero_points = constants.get(values[3]) if values[3] else None
+    attributes = {key: node.attributes.get_int(key, 0) for key in ("K", "N", "bits", "block_size")}
+    if b is None or scales is None or scales.dtype != np.float32 or values[4] or attributes["bits"] not in grid.GRID_KERNELS:
+        return None
+    if (values[3] and zero_points is None) or (zero_points is not None and zero_points.dtype != np.uint8):
+        return None
+    weight = grid.matmul_nbits_weight(b, scales, zero_points, attributes["K"], attributes["N"], attributes["bits"],
+                                      attributes["block_size"])
+    return Match(weight.kernel, node, [(node, 1)], values[0], weight, node, values[5])
+
+
 RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary_function_rule, dequantize_rule,
-                                                                          hyper_rule]
+                                                                          hyper_rule, matmul_nbits_rule]
 
 
 def _unneeded(matches: list[Match], graph) -> set[int]:
@@ -208,8 +226,16 @@ def kernel_steps(matches: list[Match], backend: Backend) -> dict[int, KernelStep
         kernel = KERNELS[match.kernel]
         inputs = [match.x] + ([match.bias] if match.bias else [])
         steps[id(match.reader)] = KernelStep(match, inputs, [match.reader.outputs[0].name], placed[id(match.source)],
-                                             kernel.cuda if on_gpu else kernel.reference)
+                                             kernel.cuda if on_gpu else _reference_on(backend, kernel.reference))
     return steps
+
+
+def _reference_on(backend: Backend, reference: Callable) -> Callable:
+    """The reference as a kernel of `backend`: on a stand-in device (tests), its result goes back to the device as a
+    device kernel's would."""
+    if backend.name == "cpu":
+        return reference
+    return lambda x, weight: backend.to_device(reference(x, weight))
 
 
 def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> tuple[dict[int, KernelStep], set[int]]:

@@ -21,7 +21,7 @@ from functools import cache
 import numpy as np
 
 from symshrink.runtime.formats import INDICES_PER_ROW, codebook_table, cut_rows, row_unpacking, unpack_rows
-from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
+from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, DeviceWeight, cuda_matmul
 
 __all__ = ["HyperWeight", "function_weight", "fusable", "dense_hyper", "hyper_matmul_reference", "hyper_matmul_cuda",
            "hyper_matmul_t_reference", "hyper_matmul_t_cuda", "hyper_gather", "ERROR_BUDGET"]
@@ -32,7 +32,7 @@ PAIR = 2
 
 
 @dataclass(frozen=True)
-class HyperWeight:
+class HyperWeight(DeviceWeight):
     packed: np.ndarray  # uint8 [R * C / 16, bits]: rows of eight indices, pair p = (r C + c) / 2
     table: np.ndarray  # float32 [entries, 2]: the codebook's pairs T
     frames: np.ndarray  # float32 [groups, 3]: each group's centre (x, y) and span
@@ -40,10 +40,6 @@ class HyperWeight:
     bits: int
     rows: int  # R
     cols: int  # C, a multiple of 16
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays())
 
     def arrays(self) -> list:
         return [self.packed, self.table, self.frames]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["LaunchConfig", "launch_config", "sliced_matmul", "cuda_matmul", "cuda_source", "cuda_code", "CUDA_SOURCES",
-           "cuda_launcher", "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY", "NVRTC_OPTIONS"]
+           "cuda_launcher", "DeviceWeight", "TILE_ROWS", "COLUMNS_PER_THREAD", "device_target_blocks", "GEOMETRY",
+           "NVRTC_OPTIONS"]
 
 TILE_ROWS = (1, 4)  # rows of x a thread carries: the kernels' entry points <kernel>_m1 and <kernel>_m4
 COLUMNS_PER_THREAD = 16
@@ -29,7 +30,19 @@ BLOCKS_PER_SM = 4
 NVRTC_OPTIONS = ("--std=c++17",)  # CuPy adds the architecture and -ftz=true
 INCLUDE = re.compile(r'^#include "([a-z_]+\.cuh)"$', re.MULTILINE)
 CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu",
-                "hyper_matmul_t": "hyper_matmul.cu"}
+                "hyper_matmul_t": "hyper_matmul.cu",
+                **{f"grid_matmul_b{bits}": "grid_matmul.cu" for bits in (2, 4, 8)}}
+
+
+class DeviceWeight:
+    """A weight in a kernel's layout: `arrays()` as the kernel takes them (after x), `format_ints()` after the shapes."""
+
+    def arrays(self) -> list:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays())
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class Geometry:
 
 
 GEOMETRY = {"ternary_matmul": Geometry(COLUMNS_PER_THREAD, 1), "hyper_matmul": Geometry(COLUMNS_PER_THREAD, 1),
-            "hyper_matmul_t": Geometry(1, COLUMNS_PER_THREAD)}
+            "hyper_matmul_t": Geometry(1, COLUMNS_PER_THREAD),
+            **{f"grid_matmul_b{bits}": Geometry(32 // bits, 1) for bits in (2, 4, 8)}}  # a word's codes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from symshrink.runtime.formats import pack_codes, unpack_ternary_function
-from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, cuda_matmul
+from symshrink.runtime.kernels.launch import COLUMNS_PER_THREAD, DeviceWeight, cuda_matmul
 
 __all__ = ["TernaryWeight", "ternary_weight", "function_weight", "ternary_matmul_reference", "ternary_matmul_cuda",
            "dense_ternary", "ERROR_BUDGET"]
@@ -24,15 +24,11 @@ ERROR_BUDGET = 1e-5
 
 
 @dataclass(frozen=True)
-class TernaryWeight:
+class TernaryWeight(DeviceWeight):
     words: np.ndarray  # uint32 [depth, words]: 16 digits t + 1 a word, digit j at bits 2j
     scales: np.ndarray  # float32 [blocks, 16 words]
     block: int  # rows per scale block
     cols: int  # N, the real columns
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.arrays())
 
     def arrays(self) -> list:
         return [self.words, self.scales]

@@ -11,11 +11,19 @@ import pytest
 
 from symshrink.passes.hyper.function import function_inputs
 from symshrink.runtime.backend import cuda_backend, gpu_available
-from symshrink.runtime.formats import HyperSetting, decode_values, pack_codes
+from symshrink.runtime.formats import (
+    HyperSetting,
+    decode_matmul_nbits,
+    decode_values,
+    matmul_nbits_arrays,
+    pack_codes,
+    quantize_grid,
+)
 from symshrink.runtime.formats import encode_hyper as encode
-from symshrink.runtime.kernels import KERNELS, hyper, ternary
+from symshrink.runtime.kernels import KERNELS, grid, hyper, ternary
 from symshrink.runtime.kernels.launch import (
     CUDA_SOURCES,
+    GEOMETRY,
     NVRTC_OPTIONS,
     TILE_ROWS,
     cuda_code,
@@ -26,7 +34,7 @@ from symshrink.runtime.kernels.launch import (
 from tests.runtime.cuda_emulation import compiler, host_launcher
 
 BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
-           "hyper_matmul_t": hyper.ERROR_BUDGET}
+           "hyper_matmul_t": hyper.ERROR_BUDGET, **dict.fromkeys(grid.GRID_KERNELS.values(), grid.ERROR_BUDGET)}
 # (rows of x, depth, columns, ternary scale block): batch 1 and a few rows, ragged depths and blocks
 SHAPES = [(1, 64, 32, 64), (3, 100, 48, 32), (5, 257, 16, 7), (9, 48, 80, 48)]
 
@@ -54,7 +62,24 @@ def _hyper_case(rows_x: int, depth: int, cols: int, bits: int, transposed: bool 
     return x, weight, dense.T if transposed else dense
 
 
+def _grid_case(rows_x: int, depth: int, cols: int, bits: int, block: int, symmetric: bool, seed: int = 0):
+    """x and a MatMulNBits weight (blocks of `block` rows; its last block short when the depth is not whole blocks)
+    in the kernel's layout, and the dense float64 weight onnxruntime's layout stands for."""
+    rng = np.random.default_rng(seed)
+    stored = matmul_nbits_arrays(quantize_grid(rng.standard_normal((depth, cols)).astype(np.float32), block, bits,
+                                               symmetric))
+    weight = grid.matmul_nbits_weight(stored.arrays["B"], stored.arrays["scales"], stored.arrays.get("zero_points"),
+                                      depth, cols, bits, block)
+    x = rng.standard_normal((rows_x, depth)).astype(np.float32)
+    return x, weight, decode_matmul_nbits(stored).astype(np.float64)
+
+
 def _cases():
+    for bits, symmetric, (rows_x, depth, cols, block) in [(2, False, (1, 64, 32, 16)), (2, True, (3, 100, 48, 32)),
+                                                          (4, False, (5, 257, 17, 32)), (4, True, (1, 96, 8, 64)),
+                                                          (8, False, (9, 48, 80, 16)), (8, True, (4, 130, 6, 128))]:
+        yield pytest.param(f"grid_matmul_b{bits}", *_grid_case(rows_x, depth, cols, bits, block, symmetric),
+                           id=f"grid-{bits}bit{'-sym' if symmetric else ''}-{rows_x}x{depth}x{cols}b{block}")
     for rows_x, depth, cols, block in SHAPES:
         yield pytest.param("ternary_matmul", *_ternary_case(rows_x, depth, cols, block),
                            id=f"ternary-{rows_x}x{depth}x{cols}b{block}")
@@ -160,7 +185,7 @@ def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, t
     """The kernel's own source, every thread run in turn on the CPU, through the launcher's slicing."""
     codes = weight.arrays()
     depth, cols = x.shape[1], dense.shape[1]
-    workers = cols if kernel == "hyper_matmul_t" else -(-cols // 16)  # one column a thread, or 16
+    workers = -(-cols // GEOMETRY[kernel].columns)  # the columns a thread owns: 1, 16, or a word's codes
     y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, workers, weight.format_ints(), target_blocks)
     _within_budget(kernel, x, dense, y[:, : dense.shape[1]])
 

@@ -1,0 +1,117 @@
+"""Integer-grid matmul with the codes kept packed on the device: y = x @ W, W[r, c] = (q - z) * scales per block of
+rows, q of 2, 4 or 8 bits: onnxruntime's MatMulNBits (y = a @ B^T), repacked at load along the output columns.
+
+The device layout holds 32 / bits codes to a uint32 word, rows of `words` words (columns padded with q = 0 and scale
+0), scales float32 and zero points one byte per block and column (none for the symmetric grid, whose zero point is
+2^(bits-1)). `grid_matmul_reference` is the numpy reference of the CUDA kernel, with the same signature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from symshrink.runtime.formats import unpack_low_bits
+from symshrink.runtime.kernels.launch import DeviceWeight, cuda_matmul
+
+__all__ = ["GridWeight", "GRID_KERNELS", "grid_weight", "matmul_nbits_weight", "dense_grid", "grid_matmul_reference",
+           "grid_matmul_cuda", "ERROR_BUDGET"]
+
+# |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): q - z is exact in float32, the sums over the depth are float32
+ERROR_BUDGET = 1e-5
+GRID_KERNELS = {bits: f"grid_matmul_b{bits}" for bits in (2, 4, 8)}
+
+
+@dataclass(frozen=True)
+class GridWeight(DeviceWeight):
+    words: np.ndarray  # uint32 [depth, words]: 32 / bits codes a word, column j at bits `bits` * j
+    scales: np.ndarray  # float32 [blocks, padded columns]
+    zero_points: np.ndarray  # uint8 [blocks, padded columns], or one unused byte (symmetric)
+    bits: int
+    block: int  # rows per scale block
+    cols: int  # N, the real columns
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points.size == 1
+
+    @property
+    def kernel(self) -> str:
+        return GRID_KERNELS[self.bits]
+
+    def arrays(self) -> list:
+        return [self.words, self.scales, self.zero_points]
+
+    def format_ints(self) -> tuple[int, ...]:
+        """The kernel's integer arguments after the shapes."""
+        return (self.block, int(not self.symmetric))
+
+    def to(self, backend, tables: dict) -> GridWeight:
+        """On the backend's device (grid weights share no arrays)."""
+        return GridWeight(*(backend.to_device(a) for a in self.arrays()), self.bits, self.block, self.cols)
+
+
+def grid_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+                block: int) -> GridWeight:
+    """Codes [K, N] (unsigned, below 2^bits), scales and zero points [ceil(K / block), N] -> the device layout."""
+    depth, cols = codes.shape
+    per_word = 32 // bits
+    padded_cols = per_word * math.ceil(cols / per_word)
+    padded = np.zeros((depth, padded_cols), np.uint32)
+    padded[:, :cols] = codes
+    shifts = (bits * np.arange(per_word)).astype(np.uint32)
+    words = np.bitwise_or.reduce(padded.reshape(depth, -1, per_word) << shifts, axis=2).astype(np.uint32)
+    wide_scales = np.zeros((scales.shape[0], padded_cols), np.float32)
+    wide_scales[:, :cols] = scales
+    zeros = np.zeros(1, np.uint8)
+    if zero_points is not None:
+        zeros = np.zeros((scales.shape[0], padded_cols), np.uint8)
+        zeros[:, :cols] = zero_points
+    return GridWeight(np.ascontiguousarray(words), wide_scales, zeros, int(bits), int(block), int(cols))
+
+
+def matmul_nbits_weight(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
+                        block: int) -> GridWeight:
+    """The weight W = B^T [K, N] of a MatMulNBits node from its constant inputs (B [N, blocks, block bytes], scales
+    [N, blocks], zero points packed [N, bytes] or None)."""
+    blocks = -(-k // block)
+    codes = unpack_low_bits(b.reshape(n, -1), bits, blocks * block)[:, :k]
+    zeros = None if zero_points is None else unpack_low_bits(zero_points.reshape(n, -1), bits, blocks).T
+    return grid_weight(codes.T, scales.reshape(n, blocks).T, zeros, bits, block)
+
+
+def _offsets(weight: GridWeight) -> np.ndarray:
+    """q - z as float32 [K, padded columns]."""
+    depth = weight.words.shape[0]
+    per_word = 32 // weight.bits
+    shifts = (weight.bits * np.arange(per_word)).astype(np.uint32)
+    codes = ((weight.words[:, :, None] >> shifts) & np.uint32((1 << weight.bits) - 1)).reshape(depth, -1)
+    zeros = (np.full(weight.scales.shape, 1 << (weight.bits - 1), np.uint8) if weight.symmetric
+             else weight.zero_points)
+    rows = np.arange(depth) // weight.block
+    return codes.astype(np.float32) - zeros[rows].astype(np.float32)
+
+
+def dense_grid(weight: GridWeight) -> np.ndarray:
+    """The float32 weight [K, N] the layout stands for (numpy)."""
+    rows = np.arange(weight.words.shape[0]) // weight.block
+    return (_offsets(weight) * weight.scales[rows])[:, : weight.cols]
+
+
+def grid_matmul_reference(x: np.ndarray, weight: GridWeight) -> np.ndarray:
+    """numpy reference of the kernel: per scale block, the sum of x * (q - z), then times the block's scales."""
+    depth, offsets = weight.words.shape[0], _offsets(weight)
+    x = np.asarray(x, np.float32)
+    y = np.zeros((*x.shape[:-1], offsets.shape[1]), np.float32)
+    for b, start in enumerate(range(0, depth, weight.block)):
+        rows = slice(start, min(start + weight.block, depth))
+        y += (x[..., rows] @ offsets[rows]) * weight.scales[b]
+    return y[..., : weight.cols]
+
+
+def grid_matmul_cuda(x, weight: GridWeight):
+    """The CUDA kernel on CuPy arrays (weight on the device: `weight.to(backend, {})`)."""
+    depth, words = weight.words.shape
+    return cuda_matmul(weight.kernel, x, weight, depth, words)[..., : weight.cols]
