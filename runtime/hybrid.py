@@ -218,6 +218,7 @@ class HybridRunner:
                 packed.append(step)
             self._runs.append((segment, packed))
         self._last_read = self._last_reads()
+        self._constant_outputs = {name: constants[name] for name in self.plan.outputs if name in constants}
 
     def _place(self, array: np.ndarray):
         if array.dtype.name in NARROW_INTEGERS:
@@ -237,6 +238,7 @@ class HybridRunner:
         if missing:
             raise BadInput(f"missing inputs: {', '.join(missing)}")
         values: dict[str, dict[str, Any]] = {name: {HOST: np.asarray(feeds[name])} for name in self.plan.inputs}
+        values |= {name: {HOST: array} for name, array in self._constant_outputs.items()}
         counts = {HOST: 0, DEVICE: 0}
 
         def read(name: str, place: str):

@@ -8,7 +8,7 @@
 # on compressed models); the kernel roofline (ternary, hyperfunction, MatMulNBits 4/2-bit against cuBLAS fp32 and
 # fp16) and the zoo models prepared in .gpu-models by
 #   .venv/bin/python tools/bench_gpu.py --models fmnist-mlp,minilm-l3,mobilenetv2,ppocr-rec --work .gpu-models --prepare
-# (variants, feeds, reference outputs, originals within 48 MiB; name .gpu-models in the device tool's carry list).
+# (feeds, reference outputs, originals, then variants, within 54 MiB; name .gpu-models in the device tool's carry list).
 # Each step has a time limit so that the whole fits 8 minutes; the exit status is the first failing step's.
 set -uo pipefail
 device=cuda
