@@ -133,8 +133,8 @@ def _moved_bytes(kind: str, weight, rows_x: int, depth: int, cols: int, target_b
     activations = (2 if kind == "dense_fp16" else 4) * rows_x * (depth + cols)
     if kind.startswith("dense"):
         return weight.nbytes + activations
-    workers = -(-cols // GEOMETRY[kind].columns)
-    slices = launch_config(rows_x, depth, workers, target_blocks, GEOMETRY[kind].depth_step).slices
+    geometry = GEOMETRY[getattr(weight, "kernel", kind)]  # ternary runs on the 2-bit grid kernel
+    slices = launch_config(rows_x, depth, -(-cols // geometry.columns), target_blocks, geometry.depth_step).slices
     return weight.nbytes + activations + 2 * 4 * slices * rows_x * cols
 
 

@@ -32,13 +32,13 @@ class Kernel:
     cuda: Callable  # CuPy, same signature
 
 
-KERNELS = {"ternary_matmul": Kernel(ternary.ternary_matmul_reference, ternary.ternary_matmul_cuda),
+KERNELS = {"ternary_matmul": Kernel(grid.grid_matmul_reference, grid.grid_matmul_cuda),  # 2-bit grid, zero point 1
            "hyper_matmul": Kernel(hyper.hyper_matmul_reference, hyper.hyper_matmul_cuda),
            "hyper_matmul_t": Kernel(hyper.hyper_matmul_t_reference, hyper.hyper_matmul_t_cuda),
            "hyper_gather": Kernel(hyper.hyper_gather, hyper.hyper_gather),  # array code: the same on both
            **{name: Kernel(grid.grid_matmul_reference, grid.grid_matmul_cuda) for name in grid.GRID_KERNELS.values()}}
 
-Weight = ternary.TernaryWeight | hyper.HyperWeight | grid.GridWeight
+Weight = grid.GridWeight | hyper.HyperWeight
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Integer-grid matmul with the codes kept packed on the device: y = x @ W, W[r, c] = (q - z) * scales per block of
-rows, q of 2, 4 or 8 bits: onnxruntime's MatMulNBits (y = a @ B^T), repacked at load along the output columns.
+rows, q of 2, 4 or 8 bits: onnxruntime's MatMulNBits (y = a @ B^T), repacked at load along the output columns, and
+ternary weights (`kernels.ternary`: 2-bit digits t + 1, z = 1).
 
 The device layout holds 32 / bits codes to a uint32 word, rows of `words` words (columns padded with q = 0 and scale
-0), scales float32 and zero points one byte per block and column (none for the symmetric grid, whose zero point is
-2^(bits-1)). `grid_matmul_reference` is the numpy reference of the CUDA kernel, with the same signature.
+0), scales float32, and one zero point for every block and column (a symmetric grid's 2^(bits-1), ternary's 1) or a
+byte per block and column. `grid_matmul_reference` is the numpy reference of the CUDA kernel, same signature.
 """
 
 from __future__ import annotations
@@ -28,14 +29,11 @@ GRID_KERNELS = {bits: f"grid_matmul_b{bits}" for bits in (2, 4, 8)}
 class GridWeight(DeviceWeight):
     words: np.ndarray  # uint32 [depth, words]: 32 / bits codes a word, column j at bits `bits` * j
     scales: np.ndarray  # float32 [blocks, padded columns]
-    zero_points: np.ndarray  # uint8 [blocks, padded columns], or one unused byte (symmetric)
+    zero_points: np.ndarray  # uint8 [blocks, padded columns] when `zero` is -1, else one unused byte
     bits: int
     block: int  # rows per scale block
     cols: int  # N, the real columns
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zero_points.size == 1
+    zero: int  # the zero point of every block and column, or -1: `zero_points`
 
     @property
     def kernel(self) -> str:
@@ -46,16 +44,17 @@ class GridWeight(DeviceWeight):
 
     def format_ints(self) -> tuple[int, ...]:
         """The kernel's integer arguments after the shapes."""
-        return (self.block, int(not self.symmetric))
+        return (self.block, self.zero)
 
     def to(self, backend, tables: dict) -> GridWeight:
         """On the backend's device (grid weights share no arrays)."""
-        return GridWeight(*(backend.to_device(a) for a in self.arrays()), self.bits, self.block, self.cols)
+        return GridWeight(*(backend.to_device(a) for a in self.arrays()), self.bits, self.block, self.cols, self.zero)
 
 
-def grid_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+def grid_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | int | None, bits: int,
                 block: int) -> GridWeight:
-    """Codes [K, N] (unsigned, below 2^bits), scales and zero points [ceil(K / block), N] -> the device layout."""
+    """Codes [K, N] (unsigned, below 2^bits), scales [ceil(K / block), N] and zero points (the same shape, one for
+    all, or None: 2^(bits-1)) -> the device layout."""
     depth, cols = codes.shape
     per_word = 32 // bits
     padded_cols = per_word * math.ceil(cols / per_word)
@@ -65,11 +64,11 @@ def grid_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     words = np.bitwise_or.reduce(padded.reshape(depth, -1, per_word) << shifts, axis=2).astype(np.uint32)
     wide_scales = np.zeros((scales.shape[0], padded_cols), np.float32)
     wide_scales[:, :cols] = scales
-    zeros = np.zeros(1, np.uint8)
-    if zero_points is not None:
-        zeros = np.zeros((scales.shape[0], padded_cols), np.uint8)
+    zeros, zero = np.zeros(1, np.uint8), 1 << (bits - 1) if zero_points is None else zero_points
+    if isinstance(zero, np.ndarray):
+        zeros, zero = np.zeros((scales.shape[0], padded_cols), np.uint8), -1
         zeros[:, :cols] = zero_points
-    return GridWeight(np.ascontiguousarray(words), wide_scales, zeros, int(bits), int(block), int(cols))
+    return GridWeight(np.ascontiguousarray(words), wide_scales, zeros, int(bits), int(block), int(cols), int(zero))
 
 
 def matmul_nbits_weight(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,
@@ -88,8 +87,7 @@ def _offsets(weight: GridWeight) -> np.ndarray:
     per_word = 32 // weight.bits
     shifts = (weight.bits * np.arange(per_word)).astype(np.uint32)
     codes = ((weight.words[:, :, None] >> shifts) & np.uint32((1 << weight.bits) - 1)).reshape(depth, -1)
-    zeros = (np.full(weight.scales.shape, 1 << (weight.bits - 1), np.uint8) if weight.symmetric
-             else weight.zero_points)
+    zeros = np.full(weight.scales.shape, weight.zero, np.uint8) if weight.zero >= 0 else weight.zero_points
     rows = np.arange(depth) // weight.block
     return codes.astype(np.float32) - zeros[rows].astype(np.float32)
 

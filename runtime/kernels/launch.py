@@ -29,8 +29,7 @@ MIN_ROWS_PER_SLICE = 16
 BLOCKS_PER_SM = 4
 NVRTC_OPTIONS = ("--std=c++17",)  # CuPy adds the architecture and -ftz=true
 INCLUDE = re.compile(r'^#include "([a-z_]+\.cuh)"$', re.MULTILINE)
-CUDA_SOURCES = {"ternary_matmul": "ternary_matmul.cu", "hyper_matmul": "hyper_matmul.cu",
-                "hyper_matmul_t": "hyper_matmul.cu",
+CUDA_SOURCES = {"hyper_matmul": "hyper_matmul.cu", "hyper_matmul_t": "hyper_matmul.cu",
                 **{f"grid_matmul_b{bits}": "grid_matmul.cu" for bits in (2, 4, 8)}}
 
 
@@ -51,8 +50,7 @@ class Geometry:
     depth_step: int  # a slice of the depth is a multiple of this
 
 
-GEOMETRY = {"ternary_matmul": Geometry(COLUMNS_PER_THREAD, 1), "hyper_matmul": Geometry(COLUMNS_PER_THREAD, 1),
-            "hyper_matmul_t": Geometry(1, COLUMNS_PER_THREAD),
+GEOMETRY = {"hyper_matmul": Geometry(COLUMNS_PER_THREAD, 1), "hyper_matmul_t": Geometry(1, COLUMNS_PER_THREAD),
             **{f"grid_matmul_b{bits}": Geometry(32 // bits, 1) for bits in (2, 4, 8)}}  # a word's codes
 
 

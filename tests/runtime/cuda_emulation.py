@@ -19,12 +19,11 @@ from symshrink.runtime.kernels.launch import CUDA_SOURCES, LaunchConfig
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "runtime" / "kernels"
 # the pointer arguments between x and partial (the weight's arrays), and how many int arguments follow
-WEIGHT_ARGUMENTS = {"ternary_matmul": ["const unsigned int*", "const float*"],
-                    "hyper_matmul": ["const unsigned char*", "const float*", "const float*"],
+WEIGHT_ARGUMENTS = {"hyper_matmul": ["const unsigned char*", "const float*", "const float*"],
                     "hyper_matmul_t": ["const unsigned char*", "const float*", "const float*"],
                     **{f"grid_matmul_b{bits}": ["const unsigned int*", "const float*", "const unsigned char*"]
                        for bits in (2, 4, 8)}}
-INT_ARGUMENTS = {"ternary_matmul": 5, "hyper_matmul": 6, "hyper_matmul_t": 6,
+INT_ARGUMENTS = {"hyper_matmul": 6, "hyper_matmul_t": 6,
                  **{f"grid_matmul_b{bits}": 6 for bits in (2, 4, 8)}}
 
 HARNESS = r"""

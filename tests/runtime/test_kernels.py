@@ -33,7 +33,7 @@ from symshrink.runtime.kernels.launch import (
 )
 from tests.runtime.cuda_emulation import compiler, host_launcher
 
-BUDGETS = {"ternary_matmul": ternary.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
+BUDGETS = {"ternary_matmul": grid.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
            "hyper_matmul_t": hyper.ERROR_BUDGET, **dict.fromkeys(grid.GRID_KERNELS.values(), grid.ERROR_BUDGET)}
 # (rows of x, depth, columns, ternary scale block): batch 1 and a few rows, ragged depths and blocks
 SHAPES = [(1, 64, 32, 64), (3, 100, 48, 32), (5, 257, 16, 7), (9, 48, 80, 48)]
@@ -115,7 +115,7 @@ def test_reference_matches_dense_product(kernel, x, weight, dense):
 def test_ternary_layout_round_trip():
     x, weight, dense = _ternary_case(2, 70, 37, 16)
     assert weight.words.shape == (70, 3)  # 37 columns padded to 48: three words a row
-    np.testing.assert_array_equal(ternary.dense_ternary(weight), dense.astype(np.float32))
+    np.testing.assert_array_equal(grid.dense_grid(weight), dense.astype(np.float32))
 
 
 def test_ternary_function_inputs_give_the_same_weight():
@@ -128,7 +128,7 @@ def test_ternary_function_inputs_give_the_same_weight():
         inputs = {"packed": pack_codes(padded, radix), "scales": weight.scales[:, None, :24],
                   "blocks_shape": np.array([3, 16, 24]), "matrix_shape": np.array([48, 24]),
                   "count": np.array([48 * 24]), "rows": np.array([40])}
-        np.testing.assert_array_equal(ternary.dense_ternary(ternary.function_weight(inputs, radix)),
+        np.testing.assert_array_equal(grid.dense_grid(ternary.function_weight(inputs, radix)),
                                       dense.astype(np.float32))
 
 
@@ -185,8 +185,10 @@ def test_cuda_source_on_emulated_grid(kernel, x, weight, dense, target_blocks, t
     """The kernel's own source, every thread run in turn on the CPU, through the launcher's slicing."""
     codes = weight.arrays()
     depth, cols = x.shape[1], dense.shape[1]
-    workers = -(-cols // GEOMETRY[kernel].columns)  # the columns a thread owns: 1, 16, or a word's codes
-    y = sliced_matmul(np, host_launcher(tmp_path), kernel, x, codes, depth, workers, weight.format_ints(), target_blocks)
+    launched = weight.kernel if isinstance(weight, grid.GridWeight) else kernel  # ternary: the 2-bit grid's
+    workers = -(-cols // GEOMETRY[launched].columns)  # the columns a thread owns: 1, 16, or a word's codes
+    y = sliced_matmul(np, host_launcher(tmp_path), launched, x, codes, depth, workers, weight.format_ints(),
+                      target_blocks)
     _within_budget(kernel, x, dense, y[:, : dense.shape[1]])
 
 
