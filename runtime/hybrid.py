@@ -48,18 +48,15 @@ __all__ = ["HybridRunner", "HybridSummary", "OrtSegment", "probe_capabilities", 
 PROBE_BITS = (2, 3, 4, 8)  # the widths MatMulNBits' schema allows that symshrink could write
 PROBE_RTOL = 1e-2  # the probe's product against numpy: MatMulNBits may quantise activations to int8
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
-def providers_for(provider: str) -> list[str]:
-    """onnxruntime's provider list for "cpu" or "cuda" (the CPU's as the fallback for ops CUDA lacks)."""
+def providers_for(provider: str, device_id: int = 0) -> list:
+    """onnxruntime's provider list for "cpu" or "cuda" on that device (the CPU's as the fallback for ops CUDA lacks)."""
     if provider == "cuda":
         if PROVIDERS["cuda"] not in ort.get_available_providers():
             raise BadInput("onnxruntime's CUDA provider is not installed: pip install 'symshrink[gpu]' "
                            "(onnxruntime-gpu), or --engine executor")
-        return [PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        return [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
     return [PROVIDERS["cpu"]]
 
 
@@ -119,10 +116,18 @@ def _cupy_view(value: ort.OrtValue):
     """A CuPy array over an OrtValue's device memory (the array keeps the OrtValue alive)."""
     import cupy  # noqa: PLC0415
 
-    dtype = np.dtype(_ORT_TYPES[value.data_type()])
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(value.element_type()))
     shape = tuple(value.shape())
-    memory = cupy.cuda.UnownedMemory(value.data_ptr(), math.prod(shape) * dtype.itemsize, owner=value)
+    if not math.prod(shape):  # no memory behind it (a null pointer)
+        return cupy.empty(shape, dtype)
+    memory = cupy.cuda.UnownedMemory(value.data_ptr(), math.prod(shape) * dtype.itemsize, value)
     return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+
+def _cuda_device() -> int:
+    import cupy  # noqa: PLC0415
+
+    return int(cupy.cuda.Device().id)
 
 
 class OrtSegment:
@@ -132,6 +137,7 @@ class OrtSegment:
     def __init__(self, model: ir.Model, segment: Segment, provider: str, threads: int | None = None):
         self.model, self.segment, self.provider, self.threads = model, segment, provider, threads
         self.memory = DEVICE if provider == "cuda" else HOST
+        self.device = ("cuda", _cuda_device()) if provider == "cuda" else ("cpu", 0)  # onnxruntime's names
         self._sessions: dict[tuple, ort.InferenceSession] = {}
 
     def session(self, dtypes: tuple) -> ort.InferenceSession:
@@ -141,7 +147,7 @@ class OrtSegment:
                                    name=f"segment{self.segment.phase}")
             try:
                 self._sessions[dtypes] = ort.InferenceSession(proto.SerializeToString(), session_options(self.threads),
-                                                              providers=providers_for(self.provider))
+                                                              providers=providers_for(self.provider, self.device[1]))
             except Exception as err:  # noqa: BLE001 (onnxruntime's own exception classes)
                 raise BadInput(f"onnxruntime cannot load a standard segment of this model: "
                                f"{str(err).splitlines()[0]}") from None
@@ -151,20 +157,25 @@ class OrtSegment:
         arrays = [values[name] for name in self.segment.inputs]
         session = self.session(tuple(np.dtype(a.dtype).name for a in arrays))
         binding = session.io_binding()
-        device = "cuda" if self.memory == DEVICE else "cpu"
+        device, device_id = self.device
         if device == "cuda":
             import cupy  # noqa: PLC0415
 
             cupy.cuda.get_current_stream().synchronize()  # the kernels that wrote the inputs have finished
         kept = []  # contiguous copies must outlive the run
         for name, array in zip(self.segment.inputs, arrays):
+            if array.size == 0:  # no memory to point at (CuPy's pointer is null): an empty OrtValue of its shape
+                empty = ort.OrtValue.ortvalue_from_shape_and_type(list(array.shape), array.dtype, device, device_id)
+                kept.append(empty)
+                binding.bind_ortvalue_input(name, empty)
+                continue
             if not array.flags.c_contiguous:  # (not np.ascontiguousarray: it makes a 0-d array 1-d)
                 array = array.copy(order="C")
             kept.append(array)
             pointer = array.ctypes.data if device == "cpu" else array.data.ptr
-            binding.bind_input(name, device, 0, array.dtype, list(array.shape), pointer)
+            binding.bind_input(name, device, device_id, array.dtype, list(array.shape), pointer)
         for name in self.segment.outputs:
-            binding.bind_output(name, device)
+            binding.bind_output(name, device, device_id)
         session.run_with_iobinding(binding)
         if device == "cuda":
             binding.synchronize_outputs()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from symshrink.runtime.kernels import Match, match_kernels
+from symshrink.runtime.kernels import Match, match_kernels, unneeded
 from symshrink.runtime.ops import op_key
 from symshrink.runtime.subgraph import node_reads
 
@@ -123,20 +123,30 @@ def _constants(graph: ir.Graph) -> dict[str, np.ndarray]:
     return constants
 
 
+def _live(nodes: list[ir.Node], reads: dict[int, set[str]], outputs: set[str]) -> list[ir.Node]:
+    """The nodes a graph output depends on (graph order): a segment of dead nodes would hand on nothing."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(v.name in needed for v in node.outputs):
+            live.append(node)
+            needed |= reads[id(node)]
+    return live[::-1]
+
+
 def plan_partitions(model: ir.Model, capabilities: Capabilities) -> Plan:
     graph = model.graph
-    matches, dropped = match_kernels(graph, _constants(graph))
-    # a low-bit op the provider runs packed stays there (its match takes only the op's own constant inputs)
+    matches, _ = match_kernels(graph, _constants(graph))
+    # a low-bit op the provider runs packed stays there, with its inputs
     fused = {id(m.reader): m for m in matches if not (_low_bit(m.reader) and capabilities.runs(m.reader))}
+    dropped = unneeded(list(fused.values()), graph)
     initializers = set(graph.initializers)
-    taken = {id(m.reader): {m.reader.inputs[i].name for node, i in m.taken if node is m.reader} for m in matches}
+    taken = {id(m.reader): {m.reader.inputs[i].name for node, i in m.taken if node is m.reader} for m in fused.values()}
+    reads = {id(node): node_reads(node) - initializers - taken.get(id(node), set()) for node in graph}
+    nodes = _live([node for node in graph if id(node) not in dropped], reads, {v.name for v in graph.outputs})
     producer: dict[str, ir.Node] = {}
     phase: dict[int, int] = {}
     packed: dict[int, str] = {}  # id -> what runs it
-    reads: dict[int, set[str]] = {}
-    nodes = [node for node in graph if id(node) not in dropped]
     for node in nodes:
-        reads[id(node)] = node_reads(node) - initializers - taken.get(id(node), set())
         if id(node) in fused:
             packed[id(node)] = fused[id(node)].kernel
         elif not capabilities.runs(node):

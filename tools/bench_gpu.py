@@ -259,9 +259,10 @@ def _load_feeds(path: Path) -> list[dict[str, np.ndarray]]:
     return [feeds[i] for i in sorted(feeds)]
 
 
-def bench_models(backend: Backend, folder: Path, engines: list[str], runs: int) -> list[dict[str, Any]]:
+def bench_models(backend: Backend, folder: Path, engines: list[str], runs: int,
+                 rows: list[dict[str, Any]], on_model: Callable[[], None]) -> None:
+    """Appends the rows of each model to `rows`, and calls `on_model` after each."""
     manifest = json.loads((folder / "manifest.json").read_text())
-    rows = []
     for spec, item in manifest.items():
         feeds, reference = _load_feeds(folder / f"{spec}-feeds.npz"), _load_feeds(folder / f"{spec}-reference.npz")
         rows += [{"model": spec, "variant": name, "error": reason} for name, reason in item["errors"].items()]
@@ -278,7 +279,7 @@ def bench_models(backend: Backend, folder: Path, engines: list[str], runs: int) 
                 except Exception as err:  # noqa: BLE001
                     row["error"] = one_line(err)
                 rows.append(row)
-    return rows
+        on_model()
 
 
 def _onnxruntime_cuda(spec: str, path: Path, feeds: list[dict], reference: list[dict], runs: int) -> dict[str, Any]:
@@ -381,11 +382,16 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.models_dir or (args.work if specs else None)
     result = {"command": " ".join(["python", "tools/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine_info(), "device": device,
-              "kernels": bench_kernels(backend, shapes, batches, args.hyper_bits, device, timer),
-              "models": bench_models(backend, folder, args.engines.split(","), args.runs) if folder else []}
+              "kernels": bench_kernels(backend, shapes, batches, args.hyper_bits, device, timer), "models": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(result))
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+
+    def save() -> None:  # after the kernels and after each model: a run stopped by its time limit keeps its rows
+        args.out.write_text(render(result))
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+
+    save()
+    if folder:
+        bench_models(backend, folder, args.engines.split(","), args.runs, result["models"], save)
     print(render(result))
     return 0
 

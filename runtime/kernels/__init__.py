@@ -21,7 +21,8 @@ from symshrink.runtime.backend import Backend, cpu_backend
 from symshrink.runtime.formats import CONTRIB_DOMAIN, FUNCTION_DOMAIN, HYPER_INPUTS, TERNARY_INPUTS, TERNARY_RADIXES
 from symshrink.runtime.kernels import grid, hyper, ternary
 
-__all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels", "match_kernels", "kernel_steps"]
+__all__ = ["KernelStep", "Kernel", "KERNELS", "RULES", "Match", "plan_kernels", "match_kernels", "kernel_steps",
+           "unneeded"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,13 +170,17 @@ def matmul_nbits_rule(node: ir.Node, constants: dict[str, np.ndarray]) -> Match 
     values = [v.name if v is not None else None for v in node.inputs] + [None] * (6 - len(node.inputs))
     b, scales = constants.get(values[1]), constants.get(values[2])
     zero_points = constants.get(values[3]) if values[3] else None
-    attributes = {key: node.attributes.get_int(key, 0) for key in ("K", "N", "bits", "block_size")}
-    if b is None or scales is None or scales.dtype != np.float32 or values[4] or attributes["bits"] not in grid.GRID_KERNELS:
+    k, n, bits, block = (node.attributes.get_int(key, default) for key, default in
+                         (("K", 0), ("N", 0), ("bits", 4), ("block_size", 0)))
+    if b is None or scales is None or scales.dtype != np.float32 or values[4] or bits not in grid.GRID_KERNELS:
         return None
     if (values[3] and zero_points is None) or (zero_points is not None and zero_points.dtype != np.uint8):
         return None
-    weight = grid.matmul_nbits_weight(b, scales, zero_points, attributes["K"], attributes["N"], attributes["bits"],
-                                      attributes["block_size"])
+    blocks = -(-k // block) if block > 0 else 0
+    if not blocks or b.size != n * blocks * block * bits // 8 or scales.size != n * blocks or (
+            zero_points is not None and zero_points.size != n * -(-blocks * bits // 8)):
+        return None  # not the layout the schema describes: the op says why when it runs
+    weight = grid.matmul_nbits_weight(b, scales, zero_points, k, n, bits, block)
     return Match(weight.kernel, node, [(node, 1)], values[0], weight, node, values[5])
 
 
@@ -183,7 +188,7 @@ RULES: list[Callable[[ir.Node, dict[str, np.ndarray]], Match | None]] = [ternary
                                                                           hyper_rule, matmul_nbits_rule]
 
 
-def _unneeded(matches: list[Match], graph) -> set[int]:
+def unneeded(matches: list[Match], graph) -> set[int]:
     """Ids of replaced nodes none of whose outputs is still read: every use is a slot a match took, at a
     fused reader or at another unneeded node (a Transpose between)."""
     readers = {id(m.reader) for m in matches}
@@ -209,7 +214,7 @@ def match_kernels(graph, constants: dict[str, np.ndarray]) -> tuple[list[Match],
         match = next((m for m in (rule(node, constants) for rule in RULES) if m is not None), None)
         if match is not None:
             matches.append(match)
-    return matches, _unneeded(matches, graph)
+    return matches, unneeded(matches, graph)
 
 
 def kernel_steps(matches: list[Match], backend: Backend) -> dict[int, KernelStep]:

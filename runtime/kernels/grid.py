@@ -23,6 +23,7 @@ __all__ = ["GridWeight", "GRID_KERNELS", "grid_weight", "matmul_nbits_weight", "
 # |y - y_exact| <= ERROR_BUDGET * (|x| @ |W|): q - z is exact in float32, the sums over the depth are float32
 ERROR_BUDGET = 1e-5
 GRID_KERNELS = {bits: f"grid_matmul_b{bits}" for bits in (2, 4, 8)}
+PACK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,20 @@ def grid_weight(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     depth, cols = codes.shape
     per_word = 32 // bits
     padded_cols = per_word * math.ceil(cols / per_word)
-    padded = np.zeros((depth, padded_cols), np.uint32)
-    padded[:, :cols] = codes
     shifts = (bits * np.arange(per_word)).astype(np.uint32)
-    words = np.bitwise_or.reduce(padded.reshape(depth, -1, per_word) << shifts, axis=2).astype(np.uint32)
+    words = np.empty((depth, padded_cols // per_word), np.uint32)
+    step = max(1, PACK_ELEMENTS // padded_cols)  # rows at a time: a large weight's uint32 temporaries stay small
+    for start in range(0, depth, step):
+        padded = np.zeros((min(step, depth - start), padded_cols), np.uint32)
+        padded[:, :cols] = codes[start:start + step]
+        words[start:start + step] = np.bitwise_or.reduce(padded.reshape(len(padded), -1, per_word) << shifts, axis=2)
     wide_scales = np.zeros((scales.shape[0], padded_cols), np.float32)
     wide_scales[:, :cols] = scales
     zeros, zero = np.zeros(1, np.uint8), 1 << (bits - 1) if zero_points is None else zero_points
     if isinstance(zero, np.ndarray):
         zeros, zero = np.zeros((scales.shape[0], padded_cols), np.uint8), -1
         zeros[:, :cols] = zero_points
-    return GridWeight(np.ascontiguousarray(words), wide_scales, zeros, int(bits), int(block), int(cols), int(zero))
+    return GridWeight(words, wide_scales, zeros, int(bits), int(block), int(cols), int(zero))
 
 
 def matmul_nbits_weight(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, bits: int,

@@ -171,16 +171,70 @@ def test_hybrid_on_the_gpu(compressed, variant):
     """The packed nodes as CUDA kernels; the standard segments on onnxruntime's CUDA provider through IOBinding over
     CuPy memory where onnxruntime-gpu is installed, else on its CPU provider (values copied at each boundary): the
     CPU hybrid's outputs, and the plan's copies."""
-    _, capabilities, _ = VARIANTS[variant]
+    _, capabilities, kernels = VARIANTS[variant]
     provider = "cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
     model = ir.load(compressed[variant])
     runner = HybridRunner(model, cuda_backend(), provider, capabilities=capabilities)
     on_cpu = HybridRunner(model, capabilities=capabilities)
     outputs = [runner.run(feed) for feed in _feeds()]
     assert runner.moves == runner.summary().moves
+    if capabilities or not variant.startswith("grid"):  # (which MatMulNBits widths are packed: the provider's say)
+        assert runner.summary().kernels == kernels
+    if provider == "cuda":  # no copies between segments: only the feed up and the outputs down
+        assert runner.moves == Moves(1, 1)
+        sessions = [s for _, engine in runner._runs if hasattr(engine, "_sessions") for s in engine._sessions.values()]
+        assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions)
     int8_on_one_side = provider == "cuda" and variant.startswith("grid")  # the CPU's MatMulNBits quantises x
     assert _rel_l2([on_cpu.run(feed) for feed in _feeds()], outputs) <= (
         INT8_ACTIVATIONS_REL_L2 if int8_on_one_side else HYBRID_REL_L2)
+
+
+def _edge_model(case: str) -> onnx.ModelProto:
+    """x -> ternary projection q, then: "constant-nodes": its codes and scales from Constant nodes (the decode and
+    they are dropped); "dead": a node nothing reads after it; "if": an If whose branches read q from the outer scope;
+    "empty": the graph's second input, of 0 rows, concatenated to q."""
+    rng = np.random.default_rng(5)
+    nodes, weights = _ternary_projection(rng, "q", 64, 64)
+    nodes[1].input[0] = "x"
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])]
+    output = "q"
+    if case == "constant-nodes":
+        nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in weights] + nodes
+        weights = []
+    elif case == "dead":
+        nodes.append(helper.make_node("Relu", ["q"], ["unread"]))
+    elif case == "if":
+        branch = {name: helper.make_graph([helper.make_node(op, ["q"], [name])], name, [],
+                                          [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+                  for name, op in (("then", "Relu"), ("else", "Neg"))}
+        nodes += [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+                  helper.make_node("Greater", ["total", "zero"], ["positive"]),
+                  helper.make_node("If", ["positive"], ["y"], then_branch=branch["then"], else_branch=branch["else"])]
+        weights.append(numpy_helper.from_array(np.array(0, np.float32), "zero"))
+        output = "y"
+    elif case == "empty":
+        inputs.append(helper.make_tensor_value_info("more", TensorProto.FLOAT, ["n", 64]))
+        nodes.append(helper.make_node("Concat", ["q", "more"], ["y"], axis=0))
+        output = "y"
+    graph = helper.make_graph(nodes, case, inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+                              weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEQUANTIZE_OPSET)])
+
+
+@pytest.mark.parametrize("case", ["constant-nodes", "dead", "if", "empty"])
+def test_edge_graphs_run_as_planned(tmp_path, case):
+    path = tmp_path / f"{case}.onnx"
+    onnx.save(_edge_model(case), path)
+    feed = {"x": np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)}
+    if case == "empty":
+        feed["more"] = np.zeros((0, 64), np.float32)
+    runner = HybridRunner(ir.load(path), strict_backend())
+    assert runner.summary().kernels == {"ternary_matmul": 1}
+    (output,) = runner.run(feed).values()
+    assert runner.moves == runner.summary().moves
+    (expected,) = make_session(path, optimize=False).run(None, feed)
+    assert output.shape == expected.shape
+    assert np.linalg.norm(output - expected) <= HYBRID_REL_L2 * np.linalg.norm(expected)
 
 
 def test_open_runtime_picks_the_engine(compressed):
