@@ -10,6 +10,7 @@ where a rule in `runtime.kernels` matches, and otherwise through their model-loc
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,13 +22,41 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import Backend, cpu_backend, is_host
+from symshrink.runtime.formats import pack_low_bits
 from symshrink.runtime.kernels import KernelStep, plan_kernels
-from symshrink.runtime.ops import HOST_INPUTS, OPS, PACKED_INPUTS, OpContext, op_key
+from symshrink.runtime.ops import HOST_INPUTS, OPS, PACKED_INPUTS, OpContext, op_key, unpack_low_bits
 
-__all__ = ["Executor", "ExecutorSummary"]
+__all__ = ["Executor", "ExecutorSummary", "PackedConstant"]
 
 NARROW_INTEGERS = {"int2", "uint2", "int4", "uint4"}
 HOST_LIMIT = 64  # constants up to this many elements stay on the host (shapes, axes, Resize scales, scalars)
+
+
+@dataclass(frozen=True)
+class PackedConstant:
+    """A 2- or 4-bit constant (DequantizeLinear's codes) held as ONNX packs it, element 0 in the low bits, and
+    unpacked at each use: its memory is the packed bytes, its unpacked form lives only during the op."""
+
+    packed: Any  # uint8 [1, bytes], on the backend's device
+    shape: tuple[int, ...]
+    bits: int
+    signed: bool
+
+    @classmethod
+    def of(cls, array: np.ndarray, backend: Backend) -> PackedConstant:
+        bits = 2 if array.dtype.name.endswith("2") else 4
+        codes = array.reshape(1, -1).astype(np.int8).view(np.uint8) & np.uint8((1 << bits) - 1)  # two's complement
+        return cls(backend.to_device(pack_low_bits(codes, bits)), array.shape, bits, array.dtype.name.startswith("int"))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes)
+
+    def unpack(self, xp):
+        codes = unpack_low_bits(xp, self.packed, self.bits, math.prod(self.shape))
+        if self.signed:  # sign-extend: the top bit of the code counts -2^(bits-1)
+            codes = codes - ((codes >> (self.bits - 1)) << self.bits)
+        return codes.astype(xp.int8 if self.signed else xp.uint8).reshape(self.shape)
 
 
 def _attribute(attr: ir.Attr) -> Any:
@@ -169,9 +198,11 @@ class Executor:
 
     def _place(self, array: np.ndarray):
         """Small constants stay on the host (shapes, axes, scales that ops read there; device ops get a copy
-        made once); the rest go to the device. 2- and 4-bit integers (ml_dtypes, one per byte in numpy) become
-        int8/uint8, which CuPy can hold."""
+        made once); the rest go to the device. 2- and 4-bit integers (ml_dtypes, one per byte in numpy) stay packed
+        on the device (`PackedConstant`), or, when small, become int8/uint8, which CuPy can hold."""
         if array.dtype.name in NARROW_INTEGERS:
+            if array.size > HOST_LIMIT:
+                return PackedConstant.of(array, self.backend)
             array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
         if array.size <= HOST_LIMIT and self.backend.name != "cpu":
             self._host_constants.add(id(array))
@@ -210,7 +241,10 @@ class Executor:
             raise BadInput(f"missing inputs: {', '.join(missing)}")
         env = {name: self.backend.to_device(np.asarray(feeds[name])) for name in self.program.inputs if name in feeds}
         outputs = self._run(self.program, env, {})
-        return {name: self.backend.to_host(outputs[name]) for name in self.program.outputs}
+        return {name: self.backend.to_host(self._unpacked(outputs[name])) for name in self.program.outputs}
+
+    def _unpacked(self, value):
+        return value.unpack(self.backend.xp) if isinstance(value, PackedConstant) else value
 
     def _run(self, program: _Program, env: dict[str, Any], uploads: dict[int, tuple]) -> dict[str, Any]:
         """Run the steps; `uploads` keeps, for this run, the device copy of each host value sent there."""
@@ -241,6 +275,7 @@ class Executor:
 
     def _run_node(self, step: _NodeStep, opset: int, args: list, uploads: dict[int, tuple]) -> list:
         op_type = op_key(step.node.domain, step.node.op_type)
+        args = [self._unpacked(a) for a in args]
         on_host = self.backend.name != "cpu" and all(a is None or is_host(a) for a in args)
         backend = self.host if on_host else self.backend
         if not on_host:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from symshrink.errors import BadInput
 from symshrink.runtime.backend import Backend
 
-__all__ = ["OPS", "HOST_INPUTS", "PACKED_INPUTS", "OpContext", "register", "supported_ops", "op_key"]
+__all__ = ["OPS", "HOST_INPUTS", "PACKED_INPUTS", "OpContext", "register", "supported_ops", "op_key", "unpack_low_bits"]
 
 
 @dataclass
@@ -709,7 +709,7 @@ def _dequantize_linear(ctx: OpContext, x, scale, zero_point=None):
     return y.astype(ir.DataType(to).numpy() if to else scale.dtype)
 
 
-def _unpack_low_bits(xp, packed, bits: int, count: int):
+def unpack_low_bits(xp, packed, bits: int, count: int):
     """uint8 rows [R, bytes] of `bits`-bit codes, low bits first -> codes [R, count] (int32)."""
     shifts = xp.arange(0, 8, bits, dtype=xp.uint8)
     codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
@@ -722,7 +722,7 @@ def _blocked_rows(xp, codes, scales, zero_points, bits: int, block: int):
     if zero_points is None:
         zeros = xp.full(scales.shape, 1 << (bits - 1), xp.int32)
     else:
-        zeros = _unpack_low_bits(xp, zero_points, bits, scales.shape[1])
+        zeros = unpack_low_bits(xp, zero_points, bits, scales.shape[1])
     offsets = codes - xp.repeat(zeros, block, axis=1)[:, :width]
     return offsets.astype(xp.float32) * xp.repeat(scales.astype(xp.float32), block, axis=1)[:, :width]
 
@@ -743,7 +743,7 @@ def _gather_block_quantized(ctx: OpContext, data, indices, scales, zero_points=N
     rows = xp.where(indices < 0, indices + data.shape[0], indices).reshape(-1)
     picked_scales = scales[rows]
     width = min(data.shape[1] * 8 // bits, picked_scales.shape[1] * block)
-    codes = _unpack_low_bits(xp, data[rows], bits, width)
+    codes = unpack_low_bits(xp, data[rows], bits, width)
     picked_zeros = None if zero_points is None else zero_points[rows]
     values = _blocked_rows(xp, codes, picked_scales, picked_zeros, bits, block)
     return values.astype(scales.dtype).reshape(*indices.shape, width)
@@ -757,7 +757,7 @@ def _matmul_nbits(ctx: OpContext, a, b, scales, zero_points=None, g_idx=None, bi
     if g_idx is not None or (zero_points is not None and zero_points.dtype != xp.uint8):
         raise BadInput("MatMulNBits: g_idx and float zero points are not supported")
     k, n, bits, block = (ctx.attrs[key] for key in ("K", "N", "bits", "block_size"))
-    codes = _unpack_low_bits(xp, b.reshape(n, -1), bits, k)
+    codes = unpack_low_bits(xp, b.reshape(n, -1), bits, k)
     weight = _blocked_rows(xp, codes, scales.reshape(n, -1), zero_points, bits, block)
     product = a.astype(xp.float32) @ weight.T
     return (product if bias is None else product + bias.astype(xp.float32)).astype(a.dtype)
