@@ -46,7 +46,7 @@ from symshrink.runtime.diff import compare_outputs
 from symshrink.runtime.formats import matmul_nbits_arrays, quantize_grid
 from symshrink.runtime.hybrid import HybridRunner, open_runtime
 from symshrink.runtime.kernels import KERNELS, grid, hyper, ternary
-from symshrink.runtime.kernels.launch import GEOMETRY, launch_config
+from symshrink.runtime.kernels.launch import GEOMETRY, cuda_launcher, device_target_blocks, launch_config
 from symshrink.runtime.ort import input_specs, make_session, run_all
 
 GB = 1e9
@@ -66,13 +66,18 @@ def _wall_seconds(call: Callable[[], Any], repeats: int) -> float:
     return float(np.median(times))
 
 
-def _timer(backend: Backend, repeats: int) -> Callable[[Callable[[], Any]], float]:
-    """Seconds per call: CUDA events on a GPU, the wall clock on the CPU."""
+def _timer(backend: Backend, repeats: int) -> Callable[[Callable[[], Any]], tuple[float, float]]:
+    """Seconds per call, (device, host): CUDA events and the host's time in the call on a GPU (the host's is the
+    launch path; where the two agree, the host is what the device waits for), the wall clock twice on the CPU."""
     if backend.name == "cuda":
         from cupyx.profiler import benchmark  # noqa: PLC0415
 
-        return lambda call: float(np.median(benchmark(call, n_repeat=repeats, n_warmup=3).gpu_times[0]))
-    return lambda call: _wall_seconds(call, repeats)
+        def timed(call):
+            result = benchmark(call, n_repeat=repeats, n_warmup=3)
+            return float(np.median(result.gpu_times[0])), float(np.median(result.cpu_times))
+
+        return timed
+    return lambda call: (_wall_seconds(call, repeats),) * 2
 
 
 def device_info(backend: Backend, timer) -> dict[str, Any]:
@@ -90,7 +95,7 @@ def device_info(backend: Backend, timer) -> dict[str, Any]:
     peak_gflops = 2 * FP32_FMA_PER_SM_CLOCK * sms * clock_khz * 1e3 / GB if clock_khz else None
     source = cupy.ones(2**28, cupy.float32)  # 1 GiB
     target = cupy.empty_like(source)
-    seconds = timer(lambda: cupy.copyto(target, source))
+    seconds, _ = timer(lambda: cupy.copyto(target, source))
     return {"name": name, "sms": sms, "l2": attributes.get("L2CacheSize", 0), "peak_gbs": peak_gbs,
             "peak_gflops": peak_gflops, "copy_gbs": 2 * source.nbytes / seconds / GB}
 
@@ -138,7 +143,7 @@ def _moved_bytes(kind: str, weight, rows_x: int, depth: int, cols: int, target_b
     return weight.nbytes + activations + 2 * 4 * slices * rows_x * cols
 
 
-def _rotating(timer, run: Callable, x, weights: list) -> float:
+def _rotating(timer, run: Callable, x, weights: list) -> tuple[float, float]:
     """Seconds per call of run(x, w), each call on the next copy of the weight (none still in L2)."""
     turn = iter(range(10**9))
     return timer(lambda: run(x, weights[next(turn) % len(weights)]))
@@ -158,15 +163,43 @@ def bench_kernels(backend: Backend, shapes: list[tuple[int, int]], batches: list
             dtype = np.float16 if kind == "dense_fp16" else np.float32
             for rows_x in batches:
                 x = backend.to_device(rng.standard_normal((rows_x, depth)).astype(dtype))
-                seconds = _rotating(timer, run, x, placed)
+                seconds, host_seconds = _rotating(timer, run, x, placed)
                 moved = _moved_bytes(kind, weight, rows_x, depth, cols, target_blocks)
                 gbs, gflops = moved / seconds / GB, 2 * rows_x * depth * cols / seconds / GB
                 rows.append({"kernel": kind, "shape": f"{depth}x{cols}", "batch": rows_x, "us": seconds * 1e6,
+                             "host_us": host_seconds * 1e6,
                              "weight_bytes": weight.nbytes, "moved_bytes": moved, "gbs": gbs, "gflops": gflops,
                              "of_copy": gbs / device["copy_gbs"] if device["copy_gbs"] else None,
                              "of_peak_bw": gbs / device["peak_gbs"] if device["peak_gbs"] else None,
                              "of_peak_flops": gflops / device["peak_gflops"] if device["peak_gflops"] else None})
             del placed
+    return rows
+
+
+def bench_launch(backend: Backend, timer) -> list[dict[str, Any]]:
+    """Where a kernel call's time goes at batch 1 (GPU only): the whole call, the kernel launch alone (grid and
+    buffers made beforehand), the sum of the slices' partials alone, an empty kernel and a one-element CuPy add."""
+    if backend.name != "cuda":
+        return []
+    cupy = backend.xp
+    rng = np.random.default_rng(1)
+    weight = _weights("ternary_matmul", 4096, 4096, 10, rng).to(backend, {})
+    x = backend.to_device(rng.standard_normal((1, 4096)).astype(np.float32))
+    depth, words = weight.words.shape
+    config = launch_config(1, depth, words, device_target_blocks(), GEOMETRY[weight.kernel].depth_step)
+    partial = cupy.empty((config.slices, 1, words * GEOMETRY[weight.kernel].columns), cupy.float32)
+    arguments = (x, *weight.arrays(), partial, 1, depth, words, *weight.format_ints(), config.rows_per_slice)
+    empty = cupy.RawKernel('extern "C" __global__ void nothing() {}', "nothing")
+    one = cupy.ones(1, cupy.float32)
+    parts = {"whole call (KERNELS['ternary_matmul'].cuda)": lambda: KERNELS["ternary_matmul"].cuda(x, weight),
+             f"kernel launch alone ({config.slices} slices)": lambda: cuda_launcher(weight.kernel, config, arguments),
+             "sum of the slices' partials (partial.sum(axis=0))": lambda: partial.sum(axis=0),
+             "empty RawKernel launch": lambda: empty((1,), (32,), ()),
+             "one-element CuPy add": lambda: one + one}
+    rows = []
+    for part, call in parts.items():
+        seconds, host_seconds = timer(call)
+        rows.append({"part": part, "us": seconds * 1e6, "host_us": host_seconds * 1e6})
     return rows
 
 
@@ -324,12 +357,17 @@ def render(result: dict[str, Any]) -> str:
              f"Device: {device['name']}; copy bandwidth measured here {_cell(device['copy_gbs'], '.0f')} GB/s; nominal "
              f"peaks {_cell(device['peak_gbs'], '.0f')} GB/s, {_cell(device['peak_gflops'], '.0f')} GFLOP/s fp32.", "",
              "## Kernels", "",
-             "| kernel | K x N | batch | us | weight MB | GB/s | of copy | of peak BW | GFLOP/s | of peak FLOP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "us: device time per call (CUDA events); host us: the host's time in the call (its launch path).", "",
+             "| kernel | K x N | batch | us | host us | weight MB | GB/s | of copy | of peak BW | GFLOP/s | of peak FLOP |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["kernels"]:
-        lines.append(f"| {r['kernel']} | {r['shape']} | {r['batch']} | {r['us']:.1f} | {r['weight_bytes'] / 1e6:.2f} | "
-                     f"{r['gbs']:.0f} | {_cell(r['of_copy'], '.2f')} | {_cell(r['of_peak_bw'], '.2f')} | {r['gflops']:.0f} | "
-                     f"{_cell(r['of_peak_flops'], '.3f')} |")
+        lines.append(f"| {r['kernel']} | {r['shape']} | {r['batch']} | {r['us']:.1f} | {_cell(r.get('host_us'), '.1f')} | "
+                     f"{r['weight_bytes'] / 1e6:.2f} | {r['gbs']:.0f} | {_cell(r['of_copy'], '.2f')} | "
+                     f"{_cell(r['of_peak_bw'], '.2f')} | {r['gflops']:.0f} | {_cell(r['of_peak_flops'], '.3f')} |")
+    if result.get("launch"):
+        lines += ["", "## The launch path of one call (ternary 4096x4096, batch 1)", "",
+                  "| part | us | host us |", "|---|---|---|"]
+        lines += [f"| {r['part']} | {r['us']:.1f} | {r['host_us']:.1f} |" for r in result["launch"]]
     lines += ["", "## Models on the symshrink runtime", "",
               "Each variant on each engine: median wall time of one feed (outputs back on the host), device memory "
               "after load (CuPy's pool; onnxruntime's arena not included) and the packed constants, the worst output's "
@@ -382,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.models_dir or (args.work if specs else None)
     result = {"command": " ".join(["python", "tools/bench_gpu.py", *(argv if argv is not None else sys.argv[1:])]),
               "machine": machine_info(), "device": device,
-              "kernels": bench_kernels(backend, shapes, batches, args.hyper_bits, device, timer), "models": []}
+              "kernels": bench_kernels(backend, shapes, batches, args.hyper_bits, device, timer),
+              "launch": bench_launch(backend, timer), "models": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after the kernels and after each model: a run stopped by its time limit keeps its rows
