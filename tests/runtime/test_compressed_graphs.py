@@ -25,6 +25,7 @@ from symshrink.runtime.backend import cuda_backend, gpu_available
 from symshrink.runtime.diff import compare_outputs, format_diffs
 from symshrink.runtime.executor import Executor
 from symshrink.runtime.ort import input_specs, run_all
+from tests.runtime.compressed_models import compressed_fmnist
 from tests.runtime.strict_device import strict_backend
 
 # float32 sums in another order than onnxruntime's over a depth of 784: rel L2 of the difference
@@ -44,15 +45,8 @@ VARIANTS = {  # name: (compress flags, kernel the MatMuls run as, function bodie
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("compressed")
-    paths = {}
-    for name, (flags, _, _) in VARIANTS.items():
-        path = folder / f"{name}.onnx"
-        # random calibration: these tests are about the runtime, and the GPU machines lack the Debian data; the gate
-        # widened to any positive cosine (lossy codes on random inputs)
-        assert main(["compress", "fmnist-mlp", "-o", str(path), "-q", "--random-calib", "--min-cosine", "0", *flags]) == 0
-        paths[name] = str(path)
-    return paths
+    return compressed_fmnist(tmp_path_factory.mktemp("compressed"),
+                             {name: flags for name, (flags, _, _) in VARIANTS.items()})
 
 
 def _feed() -> dict[str, np.ndarray]:

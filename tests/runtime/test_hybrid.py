@@ -21,6 +21,7 @@ from symshrink.runtime.formats import DEQUANTIZE_OPSET, dequantize_arrays, terna
 from symshrink.runtime.hybrid import HybridRunner, open_runtime, probe_capabilities
 from symshrink.runtime.ort import input_specs, make_session, run_all
 from symshrink.runtime.partition import DEVICE, HOST, Capabilities, Moves, plan_partitions
+from tests.runtime.compressed_models import compressed_fmnist
 from tests.runtime.strict_device import strict_backend
 
 # The kernels are the executor's (the same numpy references); onnxruntime and numpy differ in the standard ops'
@@ -50,17 +51,7 @@ def _rel_l2(reference: list[dict], outputs: list[dict]) -> float:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory) -> dict[str, str]:
-    folder = tmp_path_factory.mktemp("hybrid")
-    paths = {}
-    for name, (flags, _, _) in VARIANTS.items():
-        path = folder / f"{name}.onnx"
-        if not path.exists() and name.endswith("-narrow"):
-            path = folder / f"{name.removesuffix('-narrow')}.onnx"
-        if not path.exists():
-            assert main(["compress", "fmnist-mlp", "-o", str(path), "-q", "--random-calib", "--min-cosine", "0",
-                         *flags]) == 0
-        paths[name] = str(path)
-    return paths
+    return compressed_fmnist(tmp_path_factory.mktemp("hybrid"), {name: flags for name, (flags, _, _) in VARIANTS.items()})
 
 
 def _feeds() -> list[dict[str, np.ndarray]]:
