@@ -101,12 +101,13 @@ def device_info(backend: Backend, timer) -> dict[str, Any]:
 
 
 GRID_BLOCK = 32
-KERNEL_KINDS = ("dense", "dense_fp16", "ternary_matmul", "hyper_matmul", "grid_matmul_b4", "grid_matmul_b2")
+KERNEL_KINDS = ("dense", "dense_fp16", "ternary_matmul", "decoded_b2", "hyper_matmul", "grid_matmul_b4",
+                "grid_matmul_b2")  # decoded_b2: a 2-bit weight decoded whole to float32, then cuBLAS
 
 
 def _weights(kind: str, depth: int, cols: int, bits: int, rng: np.random.Generator):
     """A random weight in each format (kernel time does not depend on the values)."""
-    if kind == "ternary_matmul":
+    if kind in ("ternary_matmul", "decoded_b2"):
         codes = rng.integers(-1, 2, size=(depth, cols)).astype(np.int8)
         return ternary.ternary_weight(codes, rng.uniform(0.5, 1.5, (-(-depth // TERNARY_BLOCK), cols)).astype(np.float32),
                                       TERNARY_BLOCK)
@@ -128,6 +129,8 @@ def _runner(kind: str, backend: Backend) -> tuple[Callable, Callable]:
     kernel (its numpy reference on the CPU)."""
     if kind.startswith("dense"):
         return backend.to_device, lambda x, w: x @ w
+    if kind == "decoded_b2":
+        return (lambda w: w.to(backend, {})), lambda x, w: x @ grid.dense_grid(w, backend.xp)
     call = KERNELS[kind].cuda if backend.name == "cuda" else KERNELS[kind].reference
     return (lambda w: w.to(backend, {})), call
 
@@ -138,6 +141,8 @@ def _moved_bytes(kind: str, weight, rows_x: int, depth: int, cols: int, target_b
     activations = (2 if kind == "dense_fp16" else 4) * rows_x * (depth + cols)
     if kind.startswith("dense"):
         return weight.nbytes + activations
+    if kind == "decoded_b2":  # the float32 weight written, then read by the product
+        return weight.nbytes + activations + 2 * 4 * depth * cols
     geometry = GEOMETRY[getattr(weight, "kernel", kind)]  # ternary runs on the 2-bit grid kernel
     slices = launch_config(rows_x, depth, -(-cols // geometry.columns), target_blocks, geometry.depth_step).slices
     return weight.nbytes + activations + 2 * 4 * slices * rows_x * cols

@@ -85,21 +85,21 @@ def matmul_nbits_weight(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarr
     return grid_weight(codes.T, scales.reshape(n, blocks).T, zeros, bits, block)
 
 
-def _offsets(weight: GridWeight) -> np.ndarray:
-    """q - z as float32 [K, padded columns]."""
+def _offsets(weight: GridWeight, xp=np):
+    """q - z as float32 [K, padded columns] (array code: numpy, or CuPy for a weight on the device)."""
     depth = weight.words.shape[0]
-    per_word = 32 // weight.bits
-    shifts = (weight.bits * np.arange(per_word)).astype(np.uint32)
-    codes = ((weight.words[:, :, None] >> shifts) & np.uint32((1 << weight.bits) - 1)).reshape(depth, -1)
-    zeros = np.full(weight.scales.shape, weight.zero, np.uint8) if weight.zero >= 0 else weight.zero_points
-    rows = np.arange(depth) // weight.block
-    return codes.astype(np.float32) - zeros[rows].astype(np.float32)
+    shifts = xp.arange(0, 32, weight.bits, dtype=xp.uint32)
+    codes = ((weight.words[:, :, None] >> shifts) & ((1 << weight.bits) - 1)).reshape(depth, -1)
+    zeros = xp.full(weight.scales.shape, weight.zero, xp.uint8) if weight.zero >= 0 else weight.zero_points
+    rows = xp.arange(depth) // weight.block
+    return codes.astype(xp.float32) - zeros[rows].astype(xp.float32)
 
 
-def dense_grid(weight: GridWeight) -> np.ndarray:
-    """The float32 weight [K, N] the layout stands for (numpy)."""
-    rows = np.arange(weight.words.shape[0]) // weight.block
-    return (_offsets(weight) * weight.scales[rows])[:, : weight.cols]
+def dense_grid(weight: GridWeight, xp=np):
+    """The float32 weight [K, N] the layout stands for (numpy, or CuPy for a weight on the device: decoding the whole
+    weight before a dense product, which the benchmarks set against the kernel at large batches)."""
+    rows = xp.arange(weight.words.shape[0]) // weight.block
+    return (_offsets(weight, xp) * weight.scales[rows])[:, : weight.cols]
 
 
 def grid_matmul_reference(x: np.ndarray, weight: GridWeight) -> np.ndarray:

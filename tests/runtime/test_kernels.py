@@ -32,6 +32,7 @@ from symshrink.runtime.kernels.launch import (
     sliced_matmul,
 )
 from tests.runtime.cuda_emulation import compiler, host_launcher
+from tests.runtime.strict_device import strict_backend
 
 BUDGETS = {"ternary_matmul": grid.ERROR_BUDGET, "hyper_matmul": hyper.ERROR_BUDGET,
            "hyper_matmul_t": hyper.ERROR_BUDGET, **dict.fromkeys(grid.GRID_KERNELS.values(), grid.ERROR_BUDGET)}
@@ -116,6 +117,14 @@ def test_ternary_layout_round_trip():
     x, weight, dense = _ternary_case(2, 70, 37, 16)
     assert weight.words.shape == (70, 3)  # 37 columns padded to 48: three words a row
     np.testing.assert_array_equal(grid.dense_grid(weight), dense.astype(np.float32))
+
+
+def test_grid_decodes_as_device_array_code():
+    """`dense_grid` on a stand-in device (host arrays refused, as CuPy does): the numpy decode, bit for bit."""
+    backend = strict_backend()
+    for _, weight, _ in (_grid_case(3, 100, 37, 4, 32, False), _ternary_case(2, 70, 37, 16)):
+        on_device = grid.dense_grid(weight.to(backend, {}), backend.xp)
+        np.testing.assert_array_equal(backend.to_host(on_device), grid.dense_grid(weight))
 
 
 def test_ternary_function_inputs_give_the_same_weight():
