@@ -26,7 +26,7 @@ from symshrink.runtime.formats import pack_low_bits
 from symshrink.runtime.kernels import KernelStep, plan_kernels
 from symshrink.runtime.ops import HOST_INPUTS, OPS, PACKED_INPUTS, OpContext, op_key, unpack_low_bits
 
-__all__ = ["Executor", "ExecutorSummary", "PackedConstant"]
+__all__ = ["Executor", "ExecutorSummary", "PackedConstant", "widened"]
 
 NARROW_INTEGERS = {"int2", "uint2", "int4", "uint4"}
 HOST_LIMIT = 64  # constants up to this many elements stay on the host (shapes, axes, Resize scales, scalars)
@@ -57,6 +57,13 @@ class PackedConstant:
         if self.signed:  # sign-extend: the top bit of the code counts -2^(bits-1)
             codes = codes - ((codes >> (self.bits - 1)) << self.bits)
         return codes.astype(xp.int8 if self.signed else xp.uint8).reshape(self.shape)
+
+
+def widened(array: np.ndarray) -> np.ndarray:
+    """2- and 4-bit integers (ml_dtypes, one per byte in numpy) as int8/uint8, which CuPy can hold; others as they are."""
+    if array.dtype.name not in NARROW_INTEGERS:
+        return array
+    return array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
 
 
 def _attribute(attr: ir.Attr) -> Any:
@@ -200,10 +207,9 @@ class Executor:
         """Small constants stay on the host (shapes, axes, scales that ops read there; device ops get a copy
         made once); the rest go to the device. 2- and 4-bit integers (ml_dtypes, one per byte in numpy) stay packed
         on the device (`PackedConstant`), or, when small, become int8/uint8, which CuPy can hold."""
-        if array.dtype.name in NARROW_INTEGERS:
-            if array.size > HOST_LIMIT:
-                return PackedConstant.of(array, self.backend)
-            array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
+        if array.dtype.name in NARROW_INTEGERS and array.size > HOST_LIMIT:
+            return PackedConstant.of(array, self.backend)
+        array = widened(array)
         if array.size <= HOST_LIMIT and self.backend.name != "cpu":
             self._host_constants.add(id(array))
             return array

@@ -11,7 +11,6 @@ same memory as the kernels, else the node-by-node `Executor` (the reference orac
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from onnx import TensorProto, helper
 from symshrink.errors import BadInput
 from symshrink.models.types import InputSpec
 from symshrink.runtime.backend import ENGINES, Backend, cpu_backend
-from symshrink.runtime.executor import NARROW_INTEGERS, Executor
+from symshrink.runtime.executor import Executor, widened
 from symshrink.runtime.formats import (
     CONTRIB_DOMAIN,
     decode_gather,
@@ -43,9 +42,9 @@ from symshrink.runtime.partition import DEVICE, HOST, LOW_BIT_OPS, Capabilities,
 from symshrink.runtime.subgraph import subgraph_proto
 
 __all__ = ["HybridRunner", "HybridSummary", "OrtSegment", "probe_capabilities", "providers_for", "open_runtime",
-           "timed_runs", "PROBE_BITS"]
+           "PROBE_WIDTHS"]
 
-PROBE_BITS = (2, 3, 4, 8)  # the widths MatMulNBits' schema allows that symshrink could write
+PROBE_WIDTHS = {"com.microsoft::MatMulNBits": (2, 4, 8), "com.microsoft::GatherBlockQuantized": (4, 8)}  # symshrink's
 PROBE_RTOL = 1e-2  # the probe's product against numpy: MatMulNBits may quantise activations to int8
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -65,17 +64,13 @@ def _probe_model(op: str, bits: int) -> tuple[bytes, dict[str, np.ndarray], np.n
     rng = np.random.default_rng(bits)
     weight = quantize_grid(rng.standard_normal((64, 32)).astype(np.float32), 32, bits)
     if op.endswith("MatMulNBits"):
-        stored = matmul_nbits_arrays(weight) if bits in (2, 4, 8) else None
-        if stored is None:  # 3 bits: the schema allows it, symshrink's layout packs 2, 4 or 8
-            return b"", {}, np.zeros(0)
+        stored = matmul_nbits_arrays(weight)
         x = rng.standard_normal((2, 64)).astype(np.float32)
         expected, inputs, feed = x @ decode_matmul_nbits(stored), ["x", *stored.arrays], {"x": x}
         node = helper.make_node("MatMulNBits", inputs, ["y"], domain=CONTRIB_DOMAIN, **stored.attributes)
         x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])
     else:
-        stored = gather_arrays(weight) if bits in (4, 8) else None
-        if stored is None:
-            return b"", {}, np.zeros(0)
+        stored = gather_arrays(weight)
         indices = np.array([[0, 5, 31]], np.int64)
         expected, feed = decode_gather(stored).T[indices], {"x": indices}
         node = helper.make_node("GatherBlockQuantized", ["data", "x", *list(stored.arrays)[1:]], ["y"],
@@ -96,10 +91,8 @@ def probe_capabilities(provider: str) -> Capabilities:
     widths: dict[str, set[int]] = {}
     for op in LOW_BIT_OPS:
         widths[op] = set()
-        for bits in PROBE_BITS:
+        for bits in PROBE_WIDTHS[op]:
             data, feed, expected = _probe_model(op, bits)
-            if not data:
-                continue
             options = session_options()
             if provider != "cpu":
                 options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
@@ -209,8 +202,7 @@ class HybridRunner:
                        "packed": HOST if self.backend.name == "cpu" else DEVICE}
         self.moves = Moves(0, 0)  # counted over the last run
         opset = model.opset_imports.get("", 1)
-        constants = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()
-                     if v.const_value is not None}
+        initializers = model.graph.initializers
         steps = kernel_steps([self.plan.matches[id(n)] for s in self.plan.segments for n in s.nodes
                               if id(n) in self.plan.matches], self.backend)
         self._constants: dict[str, Any] = {}
@@ -224,16 +216,16 @@ class HybridRunner:
                 step = steps.get(id(node)) or _OpStep(node, {name: a.value for name, a in node.attributes.items()}, opset)
                 reads = step.inputs if isinstance(step, KernelStep) else [v.name for v in node.inputs if v is not None]
                 for name in reads:  # a bias, an op's codes and scales: placed once
-                    if name in constants and name not in self._constants:
-                        self._constants[name] = self._place(constants[name])
+                    if name in initializers and name not in self._constants:
+                        self._constants[name] = self._place(initializers[name].const_value.numpy())
                 packed.append(step)
             self._runs.append((segment, packed))
         self._last_read = self._last_reads()
-        self._constant_outputs = {name: constants[name] for name in self.plan.outputs if name in constants}
+        self._constant_outputs = {name: initializers[name].const_value.numpy() for name in self.plan.outputs
+                                  if name in initializers}
 
     def _place(self, array: np.ndarray):
-        if array.dtype.name in NARROW_INTEGERS:
-            array = array.astype(np.int8 if array.dtype.name.startswith("int") else np.uint8)
+        array = widened(array)
         return self.backend.to_device(array) if self.places["packed"] == DEVICE else array
 
     def _last_reads(self) -> dict[str, int]:
@@ -330,14 +322,4 @@ def open_runtime(model: ir.Model, backend: Backend, engine: str = "auto", thread
     if engine == "executor" or (engine == "auto" and on_gpu and not cuda_provider):
         return Executor(model, backend)
     return HybridRunner(model, backend, "cuda" if on_gpu and cuda_provider else "cpu", threads=threads)
-
-
-def timed_runs(runner, feeds: list[dict]) -> tuple[list[dict], list[float]]:
-    """Outputs and wall seconds of each feed (outputs come back to the host: the device has finished)."""
-    results, seconds = [], []
-    for feed in feeds:
-        start = time.perf_counter()
-        results.append(runner.run(feed))
-        seconds.append(time.perf_counter() - start)
-    return results, seconds
 

@@ -135,9 +135,9 @@ def _live(nodes: list[ir.Node], reads: dict[int, set[str]], outputs: set[str]) -
 
 def plan_partitions(model: ir.Model, capabilities: Capabilities) -> Plan:
     graph = model.graph
-    matches, _ = match_kernels(graph, _constants(graph))
     # a low-bit op the provider runs packed stays there, with its inputs
-    fused = {id(m.reader): m for m in matches if not (_low_bit(m.reader) and capabilities.runs(m.reader))}
+    fused = {id(m.reader): m for m in match_kernels(graph, _constants(graph))
+             if not (_low_bit(m.reader) and capabilities.runs(m.reader))}
     dropped = unneeded(list(fused.values()), graph)
     initializers = set(graph.initializers)
     taken = {id(m.reader): {m.reader.inputs[i].name for node, i in m.taken if node is m.reader} for m in fused.values()}
@@ -155,19 +155,18 @@ def plan_partitions(model: ir.Model, capabilities: Capabilities) -> Plan:
         is_packed = id(node) in packed
         phase[id(node)] = max((phase[id(p)] + (id(p) in packed and not is_packed) for p in before), default=0)
         producer.update((v.name, node) for v in node.outputs)
-    segments = []
-    for k in range(max(phase.values(), default=-1) + 1):
-        for kind in ("standard", "packed"):
-            members = tuple(n for n in nodes if phase[id(n)] == k and (id(n) in packed) == (kind == "packed"))
-            if members:
-                segments.append((kind, k, members))
+    groups: dict[tuple[int, str], list[ir.Node]] = {}  # (phase, kind) -> nodes in graph order
+    for node in nodes:
+        groups.setdefault((phase[id(node)], "packed" if id(node) in packed else "standard"), []).append(node)
+    order = sorted(groups, key=lambda key: (key[0], key[1] == "packed"))  # a phase's standard segment, then packed
     outputs = tuple(v.name for v in graph.outputs)
-    plan_segments = []
-    for i, (kind, k, members) in enumerate(segments):
+    later, plan_segments = set(outputs), []  # later: what the segments after this one (and the outputs) read
+    for k, kind in reversed(order):
+        members = groups[k, kind]
         made = {v.name for n in members for v in n.outputs}
-        inputs = sorted(set().union(*(reads[id(n)] for n in members)) - made)
-        later = set(outputs).union(*(reads[id(n)] for _, _, rest in segments[i + 1:] for n in rest))
-        plan_segments.append(Segment(kind, k, members, tuple(inputs), tuple(sorted(made & later)),
+        read = set().union(*(reads[id(n)] for n in members))
+        plan_segments.append(Segment(kind, k, tuple(members), tuple(sorted(read - made)), tuple(sorted(made & later)),
                                      tuple(packed[id(n)] for n in members) if kind == "packed" else ()))
+        later |= read
     graph_inputs = tuple(v.name for v in graph.inputs if v.name not in initializers)
-    return Plan(tuple(plan_segments), graph_inputs, outputs, fused, frozenset(dropped), capabilities)
+    return Plan(tuple(plan_segments[::-1]), graph_inputs, outputs, fused, frozenset(dropped), capabilities)

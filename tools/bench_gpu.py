@@ -219,11 +219,11 @@ VARIANTS = {"grid-4bit": {"method": "quant", "bits": 4}, "grid-2bit": {"method":
             "ternary": {"method": "ternary"}}  # after hyper-b<bits>: in the order they go in while the budget holds
 
 
-def _feeds(spec: str, path: Path) -> tuple[list[dict], str]:
+def _feeds(spec: str, session) -> tuple[list[dict], str]:
     """The model's evaluation feeds from its data set, else random ones (the machine lacks the data)."""
-    entry, session = get_model(spec), make_session(path)
+    calib = get_model(spec).calib
     try:
-        return load_feeds(entry.calib, input_specs(session), "eval", FEEDS), entry.calib
+        return load_feeds(calib, input_specs(session), "eval", FEEDS), calib
     except Exception:  # noqa: BLE001 (no data here: random inputs of the model's shapes)
         return random_feeds(input_specs(session), FEEDS), "random"
 
@@ -257,8 +257,9 @@ def prepare_models(specs: list[str], folder: Path, bits: int, budget_bytes: int)
     for spec in specs:
         original = Path(get_model(spec).materialise(cache_dir()))
         item: dict[str, Any] = {"variants": {}, "errors": {}, "fp32": None}
-        feeds, item["data"] = _feeds(spec, original)
-        feeds, reference = _within(feeds, make_session(original), REFERENCE_BYTES)
+        session = make_session(original)
+        feeds, item["data"] = _feeds(spec, session)
+        feeds, reference = _within(feeds, session, REFERENCE_BYTES)
         for name, arrays in (("feeds", feeds), ("reference", reference)):  # softmax outputs: mostly zeros, compressed
             np.savez_compressed(folder / f"{spec}-{name}.npz",
                                 **{f"{i}/{k}": v for i, values in enumerate(arrays) for k, v in values.items()})

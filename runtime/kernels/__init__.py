@@ -196,25 +196,25 @@ def unneeded(matches: list[Match], graph) -> set[int]:
     order = {id(node): i for i, node in enumerate(graph)}
     producers = (node.inputs[index].producer() for m in matches for node, index in m.taken)
     candidates = {id(n): n for n in producers if n is not None}
-    unneeded: set[int] = set()
+    dropped: set[int] = set()
 
     def gone(use) -> bool:
-        return (id(use.node), use.idx) in taken and (id(use.node) in readers or id(use.node) in unneeded)
+        return (id(use.node), use.idx) in taken and (id(use.node) in readers or id(use.node) in dropped)
 
     for node in sorted(candidates.values(), key=lambda n: -order[id(n)]):  # readers before what they read
         if all(not out.is_graph_output() and all(gone(use) for use in out.uses()) for out in node.outputs):
-            unneeded.add(id(node))
-    return unneeded
+            dropped.add(id(node))
+    return dropped
 
 
-def match_kernels(graph, constants: dict[str, np.ndarray]) -> tuple[list[Match], set[int]]:
-    """The fusions `RULES` find in `graph` (graph order), and the ids of the nodes they make unneeded."""
+def match_kernels(graph, constants: dict[str, np.ndarray]) -> list[Match]:
+    """The fusions `RULES` find in `graph`, in graph order (`unneeded` says which nodes they replace)."""
     matches = []
     for node in graph:
         match = next((m for m in (rule(node, constants) for rule in RULES) if m is not None), None)
         if match is not None:
             matches.append(match)
-    return matches, unneeded(matches, graph)
+    return matches
 
 
 def kernel_steps(matches: list[Match], backend: Backend) -> dict[int, KernelStep]:
@@ -245,5 +245,5 @@ def _reference_on(backend: Backend, reference: Callable) -> Callable:
 
 def plan_kernels(graph, constants: dict[str, np.ndarray], backend: Backend) -> tuple[dict[int, KernelStep], set[int]]:
     """Kernel steps by id of the node where each runs (`kernel_steps`), and the ids of the nodes they make unneeded."""
-    matches, unneeded = match_kernels(graph, constants)
-    return kernel_steps(matches, backend), unneeded
+    matches = match_kernels(graph, constants)
+    return kernel_steps(matches, backend), unneeded(matches, graph)

@@ -117,12 +117,16 @@ def _calib(rows: int = ROWS, dtype: type = np.float32, seed: int = 1) -> np.ndar
     return np.random.default_rng(seed).standard_normal((rows, WIDTH)).astype(dtype)
 
 
+def _inner_weight(name: str, seed: int) -> onnx.TensorProto:
+    """A 64x64 weight of a subgraph (an If branch, a Loop or Scan body)."""
+    return _tensor(name, (np.random.default_rng(seed).standard_normal((HIDDEN, HIDDEN)) / 8).astype(np.float32))
+
+
 def _branch(name: str, weight: str, seed: int) -> onnx.GraphProto:
     """A subgraph x2 [batch, 64] (outer scope) -> MatMul with its own 64x64 weight -> Tanh."""
-    array = (np.random.default_rng(seed).standard_normal((HIDDEN, HIDDEN)) / 8).astype(np.float32)
     return helper.make_graph([helper.make_node("MatMul", ["h2", weight], [f"{name}_m"], name=f"{name}_fc"),
                               helper.make_node("Tanh", [f"{name}_m"], [f"{name}_out"], name=f"{name}_tanh")],
-                             name, [], [_io(f"{name}_out", ["batch", HIDDEN])], [_tensor(weight, array)])
+                             name, [], [_io(f"{name}_out", ["batch", HIDDEN])], [_inner_weight(weight, seed)])
 
 
 def _head(source: str) -> list[onnx.NodeProto]:
@@ -148,13 +152,12 @@ def if_model() -> onnx.ModelProto:
 
 def loop_model() -> onnx.ModelProto:
     """fc1 -> Relu -> Loop (2 trips of MatMul with a 64x64 weight inside the body, Tanh) -> fc2."""
-    array = (np.random.default_rng(4).standard_normal((HIDDEN, HIDDEN)) / 8).astype(np.float32)
     body = helper.make_graph(
         [helper.make_node("MatMul", ["v", "W_loop"], ["m"], name="loop_fc"),
          helper.make_node("Tanh", ["m"], ["v_out"], name="loop_tanh"),
          helper.make_node("Identity", ["cond"], ["cond_out"], name="loop_cond")],
         "body", [_io("i", [], TensorProto.INT64), _io("cond", [], TensorProto.BOOL), _io("v", ["batch", HIDDEN])],
-        [_io("cond_out", [], TensorProto.BOOL), _io("v_out", ["batch", HIDDEN])], [_tensor("W_loop", array)])
+        [_io("cond_out", [], TensorProto.BOOL), _io("v_out", ["batch", HIDDEN])], [_inner_weight("W_loop", 4)])
     nodes = _mlp_nodes()[:3] + [helper.make_node("Loop", ["trips", "", "h2"], ["z"], name="loop", body=body),
                                 *_head("z")]
     return _model(nodes, [_io("x", ["batch", WIDTH])], [_io("y", ["batch", CLASSES])],
@@ -163,14 +166,13 @@ def loop_model() -> onnx.ModelProto:
 
 def scan_model() -> onnx.ModelProto:
     """fc1 -> Relu -> Scan over the rows (state += row @ W_scan, a 64x64 weight inside the body) -> fc2."""
-    array = (np.random.default_rng(5).standard_normal((HIDDEN, HIDDEN)) / 8).astype(np.float32)
     body = helper.make_graph(
         [helper.make_node("MatMul", ["row", "W_scan"], ["m"], name="scan_fc"),
          helper.make_node("Add", ["state", "m"], ["a"], name="scan_add"),
          helper.make_node("Tanh", ["a"], ["state_out"], name="scan_tanh"),
          helper.make_node("Identity", ["state_out"], ["row_out"], name="scan_copy")],
         "body", [_io("state", [HIDDEN]), _io("row", [HIDDEN])], [_io("state_out", [HIDDEN]), _io("row_out", [HIDDEN])],
-        [_tensor("W_scan", array)])
+        [_inner_weight("W_scan", 5)])
     nodes = _mlp_nodes()[:3] + [helper.make_node("Scan", ["start", "h2"], ["final", "z"], name="scan", body=body,
                                                  num_scan_inputs=1),
                                 *_head("z")]
@@ -181,11 +183,10 @@ def scan_model() -> onnx.ModelProto:
 def if_outer_model() -> onnx.ModelProto:
     """As if_model, but both branches read W_out, a weight of the main graph (outer scope)."""
     model = if_model()
-    array = (np.random.default_rng(3).standard_normal((HIDDEN, HIDDEN)) / 8).astype(np.float32)
     for attribute in model.graph.node[5].attribute:
         attribute.g.node[0].input[1] = "W_out"
         attribute.g.ClearField("initializer")
-    model.graph.initializer.append(_tensor("W_out", array))
+    model.graph.initializer.append(_inner_weight("W_out", 3))
     return model
 
 
